@@ -1,0 +1,69 @@
+"""xrpc: typed asyncio RPC between processes, modelled on XPC.
+
+Declare a ``typing.Protocol`` with ``@xrpc.interface``; export an implementation on an
+``xrpc.Server``; ``async with xrpc.connect(url) as conn`` and call ``conn.proxy(Iface)``.
+"""
+
+from . import testing
+from ._api import Server, connect
+from ._connection import CallStream, Connection, Limits, current_connection
+from ._errors import (
+    ConnectionInterrupted,
+    ConnectionInvalidated,
+    Error,
+    InterfaceError,
+    LimitExceeded,
+    LocalProtocolError,
+    MethodNotFound,
+    ObjectNotFound,
+    PeerRejected,
+    ProtocolError,
+    RemoteError,
+    RemoteProtocolError,
+    TransportError,
+    ValidationError,
+)
+from ._interface import (
+    InterfaceDescription,
+    MethodDescription,
+    MethodKind,
+    allow,
+    describe,
+    interface,
+    oneway,
+)
+from ._peer import Peer
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "CallStream",
+    "Connection",
+    "ConnectionInterrupted",
+    "ConnectionInvalidated",
+    "Error",
+    "InterfaceDescription",
+    "InterfaceError",
+    "LimitExceeded",
+    "Limits",
+    "LocalProtocolError",
+    "MethodDescription",
+    "MethodKind",
+    "MethodNotFound",
+    "ObjectNotFound",
+    "Peer",
+    "PeerRejected",
+    "ProtocolError",
+    "RemoteError",
+    "RemoteProtocolError",
+    "Server",
+    "TransportError",
+    "ValidationError",
+    "allow",
+    "connect",
+    "current_connection",
+    "describe",
+    "interface",
+    "oneway",
+    "testing",
+)

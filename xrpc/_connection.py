@@ -1,0 +1,1110 @@
+"""The runtime: drives one ``ProtocolCore`` over one byte stream with anyio.
+
+Theory of operation
+-------------------
+A ``Connection`` runs inside its own task group: one reader task feeds received bytes to the core and
+dispatches the messages it returns; one writer task sends what the core has encoded, so that all the
+frames produced between two writes leave as one (coalesced) write; and one task per incoming call runs
+the exported method.  Closing the connection cancels the task group, so no task outlives it.
+
+Dispatch is synchronous in the reader: a REPLY wakes the waiting caller, an ITEM lands in its stream's
+queue, a CALL starts a task.  Frames that start work on this side (the peer's calls and everything
+about them) wait behind a *gate* until ``on_connect`` (server) has finished, so nothing the peer sends
+early is lost or handled before the handler that should see it is in place.
+
+What this module must not do: decide protocol legality (the core does) or know about URLs (the
+transports do).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextvars
+import inspect
+import logging
+import math
+import threading
+from typing import Any, AsyncIterable, AsyncIterator, Callable, Iterable, Sequence, TypeVar
+
+import anyio
+import anyio.abc
+import msgspec
+
+from ._errors import (
+    ConnectionInterrupted,
+    ConnectionInvalidated,
+    LimitExceeded,
+    LocalProtocolError,
+    MethodNotFound,
+    ObjectNotFound,
+    PeerRejected,
+    RemoteError,
+    RemoteProtocolError,
+    ValidationError,
+)
+from ._interface import InterfaceDescription, MethodDescription, MethodKind, describe
+from ._peer import Peer
+from ._protocol import (
+    Call,
+    CallFlags,
+    CallRecord,
+    Cancel,
+    Credit,
+    End,
+    ErrorCode,
+    ExportInfo,
+    Goodbye,
+    Hello,
+    Item,
+    Pong,
+    ProtocolCore,
+    Release,
+    Reply,
+    State,
+    Welcome,
+)
+from ._protocol import Error as ErrorFrame
+
+__all__ = ("Connection", "Export", "current_connection", "Limits", "ExportSpec")
+
+log = logging.getLogger("xrpc")
+_T = TypeVar("_T")
+
+_current: contextvars.ContextVar[Connection] = contextvars.ContextVar("xrpc_connection")
+
+ExportSpec = Sequence[Any]  # (Iface, obj) or (Iface, obj, name)
+
+
+def current_connection() -> Connection:
+    """The connection whose call is being served (inside a remote method)."""
+    try:
+        return _current.get()
+    except LookupError:
+        raise LookupError("xrpc.current_connection() is only available inside a remote method") from None
+
+
+class Limits(msgspec.Struct, kw_only=True):
+    """Per-connection limits, all configurable."""
+
+    max_frame: int = 16 * 1024 * 1024
+    window: int = 64  # stream credit in items, granted per stream received
+    window_bytes: int = 4 * 1024 * 1024  # ... and in bytes
+    handshake_timeout: float = 10.0
+    max_calls_in_flight: int = 4096  # incoming calls served at once, per connection
+    write_buffer_high: int = 1024 * 1024  # producers wait for the writer above this many buffered bytes
+
+
+class Export:
+    """An object exported under a name, with its interface description and bound methods."""
+
+    __slots__ = ("desc", "obj", "name", "methods", "is_async")
+
+    def __init__(self, desc: InterfaceDescription, obj: Any, name: str) -> None:
+        self.desc = desc
+        self.obj = obj
+        self.name = name
+        self.methods: dict[str, Callable[..., Any]] = {}
+        self.is_async: dict[str, bool] = {}
+        missing = []
+        for mname in desc.methods:
+            fn = getattr(obj, mname, None)
+            if fn is None or not callable(fn):
+                missing.append(mname)
+                continue
+            self.methods[mname] = fn
+            self.is_async[mname] = inspect.iscoroutinefunction(fn)
+        if missing:
+            raise TypeError(f"{type(obj).__qualname__} does not implement {desc.name}: missing {', '.join(missing)}")
+
+    def info(self) -> ExportInfo:
+        return ExportInfo(self.name, self.desc.name, self.desc.fingerprint)
+
+
+def make_export(iface: Any, obj: Any, name: str = "") -> Export:
+    desc = describe(iface)
+    return Export(desc, obj, name or desc.name)
+
+
+def _exports_from(specs: Iterable[Any]) -> dict[str, Export]:
+    out: dict[str, Export] = {}
+    for spec in specs:
+        if isinstance(spec, Export):
+            out[spec.name] = spec
+            continue
+        if len(spec) == 2:
+            e = make_export(spec[0], spec[1])
+        elif len(spec) == 3:
+            e = make_export(spec[0], spec[1], spec[2])
+        else:
+            raise TypeError("exports= takes (Iface, obj) or (Iface, obj, name) tuples")
+        out[e.name] = e
+    return out
+
+
+# --------------------------------------------------------------------------- caller-side call states
+class _Pending:
+    """A unary call waiting for its answer."""
+
+    __slots__ = ("event", "result")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.result: Any = None  # a Reply, an Error frame, or an exception to raise
+
+    def deliver(self, value: Any) -> None:
+        self.result = value
+        self.event.set()
+
+
+class _StreamQueue:
+    """Items arriving on one stream, with the credit bookkeeping of the receiving side."""
+
+    __slots__ = ("conn", "call_id", "items", "event", "end", "error", "consumed", "consumed_bytes", "threshold")
+
+    def __init__(self, conn: Connection, call_id: int) -> None:
+        self.conn = conn
+        self.call_id = call_id
+        self.items: collections.deque[tuple[Any, int]] = collections.deque()
+        self.event: anyio.Event | None = None
+        self.end = False
+        self.error: Any = None  # an Error frame or an exception
+        self.consumed = 0
+        self.consumed_bytes = 0
+        self.threshold = max(1, conn._core.window // 2)
+
+    def push(self, payload: Any, size: int) -> None:
+        self.items.append((payload, size))
+        if self.event is not None:
+            self.event.set()
+
+    def finish(self, error: Any = None) -> None:
+        self.end = True
+        if error is not None and self.error is None:
+            self.error = error
+        if self.event is not None:
+            self.event.set()
+
+    async def next_payload(self) -> Any:
+        """The next raw item; raises ``StopAsyncIteration`` at the end (errors are returned as such)."""
+        while not self.items:
+            if self.end:
+                raise StopAsyncIteration
+            self.event = anyio.Event()
+            await self.event.wait()
+        payload, size = self.items.popleft()
+        self.consumed += 1
+        self.consumed_bytes += size
+        if self.consumed >= self.threshold or self.consumed_bytes >= self.conn._core.window_bytes // 2:
+            if not self.end:
+                self.conn._core.send_credit(self.call_id, self.consumed, self.consumed_bytes)
+                self.conn._kick()
+            self.consumed = 0
+            self.consumed_bytes = 0
+        return payload
+
+
+class _Credit:
+    """Sending side of one stream: wakes a producer that waits for credit."""
+
+    __slots__ = ("event", "closed")
+
+    def __init__(self) -> None:
+        self.event: anyio.Event | None = None
+        self.closed = False
+
+    def wake(self) -> None:
+        if self.event is not None:
+            self.event.set()
+
+
+class _OutCall:
+    """Caller-side state of a stream call (what the reader routes frames to)."""
+
+    __slots__ = ("queue", "credit", "pending")
+
+    def __init__(self, queue: _StreamQueue | None, credit: _Credit | None, pending: _Pending | None) -> None:
+        self.queue = queue
+        self.credit = credit
+        self.pending = pending
+
+
+class _InCall:
+    """Callee-side state of one incoming call."""
+
+    __slots__ = ("scope", "queue", "credit")
+
+    def __init__(self, scope: anyio.CancelScope) -> None:
+        self.scope = scope
+        self.queue: _StreamQueue | None = None
+        self.credit: _Credit | None = None
+
+
+def _error_from_frame(m: MethodDescription | None, frame: ErrorFrame) -> BaseException:
+    code = frame.code
+    msg = frame.message
+    if code == ErrorCode.DECLARED and m is not None:
+        cls = m.interface.error_map.get(frame.type_name)
+        if cls is not None:
+            args = frame.args if isinstance(frame.args, (list, tuple)) else ()
+            try:
+                return cls(*args)
+            except Exception:
+                return RemoteError(frame.type_name, msg)
+        return RemoteError(frame.type_name, msg)
+    if code == ErrorCode.VALIDATION:
+        arg = frame.args[0] if isinstance(frame.args, list) and frame.args and isinstance(frame.args[0], str) else ""
+        return ValidationError(msg, method=m.name if m else "", argument=arg)
+    if code == ErrorCode.METHOD_NOT_FOUND:
+        return MethodNotFound(msg)
+    if code == ErrorCode.OBJECT_NOT_FOUND:
+        return ObjectNotFound(msg)
+    if code == ErrorCode.PEER_REJECTED:
+        return PeerRejected(msg)
+    if code == ErrorCode.TIMEOUT:
+        return TimeoutError(msg)
+    if code == ErrorCode.LIMIT:
+        return LimitExceeded(msg)
+    if code == ErrorCode.CANCELLED:
+        return ConnectionInterrupted(msg)
+    return RemoteError(frame.type_name, msg)
+
+
+# --------------------------------------------------------------------------- the connection
+class Connection:
+    """One xrpc connection, client or server side.  Use ``proxy()`` to call, ``export()`` to serve."""
+
+    def __init__(
+        self,
+        stream: anyio.abc.ByteStream,
+        *,
+        client: bool,
+        peer: Peer,
+        exports: dict[str, Export] | None = None,
+        shared_exports: dict[str, Export] | None = None,
+        limits: Limits | None = None,
+        on_interrupted: Callable[[], Any] | None = None,
+        on_invalidated: Callable[[], Any] | None = None,
+        url: str = "",
+    ) -> None:
+        self.limits = limits or Limits()
+        self._stream = stream
+        self.client = client
+        self.peer = peer
+        self.url = url
+        self._exports: dict[str, Export] = dict(exports or {})
+        self._shared = shared_exports if shared_exports is not None else {}
+        self._core = ProtocolCore(
+            client=client,
+            max_frame=self.limits.max_frame,
+            window=self.limits.window,
+            window_bytes=self.limits.window_bytes,
+            exports=[e.info() for e in self._all_exports()],
+        )
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._wake = anyio.Event()
+        self._drained: anyio.Event | None = None
+        self._writing = False
+        self._gate: list[tuple[Any, Any]] | None = None if client else []
+        self._handshake = anyio.Event()
+        self._closed = anyio.Event()
+        self._closing = False
+        self._failure: BaseException | None = None  # why the connection ended
+        self._serving = 0
+        self._on_interrupted = on_interrupted
+        self._on_invalidated = on_invalidated
+        self._loop_thread = threading.get_ident()
+        self._proxies: dict[tuple[str, str, float | None], Any] = {}
+
+    # -------------------------------------------------------------- public surface
+    def proxy(self, iface: Callable[..., _T], name: str = "", timeout: float | None = None) -> _T:
+        """A proxy typed as ``iface`` for the object the peer exports under ``name``."""
+        desc = describe(iface)
+        key = name or desc.name
+        cache_key = (desc.name, key, timeout)
+        p = self._proxies.get(cache_key)
+        if p is None:
+            from ._proxy import make_proxy
+
+            p = make_proxy(self, desc, key, timeout)
+            self._proxies[cache_key] = p
+        return p  # type: ignore[no-any-return]
+
+    def export(self, iface: Any, obj: Any, name: str = "") -> None:
+        """Serve ``obj`` as ``iface`` to this connection's peer, under ``name``."""
+        e = make_export(iface, obj, name)
+        self._exports[e.name] = e
+
+    def unexport(self, name: str) -> None:
+        self._exports.pop(name, None)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set() or self._closing
+
+    @property
+    def peer_exports(self) -> list[ExportInfo]:
+        return list(self._core.peer_exports)
+
+    async def aclose(self) -> None:
+        """Close for good (idempotent).  Outstanding calls fail with ``ConnectionInvalidated``."""
+        if self._closed.is_set():
+            return
+        if not self._closing:
+            self._closing = True
+            if self._failure is None:
+                self._failure = ConnectionInvalidated("the connection was closed")
+            try:
+                self._core.send_goodbye("closed")
+            except Exception:
+                pass
+            with anyio.move_on_after(1.0, shield=True):
+                data = self._core.data_to_send()
+                if data and not self._writing:
+                    try:
+                        await self._stream.send(data)
+                    except Exception:
+                        pass
+                try:
+                    await self._stream.aclose()
+                except Exception:
+                    pass
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()
+        with anyio.CancelScope(shield=True):
+            await self._closed.wait()
+
+    def _all_exports(self) -> list[Export]:
+        merged = dict(self._shared)
+        merged.update(self._exports)
+        return list(merged.values())
+
+    def _lookup(self, name: str) -> Export | None:
+        e = self._exports.get(name)
+        if e is None:
+            e = self._shared.get(name)
+        return e
+
+    # -------------------------------------------------------------- lifecycle
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until the connection ends.  Reports started once the reader and writer run."""
+        _current.set(self)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._writer)
+                if self.client:
+                    self._core.send_hello()
+                    self._kick()
+                task_status.started()
+                await self._reader()
+                tg.cancel_scope.cancel()
+        finally:
+            self._finish()
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._stream.aclose()
+                except Exception:
+                    pass
+
+    def _finish(self) -> None:
+        if self._closed.is_set():
+            return
+        failure = self._failure or ConnectionInterrupted("the connection was lost")
+        if not self._closing and self._failure is None:
+            self._failure = failure
+        interrupted = isinstance(failure, ConnectionInterrupted)
+        for rec in list(self._core.outgoing.values()):
+            self._fail_outgoing(rec, failure)
+        self._core.outgoing.clear()
+        self._core.incoming.clear()
+        if self._gate:
+            self._gate.clear()
+        self._closed.set()
+        self._handshake.set()
+        if self._drained is not None:
+            self._drained.set()
+        if interrupted and self._on_interrupted is not None:
+            self._callback(self._on_interrupted)
+        if self._on_invalidated is not None:
+            self._callback(self._on_invalidated)
+
+    def _callback(self, fn: Callable[[], Any]) -> None:
+        try:
+            res = fn()
+            if inspect.isawaitable(res):
+                res.close()  # type: ignore[attr-defined]
+                log.warning("xrpc: connection callbacks must be plain functions; %r returned an awaitable", fn)
+        except Exception:
+            log.exception("xrpc: connection event callback %r failed", fn)
+
+    def _fail_outgoing(self, rec: CallRecord, exc: BaseException) -> None:
+        h = rec.handler
+        if h is None:
+            return
+        if isinstance(h, _Pending):
+            h.deliver(exc)
+        elif isinstance(h, _OutCall):
+            if h.queue is not None:
+                h.queue.finish(exc)
+            if h.pending is not None:
+                h.pending.deliver(exc)
+            if h.credit is not None:
+                h.credit.closed = True
+                h.credit.wake()
+
+    def _fail_connection(self, exc: BaseException) -> None:
+        if self._failure is None:
+            self._failure = exc
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+
+    # -------------------------------------------------------------- writer
+    def _kick(self) -> None:
+        if not self._writing:
+            self._wake.set()
+
+    async def _writer(self) -> None:
+        stream = self._stream
+        core = self._core
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+                self._writing = True
+                while True:
+                    data = core.data_to_send()
+                    if not data:
+                        break
+                    await stream.send(data)
+                self._writing = False
+                if self._drained is not None:
+                    self._drained.set()
+                    self._drained = None
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            self._writing = False
+            self._fail_connection(ConnectionInterrupted(f"the connection was lost while sending: {exc!r}"))
+
+    async def _wait_drained(self) -> None:
+        """Wait until the writer has sent what is buffered (producers' backpressure)."""
+        if self._closed.is_set():
+            raise self._failure or ConnectionInvalidated("the connection is closed")
+        if len(self._core._out) <= self.limits.write_buffer_high:
+            return
+        if self._drained is None:
+            self._drained = anyio.Event()
+        ev = self._drained
+        self._kick()
+        await ev.wait()
+
+    # -------------------------------------------------------------- reader
+    async def _reader(self) -> None:
+        stream = self._stream
+        core = self._core
+        handlers = self._handlers
+        while True:
+            try:
+                data = await stream.receive(262144)
+            except anyio.EndOfStream:
+                data = b""
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                if self._failure is None:
+                    self._failure = ConnectionInterrupted(f"the connection was lost: {exc!r}")
+                return
+            try:
+                events = core.receive_data(data)
+            except RemoteProtocolError as exc:
+                log.warning("xrpc: protocol error from %s: %s", self._peer_name(), exc)
+                self._failure = ConnectionInterrupted(f"protocol error: {exc}")
+                self._goodbye_now(str(exc), ErrorCode.VALIDATION)
+                return
+            gate = self._gate
+            for msg, rec in events:
+                if gate is not None and self._gated(msg):
+                    gate.append((msg, rec))
+                    continue
+                handlers[type(msg)](self, msg, rec)
+            if core.has_data_to_send():
+                self._kick()
+            if not data:
+                if self._failure is None:
+                    self._failure = ConnectionInterrupted("the peer closed the connection")
+                return
+            if core.state == State.CLOSED:
+                if self._failure is None:
+                    reason = core.close_reason or "closed by the peer"
+                    if core.close_code == ErrorCode.PEER_REJECTED:
+                        self._failure = PeerRejected(f"the peer refused the connection: {reason}")
+                    else:
+                        self._failure = ConnectionInterrupted(f"the peer closed the connection: {reason}")
+                return
+
+    def _goodbye_now(self, reason: str, code: int) -> None:
+        try:
+            self._core.state = State.OPEN if self._core.state == State.ERROR else self._core.state
+            self._core.send_goodbye(reason[:200], code)
+        except Exception:
+            return
+        data = self._core.data_to_send()
+        if data and self._tg is not None:
+            stream = self._stream
+
+            async def _send_last() -> None:
+                with anyio.move_on_after(1.0, shield=True):
+                    try:
+                        await stream.send(data)
+                    except Exception:
+                        pass
+
+            # best effort: the reader is returning, the task group will be cancelled after it
+            try:
+                self._tg.start_soon(_send_last)
+            except RuntimeError:
+                pass
+
+    def _gated(self, msg: Any) -> bool:
+        """Does ``msg`` start or concern work the peer asked of us (held until the gate opens)?"""
+        call_id = getattr(msg, "id", None)
+        if call_id is None:
+            return type(msg) is Release
+        return not self._core.is_local_id(call_id)
+
+    def _open_gate(self) -> None:
+        gate = self._gate
+        self._gate = None
+        if gate:
+            handlers = self._handlers
+            for msg, rec in gate:
+                handlers[type(msg)](self, msg, rec)
+            self._kick()
+
+    def _peer_name(self) -> str:
+        p = self.peer
+        if p.pid is not None:
+            return f"{p.transport} pid={p.pid} uid={p.uid}"
+        return f"{p.transport} {p.address}".strip()
+
+    # -------------------------------------------------------------- dispatch (synchronous, in the reader)
+    def _on_hello(self, msg: Any, rec: Any) -> None:
+        self._handshake.set()
+
+    def _on_welcome(self, msg: Any, rec: Any) -> None:
+        self._handshake.set()
+
+    def _on_goodbye(self, msg: Any, rec: Any) -> None:
+        self._handshake.set()
+
+    def _on_reply(self, msg: Any, rec: CallRecord) -> None:
+        h = rec.handler
+        if type(h) is _Pending:
+            h.deliver(msg)
+        elif h is not None:
+            if h.pending is not None:
+                h.pending.deliver(msg)
+            if h.credit is not None:
+                h.credit.closed = True
+                h.credit.wake()
+
+    def _on_error(self, msg: Any, rec: CallRecord) -> None:
+        h = rec.handler
+        if type(h) is _Pending:
+            h.deliver(msg)
+        elif h is not None:
+            if h.queue is not None:
+                h.queue.finish(msg)
+            if h.pending is not None:
+                h.pending.deliver(msg)
+            if h.credit is not None:
+                h.credit.closed = True
+                h.credit.wake()
+
+    def _on_item(self, msg: Any, rec: CallRecord) -> None:
+        h = rec.handler
+        if h is not None and h.queue is not None:
+            payload = msg.payload
+            h.queue.push(payload, len(payload) + 11)  # at least the ITEM frame's size
+
+    def _on_end(self, msg: Any, rec: CallRecord) -> None:
+        h = rec.handler
+        if h is None:
+            return
+        if h.queue is not None:
+            h.queue.finish()
+        if isinstance(h, _OutCall) and h.credit is not None:
+            h.credit.closed = True
+            h.credit.wake()
+
+    def _on_credit(self, msg: Any, rec: CallRecord) -> None:
+        h = rec.handler
+        if h is not None and h.credit is not None:
+            h.credit.wake()
+
+    def _on_cancel(self, msg: Any, rec: CallRecord) -> None:
+        h = rec.handler
+        if h is not None:
+            h.scope.cancel()
+
+    def _on_release(self, msg: Any, rec: Any) -> None:
+        pass
+
+    def _on_pong(self, msg: Any, rec: Any) -> None:
+        pass
+
+    def _on_call(self, msg: Call, rec: CallRecord | None) -> None:
+        core = self._core
+        call_id = msg.id
+        export = self._lookup(msg.obj)
+        oneway = msg.flags & CallFlags.ONEWAY
+        if export is None:
+            if not oneway:
+                core.send_error(call_id, ErrorCode.OBJECT_NOT_FOUND, "ObjectNotFound", f"no object is exported as {msg.obj!r}")
+            log.info("xrpc: call to unknown object %r from %s", msg.obj, self._peer_name())
+            return
+        m = export.desc.methods.get(msg.method)
+        if m is None or m.flags != msg.flags:
+            if not oneway:
+                what = "has no method" if m is None else "was called with the wrong kind for method"
+                core.send_error(
+                    call_id, ErrorCode.METHOD_NOT_FOUND, "MethodNotFound", f"{export.desc.name} {what} {msg.method!r}"
+                )
+            log.info("xrpc: call to unknown method %s.%s from %s", export.desc.name, msg.method, self._peer_name())
+            return
+        if self._serving >= self.limits.max_calls_in_flight:
+            if not oneway:
+                core.send_error(call_id, ErrorCode.LIMIT, "LimitExceeded", f"more than {self.limits.max_calls_in_flight} calls in flight")
+            return
+        deadline = msg.deadline
+        scope = anyio.CancelScope(deadline=anyio.current_time() + deadline if deadline is not None else math.inf)
+        inc = _InCall(scope)
+        if rec is not None:
+            rec.handler = inc
+            if rec.flags & CallFlags.STREAM_IN:
+                inc.queue = _StreamQueue(self, call_id)
+            if rec.flags & CallFlags.STREAM_OUT:
+                inc.credit = _Credit()
+        assert self._tg is not None
+        self._serving += 1
+        self._tg.start_soon(self._serve, msg, m, export, inc)
+
+    _handlers: dict[type, Callable[..., None]] = {}
+
+    # -------------------------------------------------------------- serving (callee side)
+    async def _serve(self, msg: Call, m: MethodDescription, export: Export, inc: _InCall) -> None:
+        core = self._core
+        call_id = msg.id
+        kind = m.kind
+        scope = inc.scope
+        try:
+            try:
+                args = m.decode_args(msg.payload)
+            except ValidationError as exc:
+                log.warning("xrpc: refused call %s from %s: %s", m.qualname, self._peer_name(), exc)
+                if kind is not MethodKind.ONEWAY:
+                    core.send_error(call_id, ErrorCode.VALIDATION, "ValidationError", str(exc), [exc.argument])
+                    self._kick()
+                return
+            if inc.queue is not None:
+                args = (*args, _InStream(inc.queue, m))
+                if m.stream_param is not None:
+                    pos = m.params.index(m.stream_param)
+                    if pos != len(args) - 1:
+                        lst = list(args)
+                        lst.insert(pos, lst.pop())
+                        args = tuple(lst)
+            fn = export.methods[m.name]
+            with scope:
+                try:
+                    if kind.streams_out:
+                        await self._serve_stream(call_id, m, fn, args, inc)
+                        return
+                    if export.is_async[m.name]:
+                        result = await fn(*args)
+                    else:
+                        result = fn(*args)
+                        if inspect.isawaitable(result):
+                            result = await result
+                except Exception as exc:
+                    if kind is MethodKind.ONEWAY:
+                        log.warning("xrpc: one-way call %s raised %r", m.qualname, exc)
+                    else:
+                        self._send_exception(call_id, m, exc)
+                    return
+                if kind is not MethodKind.ONEWAY:
+                    try:
+                        payload = m.encode_reply(result)
+                        core.send_reply(call_id, payload)
+                    except (ValidationError, TypeError, msgspec.EncodeError, OverflowError) as exc:
+                        log.warning("xrpc: reply of %s could not be sent: %s", m.qualname, exc)
+                        core.incoming[call_id] = CallRecord(call_id, 0)
+                        core.send_error(call_id, ErrorCode.INTERNAL, type(exc).__name__, f"the reply of {m.qualname} could not be encoded: {exc}")
+                    except LocalProtocolError as exc:
+                        core.incoming[call_id] = CallRecord(call_id, 0)
+                        core.send_error(call_id, ErrorCode.LIMIT, "LimitExceeded", f"the reply of {m.qualname} is too large: {exc}")
+                    self._kick()
+            if scope.cancelled_caught and call_id in core.incoming:
+                # the deadline passed (a CANCEL from the peer removes the call from the table)
+                core.send_error(call_id, ErrorCode.TIMEOUT, "TimeoutError", f"{m.qualname} did not finish before its deadline")
+                self._kick()
+        finally:
+            self._serving -= 1
+            core.forget_incoming(call_id)
+
+    def _send_exception(self, call_id: int, m: MethodDescription, exc: Exception) -> None:
+        core = self._core
+        if call_id not in core.incoming:
+            return
+        if m.interface.errors and isinstance(exc, m.interface.errors):
+            try:
+                core.send_error(call_id, ErrorCode.DECLARED, type(exc).__qualname__, str(exc), list(exc.args))
+            except (TypeError, msgspec.EncodeError, OverflowError, LocalProtocolError):
+                core.incoming[call_id] = CallRecord(call_id, 0)
+                core.send_error(call_id, ErrorCode.DECLARED, type(exc).__qualname__, str(exc), [str(exc)])
+        else:
+            log.debug("xrpc: %s raised %r", m.qualname, exc)
+            core.send_error(call_id, ErrorCode.REMOTE, type(exc).__qualname__, str(exc))
+        self._kick()
+
+    async def _serve_stream(self, call_id: int, m: MethodDescription, fn: Callable[..., Any], args: tuple[Any, ...], inc: _InCall) -> None:
+        core = self._core
+        rec = core.incoming.get(call_id)
+        credit = inc.credit
+        assert credit is not None
+        result = fn(*args)
+        if inspect.isawaitable(result) and not hasattr(result, "__aiter__"):
+            result = await result
+        it = result.__aiter__()
+        try:
+            while True:
+                try:
+                    item = await it.__anext__()
+                except StopAsyncIteration:
+                    break
+                payload = m.encode_reply(item)
+                if rec is None or rec is not core.incoming.get(call_id):
+                    return
+                while rec.send_credit <= 0 or rec.send_bytes <= 0:
+                    credit.event = anyio.Event()
+                    await credit.event.wait()
+                    if rec is not core.incoming.get(call_id):
+                        return
+                try:
+                    core.send_item(call_id, payload)
+                except (TypeError, msgspec.EncodeError, OverflowError) as exc:
+                    raise ValidationError(f"stream item of {m.qualname} could not be encoded: {exc}", method=m.name) from None
+                if len(core._out) > self.limits.write_buffer_high:
+                    await self._wait_drained()
+                else:
+                    self._kick()
+            if call_id in core.incoming:
+                core.send_end(call_id)
+                self._kick()
+        finally:
+            aclose = getattr(it, "aclose", None)
+            if aclose is not None:
+                with anyio.move_on_after(1.0, shield=True):
+                    await aclose()
+
+    # -------------------------------------------------------------- calling (caller side)
+    def _check_open(self) -> None:
+        if self._closed.is_set() or self._closing:
+            f = self._failure
+            if isinstance(f, ConnectionInvalidated):
+                raise type(f)(*f.args)
+            raise ConnectionInvalidated(f"the connection is closed ({f})" if f else "the connection is closed")
+
+    def _start(self, obj: str, m: MethodDescription, payload: Any, timeout: float | None) -> CallRecord:
+        self._check_open()
+        try:
+            rec = self._core.send_call(obj, m.name, payload, m.flags, timeout)
+        except (TypeError, msgspec.EncodeError, OverflowError) as exc:
+            raise ValidationError(f"arguments of {m.qualname} cannot be encoded: {exc}", method=m.name) from None
+        except LocalProtocolError as exc:
+            raise LimitExceeded(f"{m.qualname}: {exc}") from None
+        self._kick()
+        return rec
+
+    async def call_unary(self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
+        payload = m.encode_args(args, kwargs)
+        rec = self._start(obj, m, payload, timeout)
+        pending = _Pending()
+        rec.handler = pending
+        try:
+            if timeout is None:
+                await pending.event.wait()
+            else:
+                with anyio.fail_after(timeout):
+                    await pending.event.wait()
+        except BaseException:
+            if pending.result is None:
+                self._cancel_call(rec.id)
+            raise
+        return self._result(m, pending.result)
+
+    def _result(self, m: MethodDescription, res: Any) -> Any:
+        if type(res) is Reply:
+            return m.decode_reply(res.payload)
+        if type(res) is ErrorFrame:
+            raise _error_from_frame(m, res)
+        raise res
+
+    def _cancel_call(self, call_id: int) -> None:
+        if self._closed.is_set():
+            return
+        self._core.send_cancel(call_id)
+        if threading.get_ident() == self._loop_thread:
+            self._kick()
+
+    async def call_oneway(self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        payload = m.encode_args(args, kwargs)
+        self._start(obj, m, payload, None)
+        await anyio.lowlevel.checkpoint()
+
+    async def call_client_stream(
+        self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Any:
+        source, args, kwargs = _split_stream_arg(m, args, kwargs)
+        payload = m.encode_args(args, kwargs)
+        with anyio.fail_after(timeout) if timeout is not None else anyio.CancelScope():
+            rec = self._start(obj, m, payload, timeout)
+            pending = _Pending()
+            out = _OutCall(None, _Credit(), pending)
+            rec.handler = out
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._pump, rec, m, source, out.credit)
+                    await pending.event.wait()
+                    tg.cancel_scope.cancel()
+            except BaseException:
+                if pending.result is None:
+                    self._cancel_call(rec.id)
+                raise
+        return self._result(m, pending.result)
+
+    async def _pump(self, rec: CallRecord, m: MethodDescription, source: Any, credit: _Credit | None) -> None:
+        """Send the items of a client stream, within the credit the peer grants."""
+        core = self._core
+        call_id = rec.id
+        slot = m.stream_item
+        assert slot is not None and credit is not None
+        it = source.__aiter__()
+        try:
+            while True:
+                try:
+                    item = await it.__anext__()
+                except StopAsyncIteration:
+                    break
+                try:
+                    payload = slot.wrap(item)
+                except ValueError as exc:
+                    raise ValidationError(f"stream item of {m.qualname}: {exc}", method=m.name) from None
+                while (rec.send_credit <= 0 or rec.send_bytes <= 0) and not credit.closed:
+                    credit.event = anyio.Event()
+                    await credit.event.wait()
+                if credit.closed or core.outgoing.get(call_id) is not rec:
+                    return
+                try:
+                    core.send_item(call_id, payload)
+                except (TypeError, msgspec.EncodeError, OverflowError) as exc:
+                    raise ValidationError(f"stream item of {m.qualname} cannot be encoded: {exc}", method=m.name) from None
+                if len(core._out) > self.limits.write_buffer_high:
+                    await self._wait_drained()
+                else:
+                    self._kick()
+            if core.outgoing.get(call_id) is rec:
+                core.send_end(call_id)
+                self._kick()
+        except ValidationError as exc:
+            # the caller learns why its stream stopped: the call ends with this error
+            if core.outgoing.get(call_id) is rec:
+                self._core.send_cancel(call_id)
+                self._kick()
+                self._fail_outgoing(rec, exc)
+        finally:
+            aclose = getattr(it, "aclose", None)
+            if aclose is not None:
+                with anyio.move_on_after(1.0, shield=True):
+                    await aclose()
+
+    def call_stream(
+        self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> CallStream[Any]:
+        source = None
+        if m.kind is MethodKind.BIDI_STREAM:
+            source, args, kwargs = _split_stream_arg(m, args, kwargs)
+        payload = m.encode_args(args, kwargs)
+        return CallStream(self, obj, m, payload, source, timeout)
+
+
+Connection._handlers = {
+    Call: Connection._on_call,
+    Reply: Connection._on_reply,
+    ErrorFrame: Connection._on_error,
+    Item: Connection._on_item,
+    End: Connection._on_end,
+    Credit: Connection._on_credit,
+    Cancel: Connection._on_cancel,
+    Release: Connection._on_release,
+    Goodbye: Connection._on_goodbye,
+    Hello: Connection._on_hello,
+    Welcome: Connection._on_welcome,
+    Pong: Connection._on_pong,
+}
+
+
+def _split_stream_arg(m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    sp = m.stream_param
+    assert sp is not None
+    if sp.name in kwargs:
+        kwargs = dict(kwargs)
+        source = kwargs.pop(sp.name)
+    else:
+        pos = m.params.index(sp)
+        if len(args) <= pos:
+            raise ValidationError(f"{m.qualname}() is missing its stream argument {sp.name!r}", method=m.name, argument=sp.name)
+        source = args[pos]
+        args = args[:pos] + args[pos + 1 :]
+    if not hasattr(source, "__aiter__"):
+        if hasattr(source, "__iter__"):
+            source = _aiter_of(source)
+        else:
+            raise ValidationError(
+                f"argument {sp.name!r} of {m.qualname} must be an async iterable, got {type(source).__qualname__}",
+                method=m.name,
+                argument=sp.name,
+            )
+    return source, args, kwargs
+
+
+async def _aiter_of(iterable: Iterable[Any]) -> AsyncIterator[Any]:
+    for x in iterable:
+        yield x
+
+
+class _InStream:
+    """What the implementation of a client-stream method receives: an async iterator of items."""
+
+    def __init__(self, queue: _StreamQueue, m: MethodDescription) -> None:
+        self._queue = queue
+        self._m = m
+
+    def __aiter__(self) -> _InStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        q = self._queue
+        payload = await q.next_payload()
+        slot = self._m.stream_item
+        assert slot is not None
+        try:
+            return slot.decode(payload)
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
+            raise ValidationError(f"stream item of {self._m.qualname} refused: {exc}", method=self._m.name) from None
+
+
+class CallStream(AsyncIterator[_T]):
+    """The caller's side of a server or two-way stream: ``async for item in proxy.m(...)``.
+
+    The call starts on the first iteration.  ``aclose()``, leaving an ``async with`` block, a
+    ``break`` (once the iterator is dropped), or cancelling the consuming task stops the remote
+    producer.  ``timeout`` bounds the whole stream.
+    """
+
+    def __init__(self, conn: Connection, obj: str, m: MethodDescription, payload: Any, source: Any, timeout: float | None) -> None:
+        self._conn = conn
+        self._obj = obj
+        self._m = m
+        self._payload = payload
+        self._source = source
+        self._timeout = timeout
+        self._deadline = math.inf
+        self._rec: CallRecord | None = None
+        self._queue: _StreamQueue | None = None
+        self._done = False
+        self._pump_scope: anyio.CancelScope | None = None
+
+    def __aiter__(self) -> CallStream[_T]:
+        return self
+
+    def _begin(self) -> _StreamQueue:
+        conn = self._conn
+        if self._timeout is not None:
+            self._deadline = anyio.current_time() + self._timeout
+        rec = conn._start(self._obj, self._m, self._payload, self._timeout)
+        self._payload = None
+        queue = _StreamQueue(conn, rec.id)
+        credit = _Credit() if self._source is not None else None
+        rec.handler = _OutCall(queue, credit, None)
+        self._rec = rec
+        self._queue = queue
+        if self._source is not None:
+            assert conn._tg is not None
+            self._pump_scope = anyio.CancelScope()
+            conn._tg.start_soon(self._run_pump, rec, credit)
+        return queue
+
+    async def _run_pump(self, rec: CallRecord, credit: _Credit) -> None:
+        assert self._pump_scope is not None
+        with self._pump_scope:
+            await self._conn._pump(rec, self._m, self._source, credit)
+
+    async def __anext__(self) -> _T:
+        if self._done:
+            raise StopAsyncIteration
+        queue = self._queue
+        if queue is None:
+            queue = self._begin()
+        try:
+            if self._deadline == math.inf:
+                payload = await queue.next_payload()
+            else:
+                with anyio.fail_after(max(0.0, self._deadline - anyio.current_time())):
+                    payload = await queue.next_payload()
+        except StopAsyncIteration:
+            self._finish()
+            err = queue.error
+            if err is not None:
+                if type(err) is ErrorFrame:
+                    raise _error_from_frame(self._m, err) from None
+                raise err from None
+            raise
+        except BaseException:
+            self._stop()
+            raise
+        try:
+            return self._m.decode_reply(payload)  # type: ignore[no-any-return]
+        except ValidationError:
+            self._stop()
+            raise
+
+    def _finish(self) -> None:
+        self._done = True
+        if self._pump_scope is not None:
+            self._pump_scope.cancel()
+
+    def _stop(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self._pump_scope is not None:
+            self._pump_scope.cancel()
+        rec = self._rec
+        if rec is not None and self._conn._core.outgoing.get(rec.id) is rec:
+            self._conn._cancel_call(rec.id)
+
+    async def aclose(self) -> None:
+        """Stop the stream (the remote producer is cancelled)."""
+        self._stop()
+        await anyio.lowlevel.checkpoint()
+
+    async def __aenter__(self) -> CallStream[_T]:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        if not self._done and self._rec is not None:
+            try:
+                self._stop()
+            except Exception:
+                pass
+

@@ -1,0 +1,666 @@
+"""Interface introspection: from a ``typing.Protocol`` to a plain, inspectable description.
+
+Theory of operation
+-------------------
+``@xrpc.interface`` reads every public method of a Protocol class, classifies it (unary, one-way,
+server stream, client stream, two-way stream), resolves its annotations and builds, once, what the
+runtime needs on the hot path: an array-like msgspec Struct type for the arguments (so binding,
+defaults and encoding happen in C), and decoders for arguments, replies and stream items.  The result
+is an ``InterfaceDescription`` that the runtime, the CLI and codegen all read; nothing else in xrpc
+looks at the Protocol class again.
+
+Allow-lists: the classes a slot may carry are exactly those its annotation names, at any depth of
+nesting, because the slot's decoder is built from the annotation.  A slot typed ``object``/``Any``
+decodes plain data only.  ``Annotated[Base, xrpc.allow(A, B)]`` (or ``set_classes``) makes a *widened*
+slot: on the wire its value travels as ``[class_key, value]`` and the receiver decodes the value with
+the decoder of that class alone, so user classes need no tag of their own.  A top-level union of
+several user classes is widened the same way.
+
+This module owns the description; it does no I/O.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import datetime
+import enum
+import hashlib
+import inspect
+import sys
+import types
+import typing
+from typing import Any, Callable, TypeVar, Union
+
+import msgspec
+from typing_extensions import Annotated, get_args, get_origin
+
+from ._errors import InterfaceError, ValidationError
+from ._protocol import CallFlags
+
+__all__ = (
+    "MethodKind",
+    "Allow",
+    "allow",
+    "oneway",
+    "interface",
+    "describe",
+    "is_interface",
+    "InterfaceDescription",
+    "MethodDescription",
+    "ParamDescription",
+    "Slot",
+)
+
+_T = TypeVar("_T")
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+_ATTR = "__xrpc_interface__"
+
+
+class MethodKind(str, enum.Enum):
+    UNARY = "unary"
+    ONEWAY = "oneway"
+    SERVER_STREAM = "server_stream"
+    CLIENT_STREAM = "client_stream"
+    BIDI_STREAM = "bidi_stream"
+
+    @property
+    def streams_in(self) -> bool:
+        return self in (MethodKind.CLIENT_STREAM, MethodKind.BIDI_STREAM)
+
+    @property
+    def streams_out(self) -> bool:
+        return self in (MethodKind.SERVER_STREAM, MethodKind.BIDI_STREAM)
+
+
+@dataclasses.dataclass(frozen=True)
+class Allow:
+    """Marker for ``Annotated[Base, xrpc.allow(A, B)]``: the slot carries exactly these classes."""
+
+    classes: tuple[type, ...]
+
+
+def allow(*classes: type) -> Allow:
+    """Widen a parameter or reply to exactly ``classes`` (used inside ``typing.Annotated``)."""
+    for c in classes:
+        if not isinstance(c, type):
+            raise InterfaceError(f"xrpc.allow() takes classes, got {c!r}")
+    return Allow(tuple(classes))
+
+
+def oneway(fn: _F) -> _F:
+    """Mark an ``async def ... -> None`` method as fire-and-forget: no reply, no error comes back."""
+    fn.__xrpc_oneway__ = True  # type: ignore[attr-defined]
+    return fn
+
+
+# --------------------------------------------------------------------------- plain data checks
+_PLAIN_SCALARS = (type(None), bool, int, float, str, bytes, bytearray, datetime.datetime, datetime.date, datetime.time, datetime.timedelta)
+
+
+def _plain_error(value: Any) -> str | None:
+    """None if ``value`` is plain data (what an ``object`` slot may carry); else the offending type."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        t = type(v)
+        if t in _PLAIN_SCALARS:
+            continue
+        if t is list or t is tuple:
+            stack.extend(v)
+        elif t is dict:
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        else:
+            return t.__qualname__
+    return None
+
+
+def _class_key(cls: type) -> str:
+    return cls.__qualname__
+
+
+def _is_user_class(tp: Any) -> bool:
+    return isinstance(tp, type) and (
+        issubclass(tp, msgspec.Struct) or dataclasses.is_dataclass(tp) or (issubclass(tp, tuple) and hasattr(tp, "_fields"))
+    )
+
+
+def _is_any(tp: Any) -> bool:
+    return tp is Any or tp is object
+
+
+class Slot:
+    """How one value position (an argument, the reply, a stream item) travels.
+
+    A *direct* slot is encoded as itself and decoded with ``decoder``.  A *widened* slot travels as
+    ``[key, value]``; ``classes`` maps each key to its class, ``""`` standing for plain data.
+    """
+
+    __slots__ = ("annotation", "wire_type", "classes", "plain", "any_plain", "decoder", "_decoders")
+
+    def __init__(self, annotation: Any, classes: tuple[type, ...] | None = None, plain: Any = None) -> None:
+        self.annotation = annotation
+        self.plain = plain  # the plain-data type a widened slot also accepts, or None
+        self.classes: dict[str, type] | None = None
+        self._decoders: dict[str, Any] = {}
+        self.any_plain = False
+        if classes is None:
+            self.wire_type = annotation
+            self.any_plain = _is_any(annotation)
+            self.decoder = msgspec.msgpack.Decoder(annotation)
+        else:
+            self.classes = {}
+            for c in classes:
+                key = _class_key(c)
+                if key in self.classes and self.classes[key] is not c:
+                    raise InterfaceError(f"two allowed classes share the name {key!r}")
+                self.classes[key] = c
+                self._decoders[key] = msgspec.msgpack.Decoder(c)
+            if plain is not None:
+                self._decoders[""] = msgspec.msgpack.Decoder(plain)
+            self.wire_type = tuple[str, msgspec.Raw]
+            self.decoder = msgspec.msgpack.Decoder(self.wire_type)
+
+    @property
+    def widened(self) -> bool:
+        return self.classes is not None
+
+    def allowed_names(self) -> list[str]:
+        names = sorted(self.classes) if self.classes is not None else []
+        if self.plain is not None:
+            names.append("plain data")
+        return names
+
+    def wrap(self, value: Any) -> Any:
+        """Sending side: turn ``value`` into what goes on the wire, or raise ``ValueError``."""
+        if self.classes is None:
+            if self.any_plain:
+                bad = _plain_error(value)
+                if bad is not None:
+                    raise ValueError(f"{bad} is not plain data (the slot is typed {_type_name(self.annotation)}; widen it with xrpc.allow)")
+            return value
+        t = type(value)
+        key = _class_key(t)
+        if self.classes.get(key) is t:
+            return (key, value)
+        if self.plain is not None:
+            if _is_any(self.plain):
+                bad = _plain_error(value)
+                if bad is None:
+                    return ("", value)
+            else:
+                return ("", value)
+        raise ValueError(f"{t.__qualname__} is not allowed here (allowed: {', '.join(self.allowed_names())})")
+
+    def unwrap(self, wire: Any) -> Any:
+        """Receiving side: decode a widened value; raise ``msgspec.ValidationError``."""
+        key, raw = wire
+        dec = self._decoders.get(key)
+        if dec is None:
+            raise msgspec.ValidationError(f"class {key!r} is not allowed (allowed: {', '.join(self.allowed_names())})")
+        return dec.decode(raw)
+
+    def decode(self, data: Any) -> Any:
+        value = self.decoder.decode(data)
+        if self.classes is not None:
+            value = self.unwrap(value)
+        return value
+
+    def describe(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"type": _type_name(self.annotation)}
+        if self.classes is not None:
+            d["allowed"] = self.allowed_names()
+        return d
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "None"
+    if isinstance(tp, type) and not get_args(tp):
+        return tp.__qualname__
+    s = repr(tp)
+    return s.replace("typing.", "").replace("typing_extensions.", "").replace("collections.abc.", "")
+
+
+def _make_slot(annotation: Any, where: str) -> Slot:
+    """Build the slot for an annotation; ``where`` names it in errors."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        args = get_args(annotation)
+        base, extras = args[0], args[1:]
+        allows = [e for e in extras if isinstance(e, Allow)]
+        if allows:
+            classes = tuple(c for a in allows for c in a.classes)
+            return _widened_slot(base, classes, where)
+    if origin in (Union, types.UnionType):
+        members = get_args(annotation)
+        users = [m for m in members if _is_user_class(m)]
+        if len(users) > 1 and not all(_has_tag(m) for m in users):
+            rest = [m for m in members if m not in users]
+            plain: Any = None
+            if rest:
+                plain = rest[0] if len(rest) == 1 else Union[tuple(rest)]  # type: ignore[valid-type]
+            try:
+                return Slot(annotation, tuple(users), plain)
+            except TypeError as exc:
+                raise InterfaceError(f"{where}: {exc}") from None
+    try:
+        return Slot(annotation)
+    except TypeError as exc:
+        raise InterfaceError(f"{where}: type {_type_name(annotation)} cannot travel: {exc}") from None
+
+
+def _has_tag(cls: type) -> bool:
+    cfg = getattr(cls, "__struct_config__", None)
+    return cfg is not None and cfg.tag is not None
+
+
+def _widened_slot(base: Any, classes: tuple[type, ...], where: str) -> Slot:
+    plain = None
+    if _is_any(base):
+        plain = Any
+    else:
+        for c in classes:
+            if isinstance(base, type) and not issubclass(c, base):
+                raise InterfaceError(f"{where}: {c.__qualname__} is not a subclass of {_type_name(base)}")
+    try:
+        return Slot(Annotated[base, Allow(classes)], classes, plain)
+    except TypeError as exc:
+        raise InterfaceError(f"{where}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- descriptions
+@dataclasses.dataclass
+class ParamDescription:
+    name: str
+    annotation: Any
+    default: Any = inspect.Parameter.empty
+    stream: bool = False  # an AsyncIterator[T] parameter: the client stream; ``slot`` describes T
+    slot: Slot | None = None
+
+    @property
+    def has_default(self) -> bool:
+        return self.default is not inspect.Parameter.empty
+
+
+class MethodDescription:
+    """One remote method: what the runtime needs to call it and to serve it."""
+
+    def __init__(
+        self,
+        interface: InterfaceDescription,
+        name: str,
+        kind: MethodKind,
+        params: list[ParamDescription],
+        reply: Slot | None,
+        reply_annotation: Any,
+        doc: str | None,
+    ) -> None:
+        self.interface = interface
+        self.name = name
+        self.kind = kind
+        self.params = params
+        self.reply = reply  # None for -> None; for streams: the item slot
+        self.reply_annotation = reply_annotation
+        self.doc = doc
+        self.flags = (
+            (CallFlags.ONEWAY if kind is MethodKind.ONEWAY else 0)
+            | (CallFlags.STREAM_IN if kind.streams_in else 0)
+            | (CallFlags.STREAM_OUT if kind.streams_out else 0)
+        )
+        self.stream_param: ParamDescription | None = next((p for p in params if p.stream), None)
+        self.value_params = [p for p in params if not p.stream]
+        self._build()
+
+    def _build(self) -> None:
+        fields: list[Any] = []
+        for p in self.value_params:
+            assert p.slot is not None
+            if p.has_default:
+                default = p.default
+                if isinstance(default, (list, dict, set)):
+                    default = msgspec.field(default_factory=lambda d=default: type(d)(d))
+                fields.append((p.name, p.slot.wire_type, default))
+            else:
+                fields.append((p.name, p.slot.wire_type))
+        try:
+            self.args_type: type[msgspec.Struct] = msgspec.defstruct(
+                f"{self.interface.name}.{self.name}.args",
+                fields,
+                array_like=True,
+                frozen=True,
+                kw_only=False,
+                omit_defaults=False,
+            )
+        except (TypeError, ValueError) as exc:
+            raise InterfaceError(f"{self.interface.name}.{self.name}: {exc}") from None
+        self.args_decoder = msgspec.msgpack.Decoder(self.args_type)
+        self.positions = {p.name: i for i, p in enumerate(self.value_params)}
+        # Arguments that need work on the sending side (widened slots, plain-data checks).
+        self.checked_args = tuple(
+            (i, p) for i, p in enumerate(self.value_params) if p.slot is not None and (p.slot.widened or p.slot.any_plain)
+        )
+        self.widened_args = tuple((i, p) for i, p in enumerate(self.value_params) if p.slot is not None and p.slot.widened)
+        self.reply_checked = self.reply is not None and (self.reply.widened or self.reply.any_plain)
+        self.stream_item: Slot | None = self.stream_param.slot if self.stream_param is not None else None
+
+    # -------------------------------------------------------------- used by the runtime
+    def encode_args(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Bind call arguments to the args Struct (caller side); raise ``ValidationError``."""
+        try:
+            value = self.args_type(*args, **kwargs)
+        except TypeError as exc:
+            raise ValidationError(f"{self.qualname}(): {exc}", method=self.name) from None
+        if self.checked_args:
+            values = list(msgspec.structs.astuple(value))
+            for i, p in self.checked_args:
+                try:
+                    values[i] = p.slot.wrap(values[i])  # type: ignore[union-attr]
+                except ValueError as exc:
+                    raise ValidationError(
+                        f"argument {p.name!r} of {self.qualname}: {exc}", method=self.name, argument=p.name
+                    ) from None
+            value = self.args_type(*values)
+        return value
+
+    def decode_args(self, payload: Any) -> tuple[Any, ...]:
+        """Decode and check the arguments (callee side); raise ``ValidationError`` naming the argument."""
+        try:
+            value = self.args_decoder.decode(payload)
+            if not self.widened_args:
+                return msgspec.structs.astuple(value)
+            values = list(msgspec.structs.astuple(value))
+        except msgspec.ValidationError as exc:
+            raise self._arg_error(exc) from None
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise ValidationError(f"arguments of {self.qualname} could not be decoded: {exc}", method=self.name) from None
+        for i, p in self.widened_args:
+            try:
+                values[i] = p.slot.unwrap(values[i])  # type: ignore[union-attr]
+            except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
+                raise ValidationError(f"argument {p.name!r} of {self.qualname} refused: {exc}", method=self.name, argument=p.name) from None
+        return tuple(values)
+
+    def _arg_error(self, exc: Exception) -> ValidationError:
+        text = str(exc)
+        arg = ""
+        marker = "at `$["
+        at = text.find(marker)
+        if at >= 0:
+            end = text.find("]", at)
+            try:
+                idx = int(text[at + len(marker) : end])
+                arg = self.value_params[idx].name
+            except (ValueError, IndexError):
+                arg = ""
+            if arg:
+                text = text[:at] + f"at `{arg}" + text[end + 1 :]
+        where = f"argument {arg!r} of {self.qualname}" if arg else f"arguments of {self.qualname}"
+        return ValidationError(f"{where} refused: {text}", method=self.name, argument=arg)
+
+    def encode_reply(self, value: Any) -> Any:
+        """Callee side: what goes into REPLY/ITEM for ``value``; raise ``ValidationError``."""
+        if self.reply is None:
+            return None
+        if self.reply_checked:
+            try:
+                return self.reply.wrap(value)
+            except ValueError as exc:
+                raise ValidationError(f"reply of {self.qualname}: {exc}", method=self.name) from None
+        return value
+
+    def decode_reply(self, payload: Any) -> Any:
+        """Caller side: decode and check a reply or a reply-stream item."""
+        if self.reply is None:
+            return None
+        try:
+            return self.reply.decode(payload)
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
+            raise ValidationError(f"reply of {self.qualname} refused: {exc}", method=self.name) from None
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.interface.name}.{self.name}"
+
+    def describe(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "kind": self.kind.value, "params": []}
+        for p in self.params:
+            assert p.slot is not None
+            pd: dict[str, Any] = {"name": p.name, **p.slot.describe()}
+            if p.stream:
+                pd["stream"] = True
+            if p.has_default:
+                pd["default"] = repr(p.default)
+            d["params"].append(pd)
+        d["reply"] = self.reply.describe() if self.reply is not None else {"type": "None"}
+        return d
+
+    def __repr__(self) -> str:
+        return f"<MethodDescription {self.qualname} {self.kind.value}>"
+
+
+class InterfaceDescription:
+    """The inspectable description of an ``@xrpc.interface`` Protocol."""
+
+    def __init__(self, cls: type, name: str, errors: tuple[type[BaseException], ...]) -> None:
+        self.cls = cls
+        self.name = name
+        self.errors = errors
+        self.error_map = {_class_key(e): e for e in errors}
+        self.methods: dict[str, MethodDescription] = {}
+        self.fingerprint = ""
+
+    def set_classes(self, method: str, argument: str | int, classes: typing.Iterable[type], of_reply: bool = False) -> None:
+        """Widen one slot to exactly ``classes`` (NSXPCInterface's setClasses:forSelector:...)."""
+        m = self.methods.get(method)
+        if m is None:
+            raise InterfaceError(f"{self.name} has no method {method!r}")
+        classes = tuple(classes)
+        if of_reply:
+            if m.reply is None:
+                raise InterfaceError(f"{m.qualname} has no reply to widen")
+            base = _strip_annotated(m.reply.annotation)
+            m.reply = _widened_slot(base, classes, f"reply of {m.qualname}")
+        else:
+            if isinstance(argument, int):
+                if not 0 <= argument < len(m.params):
+                    raise InterfaceError(f"{m.qualname} has no argument {argument}")
+                p = m.params[argument]
+            else:
+                found = [p for p in m.params if p.name == argument]
+                if not found:
+                    raise InterfaceError(f"{m.qualname} has no argument {argument!r}")
+                p = found[0]
+            p.slot = _widened_slot(_strip_annotated(p.annotation), classes, f"argument {p.name!r} of {m.qualname}")
+        m._build()
+        self.fingerprint = _fingerprint(self)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "fingerprint": self.fingerprint,
+            "errors": [e.__qualname__ for e in self.errors],
+            "methods": [m.describe() for m in self.methods.values()],
+        }
+
+    def __repr__(self) -> str:
+        return f"<InterfaceDescription {self.name} {len(self.methods)} methods {self.fingerprint}>"
+
+
+def _strip_annotated(tp: Any) -> Any:
+    while get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    return tp
+
+
+def _fingerprint(desc: InterfaceDescription) -> str:
+    parts: list[str] = [desc.name]
+    for m in sorted(desc.methods.values(), key=lambda m: m.name):
+        parts.append(f"{m.name}:{m.kind.value}")
+        for p in m.params:
+            assert p.slot is not None
+            parts.append(f" {p.name}{'?' if p.has_default else ''}{'*' if p.stream else ''}={_type_key(p.slot)}")
+        parts.append(f" ->{_type_key(m.reply) if m.reply is not None else 'None'}")
+    parts.append("errors:" + ",".join(sorted(desc.error_map)))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _type_key(slot: Slot) -> str:
+    tp = _strip_annotated(slot.annotation)
+    try:
+        key = msgspec.json.encode(msgspec.json.schema(tp)).decode()
+    except Exception:
+        key = _type_name(tp)
+    if slot.classes is not None:
+        key += "|allow:" + ",".join(slot.allowed_names())
+    return key
+
+
+# --------------------------------------------------------------------------- @interface
+_STREAM_ORIGINS = (collections.abc.AsyncIterator, collections.abc.AsyncIterable, collections.abc.AsyncGenerator)
+
+
+def _stream_item(tp: Any) -> tuple[bool, Any]:
+    origin = get_origin(_strip_annotated(tp))
+    if origin in _STREAM_ORIGINS:
+        args = get_args(_strip_annotated(tp))
+        return True, args[0] if args else Any
+    return False, None
+
+
+def _methods_of(cls: type) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for base in reversed(cls.__mro__):
+        if base in (object, typing.Protocol, typing.Generic) or base.__module__ == "typing":
+            continue
+        for name, value in vars(base).items():
+            if name.startswith("_"):
+                continue
+            if isinstance(value, (staticmethod, classmethod, property)):
+                raise InterfaceError(f"{cls.__qualname__}.{name}: only plain methods can be remote")
+            if inspect.isfunction(value):
+                found[name] = value
+    return found
+
+
+def _build(cls: type, name: str, errors: tuple[type[BaseException], ...]) -> InterfaceDescription:
+    desc = InterfaceDescription(cls, name, errors)
+    module = sys.modules.get(cls.__module__)
+    globalns = dict(vars(module)) if module else {}
+    localns = {cls.__name__: cls}
+    for mname, fn in _methods_of(cls).items():
+        where = f"{name}.{mname}"
+        try:
+            hints = typing.get_type_hints(fn, globalns=globalns, localns=localns, include_extras=True)
+        except NameError:
+            raise
+        except Exception as exc:
+            raise InterfaceError(f"{where}: annotations cannot be resolved: {exc}") from None
+        sig = inspect.signature(fn)
+        is_async = inspect.iscoroutinefunction(fn)
+        if "return" not in hints:
+            raise InterfaceError(f"{where}: the return type is not annotated (write -> None for no reply)")
+        ret = hints["return"]
+        ret_stream, ret_item = _stream_item(ret)
+        params: list[ParamDescription] = []
+        for i, (pname, p) in enumerate(sig.parameters.items()):
+            if i == 0:
+                if pname != "self":
+                    raise InterfaceError(f"{where}: the first parameter must be self")
+                continue
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                raise InterfaceError(f"{where}: parameter {pname!r}: *args and **kwargs cannot be remote")
+            if pname not in hints:
+                raise InterfaceError(f"{where}: parameter {pname!r} is not annotated")
+            ann = hints[pname]
+            is_stream, item = _stream_item(ann)
+            pd = ParamDescription(pname, ann, p.default, is_stream)
+            if is_stream:
+                if p.default is not p.empty:
+                    raise InterfaceError(f"{where}: stream parameter {pname!r} cannot have a default")
+                pd.slot = _make_slot(item, f"{where}: parameter {pname!r}")
+            else:
+                pd.slot = _make_slot(ann, f"{where}: parameter {pname!r}")
+            params.append(pd)
+        streams = [p for p in params if p.stream]
+        if len(streams) > 1:
+            raise InterfaceError(f"{where}: parameters {', '.join(repr(p.name) for p in streams)}: at most one stream parameter per method")
+        is_oneway = getattr(fn, "__xrpc_oneway__", False)
+        if ret_stream:
+            if is_async:
+                raise InterfaceError(f"{where}: a method returning a stream is declared with plain def, not async def")
+            kind = MethodKind.BIDI_STREAM if streams else MethodKind.SERVER_STREAM
+            reply: Slot | None = _make_slot(ret_item, f"{where}: stream item")
+        else:
+            if not is_async:
+                raise InterfaceError(f"{where}: a remote method must be async def (or plain def returning AsyncIterator[T])")
+            if is_oneway:
+                if ret is not None and ret is not type(None):
+                    raise InterfaceError(f"{where}: a one-way method must return None")
+                if streams:
+                    raise InterfaceError(f"{where}: a one-way method cannot take a stream")
+                kind = MethodKind.ONEWAY
+            else:
+                kind = MethodKind.CLIENT_STREAM if streams else MethodKind.UNARY
+            reply = None if ret is None or ret is type(None) else _make_slot(ret, f"{where}: return type")
+        if is_oneway and kind is not MethodKind.ONEWAY:
+            raise InterfaceError(f"{where}: a stream method cannot be one-way")
+        desc.methods[mname] = MethodDescription(desc, mname, kind, params, reply, ret, inspect.getdoc(fn))
+    desc.fingerprint = _fingerprint(desc)
+    return desc
+
+
+@typing.overload
+def interface(cls: type[_T], /) -> type[_T]: ...
+@typing.overload
+def interface(*, errors: typing.Sequence[type[BaseException]] = (), name: str | None = None) -> Callable[[type[_T]], type[_T]]: ...
+
+
+def interface(
+    cls: Any = None, /, *, errors: typing.Sequence[type[BaseException]] = (), name: str | None = None
+) -> Any:
+    """Declare a ``typing.Protocol`` as an xrpc interface; validate it now; return it unchanged.
+
+    ``errors`` lists the exception classes that travel as themselves.  ``name`` is the interface's
+    name on the wire (default: the class's qualified name).
+    """
+
+    def apply(c: type[_T]) -> type[_T]:
+        if not isinstance(c, type):
+            raise InterfaceError(f"@xrpc.interface applies to a class, not {c!r}")
+        for e in errors:
+            if not (isinstance(e, type) and issubclass(e, BaseException)):
+                raise InterfaceError(f"{c.__qualname__}: errors= takes exception classes, got {e!r}")
+        iname = name or c.__qualname__
+        state = {"name": iname, "errors": tuple(errors), "desc": None}
+        setattr(c, _ATTR, state)
+        try:
+            state["desc"] = _build(c, iname, tuple(errors))
+        except NameError:
+            pass  # a forward reference to a name defined later: resolved on first use
+        return c
+
+    if cls is not None:
+        return apply(cls)
+    return apply
+
+
+def is_interface(obj: Any) -> bool:
+    return isinstance(obj, type) and _ATTR in vars(obj)
+
+
+def describe(cls: Any) -> InterfaceDescription:
+    """The description of an ``@xrpc.interface`` class (built once, then shared)."""
+    state = vars(cls).get(_ATTR) if isinstance(cls, type) else None
+    if state is None:
+        raise InterfaceError(f"{cls!r} is not an @xrpc.interface class")
+    desc = state["desc"]
+    if desc is None:
+        try:
+            desc = _build(cls, state["name"], state["errors"])
+        except NameError as exc:
+            raise InterfaceError(f"{state['name']}: annotations cannot be resolved: {exc}") from None
+        state["desc"] = desc
+    return desc  # type: ignore[no-any-return]

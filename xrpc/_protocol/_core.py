@@ -1,0 +1,471 @@
+"""The sans-IO protocol core: bytes in, messages out; messages in, bytes out.
+
+Theory of operation
+-------------------
+``ProtocolCore`` owns everything that decides whether a frame is legal: the framing (a 4-byte
+big-endian length, then one msgpack message), the frame size limit (checked from the length prefix,
+before the body is buffered), the handshake, the call-id tables and the stream credits.  It performs
+no I/O and never imports an event loop: the runtime feeds it bytes with ``receive_data`` and gets back
+the validated messages, and it asks it to ``send_*`` messages, which are encoded into an outgoing
+buffer that the runtime drains with ``data_to_send``.  Many frames sent between two drains leave as
+one write: that is the coalescing writer.
+
+Call ids: the connecting side (client) numbers its calls 1, 3, 5 ...; the accepting side 2, 4, 6 ...
+So every frame that carries an id says by its parity which side started that call, and a stream can
+flow both ways on one id.  A call id is never reused on a connection.
+
+Flow control: each side announces in HELLO/WELCOME how many stream items it grants for every stream it
+receives.  A sender may send an ITEM only while it holds credit; the receiver returns credit (CREDIT
+frames) as its consumer takes items.  A peer that sends beyond its credit breaks the protocol.
+
+Any exception raised by ``receive_data`` is a ``RemoteProtocolError`` and moves the core to ERROR;
+misuse by the local side raises ``LocalProtocolError``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+
+from .._errors import LocalProtocolError, RemoteProtocolError
+from ._frames import (
+    PROTOCOL_VERSION,
+    Call,
+    CallFlags,
+    Cancel,
+    Credit,
+    End,
+    Error,
+    ExportInfo,
+    Goodbye,
+    Hello,
+    Item,
+    Message,
+    Ping,
+    Pong,
+    Release,
+    Reply,
+    Welcome,
+)
+
+__all__ = ("ProtocolCore", "CallRecord", "State", "DEFAULT_MAX_FRAME", "DEFAULT_WINDOW", "DEFAULT_WINDOW_BYTES")
+
+DEFAULT_MAX_FRAME = 16 * 1024 * 1024
+DEFAULT_WINDOW = 64
+DEFAULT_WINDOW_BYTES = 4 * 1024 * 1024
+_HEADER = 4
+
+
+class State:
+    HANDSHAKE = "HANDSHAKE"
+    OPEN = "OPEN"
+    CLOSED = "CLOSED"  # GOODBYE sent or received
+    ERROR = "ERROR"
+
+
+class CallRecord:
+    """The core's bookkeeping for one call, in either direction.
+
+    ``handler`` belongs to the runtime: the core stores it and never looks at it.
+    """
+
+    __slots__ = (
+        "id", "flags", "send_credit", "send_bytes", "recv_allowance", "recv_bytes", "sent_end", "recv_end", "handler"
+    )
+
+    def __init__(self, call_id: int, flags: int) -> None:
+        self.id = call_id
+        self.flags = flags
+        self.send_credit = 0  # items we may still send on this call
+        self.send_bytes = 0  # bytes of ITEM frames we may still send (one frame may overdraw it)
+        self.recv_allowance = 0  # items the peer may still send us
+        self.recv_bytes = 0
+        self.sent_end = False
+        self.recv_end = False
+        self.handler: Any = None
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)  # type: ignore[var-annotated]
+_pack_len = int.to_bytes
+_DROP: Any = object()
+_SENDABLE = (State.HANDSHAKE, State.OPEN)
+
+
+class ProtocolCore:
+    """One side of one xrpc connection, without I/O."""
+
+    def __init__(
+        self,
+        *,
+        client: bool,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        window: int = DEFAULT_WINDOW,
+        window_bytes: int = DEFAULT_WINDOW_BYTES,
+        exports: list[ExportInfo] | None = None,
+    ) -> None:
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        self.client = client
+        self.state = State.HANDSHAKE
+        self.max_frame = max_frame  # the largest frame we accept
+        self.peer_max_frame = DEFAULT_MAX_FRAME  # the largest the peer accepts (known after handshake)
+        self.window = window  # credit we grant for each stream we receive
+        self.peer_window = DEFAULT_WINDOW  # credit the peer grants us
+        self.window_bytes = window_bytes
+        self.peer_window_bytes = DEFAULT_WINDOW_BYTES
+        self.exports = exports or []
+        self.peer_exports: list[ExportInfo] = []
+        self.peer_version = 0
+        self.outgoing: dict[int, CallRecord] = {}  # calls we started
+        self.incoming: dict[int, CallRecord] = {}  # calls the peer started
+        self._local_parity = 1 if client else 0
+        self._next_id = 1 if client else 2
+        self._last_peer_id = 0
+        self._in = bytearray()
+        self._out = bytearray()
+        self.close_reason = ""
+        self.close_code = 0
+        self._hello_done = False  # client: HELLO sent; server: HELLO received
+
+    # ------------------------------------------------------------------ helpers
+    def is_local_id(self, call_id: int) -> bool:
+        return (call_id & 1) == self._local_parity
+
+    def data_to_send(self) -> bytes:
+        """Everything encoded since the last call, as one chunk (possibly empty)."""
+        if not self._out:
+            return b""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def has_data_to_send(self) -> bool:
+        return bool(self._out)
+
+    def _emit(self, msg: Any) -> int:
+        """Encode ``msg`` as one frame at the end of the outgoing buffer; return its size."""
+        out = self._out
+        start = len(out)
+        out += b"\0\0\0\0"
+        try:
+            _encoder.encode_into(msg, out, start + _HEADER)
+        except BaseException:
+            del out[start:]
+            raise
+        size = len(out) - start - _HEADER
+        if size > self.peer_max_frame:
+            del out[start:]
+            raise LocalProtocolError(f"a frame of {size} bytes exceeds the peer's limit of {self.peer_max_frame} bytes")
+        out[start : start + _HEADER] = _pack_len(size, 4, "big")
+        return size
+
+    # ------------------------------------------------------------------ handshake
+    def send_hello(self) -> None:
+        if not self.client or self.state != State.HANDSHAKE:
+            raise LocalProtocolError("only a client in HANDSHAKE sends HELLO")
+        self._emit(Hello(PROTOCOL_VERSION, self.max_frame, self.exports, self.window, self.window_bytes))
+        self._hello_done = True
+
+    def send_welcome(self) -> None:
+        if self.client or self.state != State.HANDSHAKE or not self.peer_version:
+            raise LocalProtocolError("WELCOME answers a HELLO")
+        self._emit(Welcome(PROTOCOL_VERSION, self.max_frame, self.exports, self.window, self.window_bytes))
+        self.state = State.OPEN
+
+    def send_goodbye(self, reason: str = "", code: int = 0) -> None:
+        if self.state in (State.CLOSED, State.ERROR):
+            return
+        try:
+            self._emit(Goodbye(reason, code))
+        finally:
+            self.state = State.CLOSED
+            if not self.close_reason:
+                self.close_reason = reason
+                self.close_code = code
+
+    # ------------------------------------------------------------------ calls we make
+    def send_call(self, obj: str, method: str, payload: Any, flags: int = 0, deadline: float | None = None) -> CallRecord:
+        if self.state != State.OPEN and not (self.state == State.HANDSHAKE and self._hello_done):
+            raise LocalProtocolError(f"cannot start a call in state {self.state}")
+        call_id = self._next_id
+        self._emit(Call(call_id, obj, method, payload, flags, deadline))
+        self._next_id = call_id + 2
+        rec = CallRecord(call_id, flags)
+        if flags & CallFlags.STREAM_IN:
+            rec.send_credit = self.peer_window
+            rec.send_bytes = self.peer_window_bytes
+        if flags & CallFlags.STREAM_OUT:
+            rec.recv_allowance = self.window
+            rec.recv_bytes = self.window_bytes
+        if not flags & CallFlags.ONEWAY:
+            self.outgoing[call_id] = rec
+        return rec
+
+    def send_cancel(self, call_id: int) -> None:
+        if self.outgoing.pop(call_id, None) is not None and self.state in _SENDABLE:
+            self._emit(Cancel(call_id))
+
+    # ------------------------------------------------------------------ answers to the peer's calls
+    def send_reply(self, call_id: int, payload: Any) -> None:
+        if self.incoming.pop(call_id, None) is None:
+            raise LocalProtocolError(f"no incoming call {call_id} to reply to")
+        if self.state in _SENDABLE:
+            self._emit(Reply(call_id, payload))
+
+    def send_error(self, call_id: int, code: int, type_name: str, message: str, args: Any = None) -> None:
+        if self.incoming.pop(call_id, None) is None:
+            raise LocalProtocolError(f"no incoming call {call_id} to answer")
+        if self.state in _SENDABLE:
+            self._emit(Error(call_id, code, type_name, message, args))
+
+    def forget_incoming(self, call_id: int) -> None:
+        """Drop an incoming call without answering (one-way calls, cancelled calls)."""
+        self.incoming.pop(call_id, None)
+
+    # ------------------------------------------------------------------ streams, either direction
+    def _stream_record(self, call_id: int) -> CallRecord:
+        rec = (self.outgoing if self.is_local_id(call_id) else self.incoming).get(call_id)
+        if rec is None:
+            raise LocalProtocolError(f"no open stream {call_id}")
+        return rec
+
+    def send_item(self, call_id: int, payload: Any) -> None:
+        rec = self._stream_record(call_id)
+        if rec.sent_end:
+            raise LocalProtocolError(f"stream {call_id} already ended")
+        if rec.send_credit <= 0 or rec.send_bytes <= 0:
+            raise LocalProtocolError(f"stream {call_id} has no credit")
+        if self.state in _SENDABLE:
+            rec.send_bytes -= self._emit(Item(call_id, payload))
+        rec.send_credit -= 1
+
+    def send_end(self, call_id: int) -> None:
+        """End the stream we send on ``call_id``.  For a server stream this completes the call."""
+        if self.is_local_id(call_id):
+            rec = self.outgoing.get(call_id)
+            if rec is None or rec.sent_end:
+                return
+            rec.sent_end = True
+        else:
+            rec = self.incoming.pop(call_id, None)
+            if rec is None:
+                raise LocalProtocolError(f"no incoming call {call_id} to end")
+        if self.state in _SENDABLE:
+            self._emit(End(call_id))
+
+    def send_credit(self, call_id: int, items: int, nbytes: int) -> None:
+        rec = (self.outgoing if self.is_local_id(call_id) else self.incoming).get(call_id)
+        if rec is None or rec.recv_end:
+            return
+        rec.recv_allowance += items
+        rec.recv_bytes += nbytes
+        if self.state in _SENDABLE:
+            self._emit(Credit(call_id, items, nbytes))
+
+    def send_release(self, obj: str, count: int = 1) -> None:
+        if self.state in _SENDABLE:
+            self._emit(Release(obj, count))
+
+    def send_ping(self, nonce: int) -> None:
+        if self.state in _SENDABLE:
+            self._emit(Ping(nonce))
+
+    def send_raw_message(self, msg: Any) -> None:
+        """Encode a message without bookkeeping (tests and fuzzers use it to misbehave)."""
+        self._emit(msg)
+
+    # ------------------------------------------------------------------ receiving
+    def receive_data(self, data: bytes) -> list[tuple[Message, CallRecord | None]]:
+        """Feed received bytes; return the complete, validated messages they finish.
+
+        ``b""`` means the peer closed its side: a frame left half-received is a protocol error.
+        """
+        if self.state == State.ERROR:
+            raise RemoteProtocolError("the connection is already in ERROR")
+        if not data:
+            if self._in:
+                self._fail(f"the peer closed the connection in the middle of a frame ({len(self._in)} bytes buffered)")
+            return []
+        if self._in:
+            self._in += data
+            buf: bytes | bytearray = self._in
+        else:
+            buf = data
+        total = len(buf)
+        if total < _HEADER:
+            if buf is data:
+                self._in = bytearray(data)
+            return []
+        events: list[tuple[Message, CallRecord | None]] = []
+        pos = 0
+        mv: memoryview | None = None
+        max_frame = self.max_frame
+        while total - pos >= _HEADER:
+            size = int.from_bytes(buf[pos : pos + _HEADER], "big")
+            if size > max_frame:
+                self._fail(f"frame of {size} bytes exceeds the limit of {max_frame} bytes")
+            if size == 0:
+                self._fail("empty frame")
+            end = pos + _HEADER + size
+            if end > total:
+                break
+            if mv is None:
+                mv = memoryview(buf)
+            try:
+                msg = _decoder.decode(mv[pos + _HEADER : end])
+            except (msgspec.DecodeError, RecursionError) as exc:
+                self._fail(f"undecodable frame: {exc}")
+            pos = end
+            rec = self._accept(msg, size)
+            if rec is not _DROP:
+                events.append((msg, rec))  # type: ignore[arg-type]
+            if self.state == State.CLOSED:
+                pos = total
+                break
+        if pos:
+            # Never resize a buffer that decoded payloads may still point into.
+            self._in = bytearray(buf[pos:]) if pos < total else bytearray()
+        elif buf is data:
+            self._in = bytearray(data)
+        return events
+
+    def _fail(self, why: str) -> Any:
+        self.state = State.ERROR
+        self.close_reason = why
+        raise RemoteProtocolError(why)
+
+    def _accept(self, msg: Message, size: int) -> Any:
+        """Check ``msg`` against the state and tables and update them.
+
+        Returns the call record the message belongs to (or None for connection-level messages), or
+        ``_DROP`` for a message that is legal but moot (an answer to a call already cancelled).
+        """
+        state = self.state
+        if state == State.CLOSED:
+            return _DROP
+        cls = type(msg)
+        if state == State.HANDSHAKE:
+            if cls is Hello:
+                if self.client or self.peer_version:
+                    self._fail("unexpected HELLO")
+                self._on_hello(msg)  # type: ignore[arg-type]
+                return None
+            if cls is Welcome:
+                if not self.client:
+                    self._fail("unexpected WELCOME")
+                self.state = State.OPEN
+                self.peer_version = msg.version  # type: ignore[union-attr]
+                self.peer_max_frame = msg.max_frame  # type: ignore[union-attr]
+                self.peer_exports = msg.exports  # type: ignore[union-attr]
+                self.peer_window = max(1, msg.window)  # type: ignore[union-attr]
+                self.peer_window_bytes = max(1, msg.window_bytes)  # type: ignore[union-attr]
+                return None
+            if not self.client and not self.peer_version and cls is not Goodbye:
+                self._fail(f"expected HELLO, got {cls.__name__.upper()}")
+        elif cls is Hello or cls is Welcome:
+            self._fail(f"unexpected {cls.__name__.upper()} after the handshake")
+        if cls is Call:
+            call_id = msg.id  # type: ignore[union-attr]
+            if self.is_local_id(call_id) or call_id <= self._last_peer_id:
+                self._fail(f"CALL with an invalid id {call_id}")
+            self._last_peer_id = call_id
+            flags = msg.flags  # type: ignore[union-attr]
+            if flags & CallFlags.ONEWAY:
+                return None
+            rec = CallRecord(call_id, flags)
+            if flags & CallFlags.STREAM_OUT:
+                rec.send_credit = self.peer_window
+                rec.send_bytes = self.peer_window_bytes
+            if flags & CallFlags.STREAM_IN:
+                rec.recv_allowance = self.window
+                rec.recv_bytes = self.window_bytes
+            self.incoming[call_id] = rec
+            return rec
+        if cls is Reply or cls is Error:
+            call_id = msg.id  # type: ignore[union-attr]
+            self._check_issued(call_id)
+            rec = self.outgoing.pop(call_id, None)
+            return _DROP if rec is None else rec
+        if cls is Item:
+            call_id = msg.id  # type: ignore[union-attr]
+            rec = self._peer_stream(call_id)
+            if rec is None:
+                return _DROP
+            if rec.recv_end:
+                self._fail(f"ITEM after END on stream {call_id}")
+            if rec.recv_allowance <= 0 or rec.recv_bytes <= 0:
+                self._fail(f"ITEM beyond the granted credit on stream {call_id}")
+            rec.recv_allowance -= 1
+            rec.recv_bytes -= size
+            return rec
+        if cls is End:
+            call_id = msg.id  # type: ignore[union-attr]
+            if self.is_local_id(call_id):
+                self._check_issued(call_id)
+                rec = self.outgoing.pop(call_id, None)  # a server stream is complete
+            else:
+                rec = self.incoming.get(call_id)
+                if rec is not None and rec.recv_end:
+                    self._fail(f"second END on stream {call_id}")
+            if rec is None:
+                return _DROP
+            rec.recv_end = True
+            return rec
+        if cls is Credit:
+            call_id = msg.id  # type: ignore[union-attr]
+            rec = self._peer_stream(call_id)
+            if rec is None:
+                return _DROP
+            items = msg.items  # type: ignore[union-attr]
+            nbytes = msg.nbytes  # type: ignore[union-attr]
+            if items < 0 or nbytes < 0 or rec.send_credit + items > 1 << 31 or rec.send_bytes + nbytes > 1 << 40:
+                self._fail(f"invalid CREDIT of {items} items, {nbytes} bytes on stream {call_id}")
+            rec.send_credit += items
+            rec.send_bytes += nbytes
+            return rec
+        if cls is Cancel:
+            call_id = msg.id  # type: ignore[union-attr]
+            if self.is_local_id(call_id) or call_id > self._last_peer_id:
+                self._fail(f"CANCEL of a call the peer did not start ({call_id})")
+            rec = self.incoming.pop(call_id, None)
+            return _DROP if rec is None else rec
+        if cls is Goodbye:
+            self._closed_by_peer(msg)  # type: ignore[arg-type]
+            return None
+        if cls is Ping:
+            self._emit(Pong(msg.nonce))  # type: ignore[union-attr]
+            return _DROP
+        if cls is Pong or cls is Release:
+            return None
+        self._fail(f"unexpected {cls.__name__.upper()} in state {state}")  # pragma: no cover
+
+    def _on_hello(self, msg: Hello) -> None:
+        if msg.version != PROTOCOL_VERSION:
+            self._emit(Goodbye(f"unsupported protocol version {msg.version} (this side speaks {PROTOCOL_VERSION})", 0))
+            self._fail(f"unsupported protocol version {msg.version}")
+        self.peer_version = msg.version
+        self.peer_max_frame = msg.max_frame
+        self.peer_exports = msg.exports
+        self.peer_window = max(1, msg.window)
+        self.peer_window_bytes = max(1, msg.window_bytes)
+        self._hello_done = True
+
+    def _closed_by_peer(self, msg: Goodbye) -> None:
+        self.state = State.CLOSED
+        self.close_reason = msg.reason
+        self.close_code = msg.code
+
+    def _check_issued(self, call_id: int) -> None:
+        if not self.is_local_id(call_id) or call_id >= self._next_id:
+            self._fail(f"answer to call {call_id}, which this side never made")
+
+    def _peer_stream(self, call_id: int) -> CallRecord | None:
+        """The record a stream frame from the peer refers to; None if that call is already over."""
+        if self.is_local_id(call_id):
+            self._check_issued(call_id)
+            return self.outgoing.get(call_id)
+        if call_id > self._last_peer_id:
+            self._fail(f"stream frame for call {call_id}, which the peer never started")
+        return self.incoming.get(call_id)

@@ -1,0 +1,162 @@
+"""Wire messages: frozen, array-like, tagged msgspec Structs.
+
+Every frame on the wire is a 4-byte big-endian length followed by one msgpack-encoded message
+from the ``Message`` union below.  A message is an array whose first element is the integer tag.
+Payloads (arguments, replies, stream items, error arguments) are typed ``msgspec.Raw`` so that the
+envelope is decoded first and the payload later, by the decoder of the method it belongs to.
+
+On the sending side a payload field may hold any encodable object instead of ``Raw``: msgspec
+encodes whatever the field holds, so arguments are encoded in the same pass as their envelope.
+
+This module must not import anyio, asyncio, trio or socket (a test checks).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+
+__all__ = (
+    "PROTOCOL_VERSION",
+    "Hello",
+    "Welcome",
+    "Call",
+    "Reply",
+    "Error",
+    "Item",
+    "End",
+    "Credit",
+    "Cancel",
+    "Release",
+    "Goodbye",
+    "Ping",
+    "Pong",
+    "Message",
+    "ErrorCode",
+    "CallFlags",
+    "ExportInfo",
+)
+
+PROTOCOL_VERSION = 1
+
+
+class ErrorCode:
+    """Values of ``Error.code``."""
+
+    REMOTE = 1  # an undeclared exception in the remote method
+    DECLARED = 2  # an exception the interface declares; ``args`` carries its arguments
+    VALIDATION = 3  # arguments refused by the codec or allow-list; the method never ran
+    METHOD_NOT_FOUND = 4
+    OBJECT_NOT_FOUND = 5
+    PEER_REJECTED = 6  # a requirement refused this call
+    TIMEOUT = 7  # the deadline passed on the callee
+    CANCELLED = 8  # the callee cancelled the call (for example because it is shutting down)
+    LIMIT = 9  # a limit of the callee was exceeded
+    INTERNAL = 10  # the callee could not encode its reply
+
+
+class CallFlags:
+    """Bits of ``Call.flags``: what the caller expects back."""
+
+    ONEWAY = 1  # no reply at all
+    STREAM_IN = 2  # the caller sends ITEM frames then END (client stream)
+    STREAM_OUT = 4  # the callee answers with ITEM frames then END (server stream)
+
+
+class ExportInfo(msgspec.Struct, array_like=True, frozen=True):
+    """One object exported by the side that sends HELLO/WELCOME."""
+
+    name: str
+    interface: str
+    fingerprint: str
+
+
+class Hello(msgspec.Struct, array_like=True, frozen=True, tag=0):
+    """First frame from the connecting side."""
+
+    version: int
+    max_frame: int
+    exports: list[ExportInfo] = []
+    window: int = 64  # stream credit (items) this side grants to every stream it receives
+    window_bytes: int = 4 * 1024 * 1024  # ... and in bytes of ITEM frames
+
+
+class Welcome(msgspec.Struct, array_like=True, frozen=True, tag=1):
+    """Answer to HELLO: the connection is accepted."""
+
+    version: int
+    max_frame: int
+    exports: list[ExportInfo] = []
+    window: int = 64
+    window_bytes: int = 4 * 1024 * 1024
+
+
+class Call(msgspec.Struct, array_like=True, frozen=True, tag=2):
+    """Start a call.  ``deadline`` is the time left, in seconds, when the frame was sent."""
+
+    id: int
+    obj: str
+    method: str
+    payload: msgspec.Raw
+    flags: int = 0
+    deadline: Union[float, None] = None
+
+
+class Reply(msgspec.Struct, array_like=True, frozen=True, tag=3):
+    id: int
+    payload: msgspec.Raw
+
+
+class Error(msgspec.Struct, array_like=True, frozen=True, tag=4):
+    id: int
+    code: int
+    type_name: str
+    message: str
+    args: Any = None  # declared errors: the exception's args; otherwise unused
+
+
+class Item(msgspec.Struct, array_like=True, frozen=True, tag=5):
+    id: int
+    payload: msgspec.Raw
+
+
+class End(msgspec.Struct, array_like=True, frozen=True, tag=6):
+    id: int
+
+
+class Credit(msgspec.Struct, array_like=True, frozen=True, tag=7):
+    """Grant the sender of a stream ``items`` more items and ``nbytes`` more bytes of ITEM frames."""
+
+    id: int
+    items: int
+    nbytes: int = 0
+
+
+class Cancel(msgspec.Struct, array_like=True, frozen=True, tag=8):
+    id: int
+
+
+class Release(msgspec.Struct, array_like=True, frozen=True, tag=9):
+    """The sender drops ``count`` references to an object the receiver exported to it."""
+
+    obj: str
+    count: int = 1
+
+
+class Goodbye(msgspec.Struct, array_like=True, frozen=True, tag=10):
+    """The sender closes the connection; ``code`` is an ``ErrorCode`` or 0 for a normal close."""
+
+    reason: str = ""
+    code: int = 0
+
+
+class Ping(msgspec.Struct, array_like=True, frozen=True, tag=11):
+    nonce: int
+
+
+class Pong(msgspec.Struct, array_like=True, frozen=True, tag=12):
+    nonce: int
+
+
+Message = Union[Hello, Welcome, Call, Reply, Error, Item, End, Credit, Cancel, Release, Goodbye, Ping, Pong]

@@ -1,0 +1,87 @@
+"""Proxies: objects typed as an interface whose methods are remote calls.
+
+One proxy class is built per interface description and cached; an instance holds only the
+connection, the remote object's name and a default timeout, so proxies are cheap and many share one
+connection.  All behaviour lives in the connection; a proxy method only forwards its arguments.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from ._interface import InterfaceDescription, MethodDescription, MethodKind
+
+if TYPE_CHECKING:
+    from ._connection import Connection
+
+__all__ = ("ProxyBase", "make_proxy")
+
+_classes: dict[int, type] = {}
+
+
+class ProxyBase:
+    """Base of every proxy class."""
+
+    __slots__ = ("_xrpc_conn", "_xrpc_obj", "_xrpc_timeout", "__weakref__")
+    _xrpc_desc: InterfaceDescription
+
+    def __init__(self, conn: Connection, obj: str, timeout: float | None) -> None:
+        self._xrpc_conn = conn
+        self._xrpc_obj = obj
+        self._xrpc_timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"<xrpc proxy {self._xrpc_desc.name} {self._xrpc_obj!r} via {self._xrpc_conn.url or 'connection'}>"
+
+    async def aclose(self) -> None:
+        """Release this proxy (objects passed by reference are released on the exporter)."""
+
+    async def __aenter__(self) -> Any:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+
+def _method(m: MethodDescription) -> Callable[..., Any]:
+    kind = m.kind
+    fn: Callable[..., Any]
+    if kind is MethodKind.UNARY:
+
+        async def fn(self: ProxyBase, *args: Any, **kwargs: Any) -> Any:
+            return await self._xrpc_conn.call_unary(self._xrpc_obj, m, args, kwargs, self._xrpc_timeout)
+
+    elif kind is MethodKind.ONEWAY:
+
+        async def fn(self: ProxyBase, *args: Any, **kwargs: Any) -> Any:
+            await self._xrpc_conn.call_oneway(self._xrpc_obj, m, args, kwargs)
+
+    elif kind is MethodKind.CLIENT_STREAM:
+
+        async def fn(self: ProxyBase, *args: Any, **kwargs: Any) -> Any:
+            return await self._xrpc_conn.call_client_stream(self._xrpc_obj, m, args, kwargs, self._xrpc_timeout)
+
+    else:
+
+        def fn(self: ProxyBase, *args: Any, **kwargs: Any) -> Any:
+            return self._xrpc_conn.call_stream(self._xrpc_obj, m, args, kwargs, self._xrpc_timeout)
+
+    fn.__name__ = m.name
+    fn.__qualname__ = f"{m.interface.name}Proxy.{m.name}"
+    fn.__doc__ = m.doc
+    return fn
+
+
+def proxy_class(desc: InterfaceDescription) -> type:
+    cls = _classes.get(id(desc))
+    if cls is None or cls._xrpc_desc is not desc:  # type: ignore[attr-defined]
+        ns: dict[str, Any] = {"__slots__": (), "_xrpc_desc": desc}
+        for m in desc.methods.values():
+            ns[m.name] = _method(m)
+        cls = type(f"{desc.name}Proxy", (ProxyBase,), ns)
+        _classes[id(desc)] = cls
+    return cls
+
+
+def make_proxy(conn: Connection, desc: InterfaceDescription, obj: str, timeout: float | None) -> Any:
+    return proxy_class(desc)(conn, obj, timeout)
