@@ -81,7 +81,7 @@ class Server:
             task_status.started(listener.url)
             await anyio.sleep_forever()
 
-    async def _handle(self, stream: anyio.abc.ByteStream, peer: Peer) -> None:
+    async def _handle(self, stream: Any, peer: Peer) -> None:
         conn = Connection(stream, client=False, peer=peer, shared_exports=self._exports, limits=self.limits)
         self.connections.add(conn)
         try:

@@ -18,11 +18,13 @@ transports do).
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextvars
 import inspect
 import logging
 import math
+import socket
 import threading
 from typing import Any, AsyncIterable, AsyncIterator, Callable, Iterable, Sequence, TypeVar
 
@@ -143,17 +145,34 @@ def _exports_from(specs: Iterable[Any]) -> dict[str, Export]:
 
 # --------------------------------------------------------------------------- caller-side call states
 class _Pending:
-    """A unary call waiting for its answer."""
+    """A call waiting for its answer (an asyncio future on asyncio, an anyio Event elsewhere)."""
 
-    __slots__ = ("event", "result")
+    __slots__ = ("fut", "event", "result")
 
-    def __init__(self) -> None:
-        self.event = anyio.Event()
+    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
         self.result: Any = None  # a Reply, an Error frame, or an exception to raise
+        if loop is not None:
+            self.fut: asyncio.Future[None] | None = loop.create_future()
+            self.event: anyio.Event | None = None
+        else:
+            self.fut = None
+            self.event = anyio.Event()
 
     def deliver(self, value: Any) -> None:
+        if self.result is not None:
+            return
         self.result = value
-        self.event.set()
+        if self.fut is not None:
+            if not self.fut.done():
+                self.fut.set_result(None)
+        else:
+            self.event.set()  # type: ignore[union-attr]
+
+    async def wait(self) -> None:
+        if self.fut is not None:
+            await self.fut
+        else:
+            await self.event.wait()  # type: ignore[union-attr]
 
 
 class _StreamQueue:
@@ -229,14 +248,31 @@ class _OutCall:
 
 
 class _InCall:
-    """Callee-side state of one incoming call."""
+    """Callee-side state of one incoming call.
 
-    __slots__ = ("scope", "queue", "credit")
+    Under anyio task groups the call runs in ``scope``; on the asyncio fast path it is the native
+    ``task``, cancelled directly, with ``timer`` enforcing the deadline.
+    """
 
-    def __init__(self, scope: anyio.CancelScope) -> None:
+    __slots__ = ("scope", "task", "timer", "timed_out", "queue", "credit")
+
+    def __init__(self, scope: anyio.CancelScope | None) -> None:
         self.scope = scope
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.timed_out = False
         self.queue: _StreamQueue | None = None
         self.credit: _Credit | None = None
+
+    def cancel(self) -> None:
+        if self.scope is not None:
+            self.scope.cancel()
+        elif self.task is not None:
+            self.task.cancel()
+
+    def expire(self) -> None:
+        self.timed_out = True
+        self.cancel()
 
 
 def _error_from_frame(m: MethodDescription | None, frame: ErrorFrame) -> BaseException:
@@ -269,13 +305,85 @@ def _error_from_frame(m: MethodDescription | None, frame: ErrorFrame) -> BaseExc
     return RemoteError(frame.type_name, msg)
 
 
+class _AsyncioIO(asyncio.BufferedProtocol):
+    """Drives a connection's socket on asyncio: reads into one reused buffer, writes synchronously."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.buffer = bytearray(262144)
+        self.view = memoryview(self.buffer)
+        self.transport: asyncio.Transport | None = None
+        loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[None] = loop.create_future()
+        self._loop = loop
+        self._paused = False
+        self._resume: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=self.conn.limits.write_buffer_high)  # type: ignore[attr-defined]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.done.done():
+            return
+        if not self.conn._feed(self.view[:nbytes].tobytes()):
+            self.close()
+
+    def eof_received(self) -> bool:
+        if not self.done.done():
+            self.conn._feed(b"")
+        self.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        conn = self.conn
+        if conn._failure is None:
+            conn._failure = ConnectionInterrupted(f"the connection was lost: {exc!r}" if exc else "the peer closed the connection")
+        if not self.done.done():
+            self.done.set_result(None)
+        self._wake_writers()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake_writers()
+
+    def _wake_writers(self) -> None:
+        if self._resume is not None and not self._resume.done():
+            self._resume.set_result(None)
+        self._resume = None
+
+    async def wait_writable(self) -> None:
+        while self._paused and not self.done.done():
+            if self._resume is None:
+                self._resume = self._loop.create_future()
+            await self._resume
+
+    def write(self, data: bytes) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.write(data)
+
+    def close(self) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.close()
+        if not self.done.done():
+            self.done.set_result(None)
+
+
 # --------------------------------------------------------------------------- the connection
 class Connection:
     """One xrpc connection, client or server side.  Use ``proxy()`` to call, ``export()`` to serve."""
 
     def __init__(
         self,
-        stream: anyio.abc.ByteStream,
+        transport: Any,
         *,
         client: bool,
         peer: Peer,
@@ -287,7 +395,11 @@ class Connection:
         url: str = "",
     ) -> None:
         self.limits = limits or Limits()
-        self._stream = stream
+        self._transport = transport  # a connected socket, or an anyio ByteStream
+        self._stream: anyio.abc.ByteStream | None = None if isinstance(transport, socket.socket) else transport
+        self._aio: _AsyncioIO | None = None  # set when asyncio drives a socket directly
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._flush_scheduled = False
         self.client = client
         self.peer = peer
         self.url = url
@@ -314,6 +426,7 @@ class Connection:
         self._on_invalidated = on_invalidated
         self._loop_thread = threading.get_ident()
         self._proxies: dict[tuple[str, str, float | None], Any] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # incoming calls on the asyncio fast path
 
     # -------------------------------------------------------------- public surface
     def proxy(self, iface: Callable[..., _T], name: str = "", timeout: float | None = None) -> _T:
@@ -357,17 +470,21 @@ class Connection:
                 self._core.send_goodbye("closed")
             except Exception:
                 pass
-            with anyio.move_on_after(1.0, shield=True):
-                data = self._core.data_to_send()
-                if data and not self._writing:
+            if self._aio is not None:
+                self._flush()
+                self._aio.close()
+            elif self._stream is not None:
+                with anyio.move_on_after(1.0, shield=True):
+                    data = self._core.data_to_send()
+                    if data and not self._writing:
+                        try:
+                            await self._stream.send(data)
+                        except Exception:
+                            pass
                     try:
-                        await self._stream.send(data)
+                        await self._stream.aclose()
                     except Exception:
                         pass
-                try:
-                    await self._stream.aclose()
-                except Exception:
-                    pass
             if self._tg is not None:
                 self._tg.cancel_scope.cancel()
         with anyio.CancelScope(shield=True):
@@ -386,25 +503,52 @@ class Connection:
 
     # -------------------------------------------------------------- lifecycle
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Run until the connection ends.  Reports started once the reader and writer run."""
+        """Run until the connection ends.  Reports started once it can send and receive."""
         _current.set(self)
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                tg.start_soon(self._writer)
+                transport = self._transport
+                if isinstance(transport, socket.socket):
+                    try:
+                        self._loop = asyncio.get_running_loop()
+                    except RuntimeError:
+                        self._loop = None
+                    if self._loop is not None:
+                        self._aio = _AsyncioIO(self)
+                        await self._loop.connect_accepted_socket(lambda: self._aio, transport)  # type: ignore[arg-type, return-value]
+                    elif transport.family == socket.AF_UNIX:
+                        self._stream = await anyio.abc.UNIXSocketStream.from_socket(transport)
+                    else:
+                        self._stream = await anyio.abc.SocketStream.from_socket(transport)
+                if self._aio is None:
+                    tg.start_soon(self._writer)
                 if self.client:
                     self._core.send_hello()
                     self._kick()
                 task_status.started()
-                await self._reader()
+                if self._aio is not None:
+                    await self._aio.done
+                else:
+                    await self._reader()
                 tg.cancel_scope.cancel()
         finally:
             self._finish()
             with anyio.CancelScope(shield=True):
-                try:
-                    await self._stream.aclose()
-                except Exception:
-                    pass
+                if self._tasks:
+                    tasks = list(self._tasks)
+                    for t in tasks:
+                        t.cancel()
+                    await asyncio.wait(tasks)
+                if self._aio is not None:
+                    self._aio.close()
+                elif self._stream is not None:
+                    try:
+                        await self._stream.aclose()
+                    except Exception:
+                        pass
+                elif isinstance(self._transport, socket.socket):
+                    self._transport.close()
 
     def _finish(self) -> None:
         if self._closed.is_set():
@@ -460,11 +604,23 @@ class Connection:
 
     # -------------------------------------------------------------- writer
     def _kick(self) -> None:
-        if not self._writing:
+        """Make sure what the core has encoded gets written soon (coalescing all frames until then)."""
+        if self._aio is not None:
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush)  # type: ignore[union-attr]
+        elif not self._writing:
             self._wake.set()
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        data = self._core.data_to_send()
+        if data and self._aio is not None:
+            self._aio.write(data)
 
     async def _writer(self) -> None:
         stream = self._stream
+        assert stream is not None
         core = self._core
         try:
             while True:
@@ -488,6 +644,11 @@ class Connection:
         """Wait until the writer has sent what is buffered (producers' backpressure)."""
         if self._closed.is_set():
             raise self._failure or ConnectionInvalidated("the connection is closed")
+        aio = self._aio
+        if aio is not None:
+            self._flush()
+            await aio.wait_writable()
+            return
         if len(self._core._out) <= self.limits.write_buffer_high:
             return
         if self._drained is None:
@@ -499,8 +660,7 @@ class Connection:
     # -------------------------------------------------------------- reader
     async def _reader(self) -> None:
         stream = self._stream
-        core = self._core
-        handlers = self._handlers
+        assert stream is not None
         while True:
             try:
                 data = await stream.receive(262144)
@@ -510,43 +670,59 @@ class Connection:
                 if self._failure is None:
                     self._failure = ConnectionInterrupted(f"the connection was lost: {exc!r}")
                 return
-            try:
-                events = core.receive_data(data)
-            except RemoteProtocolError as exc:
-                log.warning("xrpc: protocol error from %s: %s", self._peer_name(), exc)
-                self._failure = ConnectionInterrupted(f"protocol error: {exc}")
-                self._goodbye_now(str(exc), ErrorCode.VALIDATION)
-                return
-            gate = self._gate
-            for msg, rec in events:
-                if gate is not None and self._gated(msg):
-                    gate.append((msg, rec))
-                    continue
-                handlers[type(msg)](self, msg, rec)
-            if core.has_data_to_send():
-                self._kick()
-            if not data:
-                if self._failure is None:
-                    self._failure = ConnectionInterrupted("the peer closed the connection")
-                return
-            if core.state == State.CLOSED:
-                if self._failure is None:
-                    reason = core.close_reason or "closed by the peer"
-                    if core.close_code == ErrorCode.PEER_REJECTED:
-                        self._failure = PeerRejected(f"the peer refused the connection: {reason}")
-                    else:
-                        self._failure = ConnectionInterrupted(f"the peer closed the connection: {reason}")
+            if not self._feed(data):
                 return
 
-    def _goodbye_now(self, reason: str, code: int) -> None:
+    def _feed(self, data: bytes) -> bool:
+        """Process received bytes (``b""``: the peer closed).  False once the connection is over."""
+        core = self._core
         try:
-            self._core.state = State.OPEN if self._core.state == State.ERROR else self._core.state
+            events = core.receive_data(data)
+        except RemoteProtocolError as exc:
+            log.warning("xrpc: protocol error from %s: %s", self._peer_name(), exc)
+            if self._failure is None:
+                self._failure = ConnectionInterrupted(f"protocol error: {exc}")
+            self._goodbye_now(str(exc), ErrorCode.VALIDATION)
+            return False
+        gate = self._gate
+        handlers = self._handlers
+        for msg, rec in events:
+            if gate is not None and self._gated(msg):
+                gate.append((msg, rec))
+                continue
+            handlers[type(msg)](self, msg, rec)
+        if core.has_data_to_send():
+            self._kick()
+        if not data:
+            if self._failure is None:
+                self._failure = ConnectionInterrupted("the peer closed the connection")
+            return False
+        if core.state == State.CLOSED:
+            if self._failure is None:
+                reason = core.close_reason or "closed by the peer"
+                if core.close_code == ErrorCode.PEER_REJECTED:
+                    self._failure = PeerRejected(f"the peer refused the connection: {reason}")
+                else:
+                    self._failure = ConnectionInterrupted(f"the peer closed the connection: {reason}")
+            return False
+        return True
+
+    def _goodbye_now(self, reason: str, code: int) -> None:
+        """Tell the peer why we drop the connection (best effort), then let it end."""
+        try:
+            if self._core.state == State.ERROR:
+                self._core.state = State.OPEN
             self._core.send_goodbye(reason[:200], code)
         except Exception:
             return
         data = self._core.data_to_send()
-        if data and self._tg is not None:
-            stream = self._stream
+        if not data:
+            return
+        if self._aio is not None:
+            self._aio.write(data)
+            return
+        stream = self._stream
+        if stream is not None and self._tg is not None:
 
             async def _send_last() -> None:
                 with anyio.move_on_after(1.0, shield=True):
@@ -555,7 +731,6 @@ class Connection:
                     except Exception:
                         pass
 
-            # best effort: the reader is returning, the task group will be cancelled after it
             try:
                 self._tg.start_soon(_send_last)
             except RuntimeError:
@@ -641,7 +816,7 @@ class Connection:
     def _on_cancel(self, msg: Any, rec: CallRecord) -> None:
         h = rec.handler
         if h is not None:
-            h.scope.cancel()
+            h.cancel()
 
     def _on_release(self, msg: Any, rec: Any) -> None:
         pass
@@ -673,17 +848,29 @@ class Connection:
                 core.send_error(call_id, ErrorCode.LIMIT, "LimitExceeded", f"more than {self.limits.max_calls_in_flight} calls in flight")
             return
         deadline = msg.deadline
-        scope = anyio.CancelScope(deadline=anyio.current_time() + deadline if deadline is not None else math.inf)
-        inc = _InCall(scope)
+        loop = self._loop
+        if loop is None:
+            scope = anyio.CancelScope(deadline=anyio.current_time() + deadline if deadline is not None else math.inf)
+            inc = _InCall(scope)
+        else:
+            inc = _InCall(None)
         if rec is not None:
             rec.handler = inc
             if rec.flags & CallFlags.STREAM_IN:
                 inc.queue = _StreamQueue(self, call_id)
             if rec.flags & CallFlags.STREAM_OUT:
                 inc.credit = _Credit()
-        assert self._tg is not None
         self._serving += 1
-        self._tg.start_soon(self._serve, msg, m, export, inc)
+        if loop is None:
+            assert self._tg is not None
+            self._tg.start_soon(self._serve, msg, m, export, inc)
+        else:
+            task = loop.create_task(self._serve(msg, m, export, inc))
+            inc.task = task
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            if deadline is not None:
+                inc.timer = loop.call_later(max(0.0, deadline), inc.expire)
 
     _handlers: dict[type, Callable[..., None]] = {}
 
@@ -711,42 +898,58 @@ class Connection:
                         lst.insert(pos, lst.pop())
                         args = tuple(lst)
             fn = export.methods[m.name]
-            with scope:
+            if scope is not None:
+                with scope:
+                    await self._invoke(call_id, m, export, fn, args, inc)
+                timed_out = scope.cancelled_caught and call_id in core.incoming
+            else:
                 try:
-                    if kind.streams_out:
-                        await self._serve_stream(call_id, m, fn, args, inc)
-                        return
-                    if export.is_async[m.name]:
-                        result = await fn(*args)
-                    else:
-                        result = fn(*args)
-                        if inspect.isawaitable(result):
-                            result = await result
-                except Exception as exc:
-                    if kind is MethodKind.ONEWAY:
-                        log.warning("xrpc: one-way call %s raised %r", m.qualname, exc)
-                    else:
-                        self._send_exception(call_id, m, exc)
-                    return
-                if kind is not MethodKind.ONEWAY:
-                    try:
-                        payload = m.encode_reply(result)
-                        core.send_reply(call_id, payload)
-                    except (ValidationError, TypeError, msgspec.EncodeError, OverflowError) as exc:
-                        log.warning("xrpc: reply of %s could not be sent: %s", m.qualname, exc)
-                        core.incoming[call_id] = CallRecord(call_id, 0)
-                        core.send_error(call_id, ErrorCode.INTERNAL, type(exc).__name__, f"the reply of {m.qualname} could not be encoded: {exc}")
-                    except LocalProtocolError as exc:
-                        core.incoming[call_id] = CallRecord(call_id, 0)
-                        core.send_error(call_id, ErrorCode.LIMIT, "LimitExceeded", f"the reply of {m.qualname} is too large: {exc}")
-                    self._kick()
-            if scope.cancelled_caught and call_id in core.incoming:
+                    await self._invoke(call_id, m, export, fn, args, inc)
+                except asyncio.CancelledError:
+                    if not inc.timed_out:
+                        raise
+                timed_out = inc.timed_out and call_id in core.incoming
+            if timed_out:
                 # the deadline passed (a CANCEL from the peer removes the call from the table)
                 core.send_error(call_id, ErrorCode.TIMEOUT, "TimeoutError", f"{m.qualname} did not finish before its deadline")
                 self._kick()
         finally:
             self._serving -= 1
             core.forget_incoming(call_id)
+            if inc.timer is not None:
+                inc.timer.cancel()
+
+    async def _invoke(self, call_id: int, m: MethodDescription, export: Export, fn: Callable[..., Any], args: tuple[Any, ...], inc: _InCall) -> None:
+        core = self._core
+        kind = m.kind
+        try:
+            if kind.streams_out:
+                await self._serve_stream(call_id, m, fn, args, inc)
+                return
+            if export.is_async[m.name]:
+                result = await fn(*args)
+            else:
+                result = fn(*args)
+                if inspect.isawaitable(result):
+                    result = await result
+        except Exception as exc:
+            if kind is MethodKind.ONEWAY:
+                log.warning("xrpc: one-way call %s raised %r", m.qualname, exc)
+            else:
+                self._send_exception(call_id, m, exc)
+            return
+        if kind is not MethodKind.ONEWAY:
+            try:
+                payload = m.encode_reply(result)
+                core.send_reply(call_id, payload)
+            except (ValidationError, TypeError, msgspec.EncodeError, OverflowError) as exc:
+                log.warning("xrpc: reply of %s could not be sent: %s", m.qualname, exc)
+                core.incoming[call_id] = CallRecord(call_id, 0)
+                core.send_error(call_id, ErrorCode.INTERNAL, type(exc).__name__, f"the reply of {m.qualname} could not be encoded: {exc}")
+            except LocalProtocolError as exc:
+                core.incoming[call_id] = CallRecord(call_id, 0)
+                core.send_error(call_id, ErrorCode.LIMIT, "LimitExceeded", f"the reply of {m.qualname} is too large: {exc}")
+            self._kick()
 
     def _send_exception(self, call_id: int, m: MethodDescription, exc: Exception) -> None:
         core = self._core
@@ -825,14 +1028,14 @@ class Connection:
     async def call_unary(self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
         payload = m.encode_args(args, kwargs)
         rec = self._start(obj, m, payload, timeout)
-        pending = _Pending()
+        pending = _Pending(self._loop)
         rec.handler = pending
         try:
             if timeout is None:
-                await pending.event.wait()
+                await pending.wait()
             else:
                 with anyio.fail_after(timeout):
-                    await pending.event.wait()
+                    await pending.wait()
         except BaseException:
             if pending.result is None:
                 self._cancel_call(rec.id)
@@ -865,13 +1068,13 @@ class Connection:
         payload = m.encode_args(args, kwargs)
         with anyio.fail_after(timeout) if timeout is not None else anyio.CancelScope():
             rec = self._start(obj, m, payload, timeout)
-            pending = _Pending()
+            pending = _Pending(self._loop)
             out = _OutCall(None, _Credit(), pending)
             rec.handler = out
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._pump, rec, m, source, out.credit)
-                    await pending.event.wait()
+                    await pending.wait()
                     tg.cancel_scope.cancel()
             except BaseException:
                 if pending.result is None:

@@ -2,9 +2,11 @@
 
 Theory of operation
 -------------------
-Every transport is an ``anyio.abc.ByteStream``; TLS, buffering and the protocol runtime then work on it
-unchanged.  ``connect_stream(url)`` opens one; ``open_listener(url)`` returns a ``Listener`` that
-yields ``(stream, peer)`` pairs.  OS and anyio errors stop here: they leave as ``TransportError`` with
+Unix and TCP connections are handed to the runtime as connected non-blocking sockets, so that on
+asyncio it can drive them with a ``BufferedProtocol`` (no per-read allocation, synchronous coalesced
+writes), and elsewhere wrap them as anyio socket streams.  In-process (memory) connections are anyio
+byte streams.  ``connect_stream(url)`` opens one; ``open_listener(url)`` returns a ``Listener`` that
+hands ``(transport, peer)`` pairs to a handler.  OS and anyio errors stop here: they leave as ``TransportError`` with
 the URL in the message.
 
 URLs: ``unix:///abs/path.sock``, ``tcp://host:port``, ``memory://name`` (in this process only).
@@ -27,7 +29,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ._errors import TransportError
 from ._peer import Peer
 
-__all__ = ("ParsedURL", "parse_url", "connect_stream", "open_listener", "Listener", "MemoryByteStream")
+__all__ = ("ParsedURL", "parse_url", "connect_stream", "open_listener", "Listener", "MemoryByteStream", "socket_peer", "Transport")
 
 
 class ParsedURL:
@@ -101,7 +103,7 @@ class MemoryByteStream(anyio.abc.ByteStream):
         await self._receive.aclose()
 
 
-Handler = Callable[[anyio.abc.ByteStream, Peer], Awaitable[None]]
+Handler = Callable[[Any, Peer], Awaitable[None]]
 _memory_listeners: dict[str, MemoryListener] = {}
 
 
@@ -149,28 +151,51 @@ class MemoryListener(Listener):
 
 
 class SocketListener(Listener):
-    def __init__(self, listener: anyio.abc.SocketListener, url: str, transport: str, cleanup: str | None = None) -> None:
-        self._listener = listener
+    """A listening Unix or TCP socket; connections are handed over as raw connected sockets."""
+
+    def __init__(self, sock: socket.socket, url: str, transport: str, cleanup: str | None = None) -> None:
+        self._sock = sock
         self.url = url
         self._transport = transport
         self._cleanup = cleanup
+        self._closed = False
 
     async def serve(self, handler: Handler) -> None:
-        async def accepted(stream: anyio.abc.SocketStream) -> None:
-            try:
-                peer = _socket_peer(stream, self._transport)
-            except OSError:
-                await stream.aclose()
-                return
-            await handler(stream, peer)
-
-        try:
-            await self._listener.serve(accepted)  # type: ignore[arg-type]
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            pass
+        lsock = self._sock
+        async with anyio.create_task_group() as tg:
+            while not self._closed:
+                try:
+                    await anyio.wait_readable(lsock)
+                except (anyio.ClosedResourceError, OSError, ValueError):
+                    return
+                try:
+                    conn, _ = lsock.accept()
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as exc:
+                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        await anyio.sleep(0.05)  # out of descriptors: back off instead of spinning
+                        continue
+                    if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                        continue
+                    return
+                conn.setblocking(False)
+                try:
+                    peer = socket_peer(conn, self._transport)
+                except OSError:
+                    conn.close()
+                    continue
+                tg.start_soon(handler, conn, peer)
 
     async def aclose(self) -> None:
-        await self._listener.aclose()
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            anyio.notify_closing(self._sock)
+        except Exception:
+            pass
+        self._sock.close()
         if self._cleanup:
             try:
                 os.unlink(self._cleanup)
@@ -178,8 +203,8 @@ class SocketListener(Listener):
                 pass
 
 
-def _socket_peer(stream: anyio.abc.SocketStream, transport: str) -> Peer:
-    sock: socket.socket = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+def socket_peer(sock: socket.socket, transport: str) -> Peer:
+    """The peer of a connected socket, from what the kernel says."""
     if transport == "unix":
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, gid = struct.unpack("3i", creds)
@@ -203,11 +228,10 @@ def _socket_peer(stream: anyio.abc.SocketStream, transport: str) -> Peer:
         address = f"{host}:{port}"
     except OSError:
         address = ""
-    if transport == "tcp":
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
     return Peer(transport=transport, address=address)
 
 
@@ -243,67 +267,99 @@ async def open_listener(url: str, *, socket_mode: int = 0o600, backlog: int = 10
             if _unix_socket_in_use(path):
                 raise TransportError(f"{url}: address in use by a running server")
             os.unlink(path)  # a stale socket left by a dead server
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o777 & ~socket_mode)
         try:
-            sock_listener = await anyio.create_unix_listener(path, mode=socket_mode, backlog=backlog)
+            sock.bind(path)
+            os.chmod(path, socket_mode)
+            sock.listen(backlog)
         except OSError as exc:
+            sock.close()
             raise TransportError(f"{url}: cannot listen: {exc}") from exc
         finally:
             os.umask(old_umask)
-        return SocketListener(sock_listener, f"unix://{path}", "unix", cleanup=path)
+        sock.setblocking(False)
+        return SocketListener(sock, f"unix://{path}", "unix", cleanup=path)
     if u.scheme == "tcp":
         try:
-            multi = await anyio.create_tcp_listener(local_host=u.host, local_port=u.port, backlog=backlog)
+            infos = await anyio.getaddrinfo(u.host, u.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         except OSError as exc:
+            raise TransportError(f"{url}: cannot resolve {u.host!r}: {exc}") from exc
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(backlog)
+        except OSError as exc:
+            sock.close()
             if exc.errno == errno.EADDRINUSE:
                 raise TransportError(f"{url}: address in use by a running server") from exc
             raise TransportError(f"{url}: cannot listen: {exc}") from exc
-        first = multi.listeners[0]
-        host, port = first.extra(anyio.abc.SocketAttribute.local_address)[:2]  # type: ignore[misc]
+        sock.setblocking(False)
+        host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in str(host) else host
-        return _MultiListener(multi, f"tcp://{shown}:{port}")
+        return SocketListener(sock, f"tcp://{shown}:{port}", "tcp")
     raise TransportError(f"{url}: the {u.scheme} transport is not available")
 
 
-class _MultiListener(Listener):
-    def __init__(self, multi: Any, url: str) -> None:
-        self._multi = multi
-        self.url = url
-
-    async def serve(self, handler: Handler) -> None:
-        async def accepted(stream: anyio.abc.SocketStream) -> None:
-            try:
-                peer = _socket_peer(stream, "tcp")
-            except OSError:
-                await stream.aclose()
-                return
-            await handler(stream, peer)
-
+async def _connect_socket(sock: socket.socket, addr: Any) -> None:
+    sock.setblocking(False)
+    while True:
         try:
-            await self._multi.serve(accepted)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            pass
+            sock.connect(addr)
+            return
+        except (BlockingIOError, InterruptedError) as exc:
+            if sock.family == socket.AF_UNIX and exc.errno == errno.EAGAIN:
+                await anyio.sleep(0.001)  # the listener's backlog is full: retry shortly
+                continue
+            await anyio.wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
+            return
 
-    async def aclose(self) -> None:
-        await self._multi.aclose()
+
+Transport = Any  # a connected socket.socket, or an anyio ByteStream (memory)
 
 
-async def connect_stream(url: str) -> tuple[anyio.abc.ByteStream, Peer]:
-    """Open a byte stream to ``url``; raise ``TransportError`` naming the URL on failure."""
+async def connect_stream(url: str) -> tuple[Transport, Peer]:
+    """Open a connection to ``url``; raise ``TransportError`` naming the URL on failure.
+
+    Returns a connected non-blocking socket for unix and tcp, a byte stream for memory.
+    """
     u = ParsedURL(url)
+    if u.scheme == "memory":
+        listener = _memory_listeners.get(u.name)
+        if listener is None:
+            raise TransportError(f"{url}: no server is listening on this memory address")
+        stream = await listener.accept_from_client()
+        return stream, Peer.this_process("memory", url)
     try:
-        if u.scheme == "memory":
-            listener = _memory_listeners.get(u.name)
-            if listener is None:
-                raise TransportError(f"{url}: no server is listening on this memory address")
-            stream = await listener.accept_from_client()
-            return stream, Peer.this_process("memory", url)
         if u.scheme == "unix":
-            unix_stream = await anyio.connect_unix(u.path)
-            return unix_stream, _socket_peer(unix_stream, "unix")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                await _connect_socket(sock, u.path)
+            except BaseException:
+                sock.close()
+                raise
+            return sock, socket_peer(sock, "unix")
         if u.scheme == "tcp":
-            tcp_stream = await anyio.connect_tcp(u.host, u.port)
-            return tcp_stream, _socket_peer(tcp_stream, "tcp")
+            infos = await anyio.getaddrinfo(u.host, u.port, type=socket.SOCK_STREAM)
+            last: OSError | None = None
+            for family, _, _, _, addr in infos:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                try:
+                    await _connect_socket(sock, addr)
+                except OSError as exc:
+                    sock.close()
+                    last = exc
+                    continue
+                except BaseException:
+                    sock.close()
+                    raise
+                return sock, socket_peer(sock, "tcp")
+            raise last or OSError(f"no address for {u.host}")
     except TransportError:
         raise
     except OSError as exc:
