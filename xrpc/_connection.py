@@ -515,8 +515,8 @@ class Connection:
                     except RuntimeError:
                         self._loop = None
                     if self._loop is not None:
-                        self._aio = _AsyncioIO(self)
-                        await self._loop.connect_accepted_socket(lambda: self._aio, transport)  # type: ignore[arg-type, return-value]
+                        aio = self._aio = _AsyncioIO(self)
+                        await self._loop.connect_accepted_socket(lambda: aio, transport)
                     elif transport.family == socket.AF_UNIX:
                         self._stream = await anyio.abc.UNIXSocketStream.from_socket(transport)
                     else:
@@ -1244,7 +1244,7 @@ class CallStream(AsyncIterator[_T]):
             conn._tg.start_soon(self._run_pump, rec, credit)
         return queue
 
-    async def _run_pump(self, rec: CallRecord, credit: _Credit) -> None:
+    async def _run_pump(self, rec: CallRecord, credit: _Credit | None) -> None:
         assert self._pump_scope is not None
         with self._pump_scope:
             await self._conn._pump(rec, self._m, self._source, credit)

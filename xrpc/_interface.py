@@ -241,7 +241,7 @@ def _make_slot(annotation: Any, where: str) -> Slot:
             rest = [m for m in members if m not in users]
             plain: Any = None
             if rest:
-                plain = rest[0] if len(rest) == 1 else Union[tuple(rest)]  # type: ignore[valid-type]
+                plain = rest[0] if len(rest) == 1 else Union[tuple(rest)]
             try:
                 return Slot(annotation, tuple(users), plain)
             except TypeError as exc:
@@ -321,7 +321,7 @@ class MethodDescription:
             if p.has_default:
                 default = p.default
                 if isinstance(default, (list, dict, set)):
-                    default = msgspec.field(default_factory=lambda d=default: type(d)(d))
+                    default = msgspec.field(default_factory=_copier(default))
                 fields.append((p.name, p.slot.wire_type, default))
             else:
                 fields.append((p.name, p.slot.wire_type))
@@ -489,6 +489,10 @@ class InterfaceDescription:
         return f"<InterfaceDescription {self.name} {len(self.methods)} methods {self.fingerprint}>"
 
 
+def _copier(value: Any) -> Callable[[], Any]:
+    return lambda: type(value)(value)
+
+
 def _strip_annotated(tp: Any) -> Any:
     while get_origin(tp) is Annotated:
         tp = get_args(tp)[0]
@@ -634,7 +638,7 @@ def interface(
             if not (isinstance(e, type) and issubclass(e, BaseException)):
                 raise InterfaceError(f"{c.__qualname__}: errors= takes exception classes, got {e!r}")
         iname = name or c.__qualname__
-        state = {"name": iname, "errors": tuple(errors), "desc": None}
+        state: dict[str, Any] = {"name": iname, "errors": tuple(errors), "desc": None}
         setattr(c, _ATTR, state)
         try:
             state["desc"] = _build(c, iname, tuple(errors))

@@ -20,7 +20,7 @@ import socket
 import stat
 import struct
 import urllib.parse
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable, Coroutine
 
 import anyio
 import anyio.abc
@@ -103,7 +103,7 @@ class MemoryByteStream(anyio.abc.ByteStream):
         await self._receive.aclose()
 
 
-Handler = Callable[[Any, Peer], Awaitable[None]]
+Handler = Callable[[Any, Peer], Coroutine[Any, Any, None]]
 _memory_listeners: dict[str, MemoryListener] = {}
 
 

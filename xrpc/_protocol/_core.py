@@ -87,7 +87,7 @@ class CallRecord:
 
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Message)  # type: ignore[var-annotated]
+_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(Message)
 _pack_len = int.to_bytes
 _DROP: Any = object()
 _SENDABLE = (State.HANDSHAKE, State.OPEN)
@@ -320,7 +320,7 @@ class ProtocolCore:
             pos = end
             rec = self._accept(msg, size)
             if rec is not _DROP:
-                events.append((msg, rec))  # type: ignore[arg-type]
+                events.append((msg, rec))
             if self.state == State.CLOSED:
                 pos = total
                 break
@@ -386,13 +386,14 @@ class ProtocolCore:
         if cls is Reply or cls is Error:
             call_id = msg.id  # type: ignore[union-attr]
             self._check_issued(call_id)
-            rec = self.outgoing.pop(call_id, None)
-            return _DROP if rec is None else rec
+            done = self.outgoing.pop(call_id, None)
+            return _DROP if done is None else done
         if cls is Item:
             call_id = msg.id  # type: ignore[union-attr]
-            rec = self._peer_stream(call_id)
-            if rec is None:
+            streamed = self._peer_stream(call_id)
+            if streamed is None:
                 return _DROP
+            rec = streamed
             if rec.recv_end:
                 self._fail(f"ITEM after END on stream {call_id}")
             if rec.recv_allowance <= 0 or rec.recv_bytes <= 0:
@@ -402,22 +403,24 @@ class ProtocolCore:
             return rec
         if cls is End:
             call_id = msg.id  # type: ignore[union-attr]
+            ended: CallRecord | None
             if self.is_local_id(call_id):
                 self._check_issued(call_id)
-                rec = self.outgoing.pop(call_id, None)  # a server stream is complete
+                ended = self.outgoing.pop(call_id, None)  # a server stream is complete
             else:
-                rec = self.incoming.get(call_id)
-                if rec is not None and rec.recv_end:
+                ended = self.incoming.get(call_id)
+                if ended is not None and ended.recv_end:
                     self._fail(f"second END on stream {call_id}")
-            if rec is None:
+            if ended is None:
                 return _DROP
-            rec.recv_end = True
-            return rec
+            ended.recv_end = True
+            return ended
         if cls is Credit:
             call_id = msg.id  # type: ignore[union-attr]
-            rec = self._peer_stream(call_id)
-            if rec is None:
+            credited = self._peer_stream(call_id)
+            if credited is None:
                 return _DROP
+            rec = credited
             items = msg.items  # type: ignore[union-attr]
             nbytes = msg.nbytes  # type: ignore[union-attr]
             if items < 0 or nbytes < 0 or rec.send_credit + items > 1 << 31 or rec.send_bytes + nbytes > 1 << 40:
@@ -429,8 +432,8 @@ class ProtocolCore:
             call_id = msg.id  # type: ignore[union-attr]
             if self.is_local_id(call_id) or call_id > self._last_peer_id:
                 self._fail(f"CANCEL of a call the peer did not start ({call_id})")
-            rec = self.incoming.pop(call_id, None)
-            return _DROP if rec is None else rec
+            gone = self.incoming.pop(call_id, None)
+            return _DROP if gone is None else gone
         if cls is Goodbye:
             self._closed_by_peer(msg)  # type: ignore[arg-type]
             return None
