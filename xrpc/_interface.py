@@ -397,6 +397,9 @@ class MethodDescription:
                 arg = ""
             if arg:
                 text = text[:at] + f"at `{arg}" + text[end + 1 :]
+                ann = _strip_annotated(self.value_params[idx].annotation)
+                if text.startswith("Expected `object`") and _is_user_class(ann):
+                    text = f"Expected `{ann.__qualname__}`" + text[len("Expected `object`") :]
         where = f"argument {arg!r} of {self.qualname}" if arg else f"arguments of {self.qualname}"
         return ValidationError(f"{where} refused: {text}", method=self.name, argument=arg)
 
