@@ -26,6 +26,7 @@ import logging
 import math
 import socket
 import threading
+import types
 from typing import Any, AsyncIterable, AsyncIterator, Callable, Iterable, Sequence, TypeVar
 
 import anyio
@@ -89,7 +90,7 @@ class Limits(msgspec.Struct, kw_only=True):
     """Per-connection limits, all configurable."""
 
     max_frame: int = 16 * 1024 * 1024
-    window: int = 64  # stream credit in items, granted per stream received
+    window: int = 1024  # stream credit in items, granted per stream received
     window_bytes: int = 4 * 1024 * 1024  # ... and in bytes
     handshake_timeout: float = 10.0
     max_calls_in_flight: int = 4096  # incoming calls served at once, per connection
@@ -176,14 +177,18 @@ class _Pending:
 
 
 class _StreamQueue:
-    """Items arriving on one stream, with the credit bookkeeping of the receiving side."""
+    """Batches of items arriving on one stream, with the receiving side's credit bookkeeping.
 
-    __slots__ = ("conn", "call_id", "items", "event", "end", "error", "consumed", "consumed_bytes", "threshold")
+    Items arrive as ITEM frames of one or more items.  The consumer decodes a whole batch at once
+    (one msgspec call for many items) and returns the credit when it takes the batch.
+    """
+
+    __slots__ = ("conn", "call_id", "batches", "event", "end", "error", "consumed", "consumed_bytes", "threshold")
 
     def __init__(self, conn: Connection, call_id: int) -> None:
         self.conn = conn
         self.call_id = call_id
-        self.items: collections.deque[tuple[Any, int]] = collections.deque()
+        self.batches: collections.deque[tuple[Any, int, int]] = collections.deque()
         self.event: anyio.Event | None = None
         self.end = False
         self.error: Any = None  # an Error frame or an exception
@@ -191,8 +196,8 @@ class _StreamQueue:
         self.consumed_bytes = 0
         self.threshold = max(1, conn._core.window // 2)
 
-    def push(self, payload: Any, size: int) -> None:
-        self.items.append((payload, size))
+    def push(self, payload: Any, count: int, size: int) -> None:
+        self.batches.append((payload, count, size))
         if self.event is not None:
             self.event.set()
 
@@ -203,15 +208,15 @@ class _StreamQueue:
         if self.event is not None:
             self.event.set()
 
-    async def next_payload(self) -> Any:
-        """The next raw item; raises ``StopAsyncIteration`` at the end (errors are returned as such)."""
-        while not self.items:
+    async def next_batch(self) -> tuple[Any, int]:
+        """The next raw batch and its item count; ``StopAsyncIteration`` at the end."""
+        while not self.batches:
             if self.end:
                 raise StopAsyncIteration
             self.event = anyio.Event()
             await self.event.wait()
-        payload, size = self.items.popleft()
-        self.consumed += 1
+        payload, count, size = self.batches.popleft()
+        self.consumed += count
         self.consumed_bytes += size
         if self.consumed >= self.threshold or self.consumed_bytes >= self.conn._core.window_bytes // 2:
             if not self.end:
@@ -219,7 +224,64 @@ class _StreamQueue:
                 self.conn._kick()
             self.consumed = 0
             self.consumed_bytes = 0
-        return payload
+        return payload, count
+
+
+class _BatchReader:
+    """Turns a ``_StreamQueue`` into decoded items, one batch at a time."""
+
+    __slots__ = ("queue", "slot", "m", "items", "pos")
+
+    def __init__(self, queue: _StreamQueue, slot: Any, m: MethodDescription) -> None:
+        self.queue = queue
+        self.slot = slot
+        self.m = m
+        self.items: list[Any] = []
+        self.pos = 0
+
+    async def next(self) -> Any:
+        pos = self.pos
+        if pos < len(self.items):
+            self.pos = pos + 1
+            return self.items[pos]
+        while True:
+            payload, count = await self.queue.next_batch()
+            try:
+                items = self.slot.decode_batch(payload)
+            except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
+                raise ValidationError(f"stream item of {self.m.qualname} refused: {exc}", method=self.m.name) from None
+            if len(items) != count:
+                raise ValidationError(f"stream batch of {self.m.qualname} holds {len(items)} items, not {count}", method=self.m.name)
+            if items:
+                self.items = items
+                self.pos = 1
+                return items[0]
+
+
+@types.coroutine
+def _resume(step: Any, yielded: Any) -> Any:
+    """Finish awaiting ``step``, a coroutine already advanced once that yielded ``yielded``.
+
+    This is what ``await step`` does after its first suspension; it lets a producer take an item
+    without suspending (to batch what is ready) and still await properly when it must.
+    """
+    while True:
+        try:
+            sent = yield yielded
+        except BaseException as exc:
+            try:
+                yielded = step.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                yielded = step.send(sent)
+            except StopIteration as stop:
+                return stop.value
+
+
+_size_encoder = msgspec.msgpack.Encoder()
+_MAX_BATCH = 256
 
 
 class _Credit:
@@ -796,7 +858,7 @@ class Connection:
         h = rec.handler
         if h is not None and h.queue is not None:
             payload = msg.payload
-            h.queue.push(payload, len(payload) + 11)  # at least the ITEM frame's size
+            h.queue.push(payload, msg.count, len(payload) + 20)  # at least the ITEM frame's size
 
     def _on_end(self, msg: Any, rec: CallRecord) -> None:
         h = rec.handler
@@ -976,28 +1038,8 @@ class Connection:
             result = await result
         it = result.__aiter__()
         try:
-            while True:
-                try:
-                    item = await it.__anext__()
-                except StopAsyncIteration:
-                    break
-                payload = m.encode_reply(item)
-                if rec is None or rec is not core.incoming.get(call_id):
-                    return
-                while rec.send_credit <= 0 or rec.send_bytes <= 0:
-                    credit.event = anyio.Event()
-                    await credit.event.wait()
-                    if rec is not core.incoming.get(call_id):
-                        return
-                try:
-                    core.send_item(call_id, payload)
-                except (TypeError, msgspec.EncodeError, OverflowError) as exc:
-                    raise ValidationError(f"stream item of {m.qualname} could not be encoded: {exc}", method=m.name) from None
-                if len(core._out) > self.limits.write_buffer_high:
-                    await self._wait_drained()
-                else:
-                    self._kick()
-            if call_id in core.incoming:
+            alive = lambda: core.incoming.get(call_id) is rec  # noqa: E731
+            if rec is not None and await self._send_stream(rec, it, m.encode_reply, credit, alive, m):
                 core.send_end(call_id)
                 self._kick()
         finally:
@@ -1005,6 +1047,85 @@ class Connection:
             if aclose is not None:
                 with anyio.move_on_after(1.0, shield=True):
                     await aclose()
+
+    async def _send_stream(
+        self, rec: CallRecord, it: Any, wrap: Callable[[Any], Any], credit: _Credit, alive: Callable[[], bool], m: MethodDescription
+    ) -> bool:
+        """Send the items of ``it`` on ``rec`` in batches, within credit.  True once ``it`` is exhausted.
+
+        Items that are ready without suspending are gathered into one ITEM frame (up to the credit
+        held and a size estimate); as soon as the producer would suspend, what is gathered is sent,
+        so a slow producer's items are never held back.
+        """
+        batch: list[Any] = []
+        cap = 0
+        while True:
+            step = it.__anext__()
+            try:
+                yielded = step.send(None)
+            except StopIteration as stop:
+                item = stop.value
+            except StopAsyncIteration:
+                break
+            else:
+                if batch:
+                    try:
+                        sent = await self._send_batch(rec, batch, credit, alive, m)
+                    except BaseException:
+                        step.close()
+                        raise
+                    if not sent:
+                        step.close()
+                        return False
+                    batch = []
+                try:
+                    item = await _resume(step, yielded)
+                except StopAsyncIteration:
+                    break
+            try:
+                payload = wrap(item)
+            except ValueError as exc:
+                raise ValidationError(f"stream item of {m.qualname}: {exc}", method=m.name) from None
+            if not cap:
+                try:
+                    size = len(_size_encoder.encode(payload)) + 8
+                except (TypeError, msgspec.EncodeError, OverflowError) as exc:
+                    raise ValidationError(f"stream item of {m.qualname} cannot be encoded: {exc}", method=m.name) from None
+                cap = max(1, min(_MAX_BATCH, self._core.peer_window_bytes // (2 * size)))
+            batch.append(payload)
+            if len(batch) >= cap or len(batch) >= rec.send_credit:
+                if not await self._send_batch(rec, batch, credit, alive, m):
+                    return False
+                batch = []
+        if batch and not await self._send_batch(rec, batch, credit, alive, m):
+            return False
+        return alive()
+
+    async def _send_batch(
+        self, rec: CallRecord, batch: list[Any], credit: _Credit, alive: Callable[[], bool], m: MethodDescription
+    ) -> bool:
+        core = self._core
+        while batch:
+            while rec.send_credit <= 0 or rec.send_bytes <= 0:
+                if credit.closed or not alive():
+                    return False
+                credit.event = anyio.Event()
+                await credit.event.wait()
+            if credit.closed or not alive():
+                return False
+            n = min(len(batch), rec.send_credit)
+            try:
+                core.send_items(rec.id, batch if n == len(batch) else batch[:n])
+            except (TypeError, msgspec.EncodeError, OverflowError) as exc:
+                raise ValidationError(f"stream item of {m.qualname} cannot be encoded: {exc}", method=m.name) from None
+            except LocalProtocolError as exc:
+                raise LimitExceeded(f"stream item of {m.qualname}: {exc}") from None
+            batch = batch[n:]
+            if len(core._out) > self.limits.write_buffer_high:
+                await self._wait_drained()
+            else:
+                self._kick()
+        return True
 
     # -------------------------------------------------------------- calling (caller side)
     def _check_open(self) -> None:
@@ -1090,29 +1211,8 @@ class Connection:
         assert slot is not None and credit is not None
         it = source.__aiter__()
         try:
-            while True:
-                try:
-                    item = await it.__anext__()
-                except StopAsyncIteration:
-                    break
-                try:
-                    payload = slot.wrap(item)
-                except ValueError as exc:
-                    raise ValidationError(f"stream item of {m.qualname}: {exc}", method=m.name) from None
-                while (rec.send_credit <= 0 or rec.send_bytes <= 0) and not credit.closed:
-                    credit.event = anyio.Event()
-                    await credit.event.wait()
-                if credit.closed or core.outgoing.get(call_id) is not rec:
-                    return
-                try:
-                    core.send_item(call_id, payload)
-                except (TypeError, msgspec.EncodeError, OverflowError) as exc:
-                    raise ValidationError(f"stream item of {m.qualname} cannot be encoded: {exc}", method=m.name) from None
-                if len(core._out) > self.limits.write_buffer_high:
-                    await self._wait_drained()
-                else:
-                    self._kick()
-            if core.outgoing.get(call_id) is rec:
+            alive = lambda: not credit.closed and core.outgoing.get(call_id) is rec  # noqa: E731
+            if await self._send_stream(rec, it, slot.wrap, credit, alive, m):
                 core.send_end(call_id)
                 self._kick()
         except ValidationError as exc:
@@ -1186,21 +1286,13 @@ class _InStream:
     """What the implementation of a client-stream method receives: an async iterator of items."""
 
     def __init__(self, queue: _StreamQueue, m: MethodDescription) -> None:
-        self._queue = queue
-        self._m = m
+        self._reader = _BatchReader(queue, m.stream_item, m)
 
     def __aiter__(self) -> _InStream:
         return self
 
     async def __anext__(self) -> Any:
-        q = self._queue
-        payload = await q.next_payload()
-        slot = self._m.stream_item
-        assert slot is not None
-        try:
-            return slot.decode(payload)
-        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
-            raise ValidationError(f"stream item of {self._m.qualname} refused: {exc}", method=self._m.name) from None
+        return await self._reader.next()
 
 
 class CallStream(AsyncIterator[_T]):
@@ -1220,14 +1312,14 @@ class CallStream(AsyncIterator[_T]):
         self._timeout = timeout
         self._deadline = math.inf
         self._rec: CallRecord | None = None
-        self._queue: _StreamQueue | None = None
+        self._reader: _BatchReader | None = None
         self._done = False
         self._pump_scope: anyio.CancelScope | None = None
 
     def __aiter__(self) -> CallStream[_T]:
         return self
 
-    def _begin(self) -> _StreamQueue:
+    def _begin(self) -> _BatchReader:
         conn = self._conn
         if self._timeout is not None:
             self._deadline = anyio.current_time() + self._timeout
@@ -1237,12 +1329,12 @@ class CallStream(AsyncIterator[_T]):
         credit = _Credit() if self._source is not None else None
         rec.handler = _OutCall(queue, credit, None)
         self._rec = rec
-        self._queue = queue
+        self._reader = _BatchReader(queue, self._m.reply, self._m)
         if self._source is not None:
             assert conn._tg is not None
             self._pump_scope = anyio.CancelScope()
             conn._tg.start_soon(self._run_pump, rec, credit)
-        return queue
+        return self._reader
 
     async def _run_pump(self, rec: CallRecord, credit: _Credit | None) -> None:
         assert self._pump_scope is not None
@@ -1252,29 +1344,23 @@ class CallStream(AsyncIterator[_T]):
     async def __anext__(self) -> _T:
         if self._done:
             raise StopAsyncIteration
-        queue = self._queue
-        if queue is None:
-            queue = self._begin()
+        reader = self._reader
+        if reader is None:
+            reader = self._begin()
         try:
             if self._deadline == math.inf:
-                payload = await queue.next_payload()
-            else:
-                with anyio.fail_after(max(0.0, self._deadline - anyio.current_time())):
-                    payload = await queue.next_payload()
+                return await reader.next()  # type: ignore[no-any-return]
+            with anyio.fail_after(max(0.0, self._deadline - anyio.current_time())):
+                return await reader.next()  # type: ignore[no-any-return]
         except StopAsyncIteration:
             self._finish()
-            err = queue.error
+            err = reader.queue.error
             if err is not None:
                 if type(err) is ErrorFrame:
                     raise _error_from_frame(self._m, err) from None
                 raise err from None
             raise
         except BaseException:
-            self._stop()
-            raise
-        try:
-            return self._m.decode_reply(payload)  # type: ignore[no-any-return]
-        except ValidationError:
             self._stop()
             raise
 

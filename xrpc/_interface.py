@@ -138,7 +138,7 @@ class Slot:
     ``[key, value]``; ``classes`` maps each key to its class, ``""`` standing for plain data.
     """
 
-    __slots__ = ("annotation", "wire_type", "classes", "plain", "any_plain", "decoder", "_decoders")
+    __slots__ = ("annotation", "wire_type", "classes", "plain", "any_plain", "decoder", "batch_decoder", "_decoders")
 
     def __init__(self, annotation: Any, classes: tuple[type, ...] | None = None, plain: Any = None) -> None:
         self.annotation = annotation
@@ -162,6 +162,7 @@ class Slot:
                 self._decoders[""] = msgspec.msgpack.Decoder(plain)
             self.wire_type = tuple[str, msgspec.Raw]
             self.decoder = msgspec.msgpack.Decoder(self.wire_type)
+        self.batch_decoder = msgspec.msgpack.Decoder(list[self.wire_type])  # type: ignore[name-defined]
 
     @property
     def widened(self) -> bool:
@@ -207,6 +208,13 @@ class Slot:
         if self.classes is not None:
             value = self.unwrap(value)
         return value
+
+    def decode_batch(self, data: Any) -> list[Any]:
+        """Decode an ITEM payload (an array of values); raise ``msgspec.ValidationError``."""
+        values: list[Any] = self.batch_decoder.decode(data)
+        if self.classes is not None:
+            values = [self.unwrap(v) for v in values]
+        return values
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"type": _type_name(self.annotation)}

@@ -52,7 +52,7 @@ from ._frames import (
 __all__ = ("ProtocolCore", "CallRecord", "State", "DEFAULT_MAX_FRAME", "DEFAULT_WINDOW", "DEFAULT_WINDOW_BYTES")
 
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
-DEFAULT_WINDOW = 64
+DEFAULT_WINDOW = 1024
 DEFAULT_WINDOW_BYTES = 4 * 1024 * 1024
 _HEADER = 4
 
@@ -232,14 +232,19 @@ class ProtocolCore:
         return rec
 
     def send_item(self, call_id: int, payload: Any) -> None:
+        self.send_items(call_id, [payload])
+
+    def send_items(self, call_id: int, payloads: list[Any]) -> None:
+        """Send a batch of stream items as one ITEM frame (within the credit held)."""
         rec = self._stream_record(call_id)
+        count = len(payloads)
         if rec.sent_end:
             raise LocalProtocolError(f"stream {call_id} already ended")
-        if rec.send_credit <= 0 or rec.send_bytes <= 0:
-            raise LocalProtocolError(f"stream {call_id} has no credit")
+        if count < 1 or rec.send_credit < count or rec.send_bytes <= 0:
+            raise LocalProtocolError(f"stream {call_id} has no credit for {count} items")
         if self.state in _SENDABLE:
-            rec.send_bytes -= self._emit(Item(call_id, payload))
-        rec.send_credit -= 1
+            rec.send_bytes -= self._emit(Item(call_id, count, payloads))  # type: ignore[arg-type]
+        rec.send_credit -= count
 
     def send_end(self, call_id: int) -> None:
         """End the stream we send on ``call_id``.  For a server stream this completes the call."""
@@ -396,9 +401,10 @@ class ProtocolCore:
             rec = streamed
             if rec.recv_end:
                 self._fail(f"ITEM after END on stream {call_id}")
-            if rec.recv_allowance <= 0 or rec.recv_bytes <= 0:
-                self._fail(f"ITEM beyond the granted credit on stream {call_id}")
-            rec.recv_allowance -= 1
+            count = msg.count  # type: ignore[union-attr]
+            if count < 1 or rec.recv_allowance < count or rec.recv_bytes <= 0:
+                self._fail(f"ITEM of {count} beyond the granted credit on stream {call_id}")
+            rec.recv_allowance -= count
             rec.recv_bytes -= size
             return rec
         if cls is End:

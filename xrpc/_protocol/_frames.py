@@ -78,7 +78,7 @@ class Hello(msgspec.Struct, array_like=True, frozen=True, tag=0):
     version: int
     max_frame: int
     exports: list[ExportInfo] = []
-    window: int = 64  # stream credit (items) this side grants to every stream it receives
+    window: int = 1024  # stream credit (items) this side grants to every stream it receives
     window_bytes: int = 4 * 1024 * 1024  # ... and in bytes of ITEM frames
 
 
@@ -88,7 +88,7 @@ class Welcome(msgspec.Struct, array_like=True, frozen=True, tag=1):
     version: int
     max_frame: int
     exports: list[ExportInfo] = []
-    window: int = 64
+    window: int = 1024
     window_bytes: int = 4 * 1024 * 1024
 
 
@@ -117,7 +117,10 @@ class Error(msgspec.Struct, array_like=True, frozen=True, tag=4):
 
 
 class Item(msgspec.Struct, array_like=True, frozen=True, tag=5):
+    """``count`` (at least 1) stream items; ``payload`` is a msgpack array of exactly that many."""
+
     id: int
+    count: int
     payload: msgspec.Raw
 
 
