@@ -156,28 +156,32 @@ async def connect(
         url=url,
     )
     body_exc: BaseException | None = None
+    failed: BaseException | None = None
     async with anyio.create_task_group() as tg:
         await tg.start(conn.run)
         try:
             with anyio.fail_after(limit):
                 await conn._handshake.wait()
         except TimeoutError:
-            await conn.aclose()
-            raise TimeoutError(f"{url}: no answer to the handshake within {limit:.1f}s") from None
-        if conn._core.state != State.OPEN:
+            failed = TimeoutError(f"{url}: no answer to the handshake within {limit:.1f}s")
+        if failed is None and conn._core.state != State.OPEN:
             failure = conn._failure
-            await conn.aclose()
             if isinstance(failure, PeerRejected):
-                raise PeerRejected(f"{url}: {failure}")
-            raise TransportError(f"{url}: the connection closed during the handshake ({failure})")
-        try:
-            yield conn
-        except BaseException as exc:  # re-raised below, outside the task group
-            body_exc = exc
-        finally:
+                failed = PeerRejected(f"{url}: {failure}")
+            else:
+                failed = TransportError(f"{url}: the connection closed during the handshake ({failure})")
+        if failed is not None:
             await conn.aclose()
             tg.cancel_scope.cancel()
+        else:
+            try:
+                yield conn
+            except BaseException as exc:  # re-raised below, outside the task group
+                body_exc = exc
+            finally:
+                await conn.aclose()
+                tg.cancel_scope.cancel()
+    if failed is not None:
+        raise failed
     if body_exc is not None:
         raise body_exc
-
-

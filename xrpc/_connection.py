@@ -248,7 +248,7 @@ class _BatchReader:
             payload, count = await self.queue.next_batch()
             try:
                 items = self.slot.decode_batch(payload)
-            except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
+            except (msgspec.DecodeError, RecursionError, UnicodeDecodeError, ValueError) as exc:
                 raise ValidationError(f"stream item of {self.m.qualname} refused: {exc}", method=self.m.name) from None
             if len(items) != count:
                 raise ValidationError(f"stream batch of {self.m.qualname} holds {len(items)} items, not {count}", method=self.m.name)
@@ -316,13 +316,12 @@ class _InCall:
     ``task``, cancelled directly, with ``timer`` enforcing the deadline.
     """
 
-    __slots__ = ("scope", "task", "timer", "timed_out", "queue", "credit")
+    __slots__ = ("scope", "task", "deadline", "queue", "credit")
 
     def __init__(self, scope: anyio.CancelScope | None) -> None:
         self.scope = scope
         self.task: asyncio.Task[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.timed_out = False
+        self.deadline = math.inf  # asyncio fast path: the deadline a scope in the task enforces
         self.queue: _StreamQueue | None = None
         self.credit: _Credit | None = None
 
@@ -331,10 +330,6 @@ class _InCall:
             self.scope.cancel()
         elif self.task is not None:
             self.task.cancel()
-
-    def expire(self) -> None:
-        self.timed_out = True
-        self.cancel()
 
 
 def _error_from_frame(m: MethodDescription | None, frame: ErrorFrame) -> BaseException:
@@ -932,7 +927,7 @@ class Connection:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             if deadline is not None:
-                inc.timer = loop.call_later(max(0.0, deadline), inc.expire)
+                inc.deadline = loop.time() + deadline
 
     _handlers: dict[type, Callable[..., None]] = {}
 
@@ -964,13 +959,13 @@ class Connection:
                 with scope:
                     await self._invoke(call_id, m, export, fn, args, inc)
                 timed_out = scope.cancelled_caught and call_id in core.incoming
-            else:
-                try:
+            elif inc.deadline != math.inf:
+                with anyio.CancelScope(deadline=inc.deadline) as deadline_scope:
                     await self._invoke(call_id, m, export, fn, args, inc)
-                except asyncio.CancelledError:
-                    if not inc.timed_out:
-                        raise
-                timed_out = inc.timed_out and call_id in core.incoming
+                timed_out = deadline_scope.cancelled_caught and call_id in core.incoming
+            else:
+                await self._invoke(call_id, m, export, fn, args, inc)
+                timed_out = False
             if timed_out:
                 # the deadline passed (a CANCEL from the peer removes the call from the table)
                 core.send_error(call_id, ErrorCode.TIMEOUT, "TimeoutError", f"{m.qualname} did not finish before its deadline")
@@ -978,8 +973,6 @@ class Connection:
         finally:
             self._serving -= 1
             core.forget_incoming(call_id)
-            if inc.timer is not None:
-                inc.timer.cancel()
 
     async def _invoke(self, call_id: int, m: MethodDescription, export: Export, fn: Callable[..., Any], args: tuple[Any, ...], inc: _InCall) -> None:
         core = self._core

@@ -382,12 +382,12 @@ class MethodDescription:
             values = list(msgspec.structs.astuple(value))
         except msgspec.ValidationError as exc:
             raise self._arg_error(exc) from None
-        except (msgspec.DecodeError, RecursionError) as exc:
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError, ValueError) as exc:
             raise ValidationError(f"arguments of {self.qualname} could not be decoded: {exc}", method=self.name) from None
         for i, p in self.widened_args:
             try:
                 values[i] = p.slot.unwrap(values[i])  # type: ignore[union-attr]
-            except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
+            except (msgspec.DecodeError, RecursionError, UnicodeDecodeError, ValueError) as exc:
                 raise ValidationError(f"argument {p.name!r} of {self.qualname} refused: {exc}", method=self.name, argument=p.name) from None
         return tuple(values)
 
@@ -428,7 +428,7 @@ class MethodDescription:
             return None
         try:
             return self.reply.decode(payload)
-        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError, ValueError) as exc:
             raise ValidationError(f"reply of {self.qualname} refused: {exc}", method=self.name) from None
 
     @property

@@ -53,6 +53,7 @@ __all__ = ("ProtocolCore", "CallRecord", "State", "DEFAULT_MAX_FRAME", "DEFAULT_
 
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 DEFAULT_WINDOW = 1024
+MIN_MAX_FRAME = 1024  # a peer must accept frames at least this large
 DEFAULT_WINDOW_BYTES = 4 * 1024 * 1024
 _HEADER = 4
 
@@ -163,8 +164,8 @@ class ProtocolCore:
 
     # ------------------------------------------------------------------ handshake
     def send_hello(self) -> None:
-        if not self.client or self.state != State.HANDSHAKE:
-            raise LocalProtocolError("only a client in HANDSHAKE sends HELLO")
+        if not self.client or self.state != State.HANDSHAKE or self._hello_done:
+            raise LocalProtocolError("only a client in HANDSHAKE sends HELLO, once")
         self._emit(Hello(PROTOCOL_VERSION, self.max_frame, self.exports, self.window, self.window_bytes))
         self._hello_done = True
 
@@ -320,7 +321,7 @@ class ProtocolCore:
                 mv = memoryview(buf)
             try:
                 msg = _decoder.decode(mv[pos + _HEADER : end])
-            except (msgspec.DecodeError, RecursionError) as exc:
+            except (msgspec.DecodeError, RecursionError, UnicodeDecodeError, ValueError, OverflowError) as exc:
                 self._fail(f"undecodable frame: {exc}")
             pos = end
             rec = self._accept(msg, size)
@@ -360,6 +361,10 @@ class ProtocolCore:
             if cls is Welcome:
                 if not self.client:
                     self._fail("unexpected WELCOME")
+                if msg.version != PROTOCOL_VERSION:  # type: ignore[union-attr]
+                    self._fail(f"the server speaks protocol version {msg.version}, not {PROTOCOL_VERSION}")  # type: ignore[union-attr]
+                if msg.max_frame < MIN_MAX_FRAME:  # type: ignore[union-attr]
+                    self._fail(f"the server's max_frame of {msg.max_frame} is below {MIN_MAX_FRAME}")  # type: ignore[union-attr]
                 self.state = State.OPEN
                 self.peer_version = msg.version  # type: ignore[union-attr]
                 self.peer_max_frame = msg.max_frame  # type: ignore[union-attr]
@@ -436,7 +441,7 @@ class ProtocolCore:
             return rec
         if cls is Cancel:
             call_id = msg.id  # type: ignore[union-attr]
-            if self.is_local_id(call_id) or call_id > self._last_peer_id:
+            if call_id <= 0 or self.is_local_id(call_id) or call_id > self._last_peer_id:
                 self._fail(f"CANCEL of a call the peer did not start ({call_id})")
             gone = self.incoming.pop(call_id, None)
             return _DROP if gone is None else gone
@@ -454,6 +459,8 @@ class ProtocolCore:
         if msg.version != PROTOCOL_VERSION:
             self._emit(Goodbye(f"unsupported protocol version {msg.version} (this side speaks {PROTOCOL_VERSION})", 0))
             self._fail(f"unsupported protocol version {msg.version}")
+        if msg.max_frame < MIN_MAX_FRAME:
+            self._fail(f"the client's max_frame of {msg.max_frame} is below {MIN_MAX_FRAME}")
         self.peer_version = msg.version
         self.peer_max_frame = msg.max_frame
         self.peer_exports = msg.exports
@@ -467,7 +474,7 @@ class ProtocolCore:
         self.close_code = msg.code
 
     def _check_issued(self, call_id: int) -> None:
-        if not self.is_local_id(call_id) or call_id >= self._next_id:
+        if call_id <= 0 or not self.is_local_id(call_id) or call_id >= self._next_id:
             self._fail(f"answer to call {call_id}, which this side never made")
 
     def _peer_stream(self, call_id: int) -> CallRecord | None:
@@ -475,6 +482,6 @@ class ProtocolCore:
         if self.is_local_id(call_id):
             self._check_issued(call_id)
             return self.outgoing.get(call_id)
-        if call_id > self._last_peer_id:
+        if call_id <= 0 or call_id > self._last_peer_id:
             self._fail(f"stream frame for call {call_id}, which the peer never started")
         return self.incoming.get(call_id)
