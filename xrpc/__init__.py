@@ -31,8 +31,11 @@ from ._interface import (
     describe,
     interface,
     oneway,
+    requires,
 )
 from ._peer import Peer
+from ._requirements import Requirement, RequirementSyntaxError, requirement
+from ._tls import client_ssl_context, server_ssl_context
 
 __version__ = "0.1.0"
 
@@ -56,14 +59,20 @@ __all__ = (
     "ProtocolError",
     "RemoteError",
     "RemoteProtocolError",
+    "Requirement",
+    "RequirementSyntaxError",
     "Server",
     "TransportError",
     "ValidationError",
     "allow",
+    "client_ssl_context",
     "connect",
     "current_connection",
     "describe",
     "interface",
     "oneway",
+    "requirement",
+    "requires",
+    "server_ssl_context",
     "testing",
 )

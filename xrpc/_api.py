@@ -13,8 +13,10 @@ gate opens.  Refusing the connection sends GOODBYE with the PEER_REJECTED code.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
+import ssl
 from typing import Any, AsyncIterator, Callable, Sequence
 
 import anyio
@@ -24,7 +26,8 @@ from ._connection import Connection, Export, Limits, _exports_from, make_export
 from ._errors import PeerRejected, TransportError
 from ._peer import Peer
 from ._protocol import ErrorCode, State
-from ._transports import Listener, connect_stream, open_listener
+from ._requirements import Requirement, requirement_of
+from ._transports import Listener, ParsedURL, connect_stream, open_listener
 
 __all__ = ("Server", "connect", "OnConnect")
 
@@ -41,28 +44,50 @@ class Server:
     client through ``conn.proxy(...)``, and return ``False`` to refuse the connection.
     """
 
-    def __init__(self, on_connect: OnConnect | None = None, *, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        on_connect: OnConnect | None = None,
+        *,
+        limits: Limits | None = None,
+        requirement: Requirement | str | None = None,
+        max_connections: int = 10000,
+    ) -> None:
         self.on_connect = on_connect
         self.limits = limits or Limits()
+        self.requirement = requirement_of(requirement)
+        self.max_connections = max_connections
         self._exports: dict[str, Export] = {}
         self.connections: set[Connection] = set()
 
-    def export(self, iface: Any, obj: Any, name: str = "") -> None:
-        """Serve ``obj`` as ``iface`` under ``name`` (default: the interface's name) to every client."""
-        e = make_export(iface, obj, name)
+    def export(self, iface: Any, obj: Any, name: str = "", *, requirement: Requirement | str | None = None) -> None:
+        """Serve ``obj`` as ``iface`` under ``name`` (default: the interface's name) to every client.
+
+        ``requirement`` guards every method of this export (on top of the server's requirement).
+        """
+        e = make_export(iface, obj, name, requirement_of(requirement))
         self._exports[e.name] = e
 
     def unexport(self, name: str) -> None:
         self._exports.pop(name, None)
 
     @contextlib.asynccontextmanager
-    async def listen(self, url: str, *, socket_mode: int = 0o600) -> AsyncIterator[Listener]:
-        """Listen on ``url`` for the duration of the block; ``listener.url`` is the bound address."""
+    async def listen(
+        self, url: str, *, socket_mode: int = 0o600, ssl_context: ssl.SSLContext | None = None
+    ) -> AsyncIterator[Listener]:
+        """Listen on ``url`` for the duration of the block; ``listener.url`` is the bound address.
+
+        ``tls://`` needs ``ssl_context`` (see ``xrpc.server_ssl_context``).
+        """
+        if url.startswith("tls:") and ssl_context is None:
+            raise ValueError(f"{url}: a tls:// listener needs ssl_context= (xrpc.server_ssl_context(...))")
+        if ssl_context is not None and not url.startswith("tls:"):
+            raise ValueError(f"{url}: ssl_context= is only for tls:// URLs")
         listener = await open_listener(url, socket_mode=socket_mode)
+        handler = functools.partial(self._handle, ssl_context=ssl_context)
         body_exc: BaseException | None = None
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(listener.serve, self._handle)
+                tg.start_soon(listener.serve, handler)
                 try:
                     yield listener
                 except BaseException as exc:  # re-raised below, outside the task group
@@ -75,14 +100,27 @@ class Server:
         if body_exc is not None:
             raise body_exc
 
-    async def serve(self, url: str, *, task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self,
+        url: str,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Listen on ``url`` until cancelled.  With ``tg.start`` it reports the bound URL."""
-        async with self.listen(url) as listener:
+        async with self.listen(url, ssl_context=ssl_context) as listener:
             task_status.started(listener.url)
             await anyio.sleep_forever()
 
-    async def _handle(self, stream: Any, peer: Peer) -> None:
-        conn = Connection(stream, client=False, peer=peer, shared_exports=self._exports, limits=self.limits)
+    async def _handle(self, stream: Any, peer: Peer, ssl_context: ssl.SSLContext | None = None) -> None:
+        if len(self.connections) >= self.max_connections:
+            log.warning("xrpc: refused a connection from %s: already %d connections", peer.address or peer.pid, len(self.connections))
+            if hasattr(stream, "close"):
+                stream.close()
+            else:
+                await stream.aclose()
+            return
+        conn = Connection(stream, client=False, peer=peer, shared_exports=self._exports, limits=self.limits, ssl_context=ssl_context)
         self.connections.add(conn)
         try:
             async with anyio.create_task_group() as tg:
@@ -101,6 +139,12 @@ class Server:
             if not conn.closed:
                 log.info("xrpc: no handshake from %s within %.1fs; closing", conn._peer_name(), self.limits.handshake_timeout)
                 await conn.aclose()
+            return
+        req = self.requirement
+        if req is not None and not conn._satisfies(req):
+            log.warning("xrpc: refused connection from %s: %s", conn._peer_name(), req.explain(conn.peer))
+            core.send_goodbye("the connection was refused", ErrorCode.PEER_REJECTED)
+            await conn.aclose()
             return
         if self.on_connect is not None:
             try:
@@ -132,15 +176,27 @@ async def connect(
     on_interrupted: Callable[[], Any] | None = None,
     on_invalidated: Callable[[], Any] | None = None,
     limits: Limits | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    requirement: Requirement | str | None = None,
 ) -> AsyncIterator[Connection]:
     """Connect to ``url`` and yield the connection for the block.
 
     ``exports`` (``(Iface, obj)`` or ``(Iface, obj, name)`` tuples) are in place before the handshake,
     so a server that calls back at once loses nothing.  ``timeout`` bounds connecting and the
     handshake (``TimeoutError``).  ``on_interrupted`` fires once if the peer goes away;
-    ``on_invalidated`` once when the connection ends for good.
+    ``on_invalidated`` once when the connection ends for good.  ``tls://`` URLs use ``ssl_context``
+    (default: the system's trusted CAs, with hostname checks).  ``requirement`` is checked against the
+    server's identity (kernel credentials or certificate); a server that fails it is refused with
+    ``PeerRejected`` before any call is sent.
     """
     limits = limits or Limits()
+    req = requirement_of(requirement)
+    is_tls = url.startswith("tls:")
+    if is_tls and ssl_context is None:
+        ssl_context = ssl.create_default_context()
+    if is_tls and server_hostname is None:
+        server_hostname = ParsedURL(url).host
     export_map = _exports_from(exports)
     limit = timeout if timeout is not None else limits.handshake_timeout
     with anyio.fail_after(limit):
@@ -154,6 +210,8 @@ async def connect(
         on_interrupted=on_interrupted,
         on_invalidated=on_invalidated,
         url=url,
+        ssl_context=ssl_context if is_tls else None,
+        server_hostname=server_hostname,
     )
     body_exc: BaseException | None = None
     failed: BaseException | None = None
@@ -164,6 +222,9 @@ async def connect(
                 await conn._handshake.wait()
         except TimeoutError:
             failed = TimeoutError(f"{url}: no answer to the handshake within {limit:.1f}s")
+        if failed is None and req is not None and not conn._satisfies(req):
+            log.warning("xrpc: the server at %s does not satisfy the requirement: %s", url, req.explain(conn.peer))
+            failed = PeerRejected(f"{url}: the server does not satisfy the requirement {req}")
         if failed is None and conn._core.state != State.OPEN:
             failure = conn._failure
             if isinstance(failure, PeerRejected):

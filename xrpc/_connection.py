@@ -25,6 +25,7 @@ import inspect
 import logging
 import math
 import socket
+import ssl
 import threading
 import types
 from typing import Any, AsyncIterable, AsyncIterator, Callable, Iterable, Sequence, TypeVar
@@ -100,14 +101,19 @@ class Limits(msgspec.Struct, kw_only=True):
 class Export:
     """An object exported under a name, with its interface description and bound methods."""
 
-    __slots__ = ("desc", "obj", "name", "methods", "is_async")
+    __slots__ = ("desc", "obj", "name", "methods", "is_async", "guards")
 
-    def __init__(self, desc: InterfaceDescription, obj: Any, name: str) -> None:
+    def __init__(self, desc: InterfaceDescription, obj: Any, name: str, requirement: Any = None) -> None:
         self.desc = desc
         self.obj = obj
         self.name = name
         self.methods: dict[str, Callable[..., Any]] = {}
         self.is_async: dict[str, bool] = {}
+        self.guards: dict[str, Any] = {}  # method name -> the Requirement a caller must satisfy
+        if isinstance(requirement, str):
+            from ._requirements import requirement as parse
+
+            requirement = parse(requirement)
         missing = []
         for mname in desc.methods:
             fn = getattr(obj, mname, None)
@@ -116,6 +122,12 @@ class Export:
                 continue
             self.methods[mname] = fn
             self.is_async[mname] = inspect.iscoroutinefunction(fn)
+            parts = [r for r in (requirement, desc.methods[mname].requirement, getattr(fn, "__xrpc_requires__", None)) if r is not None]
+            if parts:
+                guard = parts[0]
+                for r in parts[1:]:
+                    guard = guard & r
+                self.guards[mname] = guard
         if missing:
             raise TypeError(f"{type(obj).__qualname__} does not implement {desc.name}: missing {', '.join(missing)}")
 
@@ -123,9 +135,9 @@ class Export:
         return ExportInfo(self.name, self.desc.name, self.desc.fingerprint)
 
 
-def make_export(iface: Any, obj: Any, name: str = "") -> Export:
+def make_export(iface: Any, obj: Any, name: str = "", requirement: Any = None) -> Export:
     desc = describe(iface)
-    return Export(desc, obj, name or desc.name)
+    return Export(desc, obj, name or desc.name, requirement)
 
 
 def _exports_from(specs: Iterable[Any]) -> dict[str, Export]:
@@ -450,6 +462,8 @@ class Connection:
         on_interrupted: Callable[[], Any] | None = None,
         on_invalidated: Callable[[], Any] | None = None,
         url: str = "",
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         self.limits = limits or Limits()
         self._transport = transport  # a connected socket, or an anyio ByteStream
@@ -484,6 +498,9 @@ class Connection:
         self._loop_thread = threading.get_ident()
         self._proxies: dict[tuple[str, str, float | None], Any] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # incoming calls on the asyncio fast path
+        self._guard_cache: dict[int, bool] = {}
+        self._ssl = ssl_context
+        self._server_hostname = server_hostname
 
     # -------------------------------------------------------------- public surface
     def proxy(self, iface: Callable[..., _T], name: str = "", timeout: float | None = None) -> _T:
@@ -499,9 +516,9 @@ class Connection:
             self._proxies[cache_key] = p
         return p  # type: ignore[no-any-return]
 
-    def export(self, iface: Any, obj: Any, name: str = "") -> None:
+    def export(self, iface: Any, obj: Any, name: str = "", *, requirement: Any = None) -> None:
         """Serve ``obj`` as ``iface`` to this connection's peer, under ``name``."""
-        e = make_export(iface, obj, name)
+        e = make_export(iface, obj, name, requirement)
         self._exports[e.name] = e
 
     def unexport(self, name: str) -> None:
@@ -573,11 +590,31 @@ class Connection:
                         self._loop = None
                     if self._loop is not None:
                         aio = self._aio = _AsyncioIO(self)
-                        await self._loop.connect_accepted_socket(lambda: aio, transport)
-                    elif transport.family == socket.AF_UNIX:
-                        self._stream = await anyio.abc.UNIXSocketStream.from_socket(transport)
+                        if self.client:
+                            await self._loop.create_connection(
+                                lambda: aio, sock=transport, ssl=self._ssl, server_hostname=self._server_hostname if self._ssl else None
+                            )
+                        else:
+                            await self._loop.connect_accepted_socket(lambda: aio, transport, ssl=self._ssl)
+                        if self._ssl is not None:
+                            self._tls_peer(aio.transport.get_extra_info("ssl_object"))  # type: ignore[union-attr]
                     else:
-                        self._stream = await anyio.abc.SocketStream.from_socket(transport)
+                        if transport.family == socket.AF_UNIX:
+                            self._stream = await anyio.abc.UNIXSocketStream.from_socket(transport)
+                        else:
+                            self._stream = await anyio.abc.SocketStream.from_socket(transport)
+                        if self._ssl is not None:
+                            from anyio.streams.tls import TLSAttribute, TLSStream
+
+                            tls = await TLSStream.wrap(
+                                self._stream,
+                                server_side=not self.client,
+                                hostname=self._server_hostname if self.client else None,
+                                ssl_context=self._ssl,
+                                standard_compatible=False,
+                            )
+                            self._stream = tls
+                            self._tls_peer(tls.extra(TLSAttribute.ssl_object))
                 if self._aio is None:
                     tg.start_soon(self._writer)
                 if self.client:
@@ -606,6 +643,29 @@ class Connection:
                         pass
                 elif isinstance(self._transport, socket.socket):
                     self._transport.close()
+
+    def _tls_peer(self, sslobj: Any) -> None:
+        """Fill ``peer`` from the verified certificate of a TLS connection."""
+        if sslobj is None:
+            return
+        import dataclasses
+        import hashlib
+
+        der = sslobj.getpeercert(binary_form=True)
+        info = sslobj.getpeercert() or {}
+        subject: dict[str, str] = {}
+        for rdn in info.get("subject", ()):
+            for key, value in rdn:
+                short = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C"}.get(key, key)
+                subject[short] = value
+        sans = tuple(f"{kind}:{value}" for kind, value in info.get("subjectAltName", ()))
+        self.peer = dataclasses.replace(
+            self.peer,
+            transport="tls",
+            cert_subject=subject,
+            cert_sans=sans,
+            cert_fingerprint=hashlib.sha256(der).hexdigest() if der else None,
+        )
 
     def _finish(self) -> None:
         if self._closed.is_set():
@@ -900,6 +960,12 @@ class Connection:
                 )
             log.info("xrpc: call to unknown method %s.%s from %s", export.desc.name, msg.method, self._peer_name())
             return
+        guard = export.guards.get(m.name) if export.guards else None
+        if guard is not None and not self._satisfies(guard):
+            log.warning("xrpc: refused call %s from %s: %s", m.qualname, self._peer_name(), guard.explain(self.peer))
+            if not oneway:
+                core.send_error(call_id, ErrorCode.PEER_REJECTED, "PeerRejected", f"{m.qualname}: refused")
+            return
         if self._serving >= self.limits.max_calls_in_flight:
             if not oneway:
                 core.send_error(call_id, ErrorCode.LIMIT, "LimitExceeded", f"more than {self.limits.max_calls_in_flight} calls in flight")
@@ -928,6 +994,18 @@ class Connection:
             task.add_done_callback(self._tasks.discard)
             if deadline is not None:
                 inc.deadline = loop.time() + deadline
+
+    def _satisfies(self, requirement: Any) -> bool:
+        key = id(requirement)
+        ok = self._guard_cache.get(key)
+        if ok is None:
+            try:
+                ok = bool(requirement.check(self.peer))
+            except Exception:
+                log.exception("xrpc: requirement %s failed to evaluate", requirement)
+                ok = False
+            self._guard_cache[key] = ok
+        return ok
 
     _handlers: dict[type, Callable[..., None]] = {}
 

@@ -43,6 +43,7 @@ __all__ = (
     "Allow",
     "allow",
     "oneway",
+    "requires",
     "interface",
     "describe",
     "is_interface",
@@ -87,6 +88,25 @@ def allow(*classes: type) -> Allow:
         if not isinstance(c, type):
             raise InterfaceError(f"xrpc.allow() takes classes, got {c!r}")
     return Allow(tuple(classes))
+
+
+def requires(requirement: Any) -> Callable[[_F], _F]:
+    """Guard one method with a peer requirement (in the interface or on the implementation).
+
+    ``requirement`` is an ``xrpc.Requirement`` or an expression string for ``xrpc.requirement()``.
+    A peer that does not satisfy it gets ``xrpc.PeerRejected``; the method does not run.
+    """
+    from ._requirements import Requirement, requirement as parse
+
+    req = parse(requirement) if isinstance(requirement, str) else requirement
+    if not isinstance(req, Requirement):
+        raise InterfaceError(f"xrpc.requires() takes a Requirement or an expression, got {requirement!r}")
+
+    def apply(fn: _F) -> _F:
+        fn.__xrpc_requires__ = req  # type: ignore[attr-defined]
+        return fn
+
+    return apply
 
 
 def oneway(fn: _F) -> _F:
@@ -313,6 +333,7 @@ class MethodDescription:
         self.reply = reply  # None for -> None; for streams: the item slot
         self.reply_annotation = reply_annotation
         self.doc = doc
+        self.requirement: Any = None  # an xrpc.Requirement from @xrpc.requires in the interface
         self.flags = (
             (CallFlags.ONEWAY if kind is MethodKind.ONEWAY else 0)
             | (CallFlags.STREAM_IN if kind.streams_in else 0)
@@ -622,7 +643,9 @@ def _build(cls: type, name: str, errors: tuple[type[BaseException], ...]) -> Int
             reply = None if ret is None or ret is type(None) else _make_slot(ret, f"{where}: return type")
         if is_oneway and kind is not MethodKind.ONEWAY:
             raise InterfaceError(f"{where}: a stream method cannot be one-way")
-        desc.methods[mname] = MethodDescription(desc, mname, kind, params, reply, ret, inspect.getdoc(fn))
+        md = MethodDescription(desc, mname, kind, params, reply, ret, inspect.getdoc(fn))
+        md.requirement = getattr(fn, "__xrpc_requires__", None)
+        desc.methods[mname] = md
     desc.fingerprint = _fingerprint(desc)
     return desc
 

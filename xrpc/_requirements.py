@@ -40,6 +40,7 @@ __all__ = (
     "Not",
     "RequirementSyntaxError",
     "requirement",
+    "requirement_of",
 )
 
 _V = TypeVar("_V", int, str)
@@ -875,3 +876,12 @@ def requirement(text: str) -> Requirement:
     if not isinstance(text, str):
         raise TypeError(f"requirement() takes a str, not {type(text).__name__}")
     return _Parser(text).parse()
+
+
+def requirement_of(value: Requirement | str | None) -> Requirement | None:
+    """``value`` as a Requirement: parsed if it is an expression string, None stays None."""
+    if value is None or isinstance(value, Requirement):
+        return value
+    if isinstance(value, str):
+        return requirement(value)
+    raise TypeError(f"expected an xrpc.Requirement or an expression string, got {value!r}")

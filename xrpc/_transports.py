@@ -280,7 +280,7 @@ async def open_listener(url: str, *, socket_mode: int = 0o600, backlog: int = 10
             os.umask(old_umask)
         sock.setblocking(False)
         return SocketListener(sock, f"unix://{path}", "unix", cleanup=path)
-    if u.scheme == "tcp":
+    if u.scheme in ("tcp", "tls"):
         try:
             infos = await anyio.getaddrinfo(u.host, u.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         except OSError as exc:
@@ -299,7 +299,7 @@ async def open_listener(url: str, *, socket_mode: int = 0o600, backlog: int = 10
         sock.setblocking(False)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in str(host) else host
-        return SocketListener(sock, f"tcp://{shown}:{port}", "tcp")
+        return SocketListener(sock, f"{u.scheme}://{shown}:{port}", u.scheme)
     raise TransportError(f"{url}: the {u.scheme} transport is not available")
 
 
@@ -344,7 +344,7 @@ async def connect_stream(url: str) -> tuple[Transport, Peer]:
                 sock.close()
                 raise
             return sock, socket_peer(sock, "unix")
-        if u.scheme == "tcp":
+        if u.scheme in ("tcp", "tls"):
             infos = await anyio.getaddrinfo(u.host, u.port, type=socket.SOCK_STREAM)
             last: OSError | None = None
             for family, _, _, _, addr in infos:
@@ -358,7 +358,7 @@ async def connect_stream(url: str) -> tuple[Transport, Peer]:
                 except BaseException:
                     sock.close()
                     raise
-                return sock, socket_peer(sock, "tcp")
+                return sock, socket_peer(sock, u.scheme)
             raise last or OSError(f"no address for {u.host}")
     except TransportError:
         raise

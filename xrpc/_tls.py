@@ -1,0 +1,38 @@
+"""TLS contexts for ``tls://`` URLs, built with the standard ``ssl`` module.
+
+Defaults are strict: TLS 1.2 or newer, certificates verified, hostnames checked on the client.
+Passing ``cafile`` to ``server_ssl_context`` turns on mutual authentication: a client must then
+present a certificate signed by that CA, and its subject and SANs appear in ``conn.peer``.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+
+__all__ = ("server_ssl_context", "client_ssl_context")
+
+_PathLike = str | os.PathLike[str]
+
+
+def server_ssl_context(certfile: _PathLike, keyfile: _PathLike | None = None, *, cafile: _PathLike | None = None) -> ssl.SSLContext:
+    """A server context presenting ``certfile``; with ``cafile``, clients must present a certificate."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(certfile, keyfile)
+    if cafile is not None:
+        ctx.load_verify_locations(cafile)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def client_ssl_context(
+    cafile: _PathLike | None = None, *, certfile: _PathLike | None = None, keyfile: _PathLike | None = None, check_hostname: bool = True
+) -> ssl.SSLContext:
+    """A client context trusting ``cafile`` (default: the system's CAs), optionally with a client certificate."""
+    ctx = ssl.create_default_context(cafile=cafile)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = check_hostname
+    if certfile is not None:
+        ctx.load_cert_chain(certfile, keyfile)
+    return ctx
