@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import contextvars
 import inspect
 import logging
@@ -28,6 +29,7 @@ import socket
 import ssl
 import threading
 import types
+import weakref
 from typing import Any, AsyncIterable, AsyncIterator, Callable, Iterable, Sequence, TypeVar
 
 import anyio
@@ -62,6 +64,7 @@ from ._protocol import (
     Item,
     Pong,
     ProtocolCore,
+    Ref,
     Release,
     Reply,
     State,
@@ -96,6 +99,7 @@ class Limits(msgspec.Struct, kw_only=True):
     handshake_timeout: float = 10.0
     max_calls_in_flight: int = 4096  # incoming calls served at once, per connection
     write_buffer_high: int = 1024 * 1024  # producers wait for the writer above this many buffered bytes
+    max_objects: int = 100_000  # objects exported by reference on one connection
 
 
 class Export:
@@ -259,7 +263,7 @@ class _BatchReader:
         while True:
             payload, count = await self.queue.next_batch()
             try:
-                items = self.slot.decode_batch(payload)
+                items = self.slot.decode_batch(payload, self.queue.conn)
             except (msgspec.DecodeError, RecursionError, UnicodeDecodeError, ValueError) as exc:
                 raise ValidationError(f"stream item of {self.m.qualname} refused: {exc}", method=self.m.name) from None
             if len(items) != count:
@@ -499,6 +503,10 @@ class Connection:
         self._proxies: dict[tuple[str, str, float | None], Any] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # incoming calls on the asyncio fast path
         self._guard_cache: dict[int, bool] = {}
+        self._refs: dict[str, list[Any]] = {}  # oid -> [Export, tokens sent and not yet released]
+        self._ref_ids: dict[tuple[int, str], str] = {}  # (id(obj), interface) -> oid
+        self._next_oid = 0
+        self.remote_refs = 0  # live proxies to objects the peer passed us by reference
         self._ssl = ssl_context
         self._server_hostname = server_hostname
 
@@ -573,7 +581,83 @@ class Connection:
         e = self._exports.get(name)
         if e is None:
             e = self._shared.get(name)
+            if e is None and name[:1] == "#":
+                entry = self._refs.get(name)
+                if entry is not None:
+                    e = entry[0]
         return e
+
+    # -------------------------------------------------------------- objects passed by reference
+    def _ref_out(self, desc: InterfaceDescription, value: Any) -> Ref:
+        """Export ``value`` (an implementation of ``desc``) for the peer; the token to send."""
+        from ._proxy import ProxyBase
+
+        if isinstance(value, ProxyBase):
+            if value._xrpc_conn is self:
+                if value._xrpc_desc.name != desc.name:
+                    raise ValueError(f"a proxy of {value._xrpc_desc.name} is not a {desc.name}")
+                return Ref(True, value._xrpc_obj, desc.name)
+            if not set(desc.methods) <= set(value._xrpc_desc.methods):
+                raise ValueError(f"a proxy of {value._xrpc_desc.name} is not a {desc.name}")
+        else:
+            missing = [m for m in desc.methods if not callable(getattr(value, m, None))]
+            if missing:
+                raise ValueError(f"{type(value).__qualname__} does not implement {desc.name} (missing {', '.join(missing)})")
+        key = (id(value), desc.name)
+        oid = self._ref_ids.get(key)
+        entry = self._refs.get(oid) if oid is not None else None
+        if entry is None or entry[0].obj is not value:
+            if len(self._refs) >= self.limits.max_objects:
+                raise ValueError(f"more than {self.limits.max_objects} objects exported on this connection")
+            self._next_oid += 1
+            oid = f"#{self._next_oid}"
+            entry = [Export(desc, value, oid), 0]
+            self._refs[oid] = entry
+            self._ref_ids[key] = oid
+        entry[1] += 1
+        return Ref(False, entry[0].name, desc.name)
+
+    def _ref_in(self, desc: InterfaceDescription, token: Ref) -> Any:
+        """A received reference: a proxy to the peer's object, or our own object coming home."""
+        if token.interface != desc.name:
+            raise ValidationError(f"a reference to a {token.interface} arrived where a {desc.name} is declared")
+        if token.home:
+            e = self._lookup(token.oid)
+            if e is None or e.desc.name != desc.name:
+                raise ValidationError(f"a reference to {token.oid!r}, which this side does not export as {desc.name}")
+            return e.obj
+        from ._proxy import make_proxy
+
+        p = make_proxy(self, desc, token.oid, None)
+        p._xrpc_ref = weakref.finalize(p, self._release_remote, token.oid)
+        self.remote_refs += 1
+        return p
+
+    def _release_remote(self, oid: str) -> None:
+        """A proxy to the peer's object ``oid`` is gone: tell the exporter (from any thread)."""
+        self.remote_refs -= 1
+        if self._closed.is_set() or self._closing:
+            return
+        if threading.get_ident() != self._loop_thread:
+            loop = self._loop
+            if loop is not None:
+                try:
+                    loop.call_soon_threadsafe(self._release_remote_now, oid)
+                except RuntimeError:
+                    pass
+            return
+        self._release_remote_now(oid)
+
+    def _release_remote_now(self, oid: str) -> None:
+        if self._closed.is_set() or self._closing:
+            return
+        self._core.send_release(oid, 1)
+        self._kick()
+
+    @property
+    def exported_objects(self) -> int:
+        """How many objects this side currently exports to the peer by reference."""
+        return len(self._refs)
 
     # -------------------------------------------------------------- lifecycle
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -678,6 +762,8 @@ class Connection:
             self._fail_outgoing(rec, failure)
         self._core.outgoing.clear()
         self._core.incoming.clear()
+        self._refs.clear()
+        self._ref_ids.clear()
         if self._gate:
             self._gate.clear()
         self._closed.set()
@@ -936,7 +1022,16 @@ class Connection:
             h.cancel()
 
     def _on_release(self, msg: Any, rec: Any) -> None:
-        pass
+        entry = self._refs.get(msg.obj)
+        if entry is None:
+            return
+        entry[1] -= msg.count
+        if entry[1] <= 0:
+            del self._refs[msg.obj]
+            export = entry[0]
+            key = (id(export.obj), export.desc.name)
+            if self._ref_ids.get(key) == msg.obj:
+                del self._ref_ids[key]
 
     def _on_pong(self, msg: Any, rec: Any) -> None:
         pass
@@ -1017,7 +1112,7 @@ class Connection:
         scope = inc.scope
         try:
             try:
-                args = m.decode_args(msg.payload)
+                args = m.decode_args(msg.payload, self)
             except ValidationError as exc:
                 log.warning("xrpc: refused call %s from %s: %s", m.qualname, self._peer_name(), exc)
                 if kind is not MethodKind.ONEWAY:
@@ -1073,7 +1168,7 @@ class Connection:
             return
         if kind is not MethodKind.ONEWAY:
             try:
-                payload = m.encode_reply(result)
+                payload = m.encode_reply(result, self)
                 core.send_reply(call_id, payload)
             except (ValidationError, TypeError, msgspec.EncodeError, OverflowError) as exc:
                 log.warning("xrpc: reply of %s could not be sent: %s", m.qualname, exc)
@@ -1110,7 +1205,8 @@ class Connection:
         it = result.__aiter__()
         try:
             alive = lambda: core.incoming.get(call_id) is rec  # noqa: E731
-            if rec is not None and await self._send_stream(rec, it, m.encode_reply, credit, alive, m):
+            wrap = functools.partial(m.encode_reply, conn=self)
+            if rec is not None and await self._send_stream(rec, it, wrap, credit, alive, m):
                 core.send_end(call_id)
                 self._kick()
         finally:
@@ -1218,7 +1314,7 @@ class Connection:
         return rec
 
     async def call_unary(self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
-        payload = m.encode_args(args, kwargs)
+        payload = m.encode_args(args, kwargs, self)
         rec = self._start(obj, m, payload, timeout)
         pending = _Pending(self._loop)
         rec.handler = pending
@@ -1236,7 +1332,7 @@ class Connection:
 
     def _result(self, m: MethodDescription, res: Any) -> Any:
         if type(res) is Reply:
-            return m.decode_reply(res.payload)
+            return m.decode_reply(res.payload, self)
         if type(res) is ErrorFrame:
             raise _error_from_frame(m, res)
         raise res
@@ -1249,7 +1345,7 @@ class Connection:
             self._kick()
 
     async def call_oneway(self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        payload = m.encode_args(args, kwargs)
+        payload = m.encode_args(args, kwargs, self)
         self._start(obj, m, payload, None)
         await anyio.lowlevel.checkpoint()
 
@@ -1257,7 +1353,7 @@ class Connection:
         self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
     ) -> Any:
         source, args, kwargs = _split_stream_arg(m, args, kwargs)
-        payload = m.encode_args(args, kwargs)
+        payload = m.encode_args(args, kwargs, self)
         with anyio.fail_after(timeout) if timeout is not None else anyio.CancelScope():
             rec = self._start(obj, m, payload, timeout)
             pending = _Pending(self._loop)
@@ -1283,7 +1379,8 @@ class Connection:
         it = source.__aiter__()
         try:
             alive = lambda: not credit.closed and core.outgoing.get(call_id) is rec  # noqa: E731
-            if await self._send_stream(rec, it, slot.wrap, credit, alive, m):
+            wrap = slot.wrap if slot.plan is None else functools.partial(slot.to_wire, self)
+            if await self._send_stream(rec, it, wrap, credit, alive, m):
                 core.send_end(call_id)
                 self._kick()
         except ValidationError as exc:
@@ -1304,7 +1401,7 @@ class Connection:
         source = None
         if m.kind is MethodKind.BIDI_STREAM:
             source, args, kwargs = _split_stream_arg(m, args, kwargs)
-        payload = m.encode_args(args, kwargs)
+        payload = m.encode_args(args, kwargs, self)
         return CallStream(self, obj, m, payload, source, timeout)
 
 

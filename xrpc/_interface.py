@@ -36,7 +36,7 @@ import msgspec
 from typing_extensions import Annotated, get_args, get_origin
 
 from ._errors import InterfaceError, ValidationError
-from ._protocol import CallFlags
+from ._protocol import CallFlags, Ref
 
 __all__ = (
     "MethodKind",
@@ -158,7 +158,7 @@ class Slot:
     ``[key, value]``; ``classes`` maps each key to its class, ``""`` standing for plain data.
     """
 
-    __slots__ = ("annotation", "wire_type", "classes", "plain", "any_plain", "decoder", "batch_decoder", "_decoders")
+    __slots__ = ("annotation", "wire_type", "classes", "plain", "any_plain", "decoder", "batch_decoder", "_decoders", "plan")
 
     def __init__(self, annotation: Any, classes: tuple[type, ...] | None = None, plain: Any = None) -> None:
         self.annotation = annotation
@@ -166,7 +166,13 @@ class Slot:
         self.classes: dict[str, type] | None = None
         self._decoders: dict[str, Any] = {}
         self.any_plain = False
-        if classes is None:
+        self.plan = _plan(annotation)  # where objects passed by reference sit in the value, if anywhere
+        if self.plan is not None:
+            if classes is not None:
+                raise InterfaceError("xrpc.allow() cannot widen a slot that carries objects by reference")
+            self.wire_type = _wire_type(annotation, self.plan)
+            self.decoder = msgspec.msgpack.Decoder(self.wire_type)
+        elif classes is None:
             self.wire_type = annotation
             self.any_plain = _is_any(annotation)
             self.decoder = msgspec.msgpack.Decoder(annotation)
@@ -229,18 +235,111 @@ class Slot:
             value = self.unwrap(value)
         return value
 
-    def decode_batch(self, data: Any) -> list[Any]:
+    def decode_batch(self, data: Any, conn: Any = None) -> list[Any]:
         """Decode an ITEM payload (an array of values); raise ``msgspec.ValidationError``."""
         values: list[Any] = self.batch_decoder.decode(data)
         if self.classes is not None:
             values = [self.unwrap(v) for v in values]
+        elif self.plan is not None:
+            values = [self.from_wire(conn, v) for v in values]
         return values
+
+    def to_wire(self, conn: Any, value: Any) -> Any:
+        """Sending side of a slot with references: export objects, raise ``ValueError``."""
+        if self.plan is None:
+            return value
+        try:
+            return _to_wire(self.plan, conn, value)
+        except (TypeError, AttributeError) as exc:
+            raise ValueError(f"expected {_type_name(self.annotation)}: {exc}") from None
+
+    def from_wire(self, conn: Any, value: Any) -> Any:
+        """Receiving side of a slot with references: references become proxies (or the original object)."""
+        if self.plan is None:
+            return value
+        return _from_wire(self.plan, conn, value)
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"type": _type_name(self.annotation)}
         if self.classes is not None:
             d["allowed"] = self.allowed_names()
         return d
+
+
+# --------------------------------------------------------------------------- references
+# A plan says where in a value of some type the objects passed by reference are:
+# ("ref", Iface) | ("seq", plan, container) | ("tuple", [plan | None, ...]) | ("dict", plan) | ("opt", plan)
+_SEQUENCES = (list, set, frozenset, collections.abc.Sequence, collections.abc.Set, collections.abc.MutableSequence)
+
+
+def _plan(tp: Any) -> Any:
+    tp = _strip_annotated(tp)
+    if is_interface(tp):
+        return ("ref", tp)
+    origin = get_origin(tp)
+    args = get_args(tp)
+    if origin in _SEQUENCES and args:
+        child = _plan(args[0])
+        return ("seq", child, set if origin in (set, collections.abc.Set) else frozenset if origin is frozenset else list) if child else None
+    if origin is tuple and args:
+        if len(args) == 2 and args[1] is Ellipsis:
+            child = _plan(args[0])
+            return ("seq", child, tuple) if child else None
+        plans = [_plan(a) for a in args]
+        return ("tuple", plans) if any(plans) else None
+    if origin in (dict, collections.abc.Mapping, collections.abc.MutableMapping) and len(args) == 2:
+        child = _plan(args[1])
+        return ("dict", child) if child else None
+    if origin in (Union, types.UnionType):
+        members = [a for a in args if a is not type(None)]
+        plans = [_plan(m) for m in members]
+        if len(members) == 1 and len(args) == 2 and plans[0]:
+            return ("opt", plans[0])
+        if any(plans):
+            raise InterfaceError(f"{_type_name(tp)}: a union may hold a reference only as Optional[...]")
+    return None
+
+
+def _wire_type(tp: Any, plan: Any) -> Any:
+    tp = _strip_annotated(tp)
+    kind = plan[0]
+    if kind == "ref":
+        return Ref
+    args = get_args(tp)
+    if kind == "seq":
+        return list[_wire_type(args[0], plan[1])]  # type: ignore[misc]
+    if kind == "tuple":
+        return tuple[tuple(_wire_type(a, p) if p else a for a, p in zip(args, plan[1]))]  # type: ignore[misc]
+    if kind == "dict":
+        return dict[args[0], _wire_type(args[1], plan[1])]  # type: ignore[misc, valid-type]
+    member = next(a for a in args if a is not type(None))
+    return Union[_wire_type(member, plan[1]), None]
+
+
+def _to_wire(plan: Any, conn: Any, value: Any) -> Any:
+    kind = plan[0]
+    if kind == "ref":
+        return conn._ref_out(describe(plan[1]), value)
+    if kind == "seq":
+        return [_to_wire(plan[1], conn, v) for v in value]
+    if kind == "tuple":
+        return [_to_wire(p, conn, v) if p else v for p, v in zip(plan[1], value)]
+    if kind == "dict":
+        return {k: _to_wire(plan[1], conn, v) for k, v in value.items()}
+    return None if value is None else _to_wire(plan[1], conn, value)
+
+
+def _from_wire(plan: Any, conn: Any, value: Any) -> Any:
+    kind = plan[0]
+    if kind == "ref":
+        return conn._ref_in(describe(plan[1]), value)
+    if kind == "seq":
+        return plan[2](_from_wire(plan[1], conn, v) for v in value)
+    if kind == "tuple":
+        return tuple(_from_wire(p, conn, v) if p else v for p, v in zip(plan[1], value))
+    if kind == "dict":
+        return {k: _from_wire(plan[1], conn, v) for k, v in value.items()}
+    return None if value is None else _from_wire(plan[1], conn, value)
 
 
 def _type_name(tp: Any) -> str:
@@ -372,21 +471,23 @@ class MethodDescription:
             (i, p) for i, p in enumerate(self.value_params) if p.slot is not None and (p.slot.widened or p.slot.any_plain)
         )
         self.widened_args = tuple((i, p) for i, p in enumerate(self.value_params) if p.slot is not None and p.slot.widened)
+        self.ref_args = tuple((i, p) for i, p in enumerate(self.value_params) if p.slot is not None and p.slot.plan is not None)
         self.reply_checked = self.reply is not None and (self.reply.widened or self.reply.any_plain)
+        self.reply_refs = self.reply is not None and self.reply.plan is not None
         self.stream_item: Slot | None = self.stream_param.slot if self.stream_param is not None else None
 
     # -------------------------------------------------------------- used by the runtime
-    def encode_args(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def encode_args(self, args: tuple[Any, ...], kwargs: dict[str, Any], conn: Any = None) -> Any:
         """Bind call arguments to the args Struct (caller side); raise ``ValidationError``."""
         try:
             value = self.args_type(*args, **kwargs)
         except TypeError as exc:
             raise ValidationError(f"{self.qualname}(): {exc}", method=self.name) from None
-        if self.checked_args:
+        if self.checked_args or self.ref_args:
             values = list(msgspec.structs.astuple(value))
-            for i, p in self.checked_args:
+            for i, p in self.checked_args + self.ref_args:
                 try:
-                    values[i] = p.slot.wrap(values[i])  # type: ignore[union-attr]
+                    values[i] = p.slot.wrap(values[i]) if p.slot.plan is None else p.slot.to_wire(conn, values[i])  # type: ignore[union-attr]
                 except ValueError as exc:
                     raise ValidationError(
                         f"argument {p.name!r} of {self.qualname}: {exc}", method=self.name, argument=p.name
@@ -394,11 +495,11 @@ class MethodDescription:
             value = self.args_type(*values)
         return value
 
-    def decode_args(self, payload: Any) -> tuple[Any, ...]:
+    def decode_args(self, payload: Any, conn: Any = None) -> tuple[Any, ...]:
         """Decode and check the arguments (callee side); raise ``ValidationError`` naming the argument."""
         try:
             value = self.args_decoder.decode(payload)
-            if not self.widened_args:
+            if not self.widened_args and not self.ref_args:
                 return msgspec.structs.astuple(value)
             values = list(msgspec.structs.astuple(value))
         except msgspec.ValidationError as exc:
@@ -409,6 +510,11 @@ class MethodDescription:
             try:
                 values[i] = p.slot.unwrap(values[i])  # type: ignore[union-attr]
             except (msgspec.DecodeError, RecursionError, UnicodeDecodeError, ValueError) as exc:
+                raise ValidationError(f"argument {p.name!r} of {self.qualname} refused: {exc}", method=self.name, argument=p.name) from None
+        for i, p in self.ref_args:
+            try:
+                values[i] = p.slot.from_wire(conn, values[i])  # type: ignore[union-attr]
+            except ValidationError as exc:
                 raise ValidationError(f"argument {p.name!r} of {self.qualname} refused: {exc}", method=self.name, argument=p.name) from None
         return tuple(values)
 
@@ -432,10 +538,15 @@ class MethodDescription:
         where = f"argument {arg!r} of {self.qualname}" if arg else f"arguments of {self.qualname}"
         return ValidationError(f"{where} refused: {text}", method=self.name, argument=arg)
 
-    def encode_reply(self, value: Any) -> Any:
+    def encode_reply(self, value: Any, conn: Any = None) -> Any:
         """Callee side: what goes into REPLY/ITEM for ``value``; raise ``ValidationError``."""
         if self.reply is None:
             return None
+        if self.reply_refs:
+            try:
+                return self.reply.to_wire(conn, value)
+            except ValueError as exc:
+                raise ValidationError(f"reply of {self.qualname}: {exc}", method=self.name) from None
         if self.reply_checked:
             try:
                 return self.reply.wrap(value)
@@ -443,12 +554,15 @@ class MethodDescription:
                 raise ValidationError(f"reply of {self.qualname}: {exc}", method=self.name) from None
         return value
 
-    def decode_reply(self, payload: Any) -> Any:
+    def decode_reply(self, payload: Any, conn: Any = None) -> Any:
         """Caller side: decode and check a reply or a reply-stream item."""
         if self.reply is None:
             return None
         try:
-            return self.reply.decode(payload)
+            value = self.reply.decode(payload)
+            if self.reply_refs:
+                value = self.reply.from_wire(conn, value)
+            return value
         except (msgspec.DecodeError, RecursionError, UnicodeDecodeError, ValueError) as exc:
             raise ValidationError(f"reply of {self.qualname} refused: {exc}", method=self.name) from None
 

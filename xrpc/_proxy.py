@@ -22,19 +22,29 @@ _classes: dict[int, type] = {}
 class ProxyBase:
     """Base of every proxy class."""
 
-    __slots__ = ("_xrpc_conn", "_xrpc_obj", "_xrpc_timeout", "__weakref__")
+    __slots__ = ("_xrpc_conn", "_xrpc_obj", "_xrpc_timeout", "_xrpc_ref", "__weakref__")
     _xrpc_desc: InterfaceDescription
 
     def __init__(self, conn: Connection, obj: str, timeout: float | None) -> None:
         self._xrpc_conn = conn
         self._xrpc_obj = obj
         self._xrpc_timeout = timeout
+        self._xrpc_ref: Any = None  # for a proxy received by reference: the finalizer that releases it
 
     def __repr__(self) -> str:
         return f"<xrpc proxy {self._xrpc_desc.name} {self._xrpc_obj!r} via {self._xrpc_conn.url or 'connection'}>"
 
     async def aclose(self) -> None:
-        """Release this proxy (objects passed by reference are released on the exporter)."""
+        """Release this proxy: an object passed by reference is released on its exporter.
+
+        Later calls on this proxy raise ``xrpc.ObjectNotFound``.  Proxies from ``conn.proxy()``
+        name a fixed export and stay usable.
+        """
+        ref = self._xrpc_ref
+        if ref is not None:
+            self._xrpc_ref = None
+            self._xrpc_obj = "#released"
+            ref()
 
     async def __aenter__(self) -> Any:
         return self

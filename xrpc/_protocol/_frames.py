@@ -36,6 +36,7 @@ __all__ = (
     "ErrorCode",
     "CallFlags",
     "ExportInfo",
+    "Ref",
 )
 
 PROTOCOL_VERSION = 1
@@ -160,6 +161,18 @@ class Ping(msgspec.Struct, array_like=True, frozen=True, tag=11):
 
 class Pong(msgspec.Struct, array_like=True, frozen=True, tag=12):
     nonce: int
+
+
+class Ref(msgspec.Struct, array_like=True, frozen=True):
+    """An object passed by reference inside a payload.
+
+    ``home`` false: an object the sender exports, callable as ``oid`` on this connection.
+    ``home`` true: an object the *receiver* exported earlier, travelling back to its owner.
+    """
+
+    home: bool
+    oid: str
+    interface: str
 
 
 Message = Union[Hello, Welcome, Call, Reply, Error, Item, End, Credit, Cancel, Release, Goodbye, Ping, Pong]
