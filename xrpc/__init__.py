@@ -36,6 +36,7 @@ from ._interface import (
 from ._peer import Peer
 from ._requirements import Requirement, RequirementSyntaxError, requirement
 from ._tls import client_ssl_context, server_ssl_context
+from ._transports import Endpoint, Listener
 
 __version__ = "0.1.0"
 
@@ -44,10 +45,12 @@ __all__ = (
     "Connection",
     "ConnectionInterrupted",
     "ConnectionInvalidated",
+    "Endpoint",
     "Error",
     "InterfaceDescription",
     "InterfaceError",
     "LimitExceeded",
+    "Listener",
     "Limits",
     "LocalProtocolError",
     "MethodDescription",

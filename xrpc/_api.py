@@ -16,7 +16,9 @@ import contextlib
 import functools
 import inspect
 import logging
+import shutil
 import ssl
+import tempfile
 from typing import Any, AsyncIterator, Callable, Sequence
 
 import anyio
@@ -27,7 +29,7 @@ from ._errors import PeerRejected, TransportError
 from ._peer import Peer
 from ._protocol import ErrorCode, State
 from ._requirements import Requirement, requirement_of
-from ._transports import Listener, ParsedURL, connect_stream, open_listener
+from ._transports import Endpoint, Listener, ParsedURL, connect_stream, open_listener
 
 __all__ = ("Server", "connect", "OnConnect")
 
@@ -100,6 +102,19 @@ class Server:
         if body_exc is not None:
             raise body_exc
 
+    @contextlib.asynccontextmanager
+    async def listen_anonymous(self) -> AsyncIterator[Listener]:
+        """Listen on a fresh private Unix socket; hand ``listener.endpoint`` to whoever may connect.
+
+        The socket lives in a new directory only this user can enter, and is removed afterwards.
+        """
+        directory = tempfile.mkdtemp(prefix="xrpc-")
+        try:
+            async with self.listen(f"unix://{directory}/endpoint.sock") as listener:
+                yield listener
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
     async def serve(
         self,
         url: str,
@@ -169,7 +184,7 @@ class Server:
 
 @contextlib.asynccontextmanager
 async def connect(
-    url: str,
+    url: str | Endpoint,
     *,
     exports: Sequence[Any] = (),
     timeout: float | None = None,
@@ -190,6 +205,8 @@ async def connect(
     server's identity (kernel credentials or certificate); a server that fails it is refused with
     ``PeerRejected`` before any call is sent.
     """
+    if isinstance(url, Endpoint):
+        url = url.url
     limits = limits or Limits()
     req = requirement_of(requirement)
     is_tls = url.startswith("tls:")

@@ -24,12 +24,13 @@ from typing import Any, Callable, Coroutine
 
 import anyio
 import anyio.abc
+import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._errors import TransportError
 from ._peer import Peer
 
-__all__ = ("ParsedURL", "parse_url", "connect_stream", "open_listener", "Listener", "MemoryByteStream", "socket_peer", "Transport")
+__all__ = ("Endpoint", "ParsedURL", "parse_url", "connect_stream", "open_listener", "Listener", "MemoryByteStream", "socket_peer", "Transport")
 
 
 class ParsedURL:
@@ -108,10 +109,21 @@ _memory_listeners: dict[str, MemoryListener] = {}
 
 
 # --------------------------------------------------------------------------- listeners
+class Endpoint(msgspec.Struct, frozen=True):
+    """Where a listener can be reached (NSXPCListenerEndpoint): plain data, so it can travel as an
+    argument or a reply; ``xrpc.connect(endpoint)`` connects to it."""
+
+    url: str
+
+
 class Listener:
     """A bound listening endpoint; ``serve(handler)`` runs ``handler(stream, peer)`` per connection."""
 
     url: str
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint(self.url)
 
     async def serve(self, handler: Handler) -> None:
         raise NotImplementedError
