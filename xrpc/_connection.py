@@ -1234,6 +1234,11 @@ class Connection:
                 item = stop.value
             except StopAsyncIteration:
                 break
+            except BaseException:
+                # the producer failed: what it produced before still goes out, then the error
+                if batch:
+                    await self._send_batch(rec, batch, credit, alive, m)
+                raise
             else:
                 if batch:
                     try:
