@@ -18,6 +18,7 @@ transports do).
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
 import functools
@@ -25,6 +26,7 @@ import contextvars
 import inspect
 import logging
 import math
+import os
 import socket
 import ssl
 import threading
@@ -450,6 +452,138 @@ class _AsyncioIO(asyncio.BufferedProtocol):
             self.done.set_result(None)
 
 
+class _UnixIO:
+    """Drives a Unix socket on asyncio without a transport, so that file descriptors can travel.
+
+    Reads use ``recvmsg_into`` into one reused buffer, collecting SCM_RIGHTS descriptors in arrival
+    order; writes go straight to ``sendmsg`` and only what the kernel does not take is buffered.
+    Descriptors are attached to the first byte of the chunk whose frames refer to them.
+    """
+
+    MAX_FDS = 64
+
+    def __init__(self, conn: Connection, sock: socket.socket) -> None:
+        self.conn = conn
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.buffer = bytearray(262144)
+        self.view = memoryview(self.buffer)
+        self.transport: Any = None
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self.done: asyncio.Future[None] = loop.create_future()
+        self._pending: collections.deque[tuple[memoryview, list[int]]] = collections.deque()
+        self._pending_size = 0
+        self._high = conn.limits.write_buffer_high
+        self._resume: asyncio.Future[None] | None = None
+        self._ancsize = socket.CMSG_SPACE(self.MAX_FDS * 4)
+        loop.add_reader(self.fd, self._readable)
+
+    def _readable(self) -> None:
+        if self.done.done():
+            return
+        try:
+            n, anc, flags, _ = self.sock.recvmsg_into([self.view], self._ancsize)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(exc)
+            return
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = list(memoryview(data).cast("i")[: len(data) // 4])
+                self.conn._fds_received(fds)
+        if flags & socket.MSG_CTRUNC:
+            log.warning("xrpc: file descriptors were truncated by the kernel on %s", self.conn._peer_name())
+        if n == 0:
+            self.conn._feed(b"")
+            self._lost(None)
+            return
+        if not self.conn._feed(self.view[:n].tobytes()):
+            self.close()
+
+    def write(self, data: bytes, fds: list[int] | None = None) -> None:
+        if self.done.done():
+            return
+        if self._pending:
+            self._queue(memoryview(data), fds or [])
+            return
+        try:
+            if fds:
+                sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            else:
+                sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._lost(exc)
+            return
+        if sent < len(data):
+            self._queue(memoryview(data)[sent:], [] if sent else (fds or []))
+            self._loop.add_writer(self.fd, self._writable)
+
+    def _queue(self, data: memoryview, fds: list[int]) -> None:
+        self._pending.append((data, fds))
+        self._pending_size += len(data)
+
+    def _writable(self) -> None:
+        while self._pending:
+            data, fds = self._pending[0]
+            try:
+                if fds:
+                    sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                else:
+                    sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._lost(exc)
+                return
+            self._pending_size -= sent
+            if sent < len(data):
+                self._pending[0] = (data[sent:], [])
+                return
+            self._pending.popleft()
+        self._loop.remove_writer(self.fd)
+        self._wake_writers()
+
+    def _wake_writers(self) -> None:
+        if self._resume is not None and not self._resume.done():
+            self._resume.set_result(None)
+        self._resume = None
+
+    async def wait_writable(self) -> None:
+        while self._pending_size > self._high and not self.done.done():
+            if self._resume is None:
+                self._resume = self._loop.create_future()
+            await self._resume
+
+    def _lost(self, exc: BaseException | None) -> None:
+        conn = self.conn
+        if conn._failure is None:
+            conn._failure = ConnectionInterrupted(f"the connection was lost: {exc!r}" if exc else "the peer closed the connection")
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self._loop.remove_reader(self.fd)
+            self._loop.remove_writer(self.fd)
+            self.fd = -1
+            if self._pending:
+                # best effort: what is still queued (a GOODBYE, say) goes out if the kernel takes it now
+                try:
+                    self.sock.setblocking(False)
+                    for data, _ in self._pending:
+                        self.sock.send(data)
+                except OSError:
+                    pass
+                self._pending.clear()
+            self.sock.close()
+        if not self.done.done():
+            self.done.set_result(None)
+        self._wake_writers()
+
+
 # --------------------------------------------------------------------------- the connection
 class Connection:
     """One xrpc connection, client or server side.  Use ``proxy()`` to call, ``export()`` to serve."""
@@ -472,7 +606,11 @@ class Connection:
         self.limits = limits or Limits()
         self._transport = transport  # a connected socket, or an anyio ByteStream
         self._stream: anyio.abc.ByteStream | None = None if isinstance(transport, socket.socket) else transport
-        self._aio: _AsyncioIO | None = None  # set when asyncio drives a socket directly
+        self._aio: _AsyncioIO | _UnixIO | None = None  # set when asyncio drives a socket directly
+        self._fds_out: list[int] = []  # descriptors to attach to the next write
+        self._fds_in: dict[int, int] = {}  # sequence number -> received descriptor, until claimed
+        self._fd_seq_out = 0
+        self._fd_seq_in = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
         self.client = client
@@ -654,6 +792,30 @@ class Connection:
         self._core.send_release(oid, 1)
         self._kick()
 
+    # -------------------------------------------------------------- file descriptors (Unix sockets)
+    def _fd_out(self, fd: int) -> int:
+        """Queue a duplicate of ``fd`` to travel with the next write; its sequence number."""
+        if not isinstance(self._aio, _UnixIO):
+            raise ValueError("file descriptors and shared buffers travel only over unix:// connections (on asyncio)")
+        self._fds_out.append(os.dup(fd))
+        self._fd_seq_out += 1
+        return self._fd_seq_out
+
+    def _fds_received(self, fds: list[int]) -> None:
+        for fd in fds:
+            self._fd_seq_in += 1
+            self._fds_in[self._fd_seq_in] = fd
+        if len(self._fds_in) > 4 * _UnixIO.MAX_FDS:
+            # a peer that sends descriptors nobody claims: drop the oldest
+            for seq in sorted(self._fds_in)[: len(self._fds_in) - 4 * _UnixIO.MAX_FDS]:
+                os.close(self._fds_in.pop(seq))
+
+    def _fd_in(self, seq: int) -> int:
+        fd = self._fds_in.pop(seq, None)
+        if fd is None:
+            raise ValidationError(f"file descriptor #{seq} did not arrive")
+        return fd
+
     @property
     def exported_objects(self) -> int:
         """How many objects this side currently exports to the peer by reference."""
@@ -672,7 +834,9 @@ class Connection:
                         self._loop = asyncio.get_running_loop()
                     except RuntimeError:
                         self._loop = None
-                    if self._loop is not None:
+                    if self._loop is not None and transport.family == socket.AF_UNIX and not os.environ.get("XRPC_NO_UNIXIO"):
+                        self._aio = _UnixIO(self, transport)
+                    elif self._loop is not None:
                         aio = self._aio = _AsyncioIO(self)
                         if self.client:
                             await self._loop.create_connection(
@@ -764,6 +928,13 @@ class Connection:
         self._core.incoming.clear()
         self._refs.clear()
         self._ref_ids.clear()
+        for fd in list(self._fds_in.values()) + self._fds_out:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds_in.clear()
+        self._fds_out.clear()
         if self._gate:
             self._gate.clear()
         self._closed.set()
@@ -819,7 +990,14 @@ class Connection:
         self._flush_scheduled = False
         data = self._core.data_to_send()
         if data and self._aio is not None:
-            self._aio.write(data)
+            if self._fds_out:
+                fds = self._fds_out
+                self._fds_out = []
+                self._aio.write(data, fds)  # type: ignore[call-arg]
+                for fd in fds:
+                    os.close(fd)
+            else:
+                self._aio.write(data)
 
     async def _writer(self) -> None:
         stream = self._stream
@@ -1177,6 +1355,14 @@ class Connection:
             except LocalProtocolError as exc:
                 core.incoming[call_id] = CallRecord(call_id, 0)
                 core.send_error(call_id, ErrorCode.LIMIT, "LimitExceeded", f"the reply of {m.qualname} is too large: {exc}")
+            self._kick_after_reply()
+
+    def _kick_after_reply(self) -> None:
+        """Write now if this was the last call being served (no other reply can join this write);
+        otherwise leave it to the coalescing flush at the end of the loop iteration."""
+        if self._serving == 1 and self._aio is not None and not self._fds_out:
+            self._flush()
+        else:
             self._kick()
 
     def _send_exception(self, call_id: int, m: MethodDescription, exc: Exception) -> None:
@@ -1315,7 +1501,10 @@ class Connection:
             raise ValidationError(f"arguments of {m.qualname} cannot be encoded: {exc}", method=m.name) from None
         except LocalProtocolError as exc:
             raise LimitExceeded(f"{m.qualname}: {exc}") from None
-        self._kick()
+        if len(self._core.outgoing) <= 1 and self._aio is not None and not self._fds_out and not self._flush_scheduled:
+            self._flush()  # the only call in flight: nothing to coalesce it with
+        else:
+            self._kick()
         return rec
 
     async def call_unary(self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
