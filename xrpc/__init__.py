@@ -33,6 +33,7 @@ from ._interface import (
     oneway,
     requires,
 )
+from ._fds import FileDescriptor, SharedBuffer
 from ._peer import Peer
 from ._requirements import Requirement, RequirementSyntaxError, requirement
 from ._tls import client_ssl_context, server_ssl_context
@@ -47,6 +48,7 @@ __all__ = (
     "ConnectionInvalidated",
     "Endpoint",
     "Error",
+    "FileDescriptor",
     "InterfaceDescription",
     "InterfaceError",
     "LimitExceeded",
@@ -65,6 +67,7 @@ __all__ = (
     "Requirement",
     "RequirementSyntaxError",
     "Server",
+    "SharedBuffer",
     "TransportError",
     "ValidationError",
     "allow",

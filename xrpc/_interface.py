@@ -27,6 +27,7 @@ import datetime
 import enum
 import hashlib
 import inspect
+import os
 import sys
 import types
 import typing
@@ -36,6 +37,7 @@ import msgspec
 from typing_extensions import Annotated, get_args, get_origin
 
 from ._errors import InterfaceError, ValidationError
+from ._fds import FileDescriptor, SharedBuffer
 from ._protocol import CallFlags, Ref
 
 __all__ = (
@@ -276,6 +278,10 @@ def _plan(tp: Any) -> Any:
     tp = _strip_annotated(tp)
     if is_interface(tp):
         return ("ref", tp)
+    if tp is FileDescriptor:
+        return ("fd",)
+    if tp is SharedBuffer:
+        return ("shm",)
     origin = get_origin(tp)
     args = get_args(tp)
     if origin in _SEQUENCES and args:
@@ -305,6 +311,10 @@ def _wire_type(tp: Any, plan: Any) -> Any:
     kind = plan[0]
     if kind == "ref":
         return Ref
+    if kind == "fd":
+        return int
+    if kind == "shm":
+        return tuple[int, int]
     args = get_args(tp)
     if kind == "seq":
         return list[_wire_type(args[0], plan[1])]  # type: ignore[misc]
@@ -320,6 +330,14 @@ def _to_wire(plan: Any, conn: Any, value: Any) -> Any:
     kind = plan[0]
     if kind == "ref":
         return conn._ref_out(describe(plan[1]), value)
+    if kind == "fd":
+        if not isinstance(value, FileDescriptor):
+            raise ValueError(f"expected an xrpc.FileDescriptor, got {type(value).__qualname__}")
+        return conn._fd_out(value.fileno())
+    if kind == "shm":
+        if not isinstance(value, SharedBuffer):
+            raise ValueError(f"expected an xrpc.SharedBuffer, got {type(value).__qualname__}")
+        return (conn._fd_out(value.fileno()), value.size)
     if kind == "seq":
         return [_to_wire(plan[1], conn, v) for v in value]
     if kind == "tuple":
@@ -333,6 +351,15 @@ def _from_wire(plan: Any, conn: Any, value: Any) -> Any:
     kind = plan[0]
     if kind == "ref":
         return conn._ref_in(describe(plan[1]), value)
+    if kind == "fd":
+        return FileDescriptor._adopt(conn._fd_in(value))
+    if kind == "shm":
+        fd = conn._fd_in(value[0])
+        try:
+            return SharedBuffer(fd, value[1])
+        except (OSError, ValueError, OverflowError) as exc:
+            os.close(fd)
+            raise ValidationError(f"the shared buffer could not be mapped: {exc}") from None
     if kind == "seq":
         return plan[2](_from_wire(plan[1], conn, v) for v in value)
     if kind == "tuple":
