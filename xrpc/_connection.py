@@ -1297,6 +1297,12 @@ class Connection:
                     core.send_error(call_id, ErrorCode.VALIDATION, "ValidationError", str(exc), [exc.argument])
                     self._kick()
                 return
+            fn: Callable[..., Any]
+            if m.kwonly:
+                args, kw = m.call_args(args)
+                fn = functools.partial(export.methods[m.name], **kw)
+            else:
+                fn = export.methods[m.name]
             if inc.queue is not None:
                 args = (*args, _InStream(inc.queue, m))
                 if m.stream_param is not None:
@@ -1305,7 +1311,6 @@ class Connection:
                         lst = list(args)
                         lst.insert(pos, lst.pop())
                         args = tuple(lst)
-            fn = export.methods[m.name]
             if scope is not None:
                 with scope:
                     await self._invoke(call_id, m, export, fn, args, inc)
@@ -1332,7 +1337,7 @@ class Connection:
             if kind.streams_out:
                 await self._serve_stream(call_id, m, fn, args, inc)
                 return
-            if export.is_async[m.name]:
+            if export.is_async[m.name] and not m.kwonly:
                 result = await fn(*args)
             else:
                 result = fn(*args)
@@ -1348,7 +1353,11 @@ class Connection:
             try:
                 payload = m.encode_reply(result, self)
                 core.send_reply(call_id, payload)
-            except (ValidationError, TypeError, msgspec.EncodeError, OverflowError) as exc:
+            except ValidationError as exc:
+                log.warning("xrpc: reply of %s refused: %s", m.qualname, exc)
+                core.incoming[call_id] = CallRecord(call_id, 0)
+                core.send_error(call_id, ErrorCode.VALIDATION, "ValidationError", str(exc), [""])
+            except (TypeError, msgspec.EncodeError, OverflowError) as exc:
                 log.warning("xrpc: reply of %s could not be sent: %s", m.qualname, exc)
                 core.incoming[call_id] = CallRecord(call_id, 0)
                 core.send_error(call_id, ErrorCode.INTERNAL, type(exc).__name__, f"the reply of {m.qualname} could not be encoded: {exc}")
@@ -1375,6 +1384,8 @@ class Connection:
             except (TypeError, msgspec.EncodeError, OverflowError, LocalProtocolError):
                 core.incoming[call_id] = CallRecord(call_id, 0)
                 core.send_error(call_id, ErrorCode.DECLARED, type(exc).__qualname__, str(exc), [str(exc)])
+        elif isinstance(exc, ValidationError):
+            core.send_error(call_id, ErrorCode.VALIDATION, "ValidationError", str(exc), [exc.argument])
         else:
             log.debug("xrpc: %s raised %r", m.qualname, exc)
             core.send_error(call_id, ErrorCode.REMOTE, type(exc).__qualname__, str(exc))

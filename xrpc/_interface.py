@@ -22,6 +22,7 @@ This module owns the description; it does no I/O.
 from __future__ import annotations
 
 import collections.abc
+import copy
 import dataclasses
 import datetime
 import enum
@@ -401,9 +402,48 @@ def _make_slot(annotation: Any, where: str) -> Slot:
             except TypeError as exc:
                 raise InterfaceError(f"{where}: {exc}") from None
     try:
-        return Slot(annotation)
+        slot = Slot(annotation)
     except TypeError as exc:
         raise InterfaceError(f"{where}: type {_type_name(annotation)} cannot travel: {exc}") from None
+    if slot.plan is None:
+        bad = _custom_type(annotation)
+        if bad is not None:
+            raise InterfaceError(
+                f"{where}: type {_type_name(bad)} cannot travel (use a msgspec Struct, a dataclass, a TypedDict, "
+                "plain data, or an @xrpc.interface to pass it by reference)"
+            )
+    return slot
+
+
+def _custom_type(annotation: Any) -> Any:
+    """The first class inside ``annotation`` that msgspec would treat as opaque, or None."""
+    try:
+        root = msgspec.inspect.type_info(annotation)
+    except (TypeError, ValueError):
+        return None
+    stack: list[Any] = [root]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, msgspec.inspect.CustomType):
+            if node.cls is object:
+                continue
+            return node.cls
+        if isinstance(node, msgspec.inspect.Field):
+            stack.append(node.type)
+            continue
+        if not isinstance(node, msgspec.inspect.Type):
+            continue
+        for name in node.__struct_fields__:
+            value = getattr(node, name)
+            if isinstance(value, (msgspec.inspect.Type, msgspec.inspect.Field)):
+                stack.append(value)
+            elif isinstance(value, tuple):
+                stack.extend(v for v in value if isinstance(v, (msgspec.inspect.Type, msgspec.inspect.Field)))
+    return None
 
 
 def _has_tag(cls: type) -> bool:
@@ -433,6 +473,7 @@ class ParamDescription:
     default: Any = inspect.Parameter.empty
     stream: bool = False  # an AsyncIterator[T] parameter: the client stream; ``slot`` describes T
     slot: Slot | None = None
+    kind: Any = inspect.Parameter.POSITIONAL_OR_KEYWORD
 
     @property
     def has_default(self) -> bool:
@@ -475,23 +516,29 @@ class MethodDescription:
             assert p.slot is not None
             if p.has_default:
                 default = p.default
-                if isinstance(default, (list, dict, set)):
+                if not isinstance(default, _IMMUTABLE_DEFAULTS):
                     default = msgspec.field(default_factory=_copier(default))
                 fields.append((p.name, p.slot.wire_type, default))
             else:
                 fields.append((p.name, p.slot.wire_type))
+        # Required parameters after optional ones (keyword-only) need a keyword-only Struct; the
+        # arguments are then bound by name.  The wire order is the declaration order either way.
+        needs_kw = any(not p.has_default for p in self.value_params[self._first_optional() :])
         try:
             self.args_type: type[msgspec.Struct] = msgspec.defstruct(
                 f"{self.interface.name}.{self.name}.args",
                 fields,
                 array_like=True,
                 frozen=True,
-                kw_only=False,
+                kw_only=needs_kw,
                 omit_defaults=False,
             )
         except (TypeError, ValueError) as exc:
             raise InterfaceError(f"{self.interface.name}.{self.name}: {exc}") from None
         self.args_decoder = msgspec.msgpack.Decoder(self.args_type)
+        self.bind_by_name = needs_kw
+        self.kwonly = tuple(p.name for p in self.value_params if p.kind == inspect.Parameter.KEYWORD_ONLY)
+        self.n_positional = len(self.value_params) - len(self.kwonly)
         self.positions = {p.name: i for i, p in enumerate(self.value_params)}
         # Arguments that need work on the sending side (widened slots, plain-data checks).
         self.checked_args = tuple(
@@ -507,7 +554,10 @@ class MethodDescription:
     def encode_args(self, args: tuple[Any, ...], kwargs: dict[str, Any], conn: Any = None) -> Any:
         """Bind call arguments to the args Struct (caller side); raise ``ValidationError``."""
         try:
-            value = self.args_type(*args, **kwargs)
+            if self.bind_by_name:
+                value = self.args_type(**self._bind(args, kwargs))
+            else:
+                value = self.args_type(*args, **kwargs)
         except TypeError as exc:
             raise ValidationError(f"{self.qualname}(): {exc}", method=self.name) from None
         if self.checked_args or self.ref_args:
@@ -519,8 +569,22 @@ class MethodDescription:
                     raise ValidationError(
                         f"argument {p.name!r} of {self.qualname}: {exc}", method=self.name, argument=p.name
                     ) from None
-            value = self.args_type(*values)
+            if self.bind_by_name:
+                value = self.args_type(**dict(zip((p.name for p in self.value_params), values)))
+            else:
+                value = self.args_type(*values)
         return value
+
+    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        positional = [p.name for p in self.value_params if p.kind != inspect.Parameter.KEYWORD_ONLY]
+        if len(args) > len(positional):
+            raise TypeError(f"takes {len(positional)} positional arguments but {len(args)} were given")
+        bound = dict(zip(positional, args))
+        for k, v in kwargs.items():
+            if k in bound:
+                raise TypeError(f"got multiple values for argument {k!r}")
+            bound[k] = v
+        return bound
 
     def decode_args(self, payload: Any, conn: Any = None) -> tuple[Any, ...]:
         """Decode and check the arguments (callee side); raise ``ValidationError`` naming the argument."""
@@ -544,6 +608,19 @@ class MethodDescription:
             except ValidationError as exc:
                 raise ValidationError(f"argument {p.name!r} of {self.qualname} refused: {exc}", method=self.name, argument=p.name) from None
         return tuple(values)
+
+    def _first_optional(self) -> int:
+        for i, p in enumerate(self.value_params):
+            if p.has_default:
+                return i
+        return len(self.value_params)
+
+    def call_args(self, values: tuple[Any, ...]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Split decoded argument values into what the implementation is called with."""
+        if not self.kwonly:
+            return values, {}
+        n = self.n_positional
+        return values[:n], dict(zip(self.kwonly, values[n:]))
 
     def _arg_error(self, exc: Exception) -> ValidationError:
         text = str(exc)
@@ -662,8 +739,11 @@ class InterfaceDescription:
         return f"<InterfaceDescription {self.name} {len(self.methods)} methods {self.fingerprint}>"
 
 
+_IMMUTABLE_DEFAULTS = (type(None), bool, int, float, str, bytes, complex, enum.Enum, frozenset, datetime.date, datetime.time, datetime.timedelta)
+
+
 def _copier(value: Any) -> Callable[[], Any]:
-    return lambda: type(value)(value)
+    return lambda: copy.deepcopy(value)
 
 
 def _strip_annotated(tp: Any) -> Any:
@@ -753,7 +833,7 @@ def _build(cls: type, name: str, errors: tuple[type[BaseException], ...]) -> Int
                 raise InterfaceError(f"{where}: parameter {pname!r} is not annotated")
             ann = hints[pname]
             is_stream, item = _stream_item(ann)
-            pd = ParamDescription(pname, ann, p.default, is_stream)
+            pd = ParamDescription(pname, ann, p.default, is_stream, kind=p.kind)
             if is_stream:
                 if p.default is not p.empty:
                     raise InterfaceError(f"{where}: stream parameter {pname!r} cannot have a default")
@@ -791,10 +871,13 @@ def _build(cls: type, name: str, errors: tuple[type[BaseException], ...]) -> Int
     return desc
 
 
+_C = TypeVar("_C", bound=type)
+
+
 @typing.overload
-def interface(cls: type[_T], /) -> type[_T]: ...
+def interface(cls: _C, /) -> _C: ...
 @typing.overload
-def interface(*, errors: typing.Sequence[type[BaseException]] = (), name: str | None = None) -> Callable[[type[_T]], type[_T]]: ...
+def interface(*, errors: typing.Sequence[type[BaseException]] = (), name: str | None = None) -> Callable[[_C], _C]: ...
 
 
 def interface(

@@ -1,0 +1,43 @@
+"""Shared fixtures: a listen URL per transport, and a server+client helper."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import shutil
+import tempfile
+from typing import Any, AsyncIterator, Iterator
+
+import pytest
+
+import xrpc
+
+_memory_names = itertools.count(1)
+
+TRANSPORTS = ("memory", "unix", "tcp")
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A URL to listen on, one per transport."""
+    kind = request.param
+    if kind == "memory":
+        yield f"memory://xrpc-tests-{os.getpid()}-{next(_memory_names)}"
+    elif kind == "unix":
+        # AF_UNIX paths are limited to ~108 bytes: keep the directory short.
+        d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+        try:
+            yield f"unix://{d}/s.sock"
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+    else:
+        yield "tcp://127.0.0.1:0"
+
+
+@contextlib.asynccontextmanager
+async def serve_and_connect(server: xrpc.Server, url: str, **connect_kwargs: Any) -> AsyncIterator[xrpc.Connection]:
+    """Listen on ``url`` with ``server`` and yield a client connection to it."""
+    async with server.listen(url) as listener:
+        async with xrpc.connect(listener.url, **connect_kwargs) as conn:
+            yield conn

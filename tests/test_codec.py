@@ -1,0 +1,393 @@
+"""Interface validation at decoration time, ``xrpc.describe``, and a round-trip property test."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Protocol
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import xrpc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Point(msgspec.Struct):
+    x: float
+    y: float
+
+
+class Opaque:
+    """A plain class msgspec cannot carry."""
+
+
+class Oops(Exception):
+    pass
+
+
+@xrpc.interface(errors=(Oops,))
+class Geometry(Protocol):
+    async def distance(self, a: Point, b: Point, scale: float = 1.0) -> float: ...
+    def walk(self, start: Point, steps: int) -> AsyncIterator[Point]: ...
+    async def centroid(self, points: AsyncIterator[Point]) -> Point: ...
+    def chat(self, lines: AsyncIterator[str]) -> AsyncIterator[str]: ...
+    @xrpc.oneway
+    async def log(self, text: str) -> None: ...
+
+
+# --------------------------------------------------------------------------- InterfaceError at decoration time
+def _declare(body: Callable[[], Any]) -> xrpc.InterfaceError:
+    with pytest.raises(xrpc.InterfaceError) as ei:
+        body()
+    return ei.value
+
+
+def test_interface_error_is_an_xrpc_error() -> None:
+    assert issubclass(xrpc.InterfaceError, xrpc.Error)
+
+
+def test_unannotated_parameter() -> None:
+    def body() -> None:
+        @xrpc.interface
+        class Bad(Protocol):
+            async def frobnicate(self, widget) -> int: ...  # type: ignore[no-untyped-def]
+
+    msg = str(_declare(body))
+    assert "frobnicate" in msg and "widget" in msg
+
+
+def test_missing_return_annotation() -> None:
+    def body() -> None:
+        @xrpc.interface
+        class Bad(Protocol):
+            async def frobnicate(self, widget: int): ...  # type: ignore[no-untyped-def]
+
+    msg = str(_declare(body))
+    assert "frobnicate" in msg
+    assert "return" in msg
+
+
+def test_sync_def_that_is_not_a_stream() -> None:
+    def body() -> None:
+        @xrpc.interface
+        class Bad(Protocol):
+            def frobnicate(self, widget: int) -> int: ...
+
+    assert "frobnicate" in str(_declare(body))
+
+
+def test_async_def_returning_a_stream() -> None:
+    def body() -> None:
+        @xrpc.interface
+        class Bad(Protocol):
+            async def frobnicate(self, widget: int) -> AsyncIterator[int]: ...
+
+    assert "frobnicate" in str(_declare(body))
+
+
+@pytest.mark.parametrize(
+    "annotation",
+    [
+        pytest.param(Opaque, id="class"),
+        pytest.param(lambda: 1, id="lambda"),
+        pytest.param(dict[Opaque, int], id="dict-key"),
+        pytest.param(list[Opaque], id="list-item"),
+    ],
+)
+def test_type_the_codec_cannot_carry(annotation: Any) -> None:
+    def body() -> None:
+        async def frobnicate(self: Any, widget: int) -> int: ...
+
+        frobnicate.__annotations__["widget"] = annotation
+        ns = {"frobnicate": frobnicate}
+        cls = type("Bad", (Protocol,), ns)
+        xrpc.interface(cls)
+
+    msg = str(_declare(body))
+    assert "frobnicate" in msg and "widget" in msg
+
+
+def test_reply_type_the_codec_cannot_carry() -> None:
+    def body() -> None:
+        @xrpc.interface
+        class Bad(Protocol):
+            async def frobnicate(self, widget: int) -> Opaque: ...
+
+    assert "frobnicate" in str(_declare(body))
+
+
+def test_two_stream_parameters() -> None:
+    def body() -> None:
+        @xrpc.interface
+        class Bad(Protocol):
+            async def frobnicate(self, left: AsyncIterator[int], right: AsyncIterator[int]) -> int: ...
+
+    msg = str(_declare(body))
+    assert "frobnicate" in msg and "left" in msg and "right" in msg
+
+
+def test_oneway_with_a_return_type() -> None:
+    def body() -> None:
+        @xrpc.interface
+        class Bad(Protocol):
+            @xrpc.oneway
+            async def frobnicate(self, widget: int) -> int: ...
+
+    assert "frobnicate" in str(_declare(body))
+
+
+@pytest.mark.parametrize("kind", ["args", "kwargs"])
+def test_star_args(kind: str) -> None:
+    def body() -> None:
+        if kind == "args":
+
+            @xrpc.interface
+            class Bad(Protocol):
+                async def frobnicate(self, *widgets: int) -> int: ...
+
+        else:
+
+            @xrpc.interface
+            class Bad2(Protocol):
+                async def frobnicate(self, **widgets: int) -> int: ...
+
+    msg = str(_declare(body))
+    assert "frobnicate" in msg and "widgets" in msg
+
+
+def test_allow_takes_subclasses_of_the_base() -> None:
+    from typing import Annotated
+
+    class Base(msgspec.Struct):
+        a: int
+
+    class Other(msgspec.Struct):
+        b: int
+
+    def body() -> None:
+        @xrpc.interface
+        class Bad(Protocol):
+            async def frobnicate(self, widget: Annotated[Base, xrpc.allow(Other)]) -> None: ...
+
+    msg = str(_declare(body))
+    assert "frobnicate" in msg and "widget" in msg
+
+
+def test_struct_default_argument_is_accepted() -> None:
+    @xrpc.interface
+    class WithDefault(Protocol):
+        async def frobnicate(self, origin: Point = Point(0.0, 0.0)) -> float: ...
+
+    (p,) = xrpc.describe(WithDefault).methods["frobnicate"].params
+    assert p.default == Point(0.0, 0.0)
+
+
+def test_required_keyword_only_after_a_default_is_accepted() -> None:
+    @xrpc.interface
+    class KwOnly(Protocol):
+        async def frobnicate(self, a: int = 0, *, widget: int) -> int: ...
+
+    assert [p.name for p in xrpc.describe(KwOnly).methods["frobnicate"].params] == ["a", "widget"]
+
+
+def test_describe_refuses_a_plain_class() -> None:
+    class NotAnInterface(Protocol):
+        async def m(self) -> None: ...
+
+    with pytest.raises(xrpc.InterfaceError):
+        xrpc.describe(NotAnInterface)
+
+
+# --------------------------------------------------------------------------- describe
+def test_interface_returns_the_class_unchanged() -> None:
+    class Plain(Protocol):
+        async def m(self, x: int) -> int: ...
+
+    attrs = {k: v for k, v in vars(Plain).items() if not k.startswith("__")}
+    assert xrpc.interface(Plain) is Plain
+    assert xrpc.interface(errors=(Oops,), name="Other")(Plain) is Plain
+    assert {k: v for k, v in vars(Plain).items() if not k.startswith("__")} == attrs
+    assert getattr(Plain, "_is_protocol", False) is True
+
+
+def test_describe_lists_methods_kinds_and_params() -> None:
+    desc = xrpc.describe(Geometry)
+    assert isinstance(desc, xrpc.InterfaceDescription)
+    assert xrpc.describe(Geometry) is desc
+    assert desc.name == "Geometry"
+    assert set(desc.methods) == {"distance", "walk", "centroid", "chat", "log"}
+    kinds = {name: m.kind for name, m in desc.methods.items()}
+    assert kinds == {
+        "distance": xrpc.MethodKind.UNARY,
+        "walk": xrpc.MethodKind.SERVER_STREAM,
+        "centroid": xrpc.MethodKind.CLIENT_STREAM,
+        "chat": xrpc.MethodKind.BIDI_STREAM,
+        "log": xrpc.MethodKind.ONEWAY,
+    }
+    assert [k.value for k in xrpc.MethodKind] == ["unary", "oneway", "server_stream", "client_stream", "bidi_stream"]
+
+    def params(name: str) -> list[tuple[str, Any]]:
+        return [(p.name, p.annotation) for p in desc.methods[name].params]
+
+    assert params("distance") == [("a", Point), ("b", Point), ("scale", float)]
+    assert params("walk") == [("start", Point), ("steps", int)]
+    assert params("centroid") == [("points", AsyncIterator[Point])]
+    assert params("chat") == [("lines", AsyncIterator[str])]
+    assert params("log") == [("text", str)]
+    dist = desc.methods["distance"]
+    assert isinstance(dist, xrpc.MethodDescription)
+    assert [p.has_default for p in dist.params] == [False, False, True]
+    assert dist.params[2].default == 1.0
+    assert [p.stream for p in desc.methods["centroid"].params] == [True]
+    assert desc.errors == (Oops,)
+
+    # the plain-data form, as the CLI and codegen read it
+    d = desc.describe()
+    assert d["name"] == "Geometry"
+    assert d["fingerprint"] == desc.fingerprint
+    by_name = {m["name"]: m for m in d["methods"]}
+    assert by_name["walk"]["kind"] == "server_stream"
+    assert [p["name"] for p in by_name["walk"]["params"]] == ["start", "steps"]
+    assert by_name["log"]["kind"] == "oneway"
+
+
+def _geometry_variant(returns_int: bool) -> Any:
+    if returns_int:
+
+        @xrpc.interface(errors=(Oops,), name="Geometry")
+        class GeometryB(Protocol):
+            async def distance(self, a: Point, b: Point, scale: float = 1.0) -> int: ...
+            def walk(self, start: Point, steps: int) -> AsyncIterator[Point]: ...
+            async def centroid(self, points: AsyncIterator[Point]) -> Point: ...
+            def chat(self, lines: AsyncIterator[str]) -> AsyncIterator[str]: ...
+            @xrpc.oneway
+            async def log(self, text: str) -> None: ...
+
+        return GeometryB
+
+    @xrpc.interface(errors=(Oops,), name="Geometry")
+    class GeometryA(Protocol):
+        async def distance(self, a: Point, b: Point, scale: float = 1.0) -> float: ...
+        def walk(self, start: Point, steps: int) -> AsyncIterator[Point]: ...
+        async def centroid(self, points: AsyncIterator[Point]) -> Point: ...
+        def chat(self, lines: AsyncIterator[str]) -> AsyncIterator[str]: ...
+        @xrpc.oneway
+        async def log(self, text: str) -> None: ...
+
+    return GeometryA
+
+
+def test_fingerprint_is_stable_and_tracks_signatures() -> None:
+    fp = xrpc.describe(Geometry).fingerprint
+    assert isinstance(fp, str) and fp
+    assert xrpc.describe(Geometry).fingerprint == fp
+    # an identical declaration (built afresh) has the same fingerprint; a changed signature does not
+    assert xrpc.describe(_geometry_variant(returns_int=False)).fingerprint == fp
+    assert xrpc.describe(_geometry_variant(returns_int=True)).fingerprint != fp
+
+
+def test_fingerprint_changes_with_parameters() -> None:
+    @xrpc.interface(name="Same")
+    class V1(Protocol):
+        async def m(self, x: int) -> int: ...
+
+    @xrpc.interface(name="Same")
+    class V2(Protocol):
+        async def m(self, x: int, y: int) -> int: ...
+
+    @xrpc.interface(name="Same")
+    class V3(Protocol):
+        async def m(self, x: str) -> int: ...
+
+    @xrpc.interface(name="Same")
+    class V4(Protocol):
+        async def m(self, renamed: int) -> int: ...
+
+    fps = [xrpc.describe(c).fingerprint for c in (V1, V2, V3, V4)]
+    assert len(set(fps)) == 4
+
+
+def test_fingerprint_is_stable_across_processes() -> None:
+    code = "import sys; sys.path.insert(0, 'tests'); import test_codec, xrpc; print(xrpc.describe(test_codec.Geometry).fingerprint)"
+    outs = set()
+    for seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        outs.add(r.stdout.strip())
+    assert outs == {xrpc.describe(Geometry).fingerprint}
+
+
+# --------------------------------------------------------------------------- round-trip property
+@xrpc.interface
+class Echo(Protocol):
+    async def echo(self, v: Any) -> Any: ...
+
+
+class EchoImpl:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def echo(self, v: Any) -> Any:
+        self.calls += 1
+        return v
+
+
+plain_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=False)
+    | st.text()
+    | st.binary(),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5),
+    max_leaves=25,
+)
+
+
+def _assert_same(got: Any, want: Any) -> None:
+    """Equal, and of the same types all the way down (so 1 is not 1.0 nor True)."""
+    assert type(got) is type(want), (got, want)
+    if isinstance(want, list):
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            _assert_same(g, w)
+    elif isinstance(want, dict):
+        assert list(got) == list(want)
+        for k in want:
+            _assert_same(got[k], want[k])
+    elif isinstance(want, float):
+        assert got == want and math.copysign(1.0, got) == math.copysign(1.0, want)
+    else:
+        assert got == want
+
+
+async def test_plain_values_round_trip_through_any() -> None:
+    """Hypothesis drives one connection from a worker thread (so shrinking works), calls go via the loop."""
+    server = xrpc.Server()
+    impl = EchoImpl()
+    server.export(Echo, impl)
+    examples = 0
+
+    with anyio.fail_after(60):
+        async with xrpc.testing.connect(server) as conn:
+            proxy = conn.proxy(Echo)
+
+            @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
+            @given(plain_values)
+            def check(value: Any) -> None:
+                nonlocal examples
+                examples += 1
+                _assert_same(anyio.from_thread.run(proxy.echo, value), value)
+
+            await anyio.to_thread.run_sync(check)
+    assert examples >= 50
+    assert impl.calls == examples
