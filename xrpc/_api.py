@@ -154,6 +154,8 @@ class Server:
             if not conn.closed:
                 log.info("xrpc: no handshake from %s within %.1fs; closing", conn._peer_name(), self.limits.handshake_timeout)
                 await conn.aclose()
+            else:
+                log.info("xrpc: connection from %s ended before its handshake: %s", conn._peer_name(), conn._failure)
             return
         req = self.requirement
         if req is not None and not conn._satisfies(req):

@@ -1175,13 +1175,13 @@ class Connection:
 
     def _on_item(self, msg: Any, rec: CallRecord) -> None:
         h = rec.handler
-        if h is not None and h.queue is not None:
+        if h is not None and type(h) is not _Pending and h.queue is not None:
             payload = msg.payload
             h.queue.push(payload, msg.count, len(payload) + 20)  # at least the ITEM frame's size
 
     def _on_end(self, msg: Any, rec: CallRecord) -> None:
         h = rec.handler
-        if h is None:
+        if h is None or type(h) is _Pending:
             return
         if h.queue is not None:
             h.queue.finish()
@@ -1191,7 +1191,7 @@ class Connection:
 
     def _on_credit(self, msg: Any, rec: CallRecord) -> None:
         h = rec.handler
-        if h is not None and h.credit is not None:
+        if h is not None and type(h) is not _Pending and h.credit is not None:
             h.credit.wake()
 
     def _on_cancel(self, msg: Any, rec: CallRecord) -> None:
@@ -1355,14 +1355,11 @@ class Connection:
                 core.send_reply(call_id, payload)
             except ValidationError as exc:
                 log.warning("xrpc: reply of %s refused: %s", m.qualname, exc)
-                core.incoming[call_id] = CallRecord(call_id, 0)
                 core.send_error(call_id, ErrorCode.VALIDATION, "ValidationError", str(exc), [""])
             except (TypeError, msgspec.EncodeError, OverflowError) as exc:
                 log.warning("xrpc: reply of %s could not be sent: %s", m.qualname, exc)
-                core.incoming[call_id] = CallRecord(call_id, 0)
                 core.send_error(call_id, ErrorCode.INTERNAL, type(exc).__name__, f"the reply of {m.qualname} could not be encoded: {exc}")
             except LocalProtocolError as exc:
-                core.incoming[call_id] = CallRecord(call_id, 0)
                 core.send_error(call_id, ErrorCode.LIMIT, "LimitExceeded", f"the reply of {m.qualname} is too large: {exc}")
             self._kick_after_reply()
 
@@ -1382,7 +1379,6 @@ class Connection:
             try:
                 core.send_error(call_id, ErrorCode.DECLARED, type(exc).__qualname__, str(exc), list(exc.args))
             except (TypeError, msgspec.EncodeError, OverflowError, LocalProtocolError):
-                core.incoming[call_id] = CallRecord(call_id, 0)
                 core.send_error(call_id, ErrorCode.DECLARED, type(exc).__qualname__, str(exc), [str(exc)])
         elif isinstance(exc, ValidationError):
             core.send_error(call_id, ErrorCode.VALIDATION, "ValidationError", str(exc), [exc.argument])

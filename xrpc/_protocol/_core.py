@@ -210,16 +210,18 @@ class ProtocolCore:
 
     # ------------------------------------------------------------------ answers to the peer's calls
     def send_reply(self, call_id: int, payload: Any) -> None:
-        if self.incoming.pop(call_id, None) is None:
+        if call_id not in self.incoming:
             raise LocalProtocolError(f"no incoming call {call_id} to reply to")
         if self.state in _SENDABLE:
-            self._emit(Reply(call_id, payload))
+            self._emit(Reply(call_id, payload))  # if this raises, the call can still be answered
+        del self.incoming[call_id]
 
     def send_error(self, call_id: int, code: int, type_name: str, message: str, args: Any = None) -> None:
-        if self.incoming.pop(call_id, None) is None:
+        if call_id not in self.incoming:
             raise LocalProtocolError(f"no incoming call {call_id} to answer")
         if self.state in _SENDABLE:
-            self._emit(Error(call_id, code, type_name, message, args))
+            self._emit(Error(call_id, code, type_name, message[:4096], args))
+        del self.incoming[call_id]
 
     def forget_incoming(self, call_id: int) -> None:
         """Drop an incoming call without answering (one-way calls, cancelled calls)."""
@@ -417,11 +419,20 @@ class ProtocolCore:
             ended: CallRecord | None
             if self.is_local_id(call_id):
                 self._check_issued(call_id)
-                ended = self.outgoing.pop(call_id, None)  # a server stream is complete
+                ended = self.outgoing.get(call_id)
+                if ended is not None:
+                    if not ended.flags & CallFlags.STREAM_OUT:
+                        self._fail(f"END for call {call_id}, which has no reply stream")
+                    del self.outgoing[call_id]  # a server stream is complete
             else:
+                if call_id <= 0 or call_id > self._last_peer_id:
+                    self._fail(f"END for call {call_id}, which the peer never started")
                 ended = self.incoming.get(call_id)
-                if ended is not None and ended.recv_end:
-                    self._fail(f"second END on stream {call_id}")
+                if ended is not None:
+                    if not ended.flags & CallFlags.STREAM_IN:
+                        self._fail(f"END for call {call_id}, which has no client stream")
+                    if ended.recv_end:
+                        self._fail(f"second END on stream {call_id}")
             if ended is None:
                 return _DROP
             ended.recv_end = True
@@ -432,6 +443,9 @@ class ProtocolCore:
             if credited is None:
                 return _DROP
             rec = credited
+            sending = CallFlags.STREAM_IN if self.is_local_id(call_id) else CallFlags.STREAM_OUT
+            if not rec.flags & sending:
+                self._fail(f"CREDIT for call {call_id}, on which this side sends no stream")
             items = msg.items  # type: ignore[union-attr]
             nbytes = msg.nbytes  # type: ignore[union-attr]
             if items < 0 or nbytes < 0 or rec.send_credit + items > 1 << 31 or rec.send_bytes + nbytes > 1 << 40:
