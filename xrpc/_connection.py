@@ -935,6 +935,11 @@ class Connection:
                 pass
         self._fds_in.clear()
         self._fds_out.clear()
+        if self.peer.pidfd is not None:
+            try:
+                os.close(self.peer.pidfd)  # valid while the connection is open
+            except OSError:
+                pass
         if self._gate:
             self._gate.clear()
         self._closed.set()

@@ -19,8 +19,11 @@ class Peer:
     """The identity of the other side of a connection.
 
     ``transport`` is ``"unix"``, ``"tcp"``, ``"tls"`` or ``"memory"``.  Unix sockets fill ``uid``,
-    ``gid`` and ``pid`` from the kernel (and ``groups``/``exe`` where they can be read); TLS fills the
-    ``cert_*`` fields from the verified peer certificate; memory connections describe this process.
+    ``gid`` and ``pid`` from the kernel at connect time (SO_PEERCRED), ``pidfd`` where the kernel
+    offers SO_PEERPIDFD (it stays valid while the connection is open, so a recycled pid cannot pose
+    as the peer), and ``groups``/``exe`` from /proc, dropped if the process exited while they were
+    read.  TLS fills the ``cert_*`` fields from the verified peer certificate; memory connections
+    describe this process.
     """
 
     transport: str

@@ -220,6 +220,7 @@ def socket_peer(sock: socket.socket, transport: str) -> Peer:
     if transport == "unix":
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, gid = struct.unpack("3i", creds)
+        pidfd = _peer_pidfd(sock)
         exe: str | None = None
         groups: tuple[int, ...] = ()
         try:
@@ -234,7 +235,12 @@ def socket_peer(sock: socket.socket, transport: str) -> Peer:
                         break
         except (OSError, ValueError):
             groups = ()
-        return Peer(transport="unix", address=str(sock.getsockname()), uid=uid, gid=gid, pid=pid, groups=groups, exe=exe)
+        if pidfd is not None and not _pidfd_alive(pidfd):
+            # the process exited while we looked: what /proc said may belong to a recycled pid
+            exe, groups = None, ()
+        return Peer(
+            transport="unix", address=str(sock.getsockname()), uid=uid, gid=gid, pid=pid, groups=groups, exe=exe, pidfd=pidfd
+        )
     try:
         host, port = sock.getpeername()[:2]
         address = f"{host}:{port}"
@@ -245,6 +251,30 @@ def socket_peer(sock: socket.socket, transport: str) -> Peer:
     except OSError:
         pass
     return Peer(transport=transport, address=address)
+
+
+_SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5+
+
+
+def _peer_pidfd(sock: socket.socket) -> int | None:
+    """A pidfd for the peer process, from the kernel at connect time (Linux 6.5+), or None."""
+    try:
+        fd = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD)
+    except OSError:
+        return None
+    return fd if fd > 0 else None
+
+
+def _pidfd_alive(pidfd: int) -> bool:
+    import signal
+
+    try:
+        signal.pidfd_send_signal(pidfd, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, AttributeError):
+        return True
+    return True
 
 
 def _unix_socket_in_use(path: str) -> bool:
