@@ -30,6 +30,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 import types
 import weakref
 from typing import Any, AsyncIterable, AsyncIterator, Callable, Iterable, Sequence, TypeVar
@@ -102,6 +103,8 @@ class Limits(msgspec.Struct, kw_only=True):
     max_calls_in_flight: int = 4096  # incoming calls served at once, per connection
     write_buffer_high: int = 1024 * 1024  # producers wait for the writer above this many buffered bytes
     max_objects: int = 100_000  # objects exported by reference on one connection
+    max_streams: int = 1024  # incoming stream calls open at once, per connection
+    idle_timeout: float | None = None  # close a connection that received nothing for this long (seconds)
 
 
 class Export:
@@ -635,6 +638,8 @@ class Connection:
         self._closing = False
         self._failure: BaseException | None = None  # why the connection ended
         self._serving = 0
+        self._streams = 0
+        self._last_rx = 0.0
         self._on_interrupted = on_interrupted
         self._on_invalidated = on_invalidated
         self._loop_thread = threading.get_ident()
@@ -868,6 +873,8 @@ class Connection:
                 if self.client:
                     self._core.send_hello()
                     self._kick()
+                if self.limits.idle_timeout is not None:
+                    tg.start_soon(self._idle_watch, self.limits.idle_timeout)
                 task_status.started()
                 if self._aio is not None:
                     await self._aio.done
@@ -891,6 +898,18 @@ class Connection:
                         pass
                 elif isinstance(self._transport, socket.socket):
                     self._transport.close()
+
+    async def _idle_watch(self, idle: float) -> None:
+        """Close the connection once nothing has been received for ``idle`` seconds and nothing is in flight."""
+        self._last_rx = time.monotonic()
+        while True:
+            await anyio.sleep(idle / 4)
+            quiet = time.monotonic() - self._last_rx
+            if quiet >= idle and not self._serving and not self._core.outgoing:
+                log.info("xrpc: closing %s after %.1fs without traffic", self._peer_name(), quiet)
+                self._core.send_goodbye("idle timeout", ErrorCode.LIMIT)
+                await self.aclose()
+                return
 
     def _tls_peer(self, sslobj: Any) -> None:
         """Fill ``peer`` from the verified certificate of a TLS connection."""
@@ -1062,6 +1081,7 @@ class Connection:
     def _feed(self, data: bytes) -> bool:
         """Process received bytes (``b""``: the peer closed).  False once the connection is over."""
         core = self._core
+        self._last_rx = time.monotonic()
         try:
             events = core.receive_data(data)
         except RemoteProtocolError as exc:
@@ -1244,6 +1264,10 @@ class Connection:
             if not oneway:
                 core.send_error(call_id, ErrorCode.PEER_REJECTED, "PeerRejected", f"{m.qualname}: refused")
             return
+        if rec is not None and rec.flags & (CallFlags.STREAM_IN | CallFlags.STREAM_OUT):
+            if self._streams >= self.limits.max_streams:
+                core.send_error(call_id, ErrorCode.LIMIT, "LimitExceeded", f"more than {self.limits.max_streams} streams open")
+                return
         if self._serving >= self.limits.max_calls_in_flight:
             if not oneway:
                 core.send_error(call_id, ErrorCode.LIMIT, "LimitExceeded", f"more than {self.limits.max_calls_in_flight} calls in flight")
@@ -1262,6 +1286,8 @@ class Connection:
             if rec.flags & CallFlags.STREAM_OUT:
                 inc.credit = _Credit()
         self._serving += 1
+        if inc.queue is not None or inc.credit is not None:
+            self._streams += 1
         if loop is None:
             assert self._tg is not None
             self._tg.start_soon(self._serve, msg, m, export, inc)
@@ -1333,6 +1359,8 @@ class Connection:
                 self._kick()
         finally:
             self._serving -= 1
+            if inc.queue is not None or inc.credit is not None:
+                self._streams -= 1
             core.forget_incoming(call_id)
 
     async def _invoke(self, call_id: int, m: MethodDescription, export: Export, fn: Callable[..., Any], args: tuple[Any, ...], inc: _InCall) -> None:
