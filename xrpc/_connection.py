@@ -37,6 +37,7 @@ from typing import Any, AsyncIterable, AsyncIterator, Callable, Iterable, Sequen
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import msgspec
 
 from ._errors import (
@@ -204,7 +205,7 @@ class _StreamQueue:
     (one msgspec call for many items) and returns the credit when it takes the batch.
     """
 
-    __slots__ = ("conn", "call_id", "batches", "event", "end", "error", "consumed", "consumed_bytes", "threshold")
+    __slots__ = ("conn", "call_id", "batches", "event", "end", "error", "consumed", "consumed_bytes", "threshold", "bytes_threshold")
 
     def __init__(self, conn: Connection, call_id: int) -> None:
         self.conn = conn
@@ -216,6 +217,7 @@ class _StreamQueue:
         self.consumed = 0
         self.consumed_bytes = 0
         self.threshold = max(1, conn._core.window // 2)
+        self.bytes_threshold = max(1, conn._core.window_bytes // 2)
 
     def push(self, payload: Any, count: int, size: int) -> None:
         self.batches.append((payload, count, size))
@@ -229,29 +231,36 @@ class _StreamQueue:
         if self.event is not None:
             self.event.set()
 
-    async def next_batch(self) -> tuple[Any, int]:
-        """The next raw batch and its item count; ``StopAsyncIteration`` at the end."""
+    async def next_batch(self) -> tuple[Any, int, int]:
+        """The next raw batch, its item count and size; ``StopAsyncIteration`` at the end."""
         while not self.batches:
             if self.end:
                 raise StopAsyncIteration
             self.event = anyio.Event()
             await self.event.wait()
-        payload, count, size = self.batches.popleft()
+        return self.batches.popleft()
+
+    def consumed_items(self, count: int, nbytes: int) -> None:
+        """The consumer took ``count`` items (and ``nbytes`` of frames): return credit when due."""
         self.consumed += count
-        self.consumed_bytes += size
-        if self.consumed >= self.threshold or self.consumed_bytes >= self.conn._core.window_bytes // 2:
+        self.consumed_bytes += nbytes
+        if self.consumed >= self.threshold or self.consumed_bytes >= self.bytes_threshold:
             if not self.end:
                 self.conn._core.send_credit(self.call_id, self.consumed, self.consumed_bytes)
                 self.conn._kick()
             self.consumed = 0
             self.consumed_bytes = 0
-        return payload, count
 
 
 class _BatchReader:
-    """Turns a ``_StreamQueue`` into decoded items, one batch at a time."""
+    """Turns a ``_StreamQueue`` into decoded items, one batch at a time.
 
-    __slots__ = ("queue", "slot", "m", "items", "pos")
+    Credit goes back as items are handed out (not when a batch arrives), so a producer is never
+    more than one window ahead of its consumer.  If a batch holds a refused item, the valid items
+    before it are still handed out, then the ``ValidationError`` is raised.
+    """
+
+    __slots__ = ("queue", "slot", "m", "items", "pos", "batch_bytes", "error")
 
     def __init__(self, queue: _StreamQueue, slot: Any, m: MethodDescription) -> None:
         self.queue = queue
@@ -259,24 +268,68 @@ class _BatchReader:
         self.m = m
         self.items: list[Any] = []
         self.pos = 0
+        self.batch_bytes = 0
+        self.error: BaseException | None = None
 
     async def next(self) -> Any:
         pos = self.pos
-        if pos < len(self.items):
+        items = self.items
+        if pos < len(items):
             self.pos = pos + 1
-            return self.items[pos]
+            q = self.queue
+            q.consumed += 1
+            if pos + 1 == len(items):
+                q.consumed_bytes += self.batch_bytes
+            if q.consumed >= q.threshold or q.consumed_bytes >= q.bytes_threshold:
+                # credit lets the producer go on: a cancelled consumer must not grant it
+                await anyio.lowlevel.checkpoint_if_cancelled()
+                q.consumed_items(0, 0)
+            return items[pos]
+        if self.error is not None:
+            raise self.error
         while True:
-            payload, count = await self.queue.next_batch()
+            payload, count, size = await self.queue.next_batch()
             try:
                 items = self.slot.decode_batch(payload, self.queue.conn)
-            except (msgspec.DecodeError, RecursionError, UnicodeDecodeError, ValueError) as exc:
-                raise ValidationError(f"stream item of {self.m.qualname} refused: {exc}", method=self.m.name) from None
-            if len(items) != count:
-                raise ValidationError(f"stream batch of {self.m.qualname} holds {len(items)} items, not {count}", method=self.m.name)
+            except (msgspec.DecodeError, RecursionError, UnicodeDecodeError, ValueError, ValidationError) as exc:
+                items = self._salvage(payload, exc)
+            else:
+                if len(items) != count:
+                    self.error = ValidationError(
+                        f"stream batch of {self.m.qualname} holds {len(items)} items, not {count}", method=self.m.name
+                    )
+                    items = []
+            self.batch_bytes = size
             if items:
                 self.items = items
                 self.pos = 1
+                self._consumed(len(items) == 1)
                 return items[0]
+            self.queue.consumed_items(count, size)
+            if self.error is not None:
+                raise self.error
+
+    def _consumed(self, last: bool) -> None:
+        self.queue.consumed_items(1, self.batch_bytes if last else 0)
+
+    def _salvage(self, payload: Any, exc: BaseException) -> list[Any]:
+        """The valid items before the first refused one; remember the refusal for afterwards."""
+        good: list[Any] = []
+        why: BaseException = exc
+        try:
+            raws = _raw_list.decode(payload)
+            for raw in raws:
+                value = self.slot.decode(raw)
+                if self.slot.plan is not None:
+                    value = self.slot.from_wire(self.queue.conn, value)
+                good.append(value)
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError, ValueError, ValidationError) as inner:
+            why = inner
+        self.error = ValidationError(f"stream item of {self.m.qualname} refused: {why}", method=self.m.name)
+        return good
+
+
+_raw_list: msgspec.msgpack.Decoder[list[msgspec.Raw]] = msgspec.msgpack.Decoder(list[msgspec.Raw])
 
 
 @types.coroutine
@@ -1717,6 +1770,7 @@ class CallStream(AsyncIterator[_T]):
         self._reader: _BatchReader | None = None
         self._done = False
         self._pump_scope: anyio.CancelScope | None = None
+        self._taken = 0
 
     def __aiter__(self) -> CallStream[_T]:
         return self
@@ -1751,8 +1805,17 @@ class CallStream(AsyncIterator[_T]):
             reader = self._begin()
         try:
             if self._deadline == math.inf:
+                if reader.pos < len(reader.items):
+                    # items already here: no suspension, so look for a cancellation now and then
+                    self._taken += 1
+                    if self._taken & 15 == 0:
+                        await anyio.lowlevel.checkpoint_if_cancelled()
                 return await reader.next()  # type: ignore[no-any-return]
-            with anyio.fail_after(max(0.0, self._deadline - anyio.current_time())):
+            left = self._deadline - anyio.current_time()
+            if left <= 0:
+                raise TimeoutError(f"the stream {self._m.qualname} passed its deadline")
+            with anyio.fail_after(left):
+                await anyio.lowlevel.checkpoint_if_cancelled()
                 return await reader.next()  # type: ignore[no-any-return]
         except StopAsyncIteration:
             self._finish()

@@ -1,0 +1,1402 @@
+"""Services: named xrpc servers, launched on demand, reconnected after a crash or an upgrade.
+
+Theory of operation
+-------------------
+A *service* is an ``xrpc.Server`` reachable by name.  Its *description* (``NAME.toml`` or
+``NAME.json``, the equivalent of a launchd plist) says how to start it; the first directory of the
+search path that holds one wins.  A running service listens on a Unix socket at a predictable
+per-user path, ``<runtime>/sockets/NAME.sock``, where ``<runtime>`` is ``$XRPC_RUNTIME_DIR/xrpc``,
+else ``$XDG_RUNTIME_DIR/xrpc``, else ``/tmp/xrpc-<uid>``.
+
+``connect_service(name)`` looks the description up at once (``ServiceNotFound`` says where it looked)
+and yields a ``ServiceConnection``; nothing is connected until the first call.  A call that finds no
+connection connects to the socket; if nothing listens there, the client takes an exclusive
+``flock`` on ``<runtime>/locks/NAME.lock``, checks the socket again (another client may just have
+launched the service), and otherwise *launches* the service: a detached process in its own session,
+with the description's environment and working directory, which reports on an inherited pipe that
+it listens.  The client keeps the lock until its own handshake is done.
+
+The service side (``python -m xrpc.service NAME`` for ``module`` services, ``serve_service(server)``
+for ``command`` services written in Python) takes the same lock before it stops listening, for idle
+exit or on SIGTERM.  So a launch and a shutdown never overlap: a client either connects to the old
+instance before it decided to stop (it then counts as a connection and the service stays), or finds
+the socket gone and launches a new instance after the old one has let go of the path.  A connection
+accepted by the kernel but dropped by a stopping service fails its handshake, which is retried;
+no call has been sent on it yet.
+
+A ``ServiceConnection`` is a small state machine (``TRANSITIONS``, rendered for the documentation by
+``state_diagram()``).  It holds one underlying ``xrpc.Connection`` at a time.  When the service
+exits or crashes, what is outstanding on that connection fails with ``ConnectionInterrupted`` (the
+runtime does that), ``on_interrupted`` fires once, and the next call connects (and launches) again.
+It is invalidated for good by ``aclose()``, by a ``PeerRejected``, or when the description is gone at
+reconnect time; ``on_invalidated`` fires once and every later call raises ``ConnectionInvalidated``.
+
+What this module must not do: touch the protocol core beyond what is marked as a stopgap (the
+heartbeat's PONG watch, ``_fail_connection``), or know about frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import difflib
+import errno
+import fcntl
+import functools
+import importlib
+import inspect
+import json
+import logging
+import math
+import os
+import re
+import select
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Mapping, Sequence, TypeVar
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+
+from ._api import Server, connect
+from ._connection import Connection, Limits
+from ._errors import ConnectionInterrupted, ConnectionInvalidated, Error, PeerRejected, TransportError
+from ._interface import describe
+from ._protocol import Pong
+from ._proxy import make_proxy
+
+try:  # Python 3.11+
+    import tomllib as _toml
+except ImportError:  # pragma: no cover - Python 3.10: JSON descriptions only
+    _toml = None  # type: ignore[assignment]
+
+__all__ = (
+    "ServiceConnection",
+    "ServiceDescription",
+    "ServiceDescriptionError",
+    "ServiceNotFound",
+    "ServiceUnavailable",
+    "TRANSITIONS",
+    "connect_service",
+    "find_service",
+    "load_description",
+    "lock_path",
+    "main",
+    "runtime_dir",
+    "serve_service",
+    "service_search_path",
+    "socket_path",
+    "state_diagram",
+    "transition_table",
+)
+
+log = logging.getLogger("xrpc.services")
+_T = TypeVar("_T")
+
+SYSTEM_SERVICE_DIRS = (Path("/etc/xrpc/services"), Path("/usr/share/xrpc/services"))
+RESTART_POLICIES = ("on-demand", "manual")
+READINESS = ("pipe", "socket")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}\Z")
+_MAX_UNIX_PATH = 107  # sun_path holds 108 bytes, one of them the terminating NUL
+
+
+# --------------------------------------------------------------------------- errors
+class ServiceNotFound(ConnectionInvalidated):
+    """No description of the service was found (at ``connect_service``, or when reconnecting).
+
+    ``name`` is the service, ``searched`` the directories looked in, in order.
+    """
+
+    def __init__(self, message: str, *, name: str = "", searched: Sequence[Path] = ()) -> None:
+        super().__init__(message)
+        self.name = name
+        self.searched = tuple(searched)
+
+
+class ServiceDescriptionError(Error):
+    """A service description file is malformed (the message names the file and the key)."""
+
+
+class ServiceUnavailable(ConnectionInterrupted):
+    """The service could not be reached or launched.  The next call tries again."""
+
+
+# --------------------------------------------------------------------------- where things live
+def runtime_dir() -> Path:
+    """The per-user directory holding ``services/``, ``sockets/`` and ``locks/``.
+
+    ``$XRPC_RUNTIME_DIR/xrpc``, else ``$XDG_RUNTIME_DIR/xrpc``, else ``/tmp/xrpc-<uid>``.
+    """
+    base = os.environ.get("XRPC_RUNTIME_DIR") or os.environ.get("XDG_RUNTIME_DIR")
+    if base:
+        return Path(base) / "xrpc"
+    return Path(f"/tmp/xrpc-{os.getuid()}")
+
+
+def service_search_path() -> list[Path]:
+    """Where descriptions are looked for, in order: the per-user directory, the system
+    directories, then each directory of ``$XRPC_SERVICE_PATH`` (``os.pathsep``-separated)."""
+    dirs = [runtime_dir() / "services", *SYSTEM_SERVICE_DIRS]
+    dirs += [Path(p) for p in os.environ.get("XRPC_SERVICE_PATH", "").split(os.pathsep) if p]
+    return dirs
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise ValueError(
+            f"{name!r} is not a valid service name: use letters, digits, '.', '_' and '-' "
+            "(reverse-DNS style, e.g. 'com.example.indexer')"
+        )
+
+
+def socket_path(name: str) -> Path:
+    """The Unix socket a running service ``name`` listens on."""
+    _check_name(name)
+    return runtime_dir() / "sockets" / f"{name}.sock"
+
+
+def lock_path(name: str) -> Path:
+    """The lock file that serializes launching and stopping the service ``name``."""
+    _check_name(name)
+    return runtime_dir() / "locks" / f"{name}.lock"
+
+
+def _private_dir(path: Path) -> Path:
+    """Create ``path`` (mode 0700) if needed; refuse one that others could tamper with."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.stat(path)
+    except OSError as exc:
+        raise ServiceUnavailable(f"cannot create the service directory {path}: {exc.strerror or exc}") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise ServiceUnavailable(f"{path} is not a directory")
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise ServiceUnavailable(
+            f"the service directory {path} is not private (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}): "
+            "it must belong to this user and not be writable by others"
+        )
+    return path
+
+
+def _socket_file(name: str) -> Path:
+    path = socket_path(name)
+    if len(os.fsencode(str(path))) > _MAX_UNIX_PATH:
+        raise ServiceUnavailable(
+            f"the socket path of service {name!r} is too long for a Unix socket ({path}): "
+            "set XRPC_RUNTIME_DIR to a shorter directory"
+        )
+    _private_dir(path.parent)
+    return path
+
+
+# --------------------------------------------------------------------------- descriptions
+@dataclasses.dataclass(frozen=True)
+class ServiceDescription:
+    """A parsed service description (see ``docs/services.md`` for the keys)."""
+
+    name: str
+    path: Path
+    command: tuple[str, ...] | None = None
+    module: str | None = None
+    environment: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    working_directory: Path = Path("/")
+    idle_exit: float | None = None
+    restart: str = "on-demand"
+    readiness: str = "pipe"
+    launch_timeout: float = 10.0
+    python: str | None = None
+    log_file: Path | None = None
+
+    def argv(self) -> list[str]:
+        """The program the launcher runs."""
+        if self.command is not None:
+            return list(self.command)
+        return [self.python or sys.executable, "-m", "xrpc.service", self.name, "--description", str(self.path)]
+
+
+_KEYS = (
+    "name",
+    "command",
+    "module",
+    "environment",
+    "working_directory",
+    "idle_exit",
+    "restart",
+    "readiness",
+    "launch_timeout",
+    "python",
+    "log_file",
+)
+
+
+def _extensions() -> tuple[str, ...]:
+    return (".toml", ".json") if _toml is not None else (".json",)
+
+
+def load_description(path: str | os.PathLike[str]) -> ServiceDescription:
+    """Read and check one description file (``.toml`` or ``.json``)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ServiceDescriptionError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        if path.suffix == ".toml":
+            if _toml is None:  # pragma: no cover - Python 3.10
+                raise ServiceDescriptionError(f"{path}: TOML descriptions need Python 3.11; write {path.stem}.json")
+            data = _toml.loads(raw.decode())
+        elif path.suffix == ".json":
+            data = json.loads(raw)
+        else:
+            raise ServiceDescriptionError(f"{path}: a description is a .toml or a .json file")
+    except ServiceDescriptionError:
+        raise
+    except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise ServiceDescriptionError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from None
+    return _parse(path, data)
+
+
+def _parse(path: Path, data: Any) -> ServiceDescription:
+    def bad(message: str) -> ServiceDescriptionError:
+        return ServiceDescriptionError(f"{path}: {message}")
+
+    if not isinstance(data, dict):
+        raise bad("the description must be a table of keys")
+    unknown = sorted(set(data) - set(_KEYS))
+    if unknown:
+        raise bad(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} (the keys are {', '.join(_KEYS)})")
+    name = data.get("name")
+    if not isinstance(name, str):
+        raise bad("'name' (a string) is required")
+    if name != path.stem:
+        raise bad(f"'name' is {name!r} but the file is named for {path.stem!r}")
+    try:
+        _check_name(name)
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+    command = data.get("command")
+    module = data.get("module")
+    if (command is None) == (module is None):
+        raise bad("give exactly one of 'command' (an argv list) and 'module' ('package.module:factory')")
+    if command is not None:
+        if not isinstance(command, list) or not command or not all(isinstance(a, str) and a for a in command):
+            raise bad("'command' must be a non-empty list of non-empty strings (an argv)")
+        command = tuple(command)
+    if module is not None:
+        if not isinstance(module, str) or not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", module):
+            raise bad(f"'module' must look like 'package.module:factory', not {module!r}")
+    env = data.get("environment", {})
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise bad("'environment' must be a table of string values")
+    wd = data.get("working_directory", "/")
+    if not isinstance(wd, str) or not wd:
+        raise bad("'working_directory' must be a path")
+    idle_exit = data.get("idle_exit")
+    if idle_exit is not None and (isinstance(idle_exit, bool) or not isinstance(idle_exit, (int, float)) or not 0 <= idle_exit < math.inf):
+        raise bad("'idle_exit' must be a number of seconds >= 0")
+    restart = data.get("restart", "on-demand")
+    if restart not in RESTART_POLICIES:
+        raise bad(f"'restart' must be one of {', '.join(map(repr, RESTART_POLICIES))}, not {restart!r}")
+    readiness = data.get("readiness", "pipe")
+    if readiness not in READINESS:
+        raise bad(f"'readiness' must be one of {', '.join(map(repr, READINESS))}, not {readiness!r}")
+    if module is not None and readiness != "pipe":
+        raise bad("a 'module' service always reports readiness on the pipe: drop 'readiness'")
+    launch_timeout = data.get("launch_timeout", 10.0)
+    if isinstance(launch_timeout, bool) or not isinstance(launch_timeout, (int, float)) or not 0 < launch_timeout < math.inf:
+        raise bad("'launch_timeout' must be a number of seconds > 0")
+    python = data.get("python")
+    if python is not None and (not isinstance(python, str) or not python):
+        raise bad("'python' must be the path of an interpreter")
+    if python is not None and command is not None:
+        raise bad("'python' only applies to a 'module' service")
+    log_file = data.get("log_file")
+    if log_file is not None and (not isinstance(log_file, str) or not log_file):
+        raise bad("'log_file' must be a path")
+    here = path.parent
+    return ServiceDescription(
+        name=name,
+        path=path.absolute(),
+        command=command,
+        module=module,
+        environment=dict(env),
+        working_directory=(here / wd).absolute(),
+        idle_exit=float(idle_exit) if idle_exit is not None else None,
+        restart=restart,
+        readiness=readiness,
+        launch_timeout=float(launch_timeout),
+        python=python,
+        log_file=(here / log_file).absolute() if log_file is not None else None,
+    )
+
+
+def find_service(name: str, search_path: Sequence[str | os.PathLike[str]] | None = None) -> ServiceDescription:
+    """The description of ``name``: the first ``NAME.toml`` / ``NAME.json`` on the search path.
+
+    Raises ``ServiceNotFound`` naming every directory looked in, in order, and the likely cause.
+    """
+    _check_name(name)
+    dirs = [Path(d) for d in (service_search_path() if search_path is None else search_path)]
+    exts = _extensions()
+    notes: list[str] = []
+    for d in dirs:
+        for ext in exts:
+            candidate = d / f"{name}{ext}"
+            if candidate.is_file():
+                return load_description(candidate)
+    raise ServiceNotFound(_not_found_message(name, dirs, exts), name=name, searched=dirs)
+
+
+def _not_found_message(name: str, dirs: list[Path], exts: tuple[str, ...]) -> str:
+    files = " or ".join(f"{name}{e}" for e in exts)
+    if not dirs:
+        return f"no service named {name!r}: the search path is empty, so {files} was looked for nowhere."
+    lines = [f"no service named {name!r}: looked for {files} in these directories, in this order:"]
+    existing: list[Path] = []
+    for i, d in enumerate(dirs, 1):
+        if d.is_dir():
+            existing.append(d)
+            status = "no such file"
+        elif d.exists():
+            status = "not a directory"
+        else:
+            status = "directory does not exist"
+        lines.append(f"  {i}. {d} ({status})")
+    cause = ""
+    if _toml is None:  # pragma: no cover - Python 3.10
+        for d in existing:
+            if (d / f"{name}.toml").is_file():
+                cause = f"{d / (name + '.toml')} exists, but TOML descriptions need Python 3.11: write {name}.json instead."
+                break
+    if not cause:
+        known: dict[str, Path] = {}
+        for d in existing:
+            try:
+                entries = sorted(os.listdir(d))
+            except OSError:
+                continue
+            for entry in entries:
+                stem, ext = os.path.splitext(entry)
+                if ext in exts:
+                    known.setdefault(stem, d / entry)
+        close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.8)
+        if close:
+            cause = f"{known[close[0]]} describes {close[0]!r}: is the name misspelt?"
+    if not cause:
+        if not existing:
+            cause = (
+                "none of these directories exists: the service is not installed, "
+                "or XRPC_RUNTIME_DIR / XRPC_SERVICE_PATH do not point where it is."
+            )
+        else:
+            cause = (
+                f"the service is not installed: put {name}{exts[0]} into one of these directories, "
+                "or add the directory that holds it to XRPC_SERVICE_PATH."
+            )
+    lines.append(f"Likely cause: {cause}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the launch lock
+async def _lock(path: Path) -> int:
+    """Take an exclusive ``flock`` on ``path``; return the descriptor that holds it.
+
+    The blocking wait runs in a worker thread and may be cancelled: a lock obtained after its
+    waiter gave up is released at once.  The kernel drops the lock when its holder dies, so a lock
+    file left by a crash never blocks anyone (lock files are never deleted, on purpose).
+    """
+    _private_dir(path.parent)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except BlockingIOError:
+        pass
+    except BaseException:
+        os.close(fd)
+        raise
+    guard = threading.Lock()
+    flags = {"abandoned": False, "done": False}
+
+    def wait() -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        finally:
+            with guard:
+                flags["done"] = True
+                if flags["abandoned"]:
+                    os.close(fd)
+
+    try:
+        await anyio.to_thread.run_sync(wait, abandon_on_cancel=True)
+    except BaseException:
+        with guard:
+            flags["abandoned"] = True
+            if flags["done"]:
+                os.close(fd)
+        raise
+    return fd
+
+
+def _unlock(fd: int) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextlib.asynccontextmanager
+async def _locked(path: Path) -> AsyncIterator[None]:
+    fd = await _lock(path)
+    try:
+        yield
+    finally:
+        _unlock(fd)
+
+
+# --------------------------------------------------------------------------- launching
+# Run by a bare interpreter (``-I -S``) in a new session: fork, report the service's pid on the
+# readiness pipe, and exit; the grandchild execs the service.  The service is thus nobody's child
+# but init's (no zombie in the client, no Popen to wait for), as a launchd job is.
+_SPAWN = r"""
+import os, sys
+fd = int(sys.argv[1]); keep = sys.argv[2] == "1"; argv = sys.argv[3:]
+pid = os.fork()
+if pid:
+    os.write(fd, b"pid %d\n" % pid)
+    os._exit(0)
+if not keep:
+    os.close(fd)
+try:
+    os.execvp(argv[0], argv)
+except OSError as exc:
+    msg = "cannot run %r: %s" % (argv[0], exc.strerror or exc)
+    os.write(2, ("xrpc: " + msg + "\n").encode())
+    if keep:
+        os.write(fd, ("error " + msg + "\n").encode())
+    os._exit(127)
+"""
+
+_PASSTHROUGH_ENV = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LANGUAGE",
+    "LC_ALL",
+    "LC_CTYPE",
+    "LC_MESSAGES",
+    "TZ",
+    "TMPDIR",
+    "XDG_RUNTIME_DIR",
+    "XRPC_RUNTIME_DIR",
+    "XRPC_SERVICE_PATH",
+)
+
+
+def _service_env(desc: ServiceDescription, sock: Path, lockp: Path, ready_fd: int | None) -> dict[str, str]:
+    env = {k: os.environ[k] for k in _PASSTHROUGH_ENV if k in os.environ}
+    env.update(desc.environment)
+    env.update(
+        XRPC_SERVICE_NAME=desc.name,
+        XRPC_SERVICE_FILE=str(desc.path),
+        XRPC_SERVICE_SOCKET=str(sock),
+        XRPC_SERVICE_URL=f"unix://{sock}",
+        XRPC_SERVICE_LOCK=str(lockp),
+    )
+    if desc.idle_exit is not None:
+        env["XRPC_IDLE_EXIT"] = repr(desc.idle_exit)
+    if ready_fd is not None:
+        env["XRPC_READY_FD"] = str(ready_fd)
+    return env
+
+
+async def _launch(desc: ServiceDescription, sock: Path, lockp: Path) -> int:
+    """Start the service and return its pid once it listens (the caller holds the lock)."""
+    keep = desc.readiness == "pipe"
+    r, w = os.pipe()
+    argv = [sys.executable, "-I", "-S", "-c", _SPAWN, str(w), "1" if keep else "0", *desc.argv()]
+    started = anyio.current_time()
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        out: Any = subprocess.DEVNULL
+        err: Any = None
+        logf = None
+        if desc.log_file is not None:
+            try:
+                logf = out = err = open(desc.log_file, "ab")
+            except OSError as exc:
+                raise ServiceUnavailable(f"service {desc.name!r}: cannot open its log_file: {exc}") from exc
+        try:
+            proc = subprocess.Popen(
+                argv,
+                env=_service_env(desc, sock, lockp, w if keep else None),
+                cwd=desc.working_directory,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+                pass_fds=(w,),
+            )
+        except OSError as exc:
+            raise ServiceUnavailable(
+                f"service {desc.name!r} ({desc.path}): cannot start it in {desc.working_directory}: {exc.strerror or exc}"
+            ) from exc
+        finally:
+            os.close(w)
+            if logf is not None:
+                logf.close()
+        pid = await _await_ready(desc, r, sock, proc.pid)
+    finally:
+        os.close(r)
+        if proc is not None:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(proc.wait)  # the spawner exits right after forking
+    log.info("xrpc: launched service %s (pid %d) in %.3fs", desc.name, pid, anyio.current_time() - started)
+    return pid
+
+
+async def _await_ready(desc: ServiceDescription, r: int, sock: Path, group: int) -> int:
+    os.set_blocking(r, False)
+    pid: int | None = None
+    error = ""
+    ready = False
+    buf = b""
+    try:
+        with anyio.fail_after(desc.launch_timeout):
+            while not ready:
+                await anyio.wait_readable(r)
+                chunk = os.read(r, 4096)
+                if not chunk:
+                    break
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    text = line.decode(errors="replace")
+                    if text.startswith("pid "):
+                        pid = int(text[4:])
+                    elif text.startswith("ready"):
+                        ready = True
+                    elif text.startswith("error "):
+                        error = text[6:]
+            if desc.readiness == "socket" and pid is not None and not error:
+                ready = await _await_listening(sock, pid)
+    except TimeoutError:
+        with contextlib.suppress(OSError):
+            os.killpg(group, signal.SIGKILL)  # the service's whole process group
+        raise TimeoutError(
+            f"service {desc.name!r} ({desc.path}) did not report that it listens within {desc.launch_timeout:g}s; "
+            f"it was killed (see its standard error{' in ' + str(desc.log_file) if desc.log_file else ''})"
+        ) from None
+    if not ready or pid is None:
+        where = f"see {desc.log_file}" if desc.log_file else "see its standard error"
+        reason = f": {error}" if error else f" ({where})"
+        raise ServiceUnavailable(f"service {desc.name!r} ({desc.path}) exited before it was ready{reason}")
+    return pid
+
+
+async def _await_listening(sock: Path, pid: int) -> bool:
+    """``readiness = "socket"``: wait (bounded by the caller, with backoff) until ``sock`` accepts."""
+    try:
+        pidfd: int | None = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    delay = 0.002
+    try:
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(str(sock))
+                return True
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN):
+                    raise
+            finally:
+                s.close()
+            if pidfd is not None and select.select([pidfd], [], [], 0)[0]:
+                return False  # the service died before it listened
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+# --------------------------------------------------------------------------- the state machine
+IDLE = "idle"
+CONNECTING = "connecting"
+CONNECTED = "connected"
+INTERRUPTED = "interrupted"
+INVALIDATED = "invalidated"
+INITIAL = IDLE
+TERMINAL = (INVALIDATED,)
+
+#: (state, event) -> next state.  A pair that is not here means: the event changes nothing.
+TRANSITIONS: dict[tuple[str, str], str] = {
+    (IDLE, "call"): CONNECTING,
+    (IDLE, "aclose"): INVALIDATED,
+    (CONNECTING, "connected"): CONNECTED,
+    (CONNECTING, "connect_failed"): IDLE,
+    (CONNECTING, "rejected"): INVALIDATED,
+    (CONNECTING, "description_removed"): INVALIDATED,
+    (CONNECTING, "aclose"): INVALIDATED,
+    (CONNECTED, "peer_lost"): INTERRUPTED,
+    (CONNECTED, "heartbeat_missed"): INTERRUPTED,
+    (CONNECTED, "idle_disconnect"): IDLE,
+    (CONNECTED, "rejected"): INVALIDATED,
+    (CONNECTED, "aclose"): INVALIDATED,
+    (INTERRUPTED, "call"): CONNECTING,
+    (INTERRUPTED, "aclose"): INVALIDATED,
+}
+
+#: What each event is, for the documentation.
+EVENTS: dict[str, str] = {
+    "call": "a call needs a connection",
+    "connected": "the handshake with the service is done (launching it first if nothing listened)",
+    "connect_failed": "connecting or launching failed (`ServiceUnavailable`, `TimeoutError` ...); the call raises it",
+    "rejected": "the service refused the connection (`PeerRejected`)",
+    "description_removed": "the description is gone at reconnect time (`ServiceNotFound`)",
+    "peer_lost": "the service exited or crashed; outstanding calls fail with `ConnectionInterrupted`",
+    "heartbeat_missed": "the service did not answer a heartbeat PING in time (a silent peer)",
+    "idle_disconnect": "nothing was in flight for `disconnect_when_idle` seconds; the connection was closed",
+    "aclose": "`aclose()` (or leaving the `async with` block)",
+}
+
+#: Callbacks fired on entering a state.
+ON_ENTER: dict[str, str] = {INTERRUPTED: "on_interrupted", INVALIDATED: "on_invalidated"}
+
+
+def state_diagram() -> str:
+    """The ``ServiceConnection`` state machine as a Mermaid ``stateDiagram``, from ``TRANSITIONS``."""
+    lines = ["stateDiagram-v2", f"    [*] --> {INITIAL}"]
+    for (src, event), dst in TRANSITIONS.items():
+        lines.append(f"    {src} --> {dst}: {event}")
+    for state in TERMINAL:
+        lines.append(f"    {state} --> [*]")
+    for state, callback in ON_ENTER.items():
+        lines.append(f"    note right of {state}: fires {callback}")
+    return "\n".join(lines) + "\n"
+
+
+def transition_table() -> str:
+    """``TRANSITIONS`` as a Markdown table, with what each event means."""
+    lines = ["| state | event | next state | the event |", "|---|---|---|---|"]
+    for (src, event), dst in TRANSITIONS.items():
+        lines.append(f"| {src} | {event} | {dst} | {EVENTS[event]} |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- the client side
+def _clone(exc: BaseException) -> BaseException:
+    """A copy of ``exc`` to raise in another task (one exception object must not be raised twice)."""
+    try:
+        return copy.copy(exc)
+    except Exception:
+        return exc
+
+
+class _Hold:
+    """One underlying connection and what the ``ServiceConnection`` knows about it."""
+
+    __slots__ = ("conn", "ended", "live", "reason")
+
+    def __init__(self) -> None:
+        self.conn: Connection | None = None
+        self.ended = anyio.Event()
+        self.live = False  # handed to callers (events before that are the connect attempt's business)
+        self.reason = ""  # why we ended it ourselves: "idle_disconnect" or "heartbeat_missed"
+
+
+class _Attempt:
+    __slots__ = ("done", "error", "scope")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.error: BaseException | None = None
+        self.scope = anyio.CancelScope()
+
+
+class ServiceConnection:
+    """A connection to a named service that survives the service: see ``connect_service``.
+
+    ``proxy()`` works as on ``xrpc.Connection``; calls connect (and launch) on demand.  ``state`` is
+    one of ``idle``, ``connecting``, ``connected``, ``interrupted``, ``invalidated``.
+    """
+
+    def __init__(
+        self,
+        description: ServiceDescription,
+        tg: anyio.abc.TaskGroup,
+        *,
+        search_path: Sequence[str | os.PathLike[str]] | None = None,
+        exports: Sequence[Any] = (),
+        timeout: float | None = None,
+        on_interrupted: Callable[[], Any] | None = None,
+        on_invalidated: Callable[[], Any] | None = None,
+        heartbeat: float | None = None,
+        disconnect_when_idle: float | None = None,
+        limits: Limits | None = None,
+        requirement: Any = None,
+    ) -> None:
+        if heartbeat is not None and not heartbeat > 0:
+            raise ValueError("heartbeat= is an interval in seconds > 0")
+        if disconnect_when_idle is not None and not disconnect_when_idle > 0:
+            raise ValueError("disconnect_when_idle= is a number of seconds > 0")
+        self.name = description.name
+        self.description = description
+        self.url = f"unix://{socket_path(description.name)}"
+        self._tg = tg
+        self._search_path = None if search_path is None else [Path(p) for p in search_path]
+        self._exports = list(exports)
+        self._timeout = timeout
+        self._on_interrupted = on_interrupted
+        self._on_invalidated = on_invalidated
+        self._heartbeat = heartbeat
+        self._idle = disconnect_when_idle
+        self._limits = limits or Limits()
+        self._requirement = requirement
+        self._state = INITIAL
+        self._hold: _Hold | None = None
+        self._attempt: _Attempt | None = None
+        self._invalid: BaseException | None = None
+        self._proxies: dict[tuple[str, str, float | None], Any] = {}
+        self._last_activity = 0.0
+        self.launches = 0  # how many times this connection launched the service
+
+    def __repr__(self) -> str:
+        return f"<xrpc.ServiceConnection {self.name!r} {self._state}>"
+
+    # -------------------------------------------------------------- public surface
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def closed(self) -> bool:
+        return self._state == INVALIDATED
+
+    @property
+    def connection(self) -> Connection | None:
+        """The current underlying connection, if connected."""
+        hold = self._hold
+        if self._state == CONNECTED and hold is not None:
+            return hold.conn
+        return None
+
+    def proxy(self, iface: Callable[..., _T], name: str = "", timeout: float | None = None) -> _T:
+        """A proxy typed as ``iface`` for the object the service exports under ``name``."""
+        desc = describe(iface)
+        key = name or desc.name
+        cache_key = (desc.name, key, timeout)
+        p = self._proxies.get(cache_key)
+        if p is None:
+            p = make_proxy(self, desc, key, timeout)  # type: ignore[arg-type]
+            self._proxies[cache_key] = p
+        return p  # type: ignore[no-any-return]
+
+    def export(self, iface: Any, obj: Any, name: str = "") -> None:
+        """Serve ``obj`` to the service, on the current connection and every later one."""
+        self._exports.append((iface, obj, name) if name else (iface, obj))
+        conn = self.connection
+        if conn is not None:
+            conn.export(iface, obj, name)
+
+    async def connect(self) -> Connection:
+        """Connect now (launching the service if needed); return the underlying connection."""
+        return await self._acquire()
+
+    async def aclose(self) -> None:
+        """Close for good (idempotent): outstanding and later calls raise ``ConnectionInvalidated``."""
+        if self._state != INVALIDATED:
+            self._invalid = ConnectionInvalidated(f"the connection to service {self.name!r} was closed")
+            self._fire("aclose")
+        attempt = self._attempt
+        if attempt is not None:
+            attempt.scope.cancel()
+        hold = self._hold
+        if hold is not None and hold.conn is not None:
+            await hold.conn.aclose()
+
+    # -------------------------------------------------------------- the calls proxies make
+    async def call_unary(self, obj: str, m: Any, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
+        conn, remaining = await self._acquire_within(timeout)
+        try:
+            return await conn.call_unary(obj, m, args, kwargs, remaining)
+        finally:
+            self._last_activity = anyio.current_time()
+
+    async def call_oneway(self, obj: str, m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        conn = await self._acquire()
+        await conn.call_oneway(obj, m, args, kwargs)
+
+    async def call_client_stream(
+        self, obj: str, m: Any, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Any:
+        conn, remaining = await self._acquire_within(timeout)
+        try:
+            return await conn.call_client_stream(obj, m, args, kwargs, remaining)
+        finally:
+            self._last_activity = anyio.current_time()
+
+    def call_stream(self, obj: str, m: Any, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> _ServiceStream:
+        return _ServiceStream(self, obj, m, args, kwargs, timeout)
+
+    # -------------------------------------------------------------- getting a connection
+    async def _acquire_within(self, timeout: float | None) -> tuple[Connection, float | None]:
+        if timeout is None:
+            return await self._acquire(), None
+        deadline = anyio.current_time() + timeout
+        with anyio.fail_after(timeout):
+            conn = await self._acquire()
+        return conn, max(deadline - anyio.current_time(), 0.0)
+
+    async def _acquire(self) -> Connection:
+        while True:
+            state = self._state
+            if state == INVALIDATED:
+                assert self._invalid is not None
+                raise _clone(self._invalid)
+            if state == CONNECTED:
+                hold = self._hold
+                assert hold is not None and hold.conn is not None
+                if not hold.conn.closed:
+                    self._last_activity = anyio.current_time()
+                    return hold.conn
+                await hold.ended.wait()
+                continue
+            if state == CONNECTING:
+                attempt = self._attempt
+                assert attempt is not None
+                await attempt.done.wait()
+                if attempt.error is not None:
+                    raise _clone(attempt.error) from attempt.error
+                continue
+            await self._connect_now()
+
+    async def _connect_now(self) -> None:
+        attempt = self._attempt = _Attempt()
+        self._fire("call")
+        hold: _Hold | None = None
+        try:
+            with attempt.scope:
+                hold = await self._establish()
+            if hold is None or self._state != CONNECTING:  # aclose() meanwhile
+                if hold is not None and hold.conn is not None:
+                    await hold.conn.aclose()
+                assert self._invalid is not None
+                raise _clone(self._invalid)
+        except BaseException as exc:
+            if self._state == CONNECTING:
+                if isinstance(exc, ServiceNotFound):
+                    self._invalidate(exc, "description_removed")
+                elif isinstance(exc, PeerRejected):
+                    self._invalidate(exc, "rejected")
+                else:
+                    self._fire("connect_failed")
+            if not isinstance(exc, anyio.get_cancelled_exc_class()):
+                attempt.error = exc
+            attempt.done.set()
+            raise
+        self._hold = hold
+        hold.live = True
+        self._last_activity = anyio.current_time()
+        self._fire("connected")
+        attempt.done.set()
+        if hold.ended.is_set():  # lost between the handshake and now
+            self._conn_lost(hold)
+
+    async def _establish(self) -> _Hold:
+        desc = self.description = find_service(self.name, self._search_path)
+        limit = self._timeout if self._timeout is not None else desc.launch_timeout + self._limits.handshake_timeout
+        try:
+            with anyio.fail_after(limit):
+                return await self._establish_now(desc)
+        except TimeoutError as exc:
+            if str(exc):
+                raise
+            raise TimeoutError(f"service {self.name!r}: not connected within {limit:g}s") from None
+
+    async def _establish_now(self, desc: ServiceDescription) -> _Hold:
+        sock = _socket_file(desc.name)
+        url = f"unix://{sock}"
+        try:
+            return await self._open(url)
+        except TransportError as exc:
+            last: BaseException = exc
+        if desc.restart == "manual":
+            raise ServiceUnavailable(
+                f"service {desc.name!r} is not running ({last}) and its restart policy is 'manual': it is not launched on demand"
+            ) from last
+        lockp = lock_path(desc.name)
+        for _ in range(3):
+            async with _locked(lockp):
+                try:
+                    return await self._open(url)  # launched by someone else meanwhile?
+                except TransportError:
+                    pass
+                await _launch(desc, sock, lockp)
+                self.launches += 1
+                try:
+                    # still under the lock: the service cannot decide to stop before we are in
+                    return await self._open(url)
+                except TransportError as exc:
+                    last = exc
+        raise ServiceUnavailable(f"service {desc.name!r} was launched but does not accept connections: {last}") from last
+
+    async def _open(self, url: str) -> _Hold:
+        hold = _Hold()
+        await self._tg.start(self._run_hold, url, hold)
+        return hold
+
+    async def _run_hold(self, url: str, hold: _Hold, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        async with connect(
+            url,
+            exports=self._exports,
+            timeout=self._limits.handshake_timeout,
+            on_invalidated=functools.partial(self._conn_ended, hold),
+            limits=self._limits,
+            requirement=self._requirement,
+        ) as conn:
+            hold.conn = conn
+            task_status.started()
+            async with anyio.create_task_group() as tg:
+                if self._heartbeat is not None:
+                    tg.start_soon(self._beat, hold, self._heartbeat)
+                if self._idle is not None:
+                    tg.start_soon(self._disconnect_when_idle, hold, self._idle)
+                await hold.ended.wait()
+                tg.cancel_scope.cancel()
+
+    # -------------------------------------------------------------- events
+    def _conn_ended(self, hold: _Hold) -> None:
+        """The underlying connection's ``on_invalidated`` (it fires once, whatever the cause)."""
+        hold.ended.set()
+        if hold.live and self._hold is hold:
+            self._conn_lost(hold)
+
+    def _conn_lost(self, hold: _Hold) -> None:
+        if self._state != CONNECTED:
+            return
+        failure = hold.conn._failure if hold.conn is not None else None
+        if isinstance(failure, PeerRejected):
+            self._invalidate(PeerRejected(f"service {self.name!r}: {failure}"), "rejected")
+        elif hold.reason:
+            self._fire(hold.reason)
+        else:
+            self._fire("peer_lost")
+
+    def _invalidate(self, exc: BaseException, event: str) -> None:
+        self._invalid = exc
+        self._fire(event)
+
+    def _fire(self, event: str) -> bool:
+        new = TRANSITIONS.get((self._state, event))
+        if new is None:
+            return False
+        log.debug("xrpc: service %s: %s --%s--> %s", self.name, self._state, event, new)
+        self._state = new
+        callback = self._on_interrupted if new == INTERRUPTED else self._on_invalidated if new == INVALIDATED else None
+        if callback is not None:
+            try:
+                res = callback()
+                if inspect.isawaitable(res):
+                    res.close()  # type: ignore[attr-defined]
+                    log.warning("xrpc: connection callbacks must be plain functions; %r returned an awaitable", callback)
+            except Exception:
+                log.exception("xrpc: service %s: callback %r failed", self.name, callback)
+        return True
+
+    # -------------------------------------------------------------- keeping watch
+    async def _beat(self, hold: _Hold, interval: float) -> None:
+        """PING every ``interval``; no PONG within ``interval`` means a silent peer.
+
+        Stopgap: the runtime has no PONG hook yet, so this replaces the connection's PONG handler on
+        the instance (``Connection._handlers``) and ends it with ``_fail_connection``.
+        """
+        conn = hold.conn
+        assert conn is not None
+        answered = 0
+        wake: anyio.Event | None = None
+
+        def on_pong(_conn: Connection, msg: Any, _rec: Any) -> None:
+            nonlocal answered
+            answered = max(answered, msg.nonce)
+            if wake is not None:
+                wake.set()
+
+        handlers = dict(type(conn)._handlers)
+        handlers[Pong] = on_pong
+        conn._handlers = handlers  # type: ignore[misc]
+        nonce = 0
+        while True:
+            await anyio.sleep(interval)
+            nonce += 1
+            conn._core.send_ping(nonce)
+            conn._kick()
+            with anyio.move_on_after(interval):
+                while answered < nonce:
+                    wake = anyio.Event()
+                    await wake.wait()
+            if answered < nonce:
+                log.warning("xrpc: service %s did not answer a heartbeat within %gs", self.name, interval)
+                hold.reason = "heartbeat_missed"
+                conn._fail_connection(
+                    ConnectionInterrupted(f"service {self.name!r} did not answer a heartbeat within {interval:g}s")
+                )
+                return
+
+    async def _disconnect_when_idle(self, hold: _Hold, idle: float) -> None:
+        conn = hold.conn
+        assert conn is not None
+        while True:
+            wait = self._last_activity + idle - anyio.current_time()
+            if wait > 0:
+                await anyio.sleep(wait)
+                continue
+            if conn._core.outgoing or conn._serving:
+                self._last_activity = anyio.current_time()
+                continue
+            hold.reason = "idle_disconnect"
+            await conn.aclose()
+            return
+
+
+class _ServiceStream:
+    """A stream call through a ``ServiceConnection``: it connects on the first iteration."""
+
+    def __init__(self, sc: ServiceConnection, obj: str, m: Any, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> None:
+        self._sc = sc
+        self._call: tuple[str, Any, tuple[Any, ...], dict[str, Any]] | None = (obj, m, args, kwargs)
+        self._timeout = timeout
+        self._inner: Any = None
+        self._done = False
+
+    def __aiter__(self) -> _ServiceStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            inner = self._inner
+            if inner is None:
+                assert self._call is not None
+                conn, remaining = await self._sc._acquire_within(self._timeout)
+                obj, m, args, kwargs = self._call
+                self._call = None
+                inner = self._inner = conn.call_stream(obj, m, args, kwargs, remaining)
+            return await inner.__anext__()
+        except BaseException:
+            self._done = True
+            self._sc._last_activity = anyio.current_time()
+            raise
+
+    async def aclose(self) -> None:
+        self._done = True
+        self._call = None
+        if self._inner is not None:
+            await self._inner.aclose()
+        else:
+            await anyio.lowlevel.checkpoint()
+
+    async def __aenter__(self) -> _ServiceStream:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+
+@contextlib.asynccontextmanager
+async def connect_service(
+    name: str,
+    *,
+    exports: Sequence[Any] = (),
+    timeout: float | None = None,
+    on_interrupted: Callable[[], Any] | None = None,
+    on_invalidated: Callable[[], Any] | None = None,
+    heartbeat: float | None = None,
+    disconnect_when_idle: float | None = None,
+    search_path: Sequence[str | os.PathLike[str]] | None = None,
+    limits: Limits | None = None,
+    requirement: Any = None,
+) -> AsyncIterator[ServiceConnection]:
+    """Yield a ``ServiceConnection`` to the service ``name`` for the block.
+
+    The description is looked up now (``ServiceNotFound`` otherwise); the service is connected to,
+    and launched if nothing listens, on the first call.  ``exports`` are in place before every
+    handshake, so a service whose ``on_connect`` calls back loses nothing.  ``timeout`` bounds
+    connecting, launching included (default: the description's ``launch_timeout`` plus the
+    handshake timeout).  ``on_interrupted`` fires once per lost connection (the next call
+    reconnects); ``on_invalidated`` once, when the connection is closed for good.  ``heartbeat``
+    (seconds) PINGs the service on that interval and treats a missing answer as an interruption.
+    ``disconnect_when_idle`` (seconds) closes the underlying connection when nothing was in flight
+    for that long, so that the service may exit when idle.  ``search_path`` replaces the default
+    search path.
+    """
+    description = find_service(name, search_path)
+    body_exc: BaseException | None = None
+    async with anyio.create_task_group() as tg:
+        sc = ServiceConnection(
+            description,
+            tg,
+            search_path=search_path,
+            exports=exports,
+            timeout=timeout,
+            on_interrupted=on_interrupted,
+            on_invalidated=on_invalidated,
+            heartbeat=heartbeat,
+            disconnect_when_idle=disconnect_when_idle,
+            limits=limits,
+            requirement=requirement,
+        )
+        try:
+            yield sc
+        except BaseException as exc:  # re-raised below, outside the task group
+            body_exc = exc
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sc.aclose()
+            tg.cancel_scope.cancel()
+    if body_exc is not None:
+        raise body_exc
+
+
+# --------------------------------------------------------------------------- the service side
+class _ConnectionSet(set):  # type: ignore[type-arg]
+    """``Server.connections`` that wakes a waiter whenever a connection comes or goes."""
+
+    def __init__(self, items: Any = ()) -> None:
+        super().__init__(items)
+        self._changed: anyio.Event | None = None
+
+    def add(self, item: Any) -> None:
+        super().add(item)
+        self._notify()
+
+    def discard(self, item: Any) -> None:
+        super().discard(item)
+        self._notify()
+
+    def remove(self, item: Any) -> None:
+        super().remove(item)
+        self._notify()
+
+    def _notify(self) -> None:
+        ev = self._changed
+        if ev is not None:
+            self._changed = None
+            ev.set()
+
+    async def changed(self) -> None:
+        if self._changed is None:
+            self._changed = anyio.Event()
+        await self._changed.wait()
+
+
+def _busy(conns: set[Connection]) -> bool:
+    return any(c._serving or c._core.outgoing for c in conns)
+
+
+def _signal_ready(fd: int | None) -> None:
+    if fd is None:
+        return
+    try:
+        os.write(fd, b"ready\n")
+    except OSError:
+        pass  # the launcher gave up waiting; serve anyway
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _env_float(key: str) -> float | None:
+    value = os.environ.get(key)
+    return float(value) if value else None
+
+
+_UNSET: Any = object()
+
+
+async def serve_service(
+    server: Server,
+    name: str | None = None,
+    *,
+    socket_file: str | os.PathLike[str] | None = None,
+    idle_exit: float | None = _UNSET,
+    ready_fd: int | None = _UNSET,
+    lock: str | os.PathLike[str] | None = None,
+    drain_timeout: float = 10.0,
+    task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``server`` as the service ``name`` until it is time to exit; then return.
+
+    Defaults come from what the launcher puts in the environment (``XRPC_SERVICE_NAME``,
+    ``XRPC_SERVICE_SOCKET``, ``XRPC_IDLE_EXIT``, ``XRPC_READY_FD``, ``XRPC_SERVICE_LOCK``), so a
+    ``command`` service written in Python only calls ``await serve_service(server)``.
+
+    Once listening it writes ``ready`` on the readiness pipe.  It returns after ``idle_exit``
+    seconds without any connection, or on SIGTERM/SIGINT: it stops listening at once (under the
+    launch lock, so that a new instance can take over the socket path), lets the calls in flight
+    finish (at most ``drain_timeout`` seconds; a second signal cuts this short), then closes the
+    remaining connections, which their clients see as an interruption.
+    """
+    name = name or os.environ.get("XRPC_SERVICE_NAME")
+    if not name:
+        raise ValueError("serve_service() needs the service name (or XRPC_SERVICE_NAME in the environment)")
+    _check_name(name)
+    sock = Path(socket_file or os.environ.get("XRPC_SERVICE_SOCKET") or _socket_file(name))
+    _private_dir(sock.parent)
+    lockp = Path(lock or os.environ.get("XRPC_SERVICE_LOCK") or lock_path(name))
+    if idle_exit is _UNSET:
+        idle_exit = _env_float("XRPC_IDLE_EXIT")
+    if ready_fd is _UNSET:
+        value = os.environ.pop("XRPC_READY_FD", "")
+        ready_fd = int(value) if value else None
+    conns = _ConnectionSet(server.connections)
+    server.connections = conns
+    try:
+        async with server.listen(f"unix://{sock}") as listener:
+            _signal_ready(ready_fd)
+            ready_fd = None
+            task_status.started(listener.url)
+            await _serve_until_stopped(listener, conns, idle_exit, lockp, drain_timeout)
+    finally:
+        if ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(ready_fd)
+
+
+async def _serve_until_stopped(listener: Any, conns: _ConnectionSet, idle_exit: float | None, lockp: Path, drain_timeout: float) -> None:
+    stopping = anyio.Event()
+    async with anyio.create_task_group() as tg:
+
+        async def on_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+                async for _ in received:
+                    if stopping.is_set():
+                        tg.cancel_scope.cancel()  # a second signal: stop waiting for the calls in flight
+                        return
+                    async with _locked(lockp):
+                        await listener.aclose()
+                    stopping.set()
+
+        async def on_idle() -> None:
+            assert idle_exit is not None
+            await _idle_watch(listener, conns, idle_exit, lockp)
+            stopping.set()
+
+        tg.start_soon(on_signals)
+        if idle_exit is not None:
+            tg.start_soon(on_idle)
+        await stopping.wait()
+        with anyio.move_on_after(drain_timeout):
+            while _busy(conns):  # no hook tells when a connection's last call ends
+                await anyio.sleep(0.02)
+        tg.cancel_scope.cancel()
+
+
+async def _idle_watch(listener: Any, conns: _ConnectionSet, idle_exit: float, lockp: Path) -> None:
+    """Return once the service had no connection for ``idle_exit`` seconds and stopped listening."""
+    while True:
+        while conns:
+            await conns.changed()
+        with anyio.move_on_after(idle_exit) as quiet:
+            await conns.changed()
+        if not quiet.cancelled_caught:
+            continue
+        async with _locked(lockp):
+            if conns:
+                continue  # a client got in while we waited for the lock
+            # No await between the check and the close: no connection can be accepted in between.
+            # Clients still in the kernel's backlog see their handshake fail and retry.
+            await listener.aclose()
+            return
+
+
+def load_server(spec: str) -> Any:
+    """Import ``package.module:attr`` and return the ``xrpc.Server`` it is or makes (maybe awaitable)."""
+    modname, _, attr = spec.partition(":")
+    obj: Any = importlib.import_module(modname)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if isinstance(obj, Server):
+        return obj
+    if callable(obj):
+        return obj()
+    raise ServiceDescriptionError(f"{spec} is neither an xrpc.Server nor a function returning one")
+
+
+class _ReadyPipe:
+    """The readiness pipe's write end, until it is handed over (so nobody writes to a reused fd)."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def take(self) -> int | None:
+        fd, self.fd = self.fd, None
+        return fd
+
+    def fail(self, message: str) -> None:
+        fd = self.take()
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(fd, b"error " + message.replace("\n", " ").encode()[:4000] + b"\n")
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+async def _run_module_service(desc: ServiceDescription, socket_arg: str | None, ready: _ReadyPipe) -> None:
+    assert desc.module is not None
+    server = load_server(desc.module)
+    if inspect.isawaitable(server):
+        server = await server
+    if not isinstance(server, Server):
+        raise ServiceDescriptionError(f"{desc.module} returned {type(server).__qualname__}, not an xrpc.Server")
+    await serve_service(server, desc.name, socket_file=socket_arg, idle_exit=desc.idle_exit, ready_fd=ready.take())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m xrpc.service NAME``: run the ``module`` service NAME until it exits."""
+    parser = argparse.ArgumentParser(
+        prog="python -m xrpc.service",
+        description="Run an xrpc service described by NAME.toml / NAME.json (a 'module' service).",
+    )
+    parser.add_argument("name", help="the service name, e.g. com.example.indexer")
+    parser.add_argument("--description", help="the description file (default: look NAME up on the search path)")
+    parser.add_argument("--socket", help="the socket path (default: the per-user socket of NAME)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("XRPC_LOG_LEVEL", "WARNING"), format="%(name)s[%(process)d] %(levelname)s %(message)s")
+    value = os.environ.pop("XRPC_READY_FD", "")
+    ready = _ReadyPipe(int(value) if value else None)
+
+    def fail(message: str, code: int) -> int:
+        print(f"xrpc.service: {message}", file=sys.stderr, flush=True)
+        ready.fail(message)
+        return code
+
+    try:
+        desc = load_description(args.description) if args.description else find_service(args.name)
+        if desc.name != args.name:
+            return fail(f"{desc.path} describes {desc.name!r}, not {args.name!r}", 2)
+        if desc.module is None:
+            return fail(f"{desc.path}: {desc.name!r} is a 'command' service; python -m xrpc.service runs 'module' services", 2)
+        anyio.run(_run_module_service, desc, args.socket, ready)
+    except TransportError as exc:
+        return fail(f"{args.name}: {exc}", 3)  # e.g. another instance already listens
+    except Error as exc:
+        return fail(str(exc), 2)
+    except Exception as exc:
+        traceback.print_exc()
+        return fail(f"{args.name}: {type(exc).__name__}: {exc}", 1)
+    return 0
