@@ -6,7 +6,7 @@ Declare a ``typing.Protocol`` with ``@xrpc.interface``; export an implementation
 
 from . import testing
 from ._api import Server, connect
-from ._connection import CallStream, Connection, Limits, current_connection
+from ._connection import CallStream, Connection, Limits, Promise, current_connection
 from ._errors import (
     ConnectionInterrupted,
     ConnectionInvalidated,
@@ -35,6 +35,7 @@ from ._interface import (
 )
 from ._fds import FileDescriptor, SharedBuffer
 from ._peer import Peer
+from ._proxy import pipeline
 from ._requirements import Requirement, RequirementSyntaxError, requirement
 from ._tls import client_ssl_context, server_ssl_context
 from ._transports import Endpoint, Listener
@@ -61,6 +62,7 @@ __all__ = (
     "ObjectNotFound",
     "Peer",
     "PeerRejected",
+    "Promise",
     "ProtocolError",
     "RemoteError",
     "RemoteProtocolError",
@@ -77,6 +79,7 @@ __all__ = (
     "describe",
     "interface",
     "oneway",
+    "pipeline",
     "requirement",
     "requires",
     "server_ssl_context",

@@ -198,6 +198,29 @@ class _Pending:
             await self.event.wait()  # type: ignore[union-attr]
 
 
+class _EagerPending(_Pending):
+    """A pipelined call's answer, decoded as soon as it arrives (so references in it are adopted,
+    and released, even if nobody ever awaits the promise)."""
+
+    __slots__ = ("conn", "m", "value", "error")
+
+    def __init__(self, conn: Connection, m: MethodDescription) -> None:
+        super().__init__(conn._loop)
+        self.conn = conn
+        self.m = m
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def deliver(self, value: Any) -> None:
+        if self.result is not None:
+            return
+        try:
+            self.value = self.conn._result(self.m, value)
+        except BaseException as exc:  # noqa: BLE001 - kept for whoever awaits the promise
+            self.error = exc
+        super().deliver(value)
+
+
 class _StreamQueue:
     """Batches of items arriving on one stream, with the receiving side's credit bookkeeping.
 
@@ -390,9 +413,10 @@ class _InCall:
     ``task``, cancelled directly, with ``timer`` enforcing the deadline.
     """
 
-    __slots__ = ("scope", "task", "deadline", "queue", "credit")
+    __slots__ = ("scope", "task", "deadline", "queue", "credit", "promise")
 
     def __init__(self, scope: anyio.CancelScope | None) -> None:
+        self.promise: _Promise | None = None
         self.scope = scope
         self.task: asyncio.Task[None] | None = None
         self.deadline = math.inf  # asyncio fast path: the deadline a scope in the task enforces
@@ -404,6 +428,34 @@ class _InCall:
             self.scope.cancel()
         elif self.task is not None:
             self.task.cancel()
+
+
+class _Promise:
+    """The result of an incoming call that returns an object, for calls pipelined on it (``^id``)."""
+
+    __slots__ = ("desc", "obj", "error", "done", "event")
+
+    def __init__(self, desc: InterfaceDescription) -> None:
+        self.desc = desc
+        self.obj: Any = None
+        self.error: BaseException | None = None
+        self.done = False
+        self.event: anyio.Event | None = None
+
+    def settle(self, obj: Any = None, error: BaseException | None = None) -> None:
+        if self.done:
+            return
+        self.obj = obj
+        self.error = error
+        self.done = True
+        if self.event is not None:
+            self.event.set()
+
+    async def wait(self) -> None:
+        if not self.done:
+            if self.event is None:
+                self.event = anyio.Event()
+            await self.event.wait()
 
 
 def _error_from_frame(m: MethodDescription | None, frame: ErrorFrame) -> BaseException:
@@ -700,6 +752,8 @@ class Connection:
         self._tasks: set[asyncio.Task[None]] = set()  # incoming calls on the asyncio fast path
         self._guard_cache: dict[int, bool] = {}
         self._refs: dict[str, list[Any]] = {}  # oid -> [Export, tokens sent and not yet released]
+        self._promises: dict[int, _Promise] = {}  # results of the peer's calls, for pipelined calls
+        self._settled_ids: collections.deque[int] = collections.deque()
         self._ref_ids: dict[tuple[int, str], str] = {}  # (id(obj), interface) -> oid
         self._next_oid = 0
         self.remote_refs = 0  # live proxies to objects the peer passed us by reference
@@ -1229,7 +1283,7 @@ class Connection:
 
     def _on_reply(self, msg: Any, rec: CallRecord) -> None:
         h = rec.handler
-        if type(h) is _Pending:
+        if isinstance(h, _Pending):
             h.deliver(msg)
         elif h is not None:
             if h.pending is not None:
@@ -1240,7 +1294,7 @@ class Connection:
 
     def _on_error(self, msg: Any, rec: CallRecord) -> None:
         h = rec.handler
-        if type(h) is _Pending:
+        if isinstance(h, _Pending):
             h.deliver(msg)
         elif h is not None:
             if h.queue is not None:
@@ -1253,13 +1307,13 @@ class Connection:
 
     def _on_item(self, msg: Any, rec: CallRecord) -> None:
         h = rec.handler
-        if h is not None and type(h) is not _Pending and h.queue is not None:
+        if h is not None and not isinstance(h, _Pending) and h.queue is not None:
             payload = msg.payload
             h.queue.push(payload, msg.count, len(payload) + 20)  # at least the ITEM frame's size
 
     def _on_end(self, msg: Any, rec: CallRecord) -> None:
         h = rec.handler
-        if h is None or type(h) is _Pending:
+        if h is None or isinstance(h, _Pending):
             return
         if h.queue is not None:
             h.queue.finish()
@@ -1269,7 +1323,7 @@ class Connection:
 
     def _on_credit(self, msg: Any, rec: CallRecord) -> None:
         h = rec.handler
-        if h is not None and type(h) is not _Pending and h.credit is not None:
+        if h is not None and not isinstance(h, _Pending) and h.credit is not None:
             h.credit.wake()
 
     def _on_cancel(self, msg: Any, rec: CallRecord) -> None:
@@ -1295,23 +1349,33 @@ class Connection:
     def _on_call(self, msg: Call, rec: CallRecord | None) -> None:
         core = self._core
         call_id = msg.id
-        export = self._lookup(msg.obj)
         oneway = msg.flags & CallFlags.ONEWAY
-        if export is None:
+        promise: _Promise | None = None
+        export: Export | None
+        if msg.obj[:1] == "^":
+            # pipelined: the target is the object an earlier call of the peer returns
+            try:
+                promise = self._promises.get(int(msg.obj[1:]))
+            except ValueError:
+                promise = None
+            export = None
+            desc = promise.desc if promise is not None else None
+        else:
+            export = self._lookup(msg.obj)
+            desc = export.desc if export is not None else None
+        if desc is None:
             if not oneway:
                 core.send_error(call_id, ErrorCode.OBJECT_NOT_FOUND, "ObjectNotFound", f"no object is exported as {msg.obj!r}")
             log.info("xrpc: call to unknown object %r from %s", msg.obj, self._peer_name())
             return
-        m = export.desc.methods.get(msg.method)
+        m = desc.methods.get(msg.method)
         if m is None or m.flags != msg.flags:
             if not oneway:
                 what = "has no method" if m is None else "was called with the wrong kind for method"
-                core.send_error(
-                    call_id, ErrorCode.METHOD_NOT_FOUND, "MethodNotFound", f"{export.desc.name} {what} {msg.method!r}"
-                )
-            log.info("xrpc: call to unknown method %s.%s from %s", export.desc.name, msg.method, self._peer_name())
+                core.send_error(call_id, ErrorCode.METHOD_NOT_FOUND, "MethodNotFound", f"{desc.name} {what} {msg.method!r}")
+            log.info("xrpc: call to unknown method %s.%s from %s", desc.name, msg.method, self._peer_name())
             return
-        guard = export.guards.get(m.name) if export.guards else None
+        guard = export.guards.get(m.name) if export is not None and export.guards else m.requirement
         if guard is not None and not self._satisfies(guard):
             log.warning("xrpc: refused call %s from %s: %s", m.qualname, self._peer_name(), guard.explain(self.peer))
             if not oneway:
@@ -1338,14 +1402,21 @@ class Connection:
                 inc.queue = _StreamQueue(self, call_id)
             if rec.flags & CallFlags.STREAM_OUT:
                 inc.credit = _Credit()
+            if m.reply_iface is not None:
+                inc.promise = self._promises[call_id] = _Promise(describe(m.reply_iface))
         self._serving += 1
         if inc.queue is not None or inc.credit is not None:
             self._streams += 1
+        if promise is None:
+            assert export is not None
+            coro = self._serve(msg, m, export, inc)
+        else:
+            coro = self._serve_pipelined(msg, m, promise, inc)
         if loop is None:
             assert self._tg is not None
-            self._tg.start_soon(self._serve, msg, m, export, inc)
+            self._tg.start_soon(lambda: coro)
         else:
-            task = loop.create_task(self._serve(msg, m, export, inc))
+            task = loop.create_task(coro)
             inc.task = task
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -1367,6 +1438,36 @@ class Connection:
     _handlers: dict[type, Callable[..., None]] = {}
 
     # -------------------------------------------------------------- serving (callee side)
+    async def _serve_pipelined(self, msg: Call, m: MethodDescription, promise: _Promise, inc: _InCall) -> None:
+        """A call on the result of an earlier call: wait for that result, then serve as usual."""
+        await promise.wait()
+        export: Export | None = None
+        if promise.error is None:
+            try:
+                export = Export(promise.desc, promise.obj, msg.obj)
+            except TypeError as exc:
+                promise.error = exc
+        if export is None:
+            self._serving -= 1
+            if inc.queue is not None or inc.credit is not None:
+                self._streams -= 1
+            if msg.id in self._core.incoming:
+                self._core.send_error(
+                    msg.id, ErrorCode.OBJECT_NOT_FOUND, "ObjectNotFound", f"{msg.obj}: the call it depends on failed ({promise.error!r})"
+                )
+                self._kick()
+            if inc.promise is not None:
+                inc.promise.settle(error=ObjectNotFound(f"{msg.obj} failed"))
+                self._settled(msg.id)
+            return
+        await self._serve(msg, m, export, inc)
+
+    def _settled(self, call_id: int) -> None:
+        """Keep the results of the last few calls for pipelined calls still on their way."""
+        self._settled_ids.append(call_id)
+        while len(self._settled_ids) > 256:
+            self._promises.pop(self._settled_ids.popleft(), None)
+
     async def _serve(self, msg: Call, m: MethodDescription, export: Export, inc: _InCall) -> None:
         core = self._core
         call_id = msg.id
@@ -1415,6 +1516,9 @@ class Connection:
             if inc.queue is not None or inc.credit is not None:
                 self._streams -= 1
             core.forget_incoming(call_id)
+            if inc.promise is not None:
+                inc.promise.settle(error=ObjectNotFound(f"call {call_id} returned no object"))
+                self._settled(call_id)
 
     async def _invoke(self, call_id: int, m: MethodDescription, export: Export, fn: Callable[..., Any], args: tuple[Any, ...], inc: _InCall) -> None:
         core = self._core
@@ -1435,6 +1539,8 @@ class Connection:
             else:
                 self._send_exception(call_id, m, exc)
             return
+        if inc.promise is not None:
+            inc.promise.settle(result)
         if kind is not MethodKind.ONEWAY:
             try:
                 payload = m.encode_reply(result, self)
@@ -1623,6 +1729,9 @@ class Connection:
         if type(res) is ErrorFrame:
             raise _error_from_frame(m, res)
         raise res
+
+    def call_pipelined(self, target: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Promise:
+        return Promise(self, m, target, args, kwargs, timeout)
 
     def _cancel_call(self, call_id: int) -> None:
         if self._closed.is_set():
@@ -1861,4 +1970,67 @@ class CallStream(AsyncIterator[_T]):
                 self._stop()
             except Exception:
                 pass
+
+
+class Promise:
+    """The pending result of a call made through ``xrpc.pipeline(proxy)``.
+
+    Await it for the result.  If the method returns an object by reference, calling a method on the
+    promise sends that call at once, addressed to "the result of that call", without waiting for the
+    first answer (promise pipelining): a chain of dependent calls costs one round trip.
+    """
+
+    def __init__(self, conn: Connection, m: MethodDescription, target: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> None:
+        if m.kind is not MethodKind.UNARY:
+            raise TypeError(f"{m.qualname}: only unary calls can be pipelined")
+        self._conn = conn
+        self._m = m
+        self._timeout = timeout
+        payload = m.encode_args(args, kwargs, conn)
+        rec = conn._start(target, m, payload, timeout)
+        self._pending = _EagerPending(conn, m)
+        rec.handler = self._pending
+        self._id = rec.id
+
+    def __await__(self) -> Any:
+        return self._get().__await__()
+
+    async def _get(self) -> Any:
+        p = self._pending
+        if p.result is None:
+            try:
+                if self._timeout is None:
+                    await p.wait()
+                else:
+                    with anyio.fail_after(self._timeout):
+                        await p.wait()
+            except BaseException:
+                if p.result is None:
+                    self._conn._cancel_call(self._id)
+                raise
+        if p.error is not None:
+            raise p.error
+        return p.value
+
+    def __getattr__(self, name: str) -> Callable[..., Promise]:
+        iface = self._m.reply_iface
+        if iface is None:
+            raise AttributeError(f"{self._m.qualname} does not return an object: there is nothing to pipeline on")
+        m = describe(iface).methods.get(name)
+        if m is None:
+            raise AttributeError(f"{describe(iface).name} has no method {name!r}")
+        conn = self._conn
+
+        def call(*args: Any, **kwargs: Any) -> Promise:
+            p = self._pending
+            value = p.value
+            from ._proxy import ProxyBase
+
+            if p.result is not None and p.error is None and isinstance(value, ProxyBase) and value._xrpc_conn is conn:
+                target = value._xrpc_obj  # the answer is here already: address the object itself
+            else:
+                target = f"^{self._id}"
+            return Promise(conn, m, target, args, kwargs, self._timeout)
+
+        return call
 

@@ -548,6 +548,12 @@ class MethodDescription:
         self.ref_args = tuple((i, p) for i, p in enumerate(self.value_params) if p.slot is not None and p.slot.plan is not None)
         self.reply_checked = self.reply is not None and (self.reply.widened or self.reply.any_plain)
         self.reply_refs = self.reply is not None and self.reply.plan is not None
+        # a unary method whose reply is one object by reference: calls on that result can be pipelined
+        self.reply_iface: Any = (
+            self.reply.plan[1]
+            if self.reply is not None and self.reply.plan is not None and self.reply.plan[0] == "ref" and self.kind is MethodKind.UNARY
+            else None
+        )
         self.stream_item: Slot | None = self.stream_param.slot if self.stream_param is not None else None
 
     # -------------------------------------------------------------- used by the runtime

@@ -14,7 +14,7 @@ from ._interface import InterfaceDescription, MethodDescription, MethodKind
 if TYPE_CHECKING:
     from ._connection import Connection
 
-__all__ = ("ProxyBase", "make_proxy")
+__all__ = ("ProxyBase", "make_proxy", "pipeline")
 
 _classes: dict[int, type] = {}
 
@@ -95,3 +95,35 @@ def proxy_class(desc: InterfaceDescription) -> type:
 
 def make_proxy(conn: Connection, desc: InterfaceDescription, obj: str, timeout: float | None) -> Any:
     return proxy_class(desc)(conn, obj, timeout)
+
+
+class _PipelineView:
+    """``xrpc.pipeline(proxy)``: the same methods, returning ``Promise`` objects."""
+
+    __slots__ = ("_proxy",)
+
+    def __init__(self, proxy: ProxyBase) -> None:
+        self._proxy = proxy
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        proxy = self._proxy
+        m = proxy._xrpc_desc.methods.get(name)
+        if m is None:
+            raise AttributeError(f"{proxy._xrpc_desc.name} has no method {name!r}")
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return proxy._xrpc_conn.call_pipelined(proxy._xrpc_obj, m, args, kwargs, proxy._xrpc_timeout)
+
+        return call
+
+
+def pipeline(proxy: Any) -> Any:
+    """A view of ``proxy`` whose unary methods return promises: awaitable, and when the method
+    returns an object, its methods can be called at once (promise pipelining)::
+
+        value = await xrpc.pipeline(store).open("a.txt").read()   # one round trip, not two
+    """
+    if not isinstance(proxy, ProxyBase):
+        raise TypeError(f"xrpc.pipeline() takes a proxy, got {type(proxy).__qualname__}")
+    return _PipelineView(proxy)
+
