@@ -4,7 +4,7 @@ Declare a ``typing.Protocol`` with ``@xrpc.interface``; export an implementation
 ``xrpc.Server``; ``async with xrpc.connect(url) as conn`` and call ``conn.proxy(Iface)``.
 """
 
-from . import testing
+from . import blocking, testing
 from ._api import Server, connect
 from ._connection import CallStream, Connection, Limits, Promise, current_connection
 from ._errors import (
@@ -73,6 +73,7 @@ __all__ = (
     "TransportError",
     "ValidationError",
     "allow",
+    "blocking",
     "client_ssl_context",
     "connect",
     "current_connection",
