@@ -6,7 +6,17 @@ Declare a ``typing.Protocol`` with ``@xrpc.interface``; export an implementation
 
 from . import blocking, testing
 from ._api import Server, connect
-from ._connection import CallStream, Connection, Limits, Promise, current_connection
+from ._connection import (
+    CallContext,
+    CallStream,
+    Connection,
+    Limits,
+    Middleware,
+    Promise,
+    call_metadata,
+    current_connection,
+    current_metadata,
+)
 from ._errors import (
     ConnectionInterrupted,
     ConnectionInvalidated,
@@ -43,6 +53,7 @@ from ._transports import Endpoint, Listener
 __version__ = "0.1.0"
 
 __all__ = (
+    "CallContext",
     "CallStream",
     "Connection",
     "ConnectionInterrupted",
@@ -56,6 +67,7 @@ __all__ = (
     "Listener",
     "Limits",
     "LocalProtocolError",
+    "Middleware",
     "MethodDescription",
     "MethodKind",
     "MethodNotFound",
@@ -74,9 +86,11 @@ __all__ = (
     "ValidationError",
     "allow",
     "blocking",
+    "call_metadata",
     "client_ssl_context",
     "connect",
     "current_connection",
+    "current_metadata",
     "describe",
     "interface",
     "oneway",

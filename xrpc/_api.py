@@ -24,7 +24,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 import anyio
 import anyio.abc
 
-from ._connection import Connection, Export, Limits, _exports_from, make_export
+from ._connection import Connection, Export, Limits, Middleware, _exports_from, make_export
 from ._errors import PeerRejected, TransportError
 from ._peer import Peer
 from ._protocol import ErrorCode, State
@@ -53,8 +53,10 @@ class Server:
         limits: Limits | None = None,
         requirement: Requirement | str | None = None,
         max_connections: int = 10000,
+        middleware: Sequence[Middleware] = (),
     ) -> None:
         self.on_connect = on_connect
+        self.middleware = tuple(middleware)
         self.limits = limits or Limits()
         self.requirement = requirement_of(requirement)
         self.max_connections = max_connections
@@ -135,7 +137,15 @@ class Server:
             else:
                 await stream.aclose()
             return
-        conn = Connection(stream, client=False, peer=peer, shared_exports=self._exports, limits=self.limits, ssl_context=ssl_context)
+        conn = Connection(
+            stream,
+            client=False,
+            peer=peer,
+            shared_exports=self._exports,
+            limits=self.limits,
+            ssl_context=ssl_context,
+            middleware=self.middleware,
+        )
         self.connections.add(conn)
         try:
             async with anyio.create_task_group() as tg:
@@ -196,6 +206,7 @@ async def connect(
     ssl_context: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
     requirement: Requirement | str | None = None,
+    middleware: Sequence[Middleware] = (),
 ) -> AsyncIterator[Connection]:
     """Connect to ``url`` and yield the connection for the block.
 
@@ -231,6 +242,7 @@ async def connect(
         url=url,
         ssl_context=ssl_context if is_tls else None,
         server_hostname=server_hostname,
+        middleware=middleware,
     )
     body_exc: BaseException | None = None
     failed: BaseException | None = None

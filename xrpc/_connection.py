@@ -22,6 +22,7 @@ import array
 import asyncio
 import collections
 import functools
+import contextlib
 import contextvars
 import inspect
 import logging
@@ -33,7 +34,7 @@ import threading
 import time
 import types
 import weakref
-from typing import Any, AsyncIterable, AsyncIterator, Callable, Iterable, Sequence, TypeVar
+from typing import Any, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import anyio
 import anyio.abc
@@ -76,12 +77,74 @@ from ._protocol import (
 )
 from ._protocol import Error as ErrorFrame
 
-__all__ = ("Connection", "Export", "current_connection", "Limits", "ExportSpec")
+__all__ = (
+    "CallContext",
+    "Connection",
+    "Export",
+    "ExportSpec",
+    "Limits",
+    "Middleware",
+    "call_metadata",
+    "current_connection",
+    "current_metadata",
+)
 
 log = logging.getLogger("xrpc")
 _T = TypeVar("_T")
 
 _current: contextvars.ContextVar[Connection] = contextvars.ContextVar("xrpc_connection")
+_metadata: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("xrpc_metadata", default=None)
+
+
+def current_metadata() -> dict[str, str]:
+    """The call metadata in effect: inside a remote method, what its caller sent (it propagates to
+    the calls that method makes); elsewhere, what ``call_metadata()`` set."""
+    return dict(_metadata.get() or {})
+
+
+@contextlib.contextmanager
+def call_metadata(**items: str) -> Iterator[dict[str, str]]:
+    """Add ``items`` to the metadata of every call made in this block (and in tasks it starts)."""
+    merged = {**(_metadata.get() or {}), **items}
+    token = _metadata.set(merged)
+    try:
+        yield merged
+    finally:
+        _metadata.reset(token)
+
+
+class CallContext:
+    """What a middleware sees of one call: the method, the connection and its peer, the arguments,
+    and the metadata (a client middleware may add to it before the call is sent)."""
+
+    __slots__ = ("method", "connection", "args", "kwargs", "metadata", "side")
+
+    def __init__(self, method: MethodDescription, connection: Connection, args: tuple[Any, ...], kwargs: dict[str, Any], metadata: dict[str, str], side: str) -> None:
+        self.method = method
+        self.connection = connection
+        self.args = args
+        self.kwargs = kwargs
+        self.metadata = metadata
+        self.side = side  # "client" or "server"
+
+    @property
+    def peer(self) -> Peer:
+        return self.connection.peer
+
+    def __repr__(self) -> str:
+        return f"<CallContext {self.side} {self.method.qualname} peer={self.connection._peer_name()}>"
+
+
+Middleware = Callable[[CallContext, Callable[[], Awaitable[Any]]], Awaitable[Any]]
+
+
+async def _chain(middleware: Sequence[Middleware], ctx: CallContext, last: Callable[[], Awaitable[Any]]) -> Any:
+    async def step(i: int) -> Any:
+        if i == len(middleware):
+            return await last()
+        return await middleware[i](ctx, lambda: step(i + 1))
+
+    return await step(0)
 
 ExportSpec = Sequence[Any]  # (Iface, obj) or (Iface, obj, name)
 
@@ -710,6 +773,7 @@ class Connection:
         url: str = "",
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
+        middleware: Sequence[Middleware] = (),
     ) -> None:
         self.limits = limits or Limits()
         self._transport = transport  # a connected socket, or an anyio ByteStream
@@ -751,6 +815,7 @@ class Connection:
         self._proxies: dict[tuple[str, str, float | None], Any] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # incoming calls on the asyncio fast path
         self._guard_cache: dict[int, bool] = {}
+        self._middleware = tuple(middleware)
         self._refs: dict[str, list[Any]] = {}  # oid -> [Export, tokens sent and not yet released]
         self._promises: dict[int, _Promise] = {}  # results of the peer's calls, for pipelined calls
         self._settled_ids: collections.deque[int] = collections.deque()
@@ -1482,12 +1547,16 @@ class Connection:
                     core.send_error(call_id, ErrorCode.VALIDATION, "ValidationError", str(exc), [exc.argument])
                     self._kick()
                 return
+            if msg.meta:
+                _metadata.set(msg.meta)
             fn: Callable[..., Any]
             if m.kwonly:
                 args, kw = m.call_args(args)
                 fn = functools.partial(export.methods[m.name], **kw)
             else:
                 fn = export.methods[m.name]
+            if self._middleware:
+                fn = self._intercepted(m, fn)
             if inc.queue is not None:
                 args = (*args, _InStream(inc.queue, m))
                 if m.stream_param is not None:
@@ -1554,6 +1623,22 @@ class Connection:
             except LocalProtocolError as exc:
                 core.send_error(call_id, ErrorCode.LIMIT, "LimitExceeded", f"the reply of {m.qualname} is too large: {exc}")
             self._kick_after_reply()
+
+    def _intercepted(self, m: MethodDescription, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` run through the server middleware."""
+
+        async def run(*args: Any) -> Any:
+            ctx = CallContext(m, self, args, {}, dict(_metadata.get() or {}), "server")
+
+            async def last() -> Any:
+                result = fn(*args)
+                if inspect.isawaitable(result):
+                    result = await result
+                return result
+
+            return await _chain(self._middleware, ctx, last)
+
+        return run
 
     def _kick_after_reply(self) -> None:
         """Write now if this was the last call being served (no other reply can join this write);
@@ -1695,7 +1780,7 @@ class Connection:
     def _start(self, obj: str, m: MethodDescription, payload: Any, timeout: float | None) -> CallRecord:
         self._check_open()
         try:
-            rec = self._core.send_call(obj, m.name, payload, m.flags, timeout)
+            rec = self._core.send_call(obj, m.name, payload, m.flags, timeout, _metadata.get())
         except (TypeError, msgspec.EncodeError, OverflowError) as exc:
             raise ValidationError(f"arguments of {m.qualname} cannot be encoded: {exc}", method=m.name) from None
         except LocalProtocolError as exc:
@@ -1706,7 +1791,20 @@ class Connection:
             self._kick()
         return rec
 
+    async def _client_intercept(self, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], last: Callable[[], Awaitable[Any]]) -> Any:
+        ctx = CallContext(m, self, args, kwargs, dict(_metadata.get() or {}), "client")
+        token = _metadata.set(ctx.metadata)  # what the middleware adds travels with the call
+        try:
+            return await _chain(self._middleware, ctx, last)
+        finally:
+            _metadata.reset(token)
+
     async def call_unary(self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
+        if self._middleware:
+            return await self._client_intercept(m, args, kwargs, lambda: self._call_unary(obj, m, args, kwargs, timeout))
+        return await self._call_unary(obj, m, args, kwargs, timeout)
+
+    async def _call_unary(self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
         payload = m.encode_args(args, kwargs, self)
         rec = self._start(obj, m, payload, timeout)
         pending = _Pending(self._loop)
@@ -1741,11 +1839,24 @@ class Connection:
             self._kick()
 
     async def call_oneway(self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._middleware:
+            await self._client_intercept(m, args, kwargs, lambda: self._call_oneway(obj, m, args, kwargs))
+            return
+        await self._call_oneway(obj, m, args, kwargs)
+
+    async def _call_oneway(self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         payload = m.encode_args(args, kwargs, self)
         self._start(obj, m, payload, None)
         await anyio.lowlevel.checkpoint()
 
     async def call_client_stream(
+        self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Any:
+        if self._middleware:
+            return await self._client_intercept(m, args, kwargs, lambda: self._call_client_stream(obj, m, args, kwargs, timeout))
+        return await self._call_client_stream(obj, m, args, kwargs, timeout)
+
+    async def _call_client_stream(
         self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
     ) -> Any:
         source, args, kwargs = _split_stream_arg(m, args, kwargs)

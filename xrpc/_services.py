@@ -74,10 +74,10 @@ from ._interface import describe
 from ._protocol import Pong
 from ._proxy import make_proxy
 
-try:  # Python 3.11+
+if sys.version_info >= (3, 11):
     import tomllib as _toml
-except ImportError:  # pragma: no cover - Python 3.10: JSON descriptions only
-    _toml = None  # type: ignore[assignment]
+else:  # pragma: no cover - Python 3.10: JSON descriptions only
+    _toml = None
 
 __all__ = (
     "ServiceConnection",
@@ -1037,7 +1037,7 @@ class ServiceConnection:
 
         handlers = dict(type(conn)._handlers)
         handlers[Pong] = on_pong
-        conn._handlers = handlers  # type: ignore[misc]
+        conn._handlers = handlers
         nonce = 0
         while True:
             await anyio.sleep(interval)

@@ -187,11 +187,13 @@ class ProtocolCore:
                 self.close_code = code
 
     # ------------------------------------------------------------------ calls we make
-    def send_call(self, obj: str, method: str, payload: Any, flags: int = 0, deadline: float | None = None) -> CallRecord:
+    def send_call(
+        self, obj: str, method: str, payload: Any, flags: int = 0, deadline: float | None = None, meta: dict[str, str] | None = None
+    ) -> CallRecord:
         if self.state != State.OPEN and not (self.state == State.HANDSHAKE and self._hello_done):
             raise LocalProtocolError(f"cannot start a call in state {self.state}")
         call_id = self._next_id
-        self._emit(Call(call_id, obj, method, payload, flags, deadline))
+        self._emit(Call(call_id, obj, method, payload, flags, deadline, meta))
         self._next_id = call_id + 2
         rec = CallRecord(call_id, flags)
         if flags & CallFlags.STREAM_IN:

@@ -93,8 +93,9 @@ class Welcome(msgspec.Struct, array_like=True, frozen=True, tag=1):
     window_bytes: int = 4 * 1024 * 1024
 
 
-class Call(msgspec.Struct, array_like=True, frozen=True, tag=2):
-    """Start a call.  ``deadline`` is the time left, in seconds, when the frame was sent."""
+class Call(msgspec.Struct, array_like=True, frozen=True, tag=2, omit_defaults=True):
+    """Start a call.  ``deadline`` is the time left, in seconds, when the frame was sent;
+    ``meta`` is the caller's call metadata (string keys and values), propagated by context."""
 
     id: int
     obj: str
@@ -102,6 +103,7 @@ class Call(msgspec.Struct, array_like=True, frozen=True, tag=2):
     payload: msgspec.Raw
     flags: int = 0
     deadline: Union[float, None] = None
+    meta: Union[dict[str, str], None] = None
 
 
 class Reply(msgspec.Struct, array_like=True, frozen=True, tag=3):
