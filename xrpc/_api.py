@@ -28,6 +28,7 @@ from ._connection import Connection, Export, Limits, Middleware, _exports_from, 
 from ._errors import PeerRejected, TransportError
 from ._peer import Peer
 from ._protocol import ErrorCode, State
+from ._introspect import INTROSPECT_NAME, ExportDescription, Introspection, describe_export
 from ._requirements import Requirement, requirement_of
 from ._transports import Endpoint, Listener, ParsedURL, connect_stream, open_listener
 
@@ -62,6 +63,7 @@ class Server:
         self.max_connections = max_connections
         self._exports: dict[str, Export] = {}
         self.connections: set[Connection] = set()
+        self._exports[INTROSPECT_NAME] = make_export(Introspection, _IntrospectionService(), INTROSPECT_NAME)
 
     def export(self, iface: Any, obj: Any, name: str = "", *, requirement: Requirement | str | None = None) -> None:
         """Serve ``obj`` as ``iface`` under ``name`` (default: the interface's name) to every client.
@@ -192,6 +194,14 @@ class Server:
         core.send_welcome()
         conn._open_gate()
         conn._kick()
+
+
+class _IntrospectionService:
+    async def exports(self) -> list[ExportDescription]:
+        from ._connection import current_connection
+
+        conn = current_connection()
+        return [describe_export(e.name, e.desc) for e in conn._all_exports() if e.name != INTROSPECT_NAME]
 
 
 @contextlib.asynccontextmanager

@@ -531,7 +531,7 @@ class MethodDescription:
                 array_like=True,
                 frozen=True,
                 kw_only=needs_kw,
-                omit_defaults=False,
+                omit_defaults=True,  # trailing arguments left at their default are not sent
             )
         except (TypeError, ValueError) as exc:
             raise InterfaceError(f"{self.interface.name}.{self.name}: {exc}") from None
