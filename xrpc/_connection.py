@@ -205,7 +205,7 @@ class Export:
             raise TypeError(f"{type(obj).__qualname__} does not implement {desc.name}: missing {', '.join(missing)}")
 
     def info(self) -> ExportInfo:
-        return ExportInfo(self.name, self.desc.name, self.desc.fingerprint)
+        return ExportInfo(self.name, self.desc.name, self.desc.fingerprint, {m.name: m.signature for m in self.desc.methods.values()})
 
 
 def make_export(iface: Any, obj: Any, name: str = "", requirement: Any = None) -> Export:
@@ -836,8 +836,50 @@ class Connection:
             from ._proxy import make_proxy
 
             p = make_proxy(self, desc, key, timeout)
+            p._xrpc_compat = self._compat(desc, key)
             self._proxies[cache_key] = p
         return p  # type: ignore[no-any-return]
+
+    def _compat(self, desc: InterfaceDescription, key: str) -> dict[str, Any] | None:
+        """Compare ``desc`` with what the peer announced for ``key``: None when they agree (or the
+        peer said nothing), else per method what ``Proxy`` must check before sending."""
+        info = next((e for e in self._core.peer_exports if e.name == key), None)
+        if info is None or info.fingerprint == desc.fingerprint or not info.methods:
+            return None
+        compat: dict[str, Any] = {}
+        where_iface = f"{info.interface} at the peer"
+        for m in desc.methods.values():
+            remote = info.methods.get(m.name)
+            if remote is None:
+                compat[m.name] = MethodNotFound(
+                    f"{where_iface} has no method {m.name!r} (it has: {', '.join(sorted(info.methods)) or 'none'})"
+                )
+                continue
+            verdict = m.compat_with(remote, f"{info.interface}.{m.name}")
+            if verdict is not None:
+                compat[m.name] = ValidationError(verdict, method=m.name) if isinstance(verdict, str) else verdict
+        if compat and all(isinstance(v, BaseException) for v in compat.values()) and len(compat) == len(desc.methods):
+            raise ConnectionInvalidated(
+                f"{desc.name} here and {info.interface} at the peer (as {key!r}) have no method in common that works: "
+                + "; ".join(str(v) for v in compat.values())
+            )
+        return compat or None
+
+    def _check_compat(self, compat: dict[str, Any], m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        verdict = compat.get(m.name)
+        if verdict is None:
+            return
+        if isinstance(verdict, BaseException):
+            raise type(verdict)(*verdict.args)
+        for i in verdict:
+            p = m.value_params[i]
+            given = args[i] if i < len(args) else kwargs.get(p.name, p.default)
+            if given is not p.default and given != p.default:
+                raise ValidationError(
+                    f"{m.qualname}: the peer's version has no parameter {p.name!r}; it cannot take the value passed",
+                    method=m.name,
+                    argument=p.name,
+                )
 
     def export(self, iface: Any, obj: Any, name: str = "", *, requirement: Any = None) -> None:
         """Serve ``obj`` as ``iface`` to this connection's peer, under ``name``."""

@@ -680,6 +680,36 @@ class MethodDescription:
     def qualname(self) -> str:
         return f"{self.interface.name}.{self.name}"
 
+    @property
+    def signature(self) -> str:
+        """The compact form announced in the handshake: ``kind:a,b?,c*``."""
+        params = ",".join(p.name + ("*" if p.stream else "?" if p.has_default else "") for p in self.params)
+        return f"{self.kind.value}:{params}"
+
+    def compat_with(self, remote: str, where: str) -> Any:
+        """How a call of this method fares against the peer's signature ``remote``.
+
+        Returns None (same signature), a string (every call fails: the reason), or a tuple of
+        indexes of value parameters the peer lacks (a call fails if it passes one of them).
+        """
+        if remote == self.signature:
+            return None
+        kind, _, plist = remote.partition(":")
+        if kind != self.kind.value:
+            return f"{where} is a {kind.replace('_', ' ')} call there, a {self.kind.value.replace('_', ' ')} call here"
+        theirs = [p for p in plist.split(",") if p]
+        their_names = [p.rstrip("?*") for p in theirs]
+        mine = [p.name for p in self.params]
+        for i, name in enumerate(their_names):
+            if i >= len(mine):
+                if not theirs[i].endswith("?"):
+                    return f"{where} requires parameter {name!r} there, which this side's interface lacks"
+                continue
+            if mine[i] != name:
+                return f"{where}: parameter {i + 1} is {name!r} there, {mine[i]!r} here"
+        extra = tuple(i for i, p in enumerate(self.value_params) if p.name not in their_names)
+        return extra or None
+
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "kind": self.kind.value, "params": []}
         for p in self.params:

@@ -22,7 +22,7 @@ _classes: dict[int, type] = {}
 class ProxyBase:
     """Base of every proxy class."""
 
-    __slots__ = ("_xrpc_conn", "_xrpc_obj", "_xrpc_timeout", "_xrpc_ref", "__weakref__")
+    __slots__ = ("_xrpc_conn", "_xrpc_obj", "_xrpc_timeout", "_xrpc_ref", "_xrpc_compat", "__weakref__")
     _xrpc_desc: InterfaceDescription
 
     def __init__(self, conn: Connection, obj: str, timeout: float | None) -> None:
@@ -30,6 +30,7 @@ class ProxyBase:
         self._xrpc_obj = obj
         self._xrpc_timeout = timeout
         self._xrpc_ref: Any = None  # for a proxy received by reference: the finalizer that releases it
+        self._xrpc_compat: Any = None  # differences from the peer's announced interface, if any
 
     def __repr__(self) -> str:
         return f"<xrpc proxy {self._xrpc_desc.name} {self._xrpc_obj!r} via {self._xrpc_conn.url or 'connection'}>"
@@ -59,21 +60,29 @@ def _method(m: MethodDescription) -> Callable[..., Any]:
     if kind is MethodKind.UNARY:
 
         async def fn(self: ProxyBase, *args: Any, **kwargs: Any) -> Any:
+            if self._xrpc_compat is not None:
+                self._xrpc_conn._check_compat(self._xrpc_compat, m, args, kwargs)
             return await self._xrpc_conn.call_unary(self._xrpc_obj, m, args, kwargs, self._xrpc_timeout)
 
     elif kind is MethodKind.ONEWAY:
 
         async def fn(self: ProxyBase, *args: Any, **kwargs: Any) -> Any:
+            if self._xrpc_compat is not None:
+                self._xrpc_conn._check_compat(self._xrpc_compat, m, args, kwargs)
             await self._xrpc_conn.call_oneway(self._xrpc_obj, m, args, kwargs)
 
     elif kind is MethodKind.CLIENT_STREAM:
 
         async def fn(self: ProxyBase, *args: Any, **kwargs: Any) -> Any:
+            if self._xrpc_compat is not None:
+                self._xrpc_conn._check_compat(self._xrpc_compat, m, args, kwargs)
             return await self._xrpc_conn.call_client_stream(self._xrpc_obj, m, args, kwargs, self._xrpc_timeout)
 
     else:
 
         def fn(self: ProxyBase, *args: Any, **kwargs: Any) -> Any:
+            if self._xrpc_compat is not None:
+                self._xrpc_conn._check_compat(self._xrpc_compat, m, args, kwargs)
             return self._xrpc_conn.call_stream(self._xrpc_obj, m, args, kwargs, self._xrpc_timeout)
 
     fn.__name__ = m.name

@@ -71,6 +71,8 @@ class ExportInfo(msgspec.Struct, array_like=True, frozen=True):
     name: str
     interface: str
     fingerprint: str
+    # compact description: method name -> "kind:param,param?,param*" ("?" optional, "*" the stream)
+    methods: dict[str, str] = {}
 
 
 class Hello(msgspec.Struct, array_like=True, frozen=True, tag=0):

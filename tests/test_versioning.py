@@ -1,0 +1,218 @@
+"""Version negotiation: an old client meets a new server and the other way round.
+
+The handshake announces each export's fingerprint and a compact description (method kinds and
+parameter names).  A compatible difference works; a call the other side cannot take fails at once
+with an error that names the method and the difference, never silently.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Protocol
+
+import anyio
+import pytest
+
+import xrpc
+
+T = 10.0
+
+
+# --------------------------------------------------------------------------- two versions of "Svc"
+@xrpc.interface(name="Svc")
+class SvcV1(Protocol):
+    async def add(self, a: int, b: int) -> int: ...
+
+    async def greet(self, name: str) -> str: ...
+
+
+@xrpc.interface(name="Svc")
+class SvcV2(Protocol):
+    async def add(self, a: int, b: int, scale: int = 1) -> int: ...  # new optional parameter
+
+    async def greet(self, name: str) -> str: ...
+
+    async def shout(self, text: str) -> str: ...  # new method
+
+
+@xrpc.interface(name="Svc")
+class SvcRequiresMore(Protocol):
+    async def add(self, a: int, b: int, scale: int) -> int: ...  # a new *required* parameter
+
+    async def greet(self, name: str) -> str: ...
+
+
+@xrpc.interface(name="Svc")
+class SvcKindChanged(Protocol):
+    def add(self, a: int, b: int) -> AsyncIterator[int]: ...  # unary became a stream
+
+    async def greet(self, name: str) -> str: ...
+
+
+@xrpc.interface(name="Svc")
+class SvcTypeChanged(Protocol):
+    async def add(self, a: str, b: str) -> str: ...  # same names, other types
+
+    async def greet(self, name: str) -> str: ...
+
+
+@xrpc.interface(name="Svc")
+class SvcUnrelated(Protocol):
+    async def frobnicate(self, x: int) -> int: ...
+
+
+class V1:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def add(self, a: int, b: int) -> int:
+        self.calls += 1
+        return a + b
+
+    async def greet(self, name: str) -> str:
+        return f"hello {name}"
+
+
+class V2(V1):
+    async def add(self, a: int, b: int, scale: int = 1) -> int:  # type: ignore[override]
+        self.calls += 1
+        return (a + b) * scale
+
+    async def shout(self, text: str) -> str:
+        return text.upper()
+
+
+class RequiresMore(V1):
+    async def add(self, a: int, b: int, scale: int) -> int:  # type: ignore[override]
+        self.calls += 1
+        return (a + b) * scale
+
+
+class KindChanged(V1):
+    async def add(self, a: int, b: int) -> AsyncIterator[int]:  # type: ignore[override]
+        self.calls += 1
+        yield a + b
+
+
+class TypeChanged(V1):
+    async def add(self, a: str, b: str) -> str:  # type: ignore[override]
+        self.calls += 1
+        return a + b
+
+
+def serve(iface: type, impl: object) -> xrpc.Server:
+    server = xrpc.Server()
+    server.export(iface, impl, name="svc")
+    return server
+
+
+async def test_fingerprints_differ_between_versions() -> None:
+    assert xrpc.describe(SvcV1).fingerprint != xrpc.describe(SvcV2).fingerprint
+    assert xrpc.describe(SvcV1).fingerprint != xrpc.describe(SvcTypeChanged).fingerprint
+
+
+async def test_old_client_new_server_compatible() -> None:
+    impl = V2()
+    with anyio.fail_after(T):
+        async with xrpc.testing.connect(serve(SvcV2, impl)) as conn:
+            old = conn.proxy(SvcV1, name="svc")
+            assert await old.add(2, 3) == 5  # the new optional parameter takes its default
+            assert await old.greet("ada") == "hello ada"
+    assert impl.calls == 1
+
+
+async def test_new_client_old_server_compatible_calls_work() -> None:
+    impl = V1()
+    with anyio.fail_after(T):
+        async with xrpc.testing.connect(serve(SvcV1, impl)) as conn:
+            new = conn.proxy(SvcV2, name="svc")
+            assert await new.add(2, 3) == 5  # the optional parameter left at its default is not sent
+            assert await new.greet("bob") == "hello bob"
+
+
+async def test_new_client_old_server_new_method_fails_at_once() -> None:
+    impl = V1()
+    with anyio.fail_after(T):
+        async with xrpc.testing.connect(serve(SvcV1, impl)) as conn:
+            new = conn.proxy(SvcV2, name="svc")
+            with pytest.raises(xrpc.MethodNotFound) as info:
+                await new.shout("hi")
+            msg = str(info.value)
+            assert "shout" in msg and "Svc" in msg
+            assert "add" in msg and "greet" in msg  # says what the peer does have
+            assert await new.greet("still") == "hello still"  # the connection carries on
+
+
+async def test_new_client_old_server_new_parameter_with_a_value_is_refused() -> None:
+    impl = V1()
+    with anyio.fail_after(T):
+        async with xrpc.testing.connect(serve(SvcV1, impl)) as conn:
+            new = conn.proxy(SvcV2, name="svc")
+            with pytest.raises(xrpc.ValidationError) as info:
+                await new.add(2, 3, scale=10)  # the old server would silently ignore it
+            assert info.value.argument == "scale"
+            assert "scale" in str(info.value) and "add" in str(info.value)
+            with pytest.raises(xrpc.ValidationError):
+                await new.add(2, 3, 10)  # positionally too
+    assert impl.calls == 0
+
+
+async def test_server_requires_a_parameter_the_client_lacks() -> None:
+    impl = RequiresMore()
+    with anyio.fail_after(T):
+        async with xrpc.testing.connect(serve(SvcRequiresMore, impl)) as conn:
+            old = conn.proxy(SvcV1, name="svc")
+            with pytest.raises(xrpc.ValidationError) as info:
+                await old.add(1, 2)
+            assert "scale" in str(info.value) and "requires" in str(info.value)
+            assert await old.greet("x") == "hello x"
+    assert impl.calls == 0
+
+
+async def test_method_kind_changed() -> None:
+    impl = KindChanged()
+    with anyio.fail_after(T):
+        async with xrpc.testing.connect(serve(SvcKindChanged, impl)) as conn:
+            old = conn.proxy(SvcV1, name="svc")
+            with pytest.raises(xrpc.ValidationError) as info:
+                await old.add(1, 2)
+            assert "stream" in str(info.value) and "unary" in str(info.value)
+    assert impl.calls == 0
+
+
+async def test_type_changed_is_refused_by_the_server_not_silently() -> None:
+    impl = TypeChanged()
+    with anyio.fail_after(T):
+        async with xrpc.testing.connect(serve(SvcTypeChanged, impl)) as conn:
+            old = conn.proxy(SvcV1, name="svc")
+            with pytest.raises(xrpc.ValidationError) as info:
+                await old.add(1, 2)
+            assert info.value.argument == "a"
+    assert impl.calls == 0
+
+
+async def test_fully_incompatible_interface_invalidates_with_a_reason() -> None:
+    with anyio.fail_after(T):
+        async with xrpc.testing.connect(serve(SvcUnrelated, object.__new__(type("U", (), {"frobnicate": V1.add})))) as conn:
+            with pytest.raises(xrpc.ConnectionInvalidated) as info:
+                conn.proxy(SvcV1, name="svc")
+            msg = str(info.value)
+            assert "no method in common" in msg and "add" in msg
+
+
+async def test_server_calling_an_older_client() -> None:
+    """The same negotiation runs for the client's exports (announced in HELLO)."""
+    seen: list[str] = []
+
+    async def on_connect(conn: xrpc.Connection) -> None:
+        client = conn.proxy(SvcV2, name="svc")
+        seen.append(await client.greet("server"))
+        try:
+            await client.shout("x")
+        except xrpc.MethodNotFound as exc:
+            seen.append(type(exc).__name__)
+
+    server = xrpc.Server(on_connect=on_connect)
+    with anyio.fail_after(T):
+        async with xrpc.testing.connect(server, exports=[(SvcV1, V1(), "svc")]):
+            pass
+    assert seen == ["hello server", "MethodNotFound"]
