@@ -41,3 +41,21 @@ async def serve_and_connect(server: xrpc.Server, url: str, **connect_kwargs: Any
     async with server.listen(url) as listener:
         async with xrpc.connect(listener.url, **connect_kwargs) as conn:
             yield conn
+
+
+# --------------------------------------------------------------------------- event loop backends
+# Async tests run through anyio's pytest plugin (anyio_mode = auto).  The core suites run on both
+# asyncio and trio; the others, which reach for asyncio-only facilities, on asyncio alone.
+BOTH_BACKENDS = {"test_api", "test_versioning", "test_streams"}
+
+
+@pytest.fixture(scope="module")
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "anyio_backend" in metafunc.fixturenames:
+        module = metafunc.module.__name__.rsplit(".", 1)[-1]
+        backends = ["asyncio", "trio"] if module in BOTH_BACKENDS else ["asyncio"]
+        metafunc.parametrize("anyio_backend", backends, indirect=True, scope="module")

@@ -815,6 +815,9 @@ class Connection:
         self._proxies: dict[tuple[str, str, float | None], Any] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # incoming calls on the asyncio fast path
         self._guard_cache: dict[int, bool] = {}
+        self._next_ticket = 0  # calls start in the order they arrived (non-asyncio backends)
+        self._started_ticket = 0
+        self._ticket_waiters: dict[int, anyio.Event] = {}
         self._middleware = tuple(middleware)
         self._refs: dict[str, list[Any]] = {}  # oid -> [Export, tokens sent and not yet released]
         self._promises: dict[int, _Promise] = {}  # results of the peer's calls, for pipelined calls
@@ -1521,7 +1524,9 @@ class Connection:
             coro = self._serve_pipelined(msg, m, promise, inc)
         if loop is None:
             assert self._tg is not None
-            self._tg.start_soon(lambda: coro)
+            ticket = self._next_ticket
+            self._next_ticket = ticket + 1
+            self._tg.start_soon(self._start_in_order, ticket, coro)
         else:
             task = loop.create_task(coro)
             inc.task = task
@@ -1529,6 +1534,22 @@ class Connection:
             task.add_done_callback(self._tasks.discard)
             if deadline is not None:
                 inc.deadline = loop.time() + deadline
+
+    async def _start_in_order(self, ticket: int, coro: Any) -> None:
+        """Run ``coro`` once every call received before it has started (the scheduler of a
+        non-asyncio backend may start new tasks in any order)."""
+        try:
+            if self._started_ticket != ticket:
+                event = self._ticket_waiters[ticket] = anyio.Event()
+                await event.wait()
+        except BaseException:
+            coro.close()
+            raise
+        self._started_ticket = ticket + 1
+        following = self._ticket_waiters.pop(ticket + 1, None)
+        if following is not None:
+            following.set()
+        await coro
 
     def _satisfies(self, requirement: Any) -> bool:
         key = id(requirement)

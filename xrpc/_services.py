@@ -933,6 +933,7 @@ class ServiceConnection:
         try:
             return await self._open(url)
         except TransportError as exc:
+            log.debug("xrpc: service %s: %s", desc.name, exc)
             last: BaseException = exc
         if desc.restart == "manual":
             raise ServiceUnavailable(
@@ -943,8 +944,8 @@ class ServiceConnection:
             async with _locked(lockp):
                 try:
                     return await self._open(url)  # launched by someone else meanwhile?
-                except TransportError:
-                    pass
+                except TransportError as exc:
+                    log.debug("xrpc: service %s: %s; launching it", desc.name, exc)
                 await _launch(desc, sock, lockp)
                 self.launches += 1
                 try:
