@@ -44,7 +44,7 @@ import threading
 import traceback
 import types
 import typing
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Callable, Collection, Mapping, Sequence
 
 import anyio
 import msgspec
@@ -129,10 +129,10 @@ def _rich_console() -> Any:
     if os.environ.get("NO_COLOR") or not sys.stdout.isatty():
         return None
     try:
-        import rich.console
+        console = importlib.import_module("rich.console")  # optional: used only if installed
     except ImportError:
         return None
-    return rich.console.Console(highlight=True, markup=False, soft_wrap=True)
+    return console.Console(highlight=True, markup=False, soft_wrap=True)
 
 
 def _print_text(text: str) -> None:
@@ -146,7 +146,8 @@ def _print_text(text: str) -> None:
 def _error_line(exc: BaseException) -> str:
     if isinstance(exc, CLIError):
         return f"error: {exc}"
-    return f"error: {type(exc).__qualname__}: {exc}"
+    message = str(exc) or ("timed out" if isinstance(exc, TimeoutError) else "")
+    return f"error: {type(exc).__qualname__}: {message}"
 
 
 # --------------------------------------------------------------------------- loading Python objects
@@ -298,7 +299,7 @@ def _peer_name(name: Any, what: str, *, dotted: bool = False, private_ok: bool =
 _KINDS = {k.value: k for k in MethodKind}
 
 
-def _method_function(owner: str, m: MethodInfo) -> Any:
+def _method_function(owner: str, m: MethodInfo, given: Collection[str] | None = None) -> Any:
     name = _peer_name(m.name, "a method")
     kind = _KINDS.get(m.kind)
     if kind is None:
@@ -307,7 +308,15 @@ def _method_function(owner: str, m: MethodInfo) -> Any:
     annotations: dict[str, Any] = {}
     seen_optional = False
     keyword_only = False
-    for p in m.params:
+    wanted = m.params
+    if given is not None:
+        # Arguments travel as an array in declaration order, and every field of it is sent: leave
+        # out the optional parameters after the last one given, so that the server uses its defaults.
+        value_params = [p for p in m.params if not p.stream]
+        last = max((i for i, p in enumerate(value_params) if p.name in given or p.required), default=-1)
+        dropped = {p.name for p in value_params[last + 1 :]}
+        wanted = [p for p in m.params if p.name not in dropped]
+    for p in wanted:
         pname = _peer_name(p.name, f"a parameter of {m.name}", private_ok=True)
         if pname == "self":
             raise CLIError(f"the server describes a parameter named 'self' in {m.name}", Exit.CONNECT)
@@ -350,10 +359,15 @@ def _error_class(qualname: str) -> type[Exception]:
     return cls
 
 
-def dynamic_interface(export: ExportDescription, methods: Sequence[str] | None = None) -> Any:
+def dynamic_interface(
+    export: ExportDescription, methods: Collection[str] | None = None, arguments: Mapping[str, Collection[str]] | None = None
+) -> Any:
     """An ``@xrpc.interface`` class built from a remote description (every type ``Any``).
 
-    ``methods`` restricts it to those methods (default: all of them).
+    ``methods`` restricts it to those methods (default: all of them).  The client does not know
+    the defaults of optional parameters, and every parameter of the signature is sent (``None``
+    when left out); ``arguments`` maps a method to the names a call will give, and that method then
+    ends at the last of them, so that the server applies its own defaults to the rest.
     """
     iname = _peer_name(export.interface, "the interface", dotted=True)
     cls_name = iname.rpartition(".")[2]
@@ -361,14 +375,14 @@ def dynamic_interface(export: ExportDescription, methods: Sequence[str] | None =
     for m in export.methods:
         if methods is not None and m.name not in methods:
             continue
-        fn = _method_function(cls_name, m)
+        fn = _method_function(cls_name, m, None if arguments is None else arguments.get(m.name))
         if fn.__name__ in ns:
             raise CLIError(f"the server describes method {m.name!r} twice", Exit.CONNECT)
         ns[fn.__name__] = fn
     errs = tuple(_error_class(e) for e in export.errors)
     cls = type(cls_name, (typing.Protocol,), ns)
     try:
-        iface = interface(cls, name=iname, errors=errs)
+        iface = interface(name=iname, errors=errs)(cls)
         describe(iface)
     except errors.InterfaceError as exc:
         raise CLIError(f"the description of {iname} is not usable: {exc}", Exit.CONNECT) from None
@@ -380,7 +394,7 @@ def _is_url(target: str) -> bool:
     return "://" in target
 
 
-_CONNECT_ERRORS = (errors.ConnectionInterrupted, errors.ConnectionInvalidated, errors.ProtocolError, errors.Error, TimeoutError, OSError)
+_CONNECT_ERRORS = (errors.Error, TimeoutError, OSError)
 
 
 @contextlib.asynccontextmanager
@@ -403,7 +417,7 @@ async def open_target(target: str, timeout: float | None) -> AsyncIterator[Any]:
         except _CONNECT_ERRORS as exc:
             if entered:
                 raise
-            raise CLIError(f"cannot connect to {target}: {_describe_exc(exc)}", Exit.CONNECT) from None
+            raise CLIError(_about(target, _describe_exc(exc), "cannot connect to"), Exit.CONNECT) from None
         return
     from ._services import connect_service
 
@@ -413,7 +427,7 @@ async def open_target(target: str, timeout: float | None) -> AsyncIterator[Any]:
             try:
                 await sc.connect()
             except _CONNECT_ERRORS as exc:
-                raise CLIError(f"cannot connect to service {target!r}: {_describe_exc(exc)}", Exit.CONNECT) from None
+                raise CLIError(_about(repr(target), _describe_exc(exc), "cannot connect to service"), Exit.CONNECT) from None
             yield sc
     except ValueError as exc:
         if entered:
@@ -423,6 +437,11 @@ async def open_target(target: str, timeout: float | None) -> AsyncIterator[Any]:
         if entered:
             raise
         raise CLIError(_describe_exc(exc), Exit.CONNECT) from None
+
+
+def _about(target: str, message: str, prefix: str) -> str:
+    """``message``, prefixed with what it is about unless it says so already."""
+    return message if target.strip("'") in message else f"{prefix} {target}: {message}"
 
 
 def _describe_exc(exc: BaseException) -> str:
@@ -465,7 +484,8 @@ def choose_method(export: ExportDescription, method: str) -> MethodInfo:
         if m.name == method:
             return m
     names = ", ".join(m.name for m in export.methods) or "none"
-    raise CLIError(f"{export.name} ({export.interface}) has no method {method!r} (its methods: {names})", Exit.NOT_FOUND)
+    what = export.name if export.name == export.interface else f"{export.name} ({export.interface})"
+    raise CLIError(f"{what} has no method {method!r} (its methods: {names})", Exit.NOT_FOUND)
 
 
 # --------------------------------------------------------------------------- arguments
@@ -669,7 +689,7 @@ async def cmd_call(args: argparse.Namespace) -> int:
         export = choose_export(exports, object_name, args.target)
         m = choose_method(export, method_name)
         check_arguments(export, m, given)
-        iface = dynamic_interface(export, methods=[m.name])
+        iface = dynamic_interface(export, methods=[m.name], arguments={m.name: list(given)})
         proxy = peer.proxy(iface, export.name, timeout=args.timeout)
         fn: Callable[..., Any] = getattr(proxy, m.name)
         kind = _KINDS[m.kind]
@@ -799,19 +819,17 @@ async def cmd_list(args: argparse.Namespace) -> int:
         dirs = "\n".join(f"  {d}" for d in service_search_path())
         print(f"no services described in the search path:\n{dirs}", file=sys.stderr)
         return Exit.OK
-    _print_table(
-        ("NAME", "STATUS", "KIND", "TARGET", "DESCRIPTION"),
-        [(r.name, r.status + (f" ({r.error})" if r.status == "invalid" else ""), r.kind, r.target, r.description) for r in rows],
-    )
+    _print_table(("NAME", "STATUS", "KIND", "TARGET", "DESCRIPTION"), [(r.name, r.status, r.kind, r.target, r.description) for r in rows])
+    for r in rows:
+        if r.status == "invalid":
+            print(f"xrpc list: {r.name}: {r.error}", file=sys.stderr)
     return Exit.OK
 
 
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     console = _rich_console()
     if console is not None:
-        import rich.table
-
-        table = rich.table.Table(*header, box=None, header_style="bold")
+        table = importlib.import_module("rich.table").Table(*header, box=None, header_style="bold")
         for row in rows:
             table.add_row(*row)
         console.print(table)
@@ -844,8 +862,8 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     except Exception as exc:
         raise CLIError(f"{args.object}: creating the object failed: {type(exc).__qualname__}: {exc}", Exit.USAGE) from None
     if isinstance(made, Server):
-        if iface is not None:
-            raise CLIError(f"{args.object} is an xrpc.Server: drop --iface (it exports what it exports)", Exit.USAGE)
+        if iface is not None or args.name:
+            raise CLIError(f"{args.object} is an xrpc.Server: drop --iface and --name (it exports what it exports)", Exit.USAGE)
         server = made
     else:
         if iface is None:

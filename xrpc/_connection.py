@@ -551,13 +551,26 @@ def _error_from_frame(m: MethodDescription | None, frame: ErrorFrame) -> BaseExc
     return RemoteError(frame.type_name, msg)
 
 
+_local = threading.local()
+_SOCKET_BUFFER = 1024 * 1024
+
+
+def _receive_buffer() -> memoryview:
+    """One receive buffer per thread, shared by its connections: every read is copied out (or
+    decoded) before the next one, so an idle connection costs no buffer of its own."""
+    view: memoryview | None = getattr(_local, "view", None)
+    if view is None:
+        view = _local.view = memoryview(bytearray(262144))
+    return view
+
+
 class _AsyncioIO(asyncio.BufferedProtocol):
     """Drives a connection's socket on asyncio: reads into one reused buffer, writes synchronously."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self.buffer = bytearray(262144)
-        self.view = memoryview(self.buffer)
+        self.view = _receive_buffer()
+        self.big = False  # the last buffer handed out was the core's large-frame buffer
         self.transport: asyncio.Transport | None = None
         loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = loop.create_future()
@@ -570,12 +583,19 @@ class _AsyncioIO(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=self.conn.limits.write_buffer_high)  # type: ignore[attr-defined]
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        target = self.conn._core.big_target()
+        if target is not None:
+            self.big = True
+            return target
+        self.big = False
         return self.view
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.done.done():
             return
-        if not self.conn._feed(self.view[:nbytes].tobytes()):
+        conn = self.conn
+        ok = conn._feed_big(nbytes) if self.big else conn._feed(self.view[:nbytes].tobytes())
+        if not ok:
             self.close()
 
     def eof_received(self) -> bool:
@@ -610,7 +630,7 @@ class _AsyncioIO(asyncio.BufferedProtocol):
                 self._resume = self._loop.create_future()
             await self._resume
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray, fds: list[int] | None = None) -> None:
         t = self.transport
         if t is not None and not t.is_closing():
             t.write(data)
@@ -637,8 +657,13 @@ class _UnixIO:
         self.conn = conn
         self.sock = sock
         self.fd = sock.fileno()
-        self.buffer = bytearray(262144)
-        self.view = memoryview(self.buffer)
+        self.view = _receive_buffer()
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            try:
+                if sock.getsockopt(socket.SOL_SOCKET, opt) < _SOCKET_BUFFER:
+                    sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)  # fewer, larger writes for big frames
+            except OSError:
+                pass
         self.transport: Any = None
         loop = asyncio.get_running_loop()
         self._loop = loop
@@ -653,8 +678,9 @@ class _UnixIO:
     def _readable(self) -> None:
         if self.done.done():
             return
+        target = self.conn._core.big_target()
         try:
-            n, anc, flags, _ = self.sock.recvmsg_into([self.view], self._ancsize)
+            n, anc, flags, _ = self.sock.recvmsg_into([target if target is not None else self.view], self._ancsize)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -670,10 +696,11 @@ class _UnixIO:
             self.conn._feed(b"")
             self._lost(None)
             return
-        if not self.conn._feed(self.view[:n].tobytes()):
+        ok = self.conn._feed_big(n) if target is not None else self.conn._feed(self.view[:n].tobytes())
+        if not ok:
             self.close()
 
-    def write(self, data: bytes, fds: list[int] | None = None) -> None:
+    def write(self, data: bytes | bytearray, fds: list[int] | None = None) -> None:
         if self.done.done():
             return
         if self._pending:
@@ -920,7 +947,7 @@ class Connection:
                     data = self._core.data_to_send()
                     if data and not self._writing:
                         try:
-                            await self._stream.send(data)
+                            await self._stream.send(bytes(data))
                         except Exception:
                             pass
                     try:
@@ -1234,7 +1261,7 @@ class Connection:
             if self._fds_out:
                 fds = self._fds_out
                 self._fds_out = []
-                self._aio.write(data, fds)  # type: ignore[call-arg]
+                self._aio.write(data, fds)
                 for fd in fds:
                     os.close(fd)
             else:
@@ -1253,7 +1280,7 @@ class Connection:
                     data = core.data_to_send()
                     if not data:
                         break
-                    await stream.send(data)
+                    await stream.send(bytes(data) if type(data) is not bytes else data)
                 self._writing = False
                 if self._drained is not None:
                     self._drained.set()
@@ -1295,6 +1322,21 @@ class Connection:
             if not self._feed(data):
                 return
 
+    def _feed_big(self, n: int) -> bool:
+        """``n`` bytes were read straight into the core's large-frame buffer."""
+        try:
+            events = self._core.big_received(n)
+        except RemoteProtocolError as exc:
+            return self._protocol_error(exc)
+        return self._dispatch(events, True)
+
+    def _protocol_error(self, exc: RemoteProtocolError) -> bool:
+        log.warning("xrpc: protocol error from %s: %s", self._peer_name(), exc)
+        if self._failure is None:
+            self._failure = ConnectionInterrupted(f"protocol error: {exc}")
+        self._goodbye_now(str(exc), ErrorCode.VALIDATION)
+        return False
+
     def _feed(self, data: bytes) -> bool:
         """Process received bytes (``b""``: the peer closed).  False once the connection is over."""
         core = self._core
@@ -1302,11 +1344,11 @@ class Connection:
         try:
             events = core.receive_data(data)
         except RemoteProtocolError as exc:
-            log.warning("xrpc: protocol error from %s: %s", self._peer_name(), exc)
-            if self._failure is None:
-                self._failure = ConnectionInterrupted(f"protocol error: {exc}")
-            self._goodbye_now(str(exc), ErrorCode.VALIDATION)
-            return False
+            return self._protocol_error(exc)
+        return self._dispatch(events, bool(data))
+
+    def _dispatch(self, events: list[Any], data: bool) -> bool:
+        core = self._core
         gate = self._gate
         handlers = self._handlers
         for msg, rec in events:
@@ -1350,7 +1392,7 @@ class Connection:
             async def _send_last() -> None:
                 with anyio.move_on_after(1.0, shield=True):
                     try:
-                        await stream.send(data)
+                        await stream.send(bytes(data) if type(data) is not bytes else data)
                     except Exception:
                         pass
 

@@ -801,14 +801,26 @@ def _fingerprint(desc: InterfaceDescription) -> str:
 
 
 def _type_key(slot: Slot) -> str:
+    """What the fingerprint sees of a slot's type: its JSON Schema without prose (docstrings do
+    not change the wire), or for a widened slot its allow-list (names, not module paths)."""
+    if slot.classes is not None:
+        return "allow:" + ",".join(slot.allowed_names())
     tp = _strip_annotated(slot.annotation)
+    if slot.plan is not None:
+        return "ref:" + _type_name(tp)
     try:
-        key = msgspec.json.encode(msgspec.json.schema(tp)).decode()
+        key = msgspec.json.encode(_without_prose(msgspec.json.schema(tp))).decode()
     except Exception:
         key = _type_name(tp)
-    if slot.classes is not None:
-        key += "|allow:" + ",".join(slot.allowed_names())
     return key
+
+
+def _without_prose(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _without_prose(v) for k, v in node.items() if k not in ("description", "title")}
+    if isinstance(node, list):
+        return [_without_prose(v) for v in node]
+    return node
 
 
 # --------------------------------------------------------------------------- @interface

@@ -592,9 +592,13 @@ async def _await_ready(desc: ServiceDescription, r: int, sock: Path, group: int)
                         error = text[6:]
             if desc.readiness == "socket" and pid is not None and not error:
                 ready = await _await_listening(sock, pid)
-    except TimeoutError:
+    except BaseException as exc:
+        # Timed out, or the caller gave up: a half-started instance is not left behind (it would
+        # race the next launcher for the socket).  Kill the service's whole process group.
         with contextlib.suppress(OSError):
-            os.killpg(group, signal.SIGKILL)  # the service's whole process group
+            os.killpg(group, signal.SIGKILL)
+        if not isinstance(exc, TimeoutError):
+            raise
         raise TimeoutError(
             f"service {desc.name!r} ({desc.path}) did not report that it listens within {desc.launch_timeout:g}s; "
             f"it was killed (see its standard error{' in ' + str(desc.log_file) if desc.log_file else ''})"

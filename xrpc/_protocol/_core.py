@@ -91,6 +91,7 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(Message)
 _pack_len = int.to_bytes
 _DROP: Any = object()
+_BIG_FRAME = 64 * 1024  # frames at least this large are assembled in a buffer of their own
 _SENDABLE = (State.HANDSHAKE, State.OPEN)
 
 
@@ -126,6 +127,8 @@ class ProtocolCore:
         self._last_peer_id = 0
         self._in = bytearray()
         self._out = bytearray()
+        self._big: bytearray | None = None  # a large frame being received into its own buffer
+        self._big_filled = 0
         self.close_reason = ""
         self.close_code = 0
         self._hello_done = False  # client: HELLO sent; server: HELLO received
@@ -134,12 +137,15 @@ class ProtocolCore:
     def is_local_id(self, call_id: int) -> bool:
         return (call_id & 1) == self._local_parity
 
-    def data_to_send(self) -> bytes:
-        """Everything encoded since the last call, as one chunk (possibly empty)."""
-        if not self._out:
+    def data_to_send(self) -> bytes | bytearray:
+        """Everything encoded since the last call, as one chunk (possibly empty).
+
+        The chunk is handed over, not copied: the core starts a new buffer.
+        """
+        out = self._out
+        if not out:
             return b""
-        out = bytes(self._out)
-        self._out.clear()
+        self._out = bytearray()
         return out
 
     def has_data_to_send(self) -> bool:
@@ -295,9 +301,18 @@ class ProtocolCore:
         if self.state == State.ERROR:
             raise RemoteProtocolError("the connection is already in ERROR")
         if not data:
-            if self._in:
-                self._fail(f"the peer closed the connection in the middle of a frame ({len(self._in)} bytes buffered)")
+            if self._in or self._big is not None:
+                self._fail("the peer closed the connection in the middle of a frame")
             return []
+        if self._big is not None:
+            # the rest of a large frame: into its own buffer, then carry on with what follows
+            big = self._big
+            take = min(len(big) - self._big_filled, len(data))
+            big[self._big_filled : self._big_filled + take] = memoryview(data)[:take]
+            done = self.big_received(take)
+            if take < len(data) and self.state not in (State.CLOSED, State.ERROR):
+                done.extend(self.receive_data(data[take:]))
+            return done
         if self._in:
             self._in += data
             buf: bytes | bytearray = self._in
@@ -320,6 +335,14 @@ class ProtocolCore:
                 self._fail("empty frame")
             end = pos + _HEADER + size
             if end > total:
+                if size >= _BIG_FRAME:
+                    # a large frame: give it a buffer of its own, filled in place from now on
+                    big = bytearray(_HEADER + size)
+                    have = total - pos
+                    big[:have] = memoryview(buf)[pos:total]
+                    self._big = big
+                    self._big_filled = have
+                    pos = total
                 break
             if mv is None:
                 mv = memoryview(buf)
@@ -340,6 +363,29 @@ class ProtocolCore:
         elif buf is data:
             self._in = bytearray(data)
         return events
+
+    def big_target(self) -> memoryview | None:
+        """Where the next received bytes should go when a large frame is half received (so the
+        transport can read straight into it), else None."""
+        if self._big is None:
+            return None
+        return memoryview(self._big)[self._big_filled :]
+
+    def big_received(self, n: int) -> list[tuple[Message, CallRecord | None]]:
+        """``n`` bytes were written into ``big_target()``; the frame's message once it is complete."""
+        big = self._big
+        assert big is not None
+        self._big_filled += n
+        if self._big_filled < len(big):
+            return []
+        self._big = None
+        self._big_filled = 0
+        try:
+            msg = _decoder.decode(memoryview(big)[_HEADER:])
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError, ValueError, OverflowError) as exc:
+            self._fail(f"undecodable frame: {exc}")
+        rec = self._accept(msg, len(big) - _HEADER)
+        return [] if rec is _DROP else [(msg, rec)]
 
     def _fail(self, why: str) -> Any:
         self.state = State.ERROR

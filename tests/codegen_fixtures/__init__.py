@@ -1,0 +1,1 @@
+"""Interfaces that tests/test_codegen.py exports, regenerates and talks to."""
