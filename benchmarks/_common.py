@@ -69,6 +69,7 @@ class Sizes:
     inflight_time: float
     inflight_max: int
     stream_n: int
+    stream_min_time: float
     stream_time: float
     bytes_size: int
     bytes_iters: int
@@ -81,25 +82,25 @@ class Sizes:
 
 MODES: dict[str, Sizes] = {
     "full": Sizes(
-        latency_warmup=500, latency_calls=20_000, latency_time=4.0,
+        latency_warmup=500, latency_calls=50_000, latency_time=4.0,
         inflight=64, inflight_warmup_time=0.3, inflight_time=4.0, inflight_max=400_000,
-        stream_n=100_000, stream_time=20.0,
+        stream_n=100_000, stream_min_time=1.0, stream_time=20.0,
         bytes_size=MIB, bytes_iters=500, bytes_time=4.0,
-        connect_reps=200, connect_time=4.0,
+        connect_reps=1000, connect_time=4.0,
         idle_conns=1000, idle_time=60.0,
     ),
     "quick": Sizes(
-        latency_warmup=200, latency_calls=3_000, latency_time=0.6,
-        inflight=64, inflight_warmup_time=0.1, inflight_time=0.6, inflight_max=100_000,
-        stream_n=20_000, stream_time=3.0,
-        bytes_size=MIB, bytes_iters=100, bytes_time=0.6,
-        connect_reps=40, connect_time=0.6,
+        latency_warmup=200, latency_calls=10_000, latency_time=1.0,
+        inflight=64, inflight_warmup_time=0.15, inflight_time=1.0, inflight_max=200_000,
+        stream_n=20_000, stream_min_time=0.3, stream_time=4.0,
+        bytes_size=MIB, bytes_iters=200, bytes_time=1.0,
+        connect_reps=60, connect_time=1.0,
         idle_conns=200, idle_time=15.0,
     ),
     "tiny": Sizes(
         latency_warmup=10, latency_calls=50, latency_time=0.3,
         inflight=64, inflight_warmup_time=0.05, inflight_time=0.2, inflight_max=5_000,
-        stream_n=500, stream_time=2.0,
+        stream_n=500, stream_min_time=0.0, stream_time=2.0,
         bytes_size=MIB, bytes_iters=3, bytes_time=0.5,
         connect_reps=3, connect_time=0.5,
         idle_conns=10, idle_time=10.0,
@@ -146,8 +147,11 @@ def install_watchdog(*, watch_stdin: bool, deadline: float | None = None) -> Non
     parent = os.getppid()
 
     def on_stdin() -> None:
+        # os.read on the raw descriptor: a daemon thread blocked inside sys.stdin's buffered reader
+        # would abort interpreter shutdown.
         try:
-            while sys.stdin.buffer.read(65536):
+            fd = sys.stdin.fileno()
+            while os.read(fd, 65536):
                 pass
         except (OSError, ValueError):
             pass
@@ -185,7 +189,7 @@ def rss_bytes(pid: int) -> int | None:
     except OSError:
         pass
     try:
-        import psutil
+        import psutil  # type: ignore[import-untyped,unused-ignore]
     except ImportError:
         return None
     try:
