@@ -551,6 +551,14 @@ def _error_from_frame(m: MethodDescription | None, frame: ErrorFrame) -> BaseExc
     return RemoteError(frame.type_name, msg)
 
 
+def _close_all(fds: list[int] | None) -> None:
+    for fd in fds or ():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 _local = threading.local()
 _SOCKET_BUFFER = 1024 * 1024
 
@@ -701,7 +709,10 @@ class _UnixIO:
             self.close()
 
     def write(self, data: bytes | bytearray, fds: list[int] | None = None) -> None:
+        """Send ``data`` (with ``fds`` attached to its first byte).  Takes ownership of ``fds``:
+        they are closed here once the kernel has them (it keeps its own references)."""
         if self.done.done():
+            _close_all(fds)
             return
         if self._pending:
             self._queue(memoryview(data), fds or [])
@@ -714,10 +725,14 @@ class _UnixIO:
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
+            _close_all(fds)
             self._lost(exc)
             return
+        if sent and fds:
+            _close_all(fds)
+            fds = None
         if sent < len(data):
-            self._queue(memoryview(data)[sent:], [] if sent else (fds or []))
+            self._queue(memoryview(data)[sent:], fds or [])
             self._loop.add_writer(self.fd, self._writable)
 
     def _queue(self, data: memoryview, fds: list[int]) -> None:
@@ -738,6 +753,8 @@ class _UnixIO:
                 self._lost(exc)
                 return
             self._pending_size -= sent
+            if sent and fds:
+                _close_all(fds)
             if sent < len(data):
                 self._pending[0] = (data[sent:], [])
                 return
@@ -775,6 +792,8 @@ class _UnixIO:
                         self.sock.send(data)
                 except OSError:
                     pass
+                for _, fds in self._pending:
+                    _close_all(fds)
                 self._pending.clear()
             self.sock.close()
         if not self.done.done():
@@ -839,7 +858,7 @@ class Connection:
         self._on_interrupted = on_interrupted
         self._on_invalidated = on_invalidated
         self._loop_thread = threading.get_ident()
-        self._proxies: dict[tuple[str, str, float | None], Any] = {}
+        self._proxies: dict[tuple[int, str, float | None], Any] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # incoming calls on the asyncio fast path
         self._guard_cache: dict[int, bool] = {}
         self._next_ticket = 0  # calls start in the order they arrived (non-asyncio backends)
@@ -848,6 +867,8 @@ class Connection:
         self._middleware = tuple(middleware)
         self._refs: dict[str, list[Any]] = {}  # oid -> [Export, tokens sent and not yet released]
         self._promises: dict[int, _Promise] = {}  # results of the peer's calls, for pipelined calls
+        self._promise_of: dict[str, int] = {}  # oid of a returned object -> the call that returned it
+        self._journal: list[str] | None = None  # references handed out while encoding one frame
         self._settled_ids: collections.deque[int] = collections.deque()
         self._ref_ids: dict[tuple[int, str], str] = {}  # (id(obj), interface) -> oid
         self._next_oid = 0
@@ -860,7 +881,7 @@ class Connection:
         """A proxy typed as ``iface`` for the object the peer exports under ``name``."""
         desc = describe(iface)
         key = name or desc.name
-        cache_key = (desc.name, key, timeout)
+        cache_key = (id(desc), key, timeout)
         p = self._proxies.get(cache_key)
         if p is None:
             from ._proxy import make_proxy
@@ -995,13 +1016,15 @@ class Connection:
         entry = self._refs.get(oid) if oid is not None else None
         if entry is None or entry[0].obj is not value:
             if len(self._refs) >= self.limits.max_objects:
-                raise ValueError(f"more than {self.limits.max_objects} objects exported on this connection")
+                raise LimitExceeded(f"more than {self.limits.max_objects} objects exported on this connection")
             self._next_oid += 1
             oid = f"#{self._next_oid}"
             entry = [Export(desc, value, oid), 0]
             self._refs[oid] = entry
             self._ref_ids[key] = oid
         entry[1] += 1
+        if self._journal is not None:
+            self._journal.append(entry[0].name)
         return Ref(False, entry[0].name, desc.name)
 
     def _ref_in(self, desc: InterfaceDescription, token: Ref) -> Any:
@@ -1261,9 +1284,7 @@ class Connection:
             if self._fds_out:
                 fds = self._fds_out
                 self._fds_out = []
-                self._aio.write(data, fds)
-                for fd in fds:
-                    os.close(fd)
+                self._aio.write(data, fds)  # takes the descriptors: closed once sent
             else:
                 self._aio.write(data)
 
@@ -1484,16 +1505,23 @@ class Connection:
             h.cancel()
 
     def _on_release(self, msg: Any, rec: Any) -> None:
-        entry = self._refs.get(msg.obj)
+        self._drop_ref(msg.obj, msg.count)
+
+    def _drop_ref(self, oid: str, count: int) -> None:
+        entry = self._refs.get(oid)
         if entry is None:
             return
-        entry[1] -= msg.count
+        entry[1] -= count
         if entry[1] <= 0:
-            del self._refs[msg.obj]
+            del self._refs[oid]
             export = entry[0]
             key = (id(export.obj), export.desc.name)
-            if self._ref_ids.get(key) == msg.obj:
+            if self._ref_ids.get(key) == oid:
                 del self._ref_ids[key]
+            # no pipelined call can name the call that returned it any more: frames are ordered
+            call_id = self._promise_of.pop(oid, None)
+            if call_id is not None:
+                self._promises.pop(call_id, None)
 
     def _on_pong(self, msg: Any, rec: Any) -> None:
         pass
@@ -1541,6 +1569,15 @@ class Connection:
             if not oneway:
                 core.send_error(call_id, ErrorCode.LIMIT, "LimitExceeded", f"more than {self.limits.max_calls_in_flight} calls in flight")
             return
+        # Arguments are decoded now, in frame order: a RELEASE read after this CALL cannot drop an
+        # object the arguments carry back before they are decoded.
+        try:
+            args = m.decode_args(msg.payload, self)
+        except ValidationError as exc:
+            log.warning("xrpc: refused call %s from %s: %s", m.qualname, self._peer_name(), exc)
+            if not oneway:
+                core.send_error(call_id, ErrorCode.VALIDATION, "ValidationError", str(exc), [exc.argument])
+            return
         deadline = msg.deadline
         loop = self._loop
         if loop is None:
@@ -1561,9 +1598,9 @@ class Connection:
             self._streams += 1
         if promise is None:
             assert export is not None
-            coro = self._serve(msg, m, export, inc)
+            coro = self._serve(msg, m, export, inc, args)
         else:
-            coro = self._serve_pipelined(msg, m, promise, inc)
+            coro = self._serve_pipelined(msg, m, promise, inc, args)
         if loop is None:
             assert self._tg is not None
             ticket = self._next_ticket
@@ -1608,7 +1645,7 @@ class Connection:
     _handlers: dict[type, Callable[..., None]] = {}
 
     # -------------------------------------------------------------- serving (callee side)
-    async def _serve_pipelined(self, msg: Call, m: MethodDescription, promise: _Promise, inc: _InCall) -> None:
+    async def _serve_pipelined(self, msg: Call, m: MethodDescription, promise: _Promise, inc: _InCall, args: tuple[Any, ...]) -> None:
         """A call on the result of an earlier call: wait for that result, then serve as usual."""
         await promise.wait()
         export: Export | None = None
@@ -1630,7 +1667,7 @@ class Connection:
                 inc.promise.settle(error=ObjectNotFound(f"{msg.obj} failed"))
                 self._settled(msg.id)
             return
-        await self._serve(msg, m, export, inc)
+        await self._serve(msg, m, export, inc, args)
 
     def _settled(self, call_id: int) -> None:
         """Keep the results of the last few calls for pipelined calls still on their way."""
@@ -1638,20 +1675,11 @@ class Connection:
         while len(self._settled_ids) > 256:
             self._promises.pop(self._settled_ids.popleft(), None)
 
-    async def _serve(self, msg: Call, m: MethodDescription, export: Export, inc: _InCall) -> None:
+    async def _serve(self, msg: Call, m: MethodDescription, export: Export, inc: _InCall, args: tuple[Any, ...]) -> None:
         core = self._core
         call_id = msg.id
-        kind = m.kind
         scope = inc.scope
         try:
-            try:
-                args = m.decode_args(msg.payload, self)
-            except ValidationError as exc:
-                log.warning("xrpc: refused call %s from %s: %s", m.qualname, self._peer_name(), exc)
-                if kind is not MethodKind.ONEWAY:
-                    core.send_error(call_id, ErrorCode.VALIDATION, "ValidationError", str(exc), [exc.argument])
-                    self._kick()
-                return
             if msg.meta:
                 _metadata.set(msg.meta)
             fn: Callable[..., Any]
@@ -1717,8 +1745,21 @@ class Connection:
             inc.promise.settle(result)
         if kind is not MethodKind.ONEWAY:
             try:
-                payload = m.encode_reply(result, self)
-                core.send_reply(call_id, payload)
+                if m.reply_refs:
+                    self._journal = []
+                try:
+                    payload = m.encode_reply(result, self)
+                    core.send_reply(call_id, payload)
+                except BaseException:
+                    self._rollback()
+                    raise
+                if self._journal is not None:
+                    if inc.promise is not None and type(payload) is Ref and not payload.home:
+                        self._promise_of[payload.oid] = call_id
+                    self._journal = None
+            except LimitExceeded as exc:
+                log.warning("xrpc: reply of %s refused: %s", m.qualname, exc)
+                core.send_error(call_id, ErrorCode.LIMIT, "LimitExceeded", str(exc))
             except ValidationError as exc:
                 log.warning("xrpc: reply of %s refused: %s", m.qualname, exc)
                 core.send_error(call_id, ErrorCode.VALIDATION, "ValidationError", str(exc), [""])
@@ -1882,6 +1923,25 @@ class Connection:
                 raise type(f)(*f.args)
             raise ConnectionInvalidated(f"the connection is closed ({f})" if f else "the connection is closed")
 
+    def _send(self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> CallRecord:
+        """Encode the arguments and send the CALL; objects exported for it are taken back if it fails."""
+        if not m.ref_args:
+            return self._start(obj, m, m.encode_args(args, kwargs, self), timeout)
+        self._journal = []
+        try:
+            rec = self._start(obj, m, m.encode_args(args, kwargs, self), timeout)
+        except BaseException:
+            self._rollback()
+            raise
+        self._journal = None
+        return rec
+
+    def _rollback(self) -> None:
+        """Take back the references handed out since the journal started (their frame never left)."""
+        journal, self._journal = self._journal, None
+        for oid in journal or ():
+            self._drop_ref(oid, 1)
+
     def _start(self, obj: str, m: MethodDescription, payload: Any, timeout: float | None) -> CallRecord:
         self._check_open()
         try:
@@ -1910,8 +1970,7 @@ class Connection:
         return await self._call_unary(obj, m, args, kwargs, timeout)
 
     async def _call_unary(self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
-        payload = m.encode_args(args, kwargs, self)
-        rec = self._start(obj, m, payload, timeout)
+        rec = self._send(obj, m, args, kwargs, timeout)
         pending = _Pending(self._loop)
         rec.handler = pending
         try:
@@ -1950,8 +2009,7 @@ class Connection:
         await self._call_oneway(obj, m, args, kwargs)
 
     async def _call_oneway(self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        payload = m.encode_args(args, kwargs, self)
-        self._start(obj, m, payload, None)
+        self._send(obj, m, args, kwargs, None)
         await anyio.lowlevel.checkpoint()
 
     async def call_client_stream(
@@ -1965,9 +2023,8 @@ class Connection:
         self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
     ) -> Any:
         source, args, kwargs = _split_stream_arg(m, args, kwargs)
-        payload = m.encode_args(args, kwargs, self)
         with anyio.fail_after(timeout) if timeout is not None else anyio.CancelScope():
-            rec = self._start(obj, m, payload, timeout)
+            rec = self._send(obj, m, args, kwargs, timeout)
             pending = _Pending(self._loop)
             out = _OutCall(None, _Credit(), pending)
             rec.handler = out
@@ -2013,6 +2070,9 @@ class Connection:
         source = None
         if m.kind is MethodKind.BIDI_STREAM:
             source, args, kwargs = _split_stream_arg(m, args, kwargs)
+        if m.ref_args:
+            # objects in the arguments are exported when the stream starts, not before
+            return CallStream(self, obj, m, None, source, timeout, (args, kwargs))
         payload = m.encode_args(args, kwargs, self)
         return CallStream(self, obj, m, payload, source, timeout)
 
@@ -2083,7 +2143,17 @@ class CallStream(AsyncIterator[_T]):
     producer.  ``timeout`` bounds the whole stream.
     """
 
-    def __init__(self, conn: Connection, obj: str, m: MethodDescription, payload: Any, source: Any, timeout: float | None) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        obj: str,
+        m: MethodDescription,
+        payload: Any,
+        source: Any,
+        timeout: float | None,
+        deferred: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
+    ) -> None:
+        self._deferred = deferred
         self._conn = conn
         self._obj = obj
         self._m = m
@@ -2104,7 +2174,12 @@ class CallStream(AsyncIterator[_T]):
         conn = self._conn
         if self._timeout is not None:
             self._deadline = anyio.current_time() + self._timeout
-        rec = conn._start(self._obj, self._m, self._payload, self._timeout)
+        if self._deferred is not None:
+            args, kwargs = self._deferred
+            self._deferred = None
+            rec = conn._send(self._obj, self._m, args, kwargs, self._timeout)
+        else:
+            rec = conn._start(self._obj, self._m, self._payload, self._timeout)
         self._payload = None
         queue = _StreamQueue(conn, rec.id)
         credit = _Credit() if self._source is not None else None
@@ -2202,8 +2277,7 @@ class Promise:
         self._conn = conn
         self._m = m
         self._timeout = timeout
-        payload = m.encode_args(args, kwargs, conn)
-        rec = conn._start(target, m, payload, timeout)
+        rec = conn._send(target, m, args, kwargs, timeout)
         self._pending = _EagerPending(conn, m)
         rec.handler = self._pending
         self._id = rec.id

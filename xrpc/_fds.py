@@ -120,5 +120,11 @@ class SharedBuffer:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except (OSError, BufferError, ValueError):
+            pass  # still viewed somewhere: the mapping goes when the last view does
+
     def __repr__(self) -> str:
         return f"<xrpc.SharedBuffer {self.size} bytes fd={self._fd}>"

@@ -263,7 +263,7 @@ class Slot:
         return _from_wire(self.plan, conn, value)
 
     def describe(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"type": _type_name(self.annotation)}
+        d: dict[str, Any] = {"type": _type_name(_strip_annotated(self.annotation))}
         if self.classes is not None:
             d["allowed"] = self.allowed_names()
         return d
@@ -531,7 +531,7 @@ class MethodDescription:
                 array_like=True,
                 frozen=True,
                 kw_only=needs_kw,
-                omit_defaults=True,  # trailing arguments left at their default are not sent
+                omit_defaults=False,
             )
         except (TypeError, ValueError) as exc:
             raise InterfaceError(f"{self.interface.name}.{self.name}: {exc}") from None

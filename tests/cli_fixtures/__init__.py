@@ -1,0 +1,1 @@
+"""Modules the ``xrpc`` command-line tests import (``tests/test_cli.py``)."""
