@@ -52,6 +52,17 @@ from ._transports import Endpoint, Listener
 
 __version__ = "0.1.0"
 
+_SERVICES = ("connect_service", "ServiceConnection", "ServiceNotFound", "ServiceUnavailable", "ServiceDescriptionError", "serve_service")
+
+
+def __getattr__(name: str) -> object:
+    # The services layer loads on first use (``python -m xrpc.service`` must not import it twice).
+    if name in _SERVICES:
+        from . import _services
+
+        return getattr(_services, name)
+    raise AttributeError(f"module 'xrpc' has no attribute {name!r}")
+
 __all__ = (
     "CallContext",
     "CallStream",
@@ -81,6 +92,10 @@ __all__ = (
     "Requirement",
     "RequirementSyntaxError",
     "Server",
+    "ServiceConnection",
+    "ServiceDescriptionError",
+    "ServiceNotFound",
+    "ServiceUnavailable",
     "SharedBuffer",
     "TransportError",
     "ValidationError",
@@ -89,6 +104,7 @@ __all__ = (
     "call_metadata",
     "client_ssl_context",
     "connect",
+    "connect_service",
     "current_connection",
     "current_metadata",
     "describe",
@@ -97,6 +113,7 @@ __all__ = (
     "pipeline",
     "requirement",
     "requires",
+    "serve_service",
     "server_ssl_context",
     "testing",
 )

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import inspect
 import logging
+import os
 import shutil
 import ssl
 import tempfile
@@ -35,6 +37,9 @@ from ._transports import Endpoint, Listener, ParsedURL, connect_stream, open_lis
 __all__ = ("Server", "connect", "OnConnect")
 
 log = logging.getLogger("xrpc")
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 OnConnect = Callable[[Connection], Any]
 
@@ -134,6 +139,8 @@ class Server:
     async def _handle(self, stream: Any, peer: Peer, ssl_context: ssl.SSLContext | None = None) -> None:
         if len(self.connections) >= self.max_connections:
             log.warning("xrpc: refused a connection from %s: already %d connections", peer.address or peer.pid, len(self.connections))
+            if peer.pidfd is not None:
+                os.close(peer.pidfd)
             if hasattr(stream, "close"):
                 stream.close()
             else:
@@ -153,6 +160,13 @@ class Server:
             async with anyio.create_task_group() as tg:
                 await tg.start(conn.run)
                 await self._handshake(conn)
+        except TransportError as exc:
+            log.info("xrpc: connection from %s failed: %s", conn._peer_name(), exc)
+        except BaseExceptionGroup as group:
+            if all(isinstance(e, TransportError) for e in group.exceptions):
+                log.info("xrpc: connection from %s failed: %s", conn._peer_name(), group.exceptions[0])
+            else:
+                log.exception("xrpc: connection from %s failed", conn._peer_name())
         except Exception:  # pragma: no cover - a connection's failure must never reach the listener
             log.exception("xrpc: connection from %s failed", conn._peer_name())
         finally:
@@ -253,19 +267,26 @@ async def connect(
         ssl_context=ssl_context if is_tls else None,
         server_hostname=server_hostname,
         middleware=middleware,
+        requirement=req,
     )
     body_exc: BaseException | None = None
     failed: BaseException | None = None
     async with anyio.create_task_group() as tg:
-        await tg.start(conn.run)
         try:
-            with anyio.fail_after(limit):
-                await conn._handshake.wait()
-        except TimeoutError:
-            failed = TimeoutError(f"{url}: no answer to the handshake within {limit:.1f}s")
-        if failed is None and req is not None and not conn._satisfies(req):
-            log.warning("xrpc: the server at %s does not satisfy the requirement: %s", url, req.explain(conn.peer))
-            failed = PeerRejected(f"{url}: the server does not satisfy the requirement {req}")
+            await tg.start(conn.run)
+        except (TransportError, PeerRejected) as exc:
+            failed = exc
+        except BaseExceptionGroup as group:
+            inner = [e for e in group.exceptions if isinstance(e, (TransportError, PeerRejected))]
+            if not inner:
+                raise
+            failed = inner[0]
+        if failed is None:
+            try:
+                with anyio.fail_after(limit):
+                    await conn._handshake.wait()
+            except TimeoutError:
+                failed = TimeoutError(f"{url}: no answer to the handshake within {limit:.1f}s")
         if failed is None and conn._core.state != State.OPEN:
             failure = conn._failure
             if isinstance(failure, PeerRejected):
@@ -276,6 +297,7 @@ async def connect(
             await conn.aclose()
             tg.cancel_scope.cancel()
         else:
+            conn._handed_out = True
             try:
                 yield conn
             except BaseException as exc:  # re-raised below, outside the task group

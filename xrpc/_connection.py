@@ -42,6 +42,7 @@ import anyio.lowlevel
 import msgspec
 
 from ._errors import (
+    TransportError,
     ConnectionInterrupted,
     ConnectionInvalidated,
     LimitExceeded,
@@ -820,7 +821,9 @@ class Connection:
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         middleware: Sequence[Middleware] = (),
+        requirement: Any = None,
     ) -> None:
+        self._requirement = requirement  # client side: what the server must satisfy
         self.limits = limits or Limits()
         self._transport = transport  # a connected socket, or an anyio ByteStream
         self._stream: anyio.abc.ByteStream | None = None if isinstance(transport, socket.socket) else transport
@@ -861,6 +864,9 @@ class Connection:
         self._proxies: dict[tuple[int, str, float | None], Any] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # incoming calls on the asyncio fast path
         self._guard_cache: dict[int, bool] = {}
+        self._pings: dict[int, anyio.Event] = {}
+        self._handed_out = not client  # a client connection is handed out once connect() returns it
+        self._ping_nonce = 0
         self._next_ticket = 0  # calls start in the order they arrived (non-asyncio backends)
         self._started_ticket = 0
         self._ticket_waiters: dict[int, anyio.Event] = {}
@@ -943,6 +949,38 @@ class Connection:
     @property
     def closed(self) -> bool:
         return self._closed.is_set() or self._closing
+
+    async def ping(self, timeout: float | None = None) -> float:
+        """Round-trip a PING to the peer; the time it took, in seconds.  ``TimeoutError`` if no
+        PONG comes within ``timeout``; ``ConnectionInterrupted`` if the connection ends meanwhile."""
+        self._check_open()
+        self._ping_nonce += 1
+        nonce = self._ping_nonce
+        event = self._pings[nonce] = anyio.Event()
+        start = anyio.current_time()
+        self._core.send_ping(nonce)
+        self._kick()
+        try:
+            with anyio.fail_after(timeout) if timeout is not None else contextlib.nullcontext():
+                await event.wait()
+        finally:
+            self._pings.pop(nonce, None)
+        if self._closed.is_set() and self._failure is not None:
+            raise type(self._failure)(*self._failure.args)
+        return anyio.current_time() - start
+
+    def interrupt(self, reason: str) -> None:
+        """End the connection as interrupted (the peer went silent, say): outstanding calls fail
+        with ``ConnectionInterrupted``."""
+        self._closing = True
+        self._fail_connection(ConnectionInterrupted(reason))
+        if self._aio is not None:
+            self._aio.close()
+
+    @property
+    def in_flight(self) -> int:
+        """Calls in progress on this connection, both directions."""
+        return self._serving + len(self._core.outgoing)
 
     @property
     def peer_exports(self) -> list[ExportInfo]:
@@ -1098,43 +1136,20 @@ class Connection:
         """Run until the connection ends.  Reports started once it can send and receive."""
         _current.set(self)
         try:
+            try:
+                with anyio.fail_after(self.limits.handshake_timeout):
+                    await self._open_transport()
+            except (ssl.SSLError, OSError, TimeoutError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
+                what = "TLS handshake" if self._ssl is not None else "connection set-up"
+                self._failure = TransportError(f"{self.url or self._peer_name()}: {what} failed: {exc}")
+                raise self._failure from None
+            if self.client and self._requirement is not None and not self._satisfies(self._requirement):
+                # checked before HELLO: a refused server never reaches this side's exports
+                log.warning("xrpc: the server at %s does not satisfy the requirement: %s", self.url, self._requirement.explain(self.peer))
+                self._failure = PeerRejected(f"{self.url}: the server does not satisfy the requirement {self._requirement}")
+                raise self._failure
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                transport = self._transport
-                if isinstance(transport, socket.socket):
-                    try:
-                        self._loop = asyncio.get_running_loop()
-                    except RuntimeError:
-                        self._loop = None
-                    if self._loop is not None and transport.family == socket.AF_UNIX and not os.environ.get("XRPC_NO_UNIXIO"):
-                        self._aio = _UnixIO(self, transport)
-                    elif self._loop is not None:
-                        aio = self._aio = _AsyncioIO(self)
-                        if self.client:
-                            await self._loop.create_connection(
-                                lambda: aio, sock=transport, ssl=self._ssl, server_hostname=self._server_hostname if self._ssl else None
-                            )
-                        else:
-                            await self._loop.connect_accepted_socket(lambda: aio, transport, ssl=self._ssl)
-                        if self._ssl is not None:
-                            self._tls_peer(aio.transport.get_extra_info("ssl_object"))  # type: ignore[union-attr]
-                    else:
-                        if transport.family == socket.AF_UNIX:
-                            self._stream = await anyio.abc.UNIXSocketStream.from_socket(transport)
-                        else:
-                            self._stream = await anyio.abc.SocketStream.from_socket(transport)
-                        if self._ssl is not None:
-                            from anyio.streams.tls import TLSAttribute, TLSStream
-
-                            tls = await TLSStream.wrap(
-                                self._stream,
-                                server_side=not self.client,
-                                hostname=self._server_hostname if self.client else None,
-                                ssl_context=self._ssl,
-                                standard_compatible=False,
-                            )
-                            self._stream = tls
-                            self._tls_peer(tls.extra(TLSAttribute.ssl_object))
                 if self._aio is None:
                     tg.start_soon(self._writer)
                 if self.client:
@@ -1177,6 +1192,51 @@ class Connection:
                 self._core.send_goodbye("idle timeout", ErrorCode.LIMIT)
                 await self.aclose()
                 return
+
+    async def _open_transport(self) -> None:
+        """Wrap the socket for this backend (and run the TLS handshake, filling ``peer``)."""
+        transport = self._transport
+        if not isinstance(transport, socket.socket):
+            return
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+        timeout = self.limits.handshake_timeout
+        if self._loop is not None and transport.family == socket.AF_UNIX:
+            self._aio = _UnixIO(self, transport)
+        elif self._loop is not None:
+            aio = self._aio = _AsyncioIO(self)
+            tls_timeout = timeout if self._ssl is not None else None
+            if self.client:
+                await self._loop.create_connection(
+                    lambda: aio,
+                    sock=transport,
+                    ssl=self._ssl,
+                    server_hostname=self._server_hostname if self._ssl else None,
+                    ssl_handshake_timeout=tls_timeout,
+                )
+            else:
+                await self._loop.connect_accepted_socket(lambda: aio, transport, ssl=self._ssl, ssl_handshake_timeout=tls_timeout)
+            if self._ssl is not None:
+                self._tls_peer(aio.transport.get_extra_info("ssl_object"))  # type: ignore[union-attr]
+        else:
+            if transport.family == socket.AF_UNIX:
+                self._stream = await anyio.abc.UNIXSocketStream.from_socket(transport)
+            else:
+                self._stream = await anyio.abc.SocketStream.from_socket(transport)
+            if self._ssl is not None:
+                from anyio.streams.tls import TLSAttribute, TLSStream
+
+                tls_stream = await TLSStream.wrap(
+                    self._stream,
+                    server_side=not self.client,
+                    hostname=self._server_hostname if self.client else None,
+                    ssl_context=self._ssl,
+                    standard_compatible=False,
+                )
+                self._stream = tls_stream
+                self._tls_peer(tls_stream.extra(TLSAttribute.ssl_object))
 
     def _tls_peer(self, sslobj: Any) -> None:
         """Fill ``peer`` from the verified certificate of a TLS connection."""
@@ -1230,8 +1290,12 @@ class Connection:
             self._gate.clear()
         self._closed.set()
         self._handshake.set()
+        for event in self._pings.values():
+            event.set()
         if self._drained is not None:
             self._drained.set()
+        if not self._handed_out:
+            return  # connect() raised: the caller never had this connection
         if interrupted and self._on_interrupted is not None:
             self._callback(self._on_interrupted)
         if self._on_invalidated is not None:
@@ -1524,7 +1588,9 @@ class Connection:
                 self._promises.pop(call_id, None)
 
     def _on_pong(self, msg: Any, rec: Any) -> None:
-        pass
+        waiter = self._pings.pop(msg.nonce, None)
+        if waiter is not None:
+            waiter.set()
 
     def _on_call(self, msg: Call, rec: CallRecord | None) -> None:
         core = self._core

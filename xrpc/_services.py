@@ -71,7 +71,6 @@ from ._api import Server, connect
 from ._connection import Connection, Limits
 from ._errors import ConnectionInterrupted, ConnectionInvalidated, Error, PeerRejected, TransportError
 from ._interface import describe
-from ._protocol import Pong
 from ._proxy import make_proxy
 
 if sys.version_info >= (3, 11):
@@ -525,19 +524,19 @@ def _service_env(desc: ServiceDescription, sock: Path, lockp: Path, ready_fd: in
 async def _launch(desc: ServiceDescription, sock: Path, lockp: Path) -> int:
     """Start the service and return its pid once it listens (the caller holds the lock)."""
     keep = desc.readiness == "pipe"
+    out: Any = subprocess.DEVNULL
+    err: Any = None
+    logf = None
+    if desc.log_file is not None:
+        try:
+            logf = out = err = open(desc.log_file, "ab")
+        except OSError as exc:
+            raise ServiceUnavailable(f"service {desc.name!r}: cannot open its log_file: {exc.strerror or exc}") from exc
     r, w = os.pipe()
     argv = [sys.executable, "-I", "-S", "-c", _SPAWN, str(w), "1" if keep else "0", *desc.argv()]
     started = anyio.current_time()
     proc: subprocess.Popen[bytes] | None = None
     try:
-        out: Any = subprocess.DEVNULL
-        err: Any = None
-        logf = None
-        if desc.log_file is not None:
-            try:
-                logf = out = err = open(desc.log_file, "ab")
-            except OSError as exc:
-                raise ServiceUnavailable(f"service {desc.name!r}: cannot open its log_file: {exc}") from exc
         try:
             proc = subprocess.Popen(
                 argv,
@@ -774,7 +773,7 @@ class ServiceConnection:
         self._hold: _Hold | None = None
         self._attempt: _Attempt | None = None
         self._invalid: BaseException | None = None
-        self._proxies: dict[tuple[str, str, float | None], Any] = {}
+        self._proxies: dict[tuple[int, str, float | None], Any] = {}
         self._last_activity = 0.0
         self.launches = 0  # how many times this connection launched the service
 
@@ -802,7 +801,7 @@ class ServiceConnection:
         """A proxy typed as ``iface`` for the object the service exports under ``name``."""
         desc = describe(iface)
         key = name or desc.name
-        cache_key = (desc.name, key, timeout)
+        cache_key = (id(desc), key, timeout)
         p = self._proxies.get(cache_key)
         if p is None:
             p = make_proxy(self, desc, key, timeout)  # type: ignore[arg-type]
@@ -1024,41 +1023,19 @@ class ServiceConnection:
 
     # -------------------------------------------------------------- keeping watch
     async def _beat(self, hold: _Hold, interval: float) -> None:
-        """PING every ``interval``; no PONG within ``interval`` means a silent peer.
-
-        Stopgap: the runtime has no PONG hook yet, so this replaces the connection's PONG handler on
-        the instance (``Connection._handlers``) and ends it with ``_fail_connection``.
-        """
+        """PING every ``interval``; no PONG within ``interval`` means a silent peer."""
         conn = hold.conn
         assert conn is not None
-        answered = 0
-        wake: anyio.Event | None = None
-
-        def on_pong(_conn: Connection, msg: Any, _rec: Any) -> None:
-            nonlocal answered
-            answered = max(answered, msg.nonce)
-            if wake is not None:
-                wake.set()
-
-        handlers = dict(type(conn)._handlers)
-        handlers[Pong] = on_pong
-        conn._handlers = handlers
-        nonce = 0
         while True:
             await anyio.sleep(interval)
-            nonce += 1
-            conn._core.send_ping(nonce)
-            conn._kick()
-            with anyio.move_on_after(interval):
-                while answered < nonce:
-                    wake = anyio.Event()
-                    await wake.wait()
-            if answered < nonce:
+            try:
+                await conn.ping(timeout=interval)
+            except TimeoutError:
                 log.warning("xrpc: service %s did not answer a heartbeat within %gs", self.name, interval)
                 hold.reason = "heartbeat_missed"
-                conn._fail_connection(
-                    ConnectionInterrupted(f"service {self.name!r} did not answer a heartbeat within {interval:g}s")
-                )
+                conn.interrupt(f"service {self.name!r} did not answer a heartbeat within {interval:g}s")
+                return
+            except Error:
                 return
 
     async def _disconnect_when_idle(self, hold: _Hold, idle: float) -> None:
@@ -1069,7 +1046,7 @@ class ServiceConnection:
             if wait > 0:
                 await anyio.sleep(wait)
                 continue
-            if conn._core.outgoing or conn._serving:
+            if conn.in_flight:
                 self._last_activity = anyio.current_time()
                 continue
             hold.reason = "idle_disconnect"

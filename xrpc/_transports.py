@@ -171,6 +171,13 @@ class SocketListener(Listener):
         self._transport = transport
         self._cleanup = cleanup
         self._closed = False
+        self._inode: tuple[int, int] | None = None
+        if cleanup:
+            try:
+                st = os.stat(cleanup)
+                self._inode = (st.st_dev, st.st_ino)
+            except OSError:
+                self._inode = None
 
     async def serve(self, handler: Handler) -> None:
         lsock = self._sock
@@ -208,9 +215,11 @@ class SocketListener(Listener):
         except Exception:
             pass
         self._sock.close()
-        if self._cleanup:
+        if self._cleanup and self._inode is not None:
             try:
-                os.unlink(self._cleanup)
+                st = os.stat(self._cleanup)
+                if (st.st_dev, st.st_ino) == self._inode:  # never remove another server's socket
+                    os.unlink(self._cleanup)
             except OSError:
                 pass
 
@@ -227,14 +236,7 @@ def socket_peer(sock: socket.socket, transport: str) -> Peer:
             exe = os.readlink(f"/proc/{pid}/exe")
         except OSError:
             exe = None
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("Groups:"):
-                        groups = tuple(int(g) for g in line.split()[1:])
-                        break
-        except (OSError, ValueError):
-            groups = ()
+        groups = _peer_groups(sock)
         if pidfd is not None and not _pidfd_alive(pidfd):
             # the process exited while we looked: what /proc said may belong to a recycled pid
             exe, groups = None, ()
@@ -254,6 +256,16 @@ def socket_peer(sock: socket.socket, transport: str) -> Peer:
 
 
 _SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5+
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+
+
+
+def _peer_groups(sock: socket.socket) -> tuple[int, ...]:
+    """The peer's supplementary groups as the kernel recorded them at connect time."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * 256)
+    except OSError:
+        return ()
+    return tuple(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
 
 
 def _peer_pidfd(sock: socket.socket) -> int | None:

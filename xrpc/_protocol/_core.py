@@ -129,6 +129,7 @@ class ProtocolCore:
         self._out = bytearray()
         self._big: bytearray | None = None  # a large frame being received into its own buffer
         self._big_filled = 0
+        self._big_size = 0
         self.close_reason = ""
         self.close_code = 0
         self._hello_done = False  # client: HELLO sent; server: HELLO received
@@ -306,8 +307,9 @@ class ProtocolCore:
             return []
         if self._big is not None:
             # the rest of a large frame: into its own buffer, then carry on with what follows
+            take = min(self._big_size - self._big_filled, len(data))
+            self._grow_big(self._big_filled + take)
             big = self._big
-            take = min(len(big) - self._big_filled, len(data))
             big[self._big_filled : self._big_filled + take] = memoryview(data)[:take]
             done = self.big_received(take)
             if take < len(data) and self.state not in (State.CLOSED, State.ERROR):
@@ -335,12 +337,14 @@ class ProtocolCore:
                 self._fail("empty frame")
             end = pos + _HEADER + size
             if end > total:
-                if size >= _BIG_FRAME:
-                    # a large frame: give it a buffer of its own, filled in place from now on
-                    big = bytearray(_HEADER + size)
+                if size >= _BIG_FRAME and self.state == State.OPEN:
+                    # a large frame: give it a buffer of its own, filled in place from now on.  It
+                    # grows as the bytes arrive, so a length prefix alone reserves little memory.
                     have = total - pos
+                    big = bytearray(min(_HEADER + size, max(2 * have, _BIG_FRAME)))
                     big[:have] = memoryview(buf)[pos:total]
                     self._big = big
+                    self._big_size = _HEADER + size
                     self._big_filled = have
                     pos = total
                 break
@@ -369,14 +373,22 @@ class ProtocolCore:
         transport can read straight into it), else None."""
         if self._big is None:
             return None
+        if self._big_filled == len(self._big):
+            self._grow_big(min(self._big_size, 2 * len(self._big)))
         return memoryview(self._big)[self._big_filled :]
+
+    def _grow_big(self, at_least: int) -> None:
+        big = self._big
+        assert big is not None
+        if len(big) < at_least:
+            big += bytes(min(self._big_size, max(at_least, 2 * len(big))) - len(big))
 
     def big_received(self, n: int) -> list[tuple[Message, CallRecord | None]]:
         """``n`` bytes were written into ``big_target()``; the frame's message once it is complete."""
         big = self._big
         assert big is not None
         self._big_filled += n
-        if self._big_filled < len(big):
+        if self._big_filled < self._big_size:
             return []
         self._big = None
         self._big_filled = 0
@@ -384,7 +396,7 @@ class ProtocolCore:
             msg = _decoder.decode(memoryview(big)[_HEADER:])
         except (msgspec.DecodeError, RecursionError, UnicodeDecodeError, ValueError, OverflowError) as exc:
             self._fail(f"undecodable frame: {exc}")
-        rec = self._accept(msg, len(big) - _HEADER)
+        rec = self._accept(msg, self._big_size - _HEADER)
         return [] if rec is _DROP else [(msg, rec)]
 
     def _fail(self, why: str) -> Any:

@@ -1,0 +1,1 @@
+"""Service modules that ``tests/test_services.py`` launches as real processes."""
