@@ -216,3 +216,49 @@ async def test_server_calling_an_older_client() -> None:
         async with xrpc.testing.connect(server, exports=[(SvcV1, V1(), "svc")]):
             pass
     assert seen == ["hello server", "MethodNotFound"]
+
+
+# --------------------------------------------------------------------------- plain-function implementations
+class SyncV1:
+    """Plain functions run inline on the reader, without a task."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, str]] = []
+
+    def add(self, a: int, b: int) -> int:
+        self.seen.append(xrpc.current_metadata())
+        if a < 0:
+            raise ValueError("negative")
+        return a + b
+
+    def greet(self, name: str) -> str:
+        return f"hi {name}"
+
+
+async def test_plain_function_implementations_run_inline() -> None:
+    impl = SyncV1()
+    with anyio.fail_after(T):
+        async with xrpc.testing.connect(serve(SvcV1, impl)) as conn:
+            p = conn.proxy(SvcV1, name="svc")
+            assert await p.add(1, 2) == 3
+            with xrpc.call_metadata(trace="t-1"):
+                assert await p.add(2, 2) == 4
+            assert await p.add(3, 3) == 6  # metadata does not leak into later calls
+            with pytest.raises(xrpc.RemoteError) as info:
+                await p.add(-1, 0)
+            assert info.value.type_name == "ValueError"
+            results = await _gather([p.greet(str(i)) for i in range(50)])
+            assert results == [f"hi {i}" for i in range(50)]
+    assert impl.seen[:3] == [{}, {"trace": "t-1"}, {}]
+
+
+async def _gather(coros: list) -> list:  # type: ignore[type-arg]
+    out: list = [None] * len(coros)  # type: ignore[type-arg]
+
+    async def run(i: int, c) -> None:  # type: ignore[no-untyped-def]
+        out[i] = await c
+
+    async with anyio.create_task_group() as tg:
+        for i, c in enumerate(coros):
+            tg.start_soon(run, i, c)
+    return out

@@ -209,6 +209,18 @@ class Export:
         return ExportInfo(self.name, self.desc.name, self.desc.fingerprint, {m.name: m.signature for m in self.desc.methods.values()})
 
 
+class _OneShotExport(Export):
+    """An export whose one method is already running: ``fn()`` finishes it."""
+
+    def __init__(self, base: Export, name: str, fn: Callable[[], Any]) -> None:  # noqa: D107
+        self.desc = base.desc
+        self.obj = base.obj
+        self.name = base.name
+        self.methods = {name: fn}
+        self.is_async = {name: True}
+        self.guards = {}
+
+
 def make_export(iface: Any, obj: Any, name: str = "", requirement: Any = None) -> Export:
     desc = describe(iface)
     return Export(desc, obj, name or desc.name, requirement)
@@ -1442,7 +1454,10 @@ class Connection:
                 continue
             handlers[type(msg)](self, msg, rec)
         if core.has_data_to_send():
-            self._kick()
+            if self._aio is not None and not self._fds_out:
+                self._flush()  # answers produced while reading leave in one write, now
+            else:
+                self._kick()
         if not data:
             if self._failure is None:
                 self._failure = ConnectionInterrupted("the peer closed the connection")
@@ -1646,6 +1661,18 @@ class Connection:
             return
         deadline = msg.deadline
         loop = self._loop
+        if (
+            export is not None
+            and loop is not None
+            and not export.is_async[m.name]
+            and m.kind in (MethodKind.UNARY, MethodKind.ONEWAY)
+            and not self._middleware
+            and m.reply_iface is None
+        ):
+            # A plain-function implementation runs inline, on the reader, without a task: the
+            # quickest path, for methods that do not wait for anything.
+            self._serve_inline(msg, m, export, args)
+            return
         if loop is None:
             scope = anyio.CancelScope(deadline=anyio.current_time() + deadline if deadline is not None else math.inf)
             inc = _InCall(scope)
@@ -1711,6 +1738,58 @@ class Connection:
     _handlers: dict[type, Callable[..., None]] = {}
 
     # -------------------------------------------------------------- serving (callee side)
+    def _serve_inline(self, msg: Call, m: MethodDescription, export: Export, args: tuple[Any, ...]) -> None:
+        call_id = msg.id
+        core = self._core
+        fn = export.methods[m.name]
+        kw: dict[str, Any] = {}
+        if m.kwonly:
+            args, kw = m.call_args(args)
+        try:
+            if msg.meta:
+                ctx = contextvars.copy_context()
+                ctx.run(_metadata.set, msg.meta)
+                result = ctx.run(fn, *args, **kw)
+            else:
+                result = fn(*args, **kw)
+        except Exception as exc:
+            if m.kind is MethodKind.ONEWAY:
+                log.warning("xrpc: one-way call %s raised %r", m.qualname, exc)
+            else:
+                self._send_exception(call_id, m, exc)
+            return
+        if inspect.isawaitable(result):
+            # it returned an awaitable after all: finish it in a task
+            async def finish() -> Any:
+                return await result
+
+            self._serve_later(msg, m, export, finish)
+            return
+        if m.kind is MethodKind.ONEWAY:
+            return
+        try:
+            core.send_reply(call_id, m.encode_reply(result, self))
+        except ValidationError as exc:
+            core.send_error(call_id, ErrorCode.VALIDATION, "ValidationError", str(exc), [""])
+        except (TypeError, msgspec.EncodeError, OverflowError) as exc:
+            log.warning("xrpc: reply of %s could not be sent: %s", m.qualname, exc)
+            core.send_error(call_id, ErrorCode.INTERNAL, type(exc).__name__, f"the reply of {m.qualname} could not be encoded: {exc}")
+        except LocalProtocolError as exc:
+            core.send_error(call_id, ErrorCode.LIMIT, "LimitExceeded", f"the reply of {m.qualname} is too large: {exc}")
+        # the reader flushes once it has handled every frame of this read
+
+    def _serve_later(self, msg: Call, m: MethodDescription, export: Export, fn: Callable[[], Any]) -> None:
+        """Serve a call whose implementation turned out to need awaiting, in a task of its own."""
+        inc = _InCall(None)
+        rec = self._core.incoming.get(msg.id)
+        if rec is not None:
+            rec.handler = inc  # a CANCEL reaches the task
+        self._serving += 1
+        task = self._loop.create_task(self._serve(msg, m, _OneShotExport(export, m.name, fn), inc, ()))  # type: ignore[union-attr]
+        inc.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _serve_pipelined(self, msg: Call, m: MethodDescription, promise: _Promise, inc: _InCall, args: tuple[Any, ...]) -> None:
         """A call on the result of an earlier call: wait for that result, then serve as usual."""
         await promise.wait()
