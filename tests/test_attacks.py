@@ -87,7 +87,23 @@ class WatchedSet(set):  # type: ignore[type-arg]
 
 
 @xrpc.interface
+class Token(Protocol):
+    async def value(self) -> int: ...
+
+
+class TokenImpl:
+    __slots__ = ("n",)
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    async def value(self) -> int:
+        return self.n
+
+
+@xrpc.interface
 class Svc(Protocol):
+    async def spawn(self, n: int) -> list[Token]: ...
     async def add(self, a: int, b: int) -> int: ...
     async def echo(self, s: str) -> str: ...
     async def take(self, x: object) -> int: ...
@@ -102,6 +118,9 @@ class SvcImpl:
         self.gate = anyio.Event()
         self.held = 0
         self.connections = connections
+
+    async def spawn(self, n: int) -> list[TokenImpl]:
+        return [TokenImpl(i) for i in range(n)]
 
     async def add(self, a: int, b: int) -> int:
         return a + b
@@ -920,3 +939,41 @@ async def test_a_hundred_thousand_malformed_inputs(server_process: Any) -> None:
     lines = Path(sp.log_path).read_text().splitlines()
     assert [line for line in lines if line.startswith(("ERROR xrpc", "CRITICAL xrpc"))] == []
     assert any("protocol error" in line for line in lines if line.startswith("WARNING xrpc"))  # it said why
+
+
+@pytest.mark.timeout(240)
+async def test_requesting_100000_objects_is_bounded(server_process: Any) -> None:
+    """A client asks for 100,000 objects by reference and keeps them all: the server exports up to
+    its ``max_objects`` limit, refuses the rest with LimitExceeded, stays within bounded memory,
+    and keeps serving another client."""
+    limit = xrpc.Limits().max_objects  # the default
+    sp = server_process()
+    held: list[Any] = []
+    refused = 0
+    with anyio.fail_after(180):
+        async with xrpc.connect(sp.url, timeout=T) as attacker, xrpc.connect(sp.url, timeout=T) as other:
+            mem = Memory(sp, "100,000 objects requested")
+            svc = attacker.proxy(Svc)
+            for _ in range(100):  # 100 batches of 1,000
+                try:
+                    held.extend(await svc.spawn(1000))
+                except xrpc.LimitExceeded:
+                    refused += 1
+                assert await other.proxy(Svc).add(1, 2) == 3  # the other client is unaffected
+            growth = mem.measure()
+            assert len(held) == limit
+            assert refused == 100 - limit // 1000
+            assert await held[-1].value() == 999
+            assert attacker.remote_refs == limit
+            assert growth < 64 * MiB
+            # the attacker's connection still works, and dropping the proxies frees the slots
+            held.clear()
+            import gc
+
+            gc.collect()
+            for _ in range(200):
+                if await svc.add(0, 0) == 0 and attacker.remote_refs == 0:
+                    break
+            assert attacker.remote_refs == 0
+            assert len(await svc.spawn(1000)) == 1000
+

@@ -167,7 +167,7 @@ class Limits(msgspec.Struct, kw_only=True):
     handshake_timeout: float = 10.0
     max_calls_in_flight: int = 4096  # incoming calls served at once, per connection
     write_buffer_high: int = 1024 * 1024  # producers wait for the writer above this many buffered bytes
-    max_objects: int = 100_000  # objects exported by reference on one connection
+    max_objects: int = 10_000  # objects exported by reference on one connection
     max_streams: int = 1024  # incoming stream calls open at once, per connection
     idle_timeout: float | None = None  # close a connection that received nothing for this long (seconds)
 
