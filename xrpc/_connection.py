@@ -1149,8 +1149,15 @@ class Connection:
         _current.set(self)
         try:
             try:
-                with anyio.fail_after(self.limits.handshake_timeout):
-                    await self._open_transport()
+                self._loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._loop = None  # another backend (trio): anyio streams
+            try:
+                if self._ssl is not None or (self._loop is None and isinstance(self._transport, socket.socket)):
+                    with anyio.fail_after(self.limits.handshake_timeout):
+                        await self._open_transport()
+                else:
+                    await self._open_transport()  # nothing to wait for: no timer needed
             except (ssl.SSLError, OSError, TimeoutError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
                 what = "TLS handshake" if self._ssl is not None else "connection set-up"
                 self._failure = TransportError(f"{self.url or self._peer_name()}: {what} failed: {exc}")
@@ -1210,10 +1217,6 @@ class Connection:
         transport = self._transport
         if not isinstance(transport, socket.socket):
             return
-        try:
-            self._loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._loop = None
         timeout = self.limits.handshake_timeout
         if self._loop is not None and transport.family == socket.AF_UNIX:
             self._aio = _UnixIO(self, transport)

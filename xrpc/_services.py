@@ -72,6 +72,7 @@ from ._connection import Connection, Limits
 from ._errors import ConnectionInterrupted, ConnectionInvalidated, Error, PeerRejected, TransportError
 from ._interface import describe
 from ._proxy import make_proxy
+from ._transports import ParsedURL
 
 if sys.version_info >= (3, 11):
     import tomllib as _toml
@@ -214,6 +215,7 @@ class ServiceDescription:
     launch_timeout: float = 10.0
     python: str | None = None
     log_file: Path | None = None
+    url: str | None = None  # a service elsewhere (another host): connected to, never launched
 
     def argv(self) -> list[str]:
         """The program the launcher runs."""
@@ -234,6 +236,7 @@ _KEYS = (
     "launch_timeout",
     "python",
     "log_file",
+    "url",
 )
 
 
@@ -284,8 +287,18 @@ def _parse(path: Path, data: Any) -> ServiceDescription:
         raise bad(str(exc)) from None
     command = data.get("command")
     module = data.get("module")
-    if (command is None) == (module is None):
-        raise bad("give exactly one of 'command' (an argv list) and 'module' ('package.module:factory')")
+    url = data.get("url")
+    if url is not None:
+        if command is not None or module is not None:
+            raise bad("a service with a 'url' runs elsewhere: drop 'command' and 'module'")
+        if not isinstance(url, str):
+            raise bad("'url' must be a string such as 'tls://host:port'")
+        try:
+            ParsedURL(url)
+        except ValueError as exc:
+            raise bad(f"'url': {exc}") from None
+    elif (command is None) == (module is None):
+        raise bad("give exactly one of 'command' (an argv list), 'module' ('package.module:factory') and 'url'")
     if command is not None:
         if not isinstance(command, list) or not command or not all(isinstance(a, str) and a for a in command):
             raise bad("'command' must be a non-empty list of non-empty strings (an argv)")
@@ -335,6 +348,7 @@ def _parse(path: Path, data: Any) -> ServiceDescription:
         launch_timeout=float(launch_timeout),
         python=python,
         log_file=(here / log_file).absolute() if log_file is not None else None,
+        url=url,
     )
 
 
@@ -751,6 +765,8 @@ class ServiceConnection:
         disconnect_when_idle: float | None = None,
         limits: Limits | None = None,
         requirement: Any = None,
+        ssl_context: Any = None,
+        server_hostname: str | None = None,
     ) -> None:
         if heartbeat is not None and not heartbeat > 0:
             raise ValueError("heartbeat= is an interval in seconds > 0")
@@ -758,7 +774,9 @@ class ServiceConnection:
             raise ValueError("disconnect_when_idle= is a number of seconds > 0")
         self.name = description.name
         self.description = description
-        self.url = f"unix://{socket_path(description.name)}"
+        self.url = description.url or f"unix://{socket_path(description.name)}"
+        self._ssl_context = ssl_context
+        self._server_hostname = server_hostname
         self._tg = tg
         self._search_path = None if search_path is None else [Path(p) for p in search_path]
         self._exports = list(exports)
@@ -931,6 +949,12 @@ class ServiceConnection:
             raise TimeoutError(f"service {self.name!r}: not connected within {limit:g}s") from None
 
     async def _establish_now(self, desc: ServiceDescription) -> _Hold:
+        if desc.url is not None:
+            # a service on another host: reconnect, never launch
+            try:
+                return await self._open(desc.url)
+            except TransportError as exc:
+                raise ServiceUnavailable(f"service {desc.name!r} at {desc.url} is not reachable: {exc}") from exc
         sock = _socket_file(desc.name)
         url = f"unix://{sock}"
         try:
@@ -971,6 +995,8 @@ class ServiceConnection:
             on_invalidated=functools.partial(self._conn_ended, hold),
             limits=self._limits,
             requirement=self._requirement,
+            ssl_context=self._ssl_context,
+            server_hostname=self._server_hostname,
         ) as conn:
             hold.conn = conn
             task_status.started()
@@ -1112,6 +1138,8 @@ async def connect_service(
     search_path: Sequence[str | os.PathLike[str]] | None = None,
     limits: Limits | None = None,
     requirement: Any = None,
+    ssl_context: Any = None,
+    server_hostname: str | None = None,
 ) -> AsyncIterator[ServiceConnection]:
     """Yield a ``ServiceConnection`` to the service ``name`` for the block.
 
@@ -1124,7 +1152,8 @@ async def connect_service(
     (seconds) PINGs the service on that interval and treats a missing answer as an interruption.
     ``disconnect_when_idle`` (seconds) closes the underlying connection when nothing was in flight
     for that long, so that the service may exit when idle.  ``search_path`` replaces the default
-    search path.
+    search path.  A description with a ``url`` names a service on another host (``tls://``): it is
+    connected to (with ``ssl_context``/``server_hostname``) and reconnected, never launched.
     """
     description = find_service(name, search_path)
     body_exc: BaseException | None = None
@@ -1141,6 +1170,8 @@ async def connect_service(
             disconnect_when_idle=disconnect_when_idle,
             limits=limits,
             requirement=requirement,
+            ssl_context=ssl_context,
+            server_hostname=server_hostname,
         )
         try:
             yield sc

@@ -15,6 +15,7 @@ URLs: ``unix:///abs/path.sock``, ``tcp://host:port``, ``memory://name`` (in this
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 import stat
@@ -289,6 +290,16 @@ def _pidfd_alive(pidfd: int) -> bool:
     return True
 
 
+def _literal_address(host: str, port: int) -> list[Any] | None:
+    """An IP literal needs no resolver (which would run in a worker thread)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    return [(family, socket.SOCK_STREAM, 0, "", (host, port))]
+
+
 def _unix_socket_in_use(path: str) -> bool:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -399,7 +410,7 @@ async def connect_stream(url: str) -> tuple[Transport, Peer]:
                 raise
             return sock, socket_peer(sock, "unix")
         if u.scheme in ("tcp", "tls"):
-            infos = await anyio.getaddrinfo(u.host, u.port, type=socket.SOCK_STREAM)
+            infos = _literal_address(u.host, u.port) or await anyio.getaddrinfo(u.host, u.port, type=socket.SOCK_STREAM)
             last: OSError | None = None
             for family, _, _, _, addr in infos:
                 sock = socket.socket(family, socket.SOCK_STREAM)
