@@ -2121,9 +2121,13 @@ class Connection:
         rec = self._send(obj, m, args, kwargs, timeout)
         pending = _Pending(self._loop)
         rec.handler = pending
+        fut = pending.fut
         try:
             if timeout is None:
-                await pending.wait()
+                if fut is not None:
+                    await fut  # the common case: no intermediate coroutine
+                else:
+                    await pending.wait()
             else:
                 with anyio.fail_after(timeout):
                     await pending.wait()
@@ -2131,7 +2135,10 @@ class Connection:
             if pending.result is None:
                 self._cancel_call(rec.id)
             raise
-        return self._result(m, pending.result)
+        res = pending.result
+        if type(res) is Reply:
+            return m.decode_reply(res.payload, self)
+        return self._result(m, res)
 
     def _result(self, m: MethodDescription, res: Any) -> Any:
         if type(res) is Reply:

@@ -60,9 +60,12 @@ def _method(m: MethodDescription) -> Callable[..., Any]:
     if kind is MethodKind.UNARY:
 
         async def fn(self: ProxyBase, *args: Any, **kwargs: Any) -> Any:
+            conn = self._xrpc_conn
             if self._xrpc_compat is not None:
-                self._xrpc_conn._check_compat(self._xrpc_compat, m, args, kwargs)
-            return await self._xrpc_conn.call_unary(self._xrpc_obj, m, args, kwargs, self._xrpc_timeout)
+                conn._check_compat(self._xrpc_compat, m, args, kwargs)
+            if conn._middleware:
+                return await conn.call_unary(self._xrpc_obj, m, args, kwargs, self._xrpc_timeout)
+            return await conn._call_unary(self._xrpc_obj, m, args, kwargs, self._xrpc_timeout)
 
     elif kind is MethodKind.ONEWAY:
 
