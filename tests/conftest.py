@@ -46,7 +46,7 @@ async def serve_and_connect(server: xrpc.Server, url: str, **connect_kwargs: Any
 # --------------------------------------------------------------------------- event loop backends
 # Async tests run through anyio's pytest plugin (anyio_mode = auto).  The core suites run on both
 # asyncio and trio; the others, which reach for asyncio-only facilities, on asyncio alone.
-BOTH_BACKENDS = {"test_api", "test_versioning", "test_streams"}
+BOTH_BACKENDS = {"test_api", "test_versioning", "test_streams", "test_middleware"}
 
 
 @pytest.fixture(scope="module")

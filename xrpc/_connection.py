@@ -534,6 +534,12 @@ class _Promise:
             await self.event.wait()
 
 
+def _refusal(exc: BaseException) -> str:
+    """What the log says about a refused value: where, never the value (it may be a secret)."""
+    arg = getattr(exc, "argument", "")
+    return f"argument {arg!r} does not fit its declared type" if arg else "a value does not fit its declared type"
+
+
 def _error_from_frame(m: MethodDescription | None, frame: ErrorFrame) -> BaseException:
     code = frame.code
     msg = frame.message
@@ -1658,7 +1664,7 @@ class Connection:
         try:
             args = m.decode_args(msg.payload, self)
         except ValidationError as exc:
-            log.warning("xrpc: refused call %s from %s: %s", m.qualname, self._peer_name(), exc)
+            log.warning("xrpc: refused call %s from %s: %s", m.qualname, self._peer_name(), _refusal(exc))
             if not oneway:
                 core.send_error(call_id, ErrorCode.VALIDATION, "ValidationError", str(exc), [exc.argument])
             return
@@ -1775,7 +1781,7 @@ class Connection:
         except ValidationError as exc:
             core.send_error(call_id, ErrorCode.VALIDATION, "ValidationError", str(exc), [""])
         except (TypeError, msgspec.EncodeError, OverflowError) as exc:
-            log.warning("xrpc: reply of %s could not be sent: %s", m.qualname, exc)
+            log.warning("xrpc: reply of %s could not be sent: %s", m.qualname, type(exc).__name__)
             core.send_error(call_id, ErrorCode.INTERNAL, type(exc).__name__, f"the reply of {m.qualname} could not be encoded: {exc}")
         except LocalProtocolError as exc:
             core.send_error(call_id, ErrorCode.LIMIT, "LimitExceeded", f"the reply of {m.qualname} is too large: {exc}")
@@ -1906,13 +1912,13 @@ class Connection:
                         self._promise_of[payload.oid] = call_id
                     self._journal = None
             except LimitExceeded as exc:
-                log.warning("xrpc: reply of %s refused: %s", m.qualname, exc)
+                log.warning("xrpc: reply of %s refused: %s", m.qualname, _refusal(exc))
                 core.send_error(call_id, ErrorCode.LIMIT, "LimitExceeded", str(exc))
             except ValidationError as exc:
-                log.warning("xrpc: reply of %s refused: %s", m.qualname, exc)
+                log.warning("xrpc: reply of %s refused: %s", m.qualname, _refusal(exc))
                 core.send_error(call_id, ErrorCode.VALIDATION, "ValidationError", str(exc), [""])
             except (TypeError, msgspec.EncodeError, OverflowError) as exc:
-                log.warning("xrpc: reply of %s could not be sent: %s", m.qualname, exc)
+                log.warning("xrpc: reply of %s could not be sent: %s", m.qualname, type(exc).__name__)
                 core.send_error(call_id, ErrorCode.INTERNAL, type(exc).__name__, f"the reply of {m.qualname} could not be encoded: {exc}")
             except LocalProtocolError as exc:
                 core.send_error(call_id, ErrorCode.LIMIT, "LimitExceeded", f"the reply of {m.qualname} is too large: {exc}")
@@ -2207,8 +2213,9 @@ class Connection:
             if await self._send_stream(rec, it, wrap, credit, alive, m):
                 core.send_end(call_id)
                 self._kick()
-        except ValidationError as exc:
-            # the caller learns why its stream stopped: the call ends with this error
+        except Exception as exc:
+            # the caller's own source failed (or an item was refused): the call ends with that
+            # error, raised to the caller as itself; the connection carries on
             if core.outgoing.get(call_id) is rec:
                 self._core.send_cancel(call_id)
                 self._kick()
@@ -2325,6 +2332,9 @@ class CallStream(AsyncIterator[_T]):
     def __aiter__(self) -> CallStream[_T]:
         return self
 
+    async def _begin_async(self) -> _BatchReader:
+        return self._begin()
+
     def _begin(self) -> _BatchReader:
         conn = self._conn
         if self._timeout is not None:
@@ -2357,7 +2367,12 @@ class CallStream(AsyncIterator[_T]):
             raise StopAsyncIteration
         reader = self._reader
         if reader is None:
-            reader = self._begin()
+            if self._conn._middleware:
+                # client middleware sees the start of the stream (and what it adds to the metadata
+                # travels with the CALL)
+                reader = await self._conn._client_intercept(self._m, (), {}, self._begin_async)
+            else:
+                reader = self._begin()
         try:
             if self._deadline == math.inf:
                 if reader.pos < len(reader.items):

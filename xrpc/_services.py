@@ -850,6 +850,11 @@ class ServiceConnection:
             await hold.conn.aclose()
 
     # -------------------------------------------------------------- the calls proxies make
+    _middleware: tuple[Any, ...] = ()  # proxies check this; a ServiceConnection's middleware lives on its connections
+
+    async def _call_unary(self, obj: str, m: Any, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
+        return await self.call_unary(obj, m, args, kwargs, timeout)
+
     async def call_unary(self, obj: str, m: Any, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
         conn, remaining = await self._acquire_within(timeout)
         try:
