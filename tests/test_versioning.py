@@ -262,3 +262,41 @@ async def _gather(coros: list) -> list:  # type: ignore[type-arg]
         for i, c in enumerate(coros):
             tg.start_soon(run, i, c)
     return out
+
+
+class NeverAwaits:
+    """``async def`` bodies without ``await`` run inline too; anyio and the connection still work."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, str], bool]] = []
+
+    async def add(self, a: int, b: int) -> int:
+        conn = xrpc.current_connection()
+        anyio.current_time()  # anyio can tell its backend here
+        self.seen.append((conn.peer.transport, xrpc.current_metadata(), a < 0))
+        if a < 0:
+            raise ValueError("negative")
+        return a + b
+
+    async def greet(self, name: str) -> str:
+        await anyio.lowlevel.checkpoint()  # this one awaits: it runs in a task
+        return f"hello {name}"
+
+
+async def test_coroutines_that_never_await_run_inline(transport: str) -> None:
+    impl = NeverAwaits()
+    server = serve(SvcV1, impl)
+    with anyio.fail_after(T):
+        async with server.listen(transport) as listener, xrpc.connect(listener.url) as conn:
+            p = conn.proxy(SvcV1, name="svc")
+            assert await p.add(1, 2) == 3
+            with xrpc.call_metadata(trace="t-2"):
+                assert await p.add(2, 2) == 4
+            with pytest.raises(xrpc.RemoteError):
+                await p.add(-1, 0)
+            assert await p.greet("ada") == "hello ada"
+            export = next(iter(server.connections))._lookup("svc")
+            assert export is not None and "add" in export.inline and "greet" not in export.inline
+    kind = transport.split(":")[0]
+    assert [s[0] for s in impl.seen] == [kind] * 3
+    assert [s[1] for s in impl.seen] == [{}, {"trace": "t-2"}, {}]

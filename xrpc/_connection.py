@@ -24,6 +24,7 @@ import collections
 import functools
 import contextlib
 import contextvars
+import dis
 import inspect
 import logging
 import math
@@ -175,7 +176,7 @@ class Limits(msgspec.Struct, kw_only=True):
 class Export:
     """An object exported under a name, with its interface description and bound methods."""
 
-    __slots__ = ("desc", "obj", "name", "methods", "is_async", "guards")
+    __slots__ = ("desc", "obj", "name", "methods", "is_async", "guards", "inline")
 
     def __init__(self, desc: InterfaceDescription, obj: Any, name: str, requirement: Any = None) -> None:
         self.desc = desc
@@ -184,6 +185,7 @@ class Export:
         self.methods: dict[str, Callable[..., Any]] = {}
         self.is_async: dict[str, bool] = {}
         self.guards: dict[str, Any] = {}  # method name -> the Requirement a caller must satisfy
+        self.inline: set[str] = set()  # methods that can run on the reader: plain functions, or coroutines that never await
         if isinstance(requirement, str):
             from ._requirements import requirement as parse
 
@@ -196,6 +198,8 @@ class Export:
                 continue
             self.methods[mname] = fn
             self.is_async[mname] = inspect.iscoroutinefunction(fn)
+            if not self.is_async[mname] or _never_suspends(fn):
+                self.inline.add(mname)
             parts = [r for r in (requirement, desc.methods[mname].requirement, getattr(fn, "__xrpc_requires__", None)) if r is not None]
             if parts:
                 guard = parts[0]
@@ -209,6 +213,23 @@ class Export:
         return ExportInfo(self.name, self.desc.name, self.desc.fingerprint, {m.name: m.signature for m in self.desc.methods.values()})
 
 
+_SUSPENDING_OPS = frozenset({"YIELD_VALUE", "SEND", "GET_AWAITABLE", "BEFORE_ASYNC_WITH", "GET_AITER", "GET_ANEXT"})
+
+
+def _never_suspends(fn: Callable[..., Any]) -> bool:
+    """Is ``fn`` an ``async def`` whose body has no ``await``, ``async with`` or ``async for``?
+
+    Such a coroutine finishes in one step, so it can run on the reader without a task of its own.
+    """
+    code = getattr(inspect.unwrap(getattr(fn, "__func__", fn)), "__code__", None)
+    if code is None:
+        return False
+    try:
+        return not any(ins.opname in _SUSPENDING_OPS for ins in dis.get_instructions(code))
+    except (TypeError, ValueError):
+        return False
+
+
 class _OneShotExport(Export):
     """An export whose one method is already running: ``fn()`` finishes it."""
 
@@ -219,6 +240,7 @@ class _OneShotExport(Export):
         self.methods = {name: fn}
         self.is_async = {name: True}
         self.guards = {}
+        self.inline = set()
 
 
 def make_export(iface: Any, obj: Any, name: str = "", requirement: Any = None) -> Export:
@@ -532,6 +554,31 @@ class _Promise:
             if self.event is None:
                 self.event = anyio.Event()
             await self.event.wait()
+
+
+def _run_inline(fn: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+    """Call ``fn``; if it gives a coroutine that never awaits, run it to its end now."""
+    result = fn(*args, **kw)
+    if type(result) is types.CoroutineType:
+        cvar = _sniffio_cvar
+        token = cvar.set("asyncio") if cvar is not None else None
+        try:
+            yielded = result.send(None)
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            if cvar is not None and token is not None:
+                cvar.reset(token)
+        # it suspended after all (a wrapper hid its awaits): a task finishes what it started
+        return _resume(result, yielded)  # pragma: no cover
+    return result
+
+
+_sniffio_cvar: contextvars.ContextVar[str | None] | None
+try:  # anyio finds its backend through sniffio; on the reader there is no current task to ask
+    from sniffio import current_async_library_cvar as _sniffio_cvar
+except ImportError:  # pragma: no cover
+    _sniffio_cvar = None
 
 
 def _refusal(exc: BaseException) -> str:
@@ -1331,7 +1378,8 @@ class Connection:
         except Exception:
             log.exception("xrpc: connection event callback %r failed", fn)
 
-    def _fail_outgoing(self, rec: CallRecord, exc: BaseException) -> None:
+    def _fail_outgoing(self, rec: CallRecord, exc: Any) -> None:
+        """End an outgoing call with ``exc`` (an exception, or an ERROR frame from the peer)."""
         h = rec.handler
         if h is None:
             return
@@ -1554,17 +1602,7 @@ class Connection:
                 h.credit.wake()
 
     def _on_error(self, msg: Any, rec: CallRecord) -> None:
-        h = rec.handler
-        if isinstance(h, _Pending):
-            h.deliver(msg)
-        elif h is not None:
-            if h.queue is not None:
-                h.queue.finish(msg)
-            if h.pending is not None:
-                h.pending.deliver(msg)
-            if h.credit is not None:
-                h.credit.closed = True
-                h.credit.wake()
+        self._fail_outgoing(rec, msg)  # the ERROR frame is raised to the caller as its error
 
     def _on_item(self, msg: Any, rec: CallRecord) -> None:
         h = rec.handler
@@ -1673,10 +1711,11 @@ class Connection:
         if (
             export is not None
             and loop is not None
-            and not export.is_async[m.name]
+            and m.name in export.inline
             and m.kind in (MethodKind.UNARY, MethodKind.ONEWAY)
             and not self._middleware
-            and m.reply_iface is None
+            and not m.reply_refs
+            and deadline is None
         ):
             # A plain-function implementation runs inline, on the reader, without a task: the
             # quickest path, for methods that do not wait for anything.
@@ -1758,9 +1797,9 @@ class Connection:
             if msg.meta:
                 ctx = contextvars.copy_context()
                 ctx.run(_metadata.set, msg.meta)
-                result = ctx.run(fn, *args, **kw)
+                result = ctx.run(_run_inline, fn, args, kw)
             else:
-                result = fn(*args, **kw)
+                result = _run_inline(fn, args, kw)
         except Exception as exc:
             if m.kind is MethodKind.ONEWAY:
                 log.warning("xrpc: one-way call %s raised %r", m.qualname, exc)
@@ -1785,6 +1824,10 @@ class Connection:
             core.send_error(call_id, ErrorCode.INTERNAL, type(exc).__name__, f"the reply of {m.qualname} could not be encoded: {exc}")
         except LocalProtocolError as exc:
             core.send_error(call_id, ErrorCode.LIMIT, "LimitExceeded", f"the reply of {m.qualname} is too large: {exc}")
+        except Exception as exc:  # pragma: no cover - never let a reply break the reader
+            log.warning("xrpc: reply of %s could not be sent: %s", m.qualname, type(exc).__name__)
+            if call_id in core.incoming:
+                core.send_error(call_id, ErrorCode.INTERNAL, type(exc).__name__, f"the reply of {m.qualname} could not be sent")
         # the reader flushes once it has handled every frame of this read
 
     def _serve_later(self, msg: Call, m: MethodDescription, export: Export, fn: Callable[[], Any]) -> None:
