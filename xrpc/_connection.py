@@ -2406,9 +2406,31 @@ class CallStream(AsyncIterator[_T]):
             await self._conn._pump(rec, self._m, self._source, credit)
 
     async def __anext__(self) -> _T:
+        reader = self._reader
+        if reader is not None and self._deadline == math.inf and not self._done:
+            # the hot path: an item of a batch already decoded, handed out without suspending
+            pos = reader.pos
+            items = reader.items
+            if pos < len(items):
+                reader.pos = pos + 1
+                q = reader.queue
+                q.consumed += 1
+                if pos + 1 == len(items):
+                    q.consumed_bytes += reader.batch_bytes
+                taken = self._taken = self._taken + 1
+                if q.consumed >= q.threshold or q.consumed_bytes >= q.bytes_threshold or not taken & 15:
+                    # look for a cancellation now and then, and always before credit lets the
+                    # producer go on
+                    try:
+                        await anyio.lowlevel.checkpoint_if_cancelled()
+                    except BaseException:
+                        self._stop()
+                        raise
+                    if q.consumed >= q.threshold or q.consumed_bytes >= q.bytes_threshold:
+                        q.consumed_items(0, 0)
+                return items[pos]  # type: ignore[no-any-return]
         if self._done:
             raise StopAsyncIteration
-        reader = self._reader
         if reader is None:
             if self._conn._middleware:
                 # client middleware sees the start of the stream (and what it adds to the metadata
