@@ -392,20 +392,35 @@ class _BatchReader:
         self.batch_bytes = 0
         self.error: BaseException | None = None
 
-    async def next(self) -> Any:
+    def take(self) -> Any:
+        """The next item of the batch already decoded, without suspending (``_EMPTY`` if none);
+        it counts as consumed."""
         pos = self.pos
         items = self.items
-        if pos < len(items):
-            self.pos = pos + 1
-            q = self.queue
-            q.consumed += 1
-            if pos + 1 == len(items):
-                q.consumed_bytes += self.batch_bytes
-            if q.consumed >= q.threshold or q.consumed_bytes >= q.bytes_threshold:
-                # credit lets the producer go on: a cancelled consumer must not grant it
-                await anyio.lowlevel.checkpoint_if_cancelled()
-                q.consumed_items(0, 0)
-            return items[pos]
+        if pos >= len(items):
+            return _EMPTY
+        self.pos = pos + 1
+        q = self.queue
+        q.consumed += 1
+        if pos + 1 == len(items):
+            q.consumed_bytes += self.batch_bytes
+        return items[pos]
+
+    def credit_due(self) -> bool:
+        q = self.queue
+        return q.consumed >= q.threshold or q.consumed_bytes >= q.bytes_threshold
+
+    async def grant(self) -> None:
+        """Return the credit due; a cancelled consumer must not let its producer go on."""
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        self.queue.consumed_items(0, 0)
+
+    async def next(self) -> Any:
+        item = self.take()
+        if item is not _EMPTY:
+            if self.credit_due():
+                await self.grant()
+            return item
         if self.error is not None:
             raise self.error
         while True:
@@ -450,6 +465,7 @@ class _BatchReader:
         return good
 
 
+_EMPTY: Any = object()
 _raw_list: msgspec.msgpack.Decoder[list[msgspec.Raw]] = msgspec.msgpack.Decoder(list[msgspec.Raw])
 
 
@@ -2409,26 +2425,20 @@ class CallStream(AsyncIterator[_T]):
         reader = self._reader
         if reader is not None and self._deadline == math.inf and not self._done:
             # the hot path: an item of a batch already decoded, handed out without suspending
-            pos = reader.pos
-            items = reader.items
-            if pos < len(items):
-                reader.pos = pos + 1
-                q = reader.queue
-                q.consumed += 1
-                if pos + 1 == len(items):
-                    q.consumed_bytes += reader.batch_bytes
-                taken = self._taken = self._taken + 1
-                if q.consumed >= q.threshold or q.consumed_bytes >= q.bytes_threshold or not taken & 15:
-                    # look for a cancellation now and then, and always before credit lets the
-                    # producer go on
+            item = reader.take()
+            if item is not _EMPTY:
+                self._taken += 1
+                if reader.credit_due() or not self._taken & 15:
+                    # look for a cancellation now and then, and always before credit is returned
                     try:
-                        await anyio.lowlevel.checkpoint_if_cancelled()
+                        if reader.credit_due():
+                            await reader.grant()
+                        else:
+                            await anyio.lowlevel.checkpoint_if_cancelled()
                     except BaseException:
                         self._stop()
                         raise
-                    if q.consumed >= q.threshold or q.consumed_bytes >= q.bytes_threshold:
-                        q.consumed_items(0, 0)
-                return items[pos]  # type: ignore[no-any-return]
+                return item  # type: ignore[no-any-return]
         if self._done:
             raise StopAsyncIteration
         if reader is None:
@@ -2440,12 +2450,7 @@ class CallStream(AsyncIterator[_T]):
                 reader = self._begin()
         try:
             if self._deadline == math.inf:
-                if reader.pos < len(reader.items):
-                    # items already here: no suspension, so look for a cancellation now and then
-                    self._taken += 1
-                    if self._taken & 15 == 0:
-                        await anyio.lowlevel.checkpoint_if_cancelled()
-                return await reader.next()  # type: ignore[no-any-return]
+                return await reader.next()  # type: ignore[no-any-return]  (nothing buffered: it waits)
             left = self._deadline - anyio.current_time()
             if left <= 0:
                 raise TimeoutError(f"the stream {self._m.qualname} passed its deadline")
