@@ -2450,7 +2450,7 @@ class CallStream(AsyncIterator[_T]):
                 reader = self._begin()
         try:
             if self._deadline == math.inf:
-                return await reader.next()  # type: ignore[no-any-return]  (nothing buffered: it waits)
+                return await reader.next()  # type: ignore[no-any-return]
             left = self._deadline - anyio.current_time()
             if left <= 0:
                 raise TimeoutError(f"the stream {self._m.qualname} passed its deadline")
