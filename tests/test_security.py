@@ -1041,6 +1041,17 @@ async def test_socket_file_mode_is_configurable(sock_dir: str, mode: int) -> Non
             assert _mode(path) == mode
 
 
+async def test_a_world_writable_directory_is_refused_unless_sticky(sock_dir: str) -> None:
+    os.chmod(sock_dir, 0o777)
+    with pytest.raises(xrpc.TransportError, match="writable by every user"):
+        async with xrpc.Server().listen(f"unix://{sock_dir}/s.sock"):
+            pytest.fail("listened in a world-writable directory")
+    assert not os.path.exists(f"{sock_dir}/s.sock")
+    os.chmod(sock_dir, 0o1777)  # like /tmp: others cannot remove or rename our file
+    async with xrpc.Server().listen(f"unix://{sock_dir}/s.sock"):
+        assert _mode(f"{sock_dir}/s.sock") == 0o600
+
+
 async def test_stale_socket_file_is_replaced(sock_dir: str) -> None:
     path = f"{sock_dir}/s.sock"
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

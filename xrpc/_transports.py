@@ -300,6 +300,19 @@ def _literal_address(host: str, port: int) -> list[Any] | None:
     return [(family, socket.SOCK_STREAM, 0, "", (host, port))]
 
 
+def _check_socket_directory(url: str, directory: str) -> None:
+    """Refuse a directory anyone may write to without the sticky bit: there, another user could
+    replace our socket file with one of their own between two calls."""
+    try:
+        st = os.stat(directory)
+    except OSError as exc:
+        raise TransportError(f"{url}: cannot use directory {directory}: {exc.strerror or exc}") from exc
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        raise TransportError(
+            f"{url}: {directory} is writable by every user (and not sticky): put the socket in a private directory"
+        )
+
+
 def _unix_socket_in_use(path: str) -> bool:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -322,6 +335,7 @@ async def open_listener(url: str, *, socket_mode: int = 0o600, backlog: int = 10
         return listener
     if u.scheme == "unix":
         path = u.path
+        _check_socket_directory(url, os.path.dirname(os.path.abspath(path)))
         try:
             st = os.lstat(path)
         except FileNotFoundError:
