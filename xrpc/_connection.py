@@ -2034,7 +2034,8 @@ class Connection:
         it = result.__aiter__()
         try:
             alive = lambda: core.incoming.get(call_id) is rec  # noqa: E731
-            wrap = functools.partial(m.encode_reply, conn=self)
+            # items of a plain slot go out as they are: no per-item call
+            wrap = functools.partial(m.encode_reply, conn=self) if (m.reply_refs or m.reply_checked) else None
             if rec is not None and await self._send_stream(rec, it, wrap, credit, alive, m):
                 core.send_end(call_id)
                 self._kick()
@@ -2045,7 +2046,7 @@ class Connection:
                     await aclose()
 
     async def _send_stream(
-        self, rec: CallRecord, it: Any, wrap: Callable[[Any], Any], credit: _Credit, alive: Callable[[], bool], m: MethodDescription
+        self, rec: CallRecord, it: Any, wrap: Callable[[Any], Any] | None, credit: _Credit, alive: Callable[[], bool], m: MethodDescription
     ) -> bool:
         """Send the items of ``it`` on ``rec`` in batches, within credit.  True once ``it`` is exhausted.
 
@@ -2083,10 +2084,13 @@ class Connection:
                     item = await _resume(step, yielded)
                 except StopAsyncIteration:
                     break
-            try:
-                payload = wrap(item)
-            except ValueError as exc:
-                raise ValidationError(f"stream item of {m.qualname}: {exc}", method=m.name) from None
+            if wrap is None:
+                payload = item
+            else:
+                try:
+                    payload = wrap(item)
+                except ValueError as exc:
+                    raise ValidationError(f"stream item of {m.qualname}: {exc}", method=m.name) from None
             if not cap:
                 try:
                     size = len(_size_encoder.encode(payload)) + 8
@@ -2268,7 +2272,13 @@ class Connection:
         it = source.__aiter__()
         try:
             alive = lambda: not credit.closed and core.outgoing.get(call_id) is rec  # noqa: E731
-            wrap = slot.wrap if slot.plan is None else functools.partial(slot.to_wire, self)
+            wrap: Callable[[Any], Any] | None
+            if slot.plan is not None:
+                wrap = functools.partial(slot.to_wire, self)
+            elif slot.classes is not None or slot.any_plain:
+                wrap = slot.wrap
+            else:
+                wrap = None  # a plain slot: items go out as they are
             if await self._send_stream(rec, it, wrap, credit, alive, m):
                 core.send_end(call_id)
                 self._kick()
