@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, cast
+from typing import Any, Iterator, Protocol, cast
 
 import anyio
 import pytest
@@ -940,3 +940,27 @@ async def test_clients_racing_an_idle_exit_lose_nothing(env: Env) -> None:
     assert len(answered) == 100
     assert launches == len(env.launched())  # every instance was launched by one of these clients
     print(f"\n4 x 25 clients racing idle exit: {len(env.launched())} instances in {time.monotonic() - t0:.1f}s")
+
+
+# --------------------------------------------------------------------------- version negotiation
+@xrpc.interface(name="Probe")
+class NewerProbe(Protocol):
+    """A client built against a newer Probe: one method more than the running service has."""
+
+    async def pid(self) -> int: ...
+
+    async def version(self) -> str: ...
+
+    async def uptime(self) -> float: ...
+
+
+async def test_a_method_the_running_service_lacks_fails_at_once(env: Env) -> None:
+    env.describe()
+    async with connect_service(NAME, search_path=env.search_path) as sc:
+        p = sc.proxy(NewerProbe)
+        with anyio.fail_after(T):
+            assert await p.pid() > 0
+            with pytest.raises(xrpc.MethodNotFound) as info:
+                await p.uptime()
+            assert "uptime" in str(info.value) and "version" in str(info.value)  # says what it has
+            assert await p.version()  # the connection carries on

@@ -945,6 +945,7 @@ class Connection:
         self._proxies: dict[tuple[int, str, float | None], Any] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # incoming calls on the asyncio fast path
         self._guard_cache: dict[int, bool] = {}
+        self._compat_cache: dict[tuple[int, str], Any] = {}
         self._pings: dict[int, anyio.Event] = {}
         self._handed_out = not client  # a client connection is handed out once connect() returns it
         self._ping_nonce = 0
@@ -1002,6 +1003,16 @@ class Connection:
                 + "; ".join(str(v) for v in compat.values())
             )
         return compat or None
+
+    def check_call(self, m: MethodDescription, obj: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Check a call against what the peer announced for ``obj`` (for callers without a proxy
+        of this connection, such as a service connection that reconnects)."""
+        key = (id(m.interface), obj)
+        compat = self._compat_cache.get(key, _EMPTY)
+        if compat is _EMPTY:
+            compat = self._compat_cache[key] = self._compat(m.interface, obj)
+        if compat is not None:
+            self._check_compat(compat, m, args, kwargs)
 
     def _check_compat(self, compat: dict[str, Any], m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         verdict = compat.get(m.name)

@@ -857,6 +857,7 @@ class ServiceConnection:
 
     async def call_unary(self, obj: str, m: Any, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
         conn, remaining = await self._acquire_within(timeout)
+        conn.check_call(m, obj, args, kwargs)  # against the version of the service running now
         try:
             return await conn.call_unary(obj, m, args, kwargs, remaining)
         finally:
@@ -864,12 +865,14 @@ class ServiceConnection:
 
     async def call_oneway(self, obj: str, m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         conn = await self._acquire()
+        conn.check_call(m, obj, args, kwargs)
         await conn.call_oneway(obj, m, args, kwargs)
 
     async def call_client_stream(
         self, obj: str, m: Any, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
     ) -> Any:
         conn, remaining = await self._acquire_within(timeout)
+        conn.check_call(m, obj, args, kwargs)
         try:
             return await conn.call_client_stream(obj, m, args, kwargs, remaining)
         finally:
@@ -1108,6 +1111,7 @@ class _ServiceStream:
                 conn, remaining = await self._sc._acquire_within(self._timeout)
                 obj, m, args, kwargs = self._call
                 self._call = None
+                conn.check_call(m, obj, args, kwargs)
                 inner = self._inner = conn.call_stream(obj, m, args, kwargs, remaining)
             return await inner.__anext__()
         except BaseException:
