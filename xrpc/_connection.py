@@ -641,6 +641,25 @@ def _close_all(fds: list[int] | None) -> None:
             pass
 
 
+class _WriterWaits:
+    """What both asyncio drivers share: producers wait here while the socket is backed up."""
+
+    _resume: asyncio.Future[None] | None
+    _loop: asyncio.AbstractEventLoop
+    done: asyncio.Future[None]
+
+    def _wake_writers(self) -> None:
+        if self._resume is not None and not self._resume.done():
+            self._resume.set_result(None)
+        self._resume = None
+
+    async def _wait_while(self, blocked: Callable[[], bool]) -> None:
+        while blocked() and not self.done.done():
+            if self._resume is None:
+                self._resume = self._loop.create_future()
+            await self._resume
+
+
 _local = threading.local()
 _SOCKET_BUFFER = 1024 * 1024
 
@@ -654,7 +673,7 @@ def _receive_buffer() -> memoryview:
     return view
 
 
-class _AsyncioIO(asyncio.BufferedProtocol):
+class _AsyncioIO(asyncio.BufferedProtocol, _WriterWaits):
     """Drives a connection's socket on asyncio: reads into one reused buffer, writes synchronously."""
 
     def __init__(self, conn: Connection) -> None:
@@ -709,16 +728,8 @@ class _AsyncioIO(asyncio.BufferedProtocol):
         self._paused = False
         self._wake_writers()
 
-    def _wake_writers(self) -> None:
-        if self._resume is not None and not self._resume.done():
-            self._resume.set_result(None)
-        self._resume = None
-
     async def wait_writable(self) -> None:
-        while self._paused and not self.done.done():
-            if self._resume is None:
-                self._resume = self._loop.create_future()
-            await self._resume
+        await self._wait_while(lambda: self._paused)
 
     def write(self, data: bytes | bytearray, fds: list[int] | None = None) -> None:
         t = self.transport
@@ -733,7 +744,7 @@ class _AsyncioIO(asyncio.BufferedProtocol):
             self.done.set_result(None)
 
 
-class _UnixIO:
+class _UnixIO(_WriterWaits):
     """Drives a Unix socket on asyncio without a transport, so that file descriptors can travel.
 
     Reads use ``recvmsg_into`` into one reused buffer, collecting SCM_RIGHTS descriptors in arrival
@@ -844,16 +855,8 @@ class _UnixIO:
         self._loop.remove_writer(self.fd)
         self._wake_writers()
 
-    def _wake_writers(self) -> None:
-        if self._resume is not None and not self._resume.done():
-            self._resume.set_result(None)
-        self._resume = None
-
     async def wait_writable(self) -> None:
-        while self._pending_size > self._high and not self.done.done():
-            if self._resume is None:
-                self._resume = self._loop.create_future()
-            await self._resume
+        await self._wait_while(lambda: self._pending_size > self._high)
 
     def _lost(self, exc: BaseException | None) -> None:
         conn = self.conn
@@ -1842,19 +1845,7 @@ class Connection:
             return
         if m.kind is MethodKind.ONEWAY:
             return
-        try:
-            core.send_reply(call_id, m.encode_reply(result, self))
-        except ValidationError as exc:
-            core.send_error(call_id, ErrorCode.VALIDATION, "ValidationError", str(exc), [""])
-        except (TypeError, msgspec.EncodeError, OverflowError) as exc:
-            log.warning("xrpc: reply of %s could not be sent: %s", m.qualname, type(exc).__name__)
-            core.send_error(call_id, ErrorCode.INTERNAL, type(exc).__name__, f"the reply of {m.qualname} could not be encoded: {exc}")
-        except LocalProtocolError as exc:
-            core.send_error(call_id, ErrorCode.LIMIT, "LimitExceeded", f"the reply of {m.qualname} is too large: {exc}")
-        except Exception as exc:  # pragma: no cover - never let a reply break the reader
-            log.warning("xrpc: reply of %s could not be sent: %s", m.qualname, type(exc).__name__)
-            if call_id in core.incoming:
-                core.send_error(call_id, ErrorCode.INTERNAL, type(exc).__name__, f"the reply of {m.qualname} could not be sent")
+        self._send_answer(call_id, m, result, None)
         # the reader flushes once it has handled every frame of this read
 
     def _serve_later(self, msg: Call, m: MethodDescription, export: Export, fn: Callable[[], Any]) -> None:
@@ -1947,7 +1938,6 @@ class Connection:
                 self._settled(call_id)
 
     async def _invoke(self, call_id: int, m: MethodDescription, export: Export, fn: Callable[..., Any], args: tuple[Any, ...], inc: _InCall) -> None:
-        core = self._core
         kind = m.kind
         try:
             if kind.streams_out:
@@ -1968,31 +1958,41 @@ class Connection:
         if inc.promise is not None:
             inc.promise.settle(result)
         if kind is not MethodKind.ONEWAY:
-            try:
-                if m.reply_refs:
-                    self._journal = []
-                try:
-                    payload = m.encode_reply(result, self)
-                    core.send_reply(call_id, payload)
-                except BaseException:
-                    self._rollback()
-                    raise
-                if self._journal is not None:
-                    if inc.promise is not None and type(payload) is Ref and not payload.home:
-                        self._promise_of[payload.oid] = call_id
-                    self._journal = None
-            except LimitExceeded as exc:
-                log.warning("xrpc: reply of %s refused: %s", m.qualname, _refusal(exc))
-                core.send_error(call_id, ErrorCode.LIMIT, "LimitExceeded", str(exc))
-            except ValidationError as exc:
-                log.warning("xrpc: reply of %s refused: %s", m.qualname, _refusal(exc))
-                core.send_error(call_id, ErrorCode.VALIDATION, "ValidationError", str(exc), [""])
-            except (TypeError, msgspec.EncodeError, OverflowError) as exc:
-                log.warning("xrpc: reply of %s could not be sent: %s", m.qualname, type(exc).__name__)
-                core.send_error(call_id, ErrorCode.INTERNAL, type(exc).__name__, f"the reply of {m.qualname} could not be encoded: {exc}")
-            except LocalProtocolError as exc:
-                core.send_error(call_id, ErrorCode.LIMIT, "LimitExceeded", f"the reply of {m.qualname} is too large: {exc}")
+            self._send_answer(call_id, m, result, inc.promise)
             self._kick_after_reply()
+
+    def _send_answer(self, call_id: int, m: MethodDescription, result: Any, promise: _Promise | None) -> None:
+        """Send REPLY for ``result``, or the ERROR that says why it cannot go (objects exported for a
+        reply that never leaves are taken back)."""
+        core = self._core
+        try:
+            if m.reply_refs:
+                self._journal = []
+            try:
+                payload = m.encode_reply(result, self)
+                core.send_reply(call_id, payload)
+            except BaseException:
+                self._rollback()
+                raise
+            if self._journal is not None:
+                if promise is not None and type(payload) is Ref and not payload.home:
+                    self._promise_of[payload.oid] = call_id
+                self._journal = None
+        except LimitExceeded as exc:
+            log.warning("xrpc: reply of %s refused: %s", m.qualname, _refusal(exc))
+            core.send_error(call_id, ErrorCode.LIMIT, "LimitExceeded", str(exc))
+        except ValidationError as exc:
+            log.warning("xrpc: reply of %s refused: %s", m.qualname, _refusal(exc))
+            core.send_error(call_id, ErrorCode.VALIDATION, "ValidationError", str(exc), [""])
+        except (TypeError, msgspec.EncodeError, OverflowError) as exc:
+            log.warning("xrpc: reply of %s could not be sent: %s", m.qualname, type(exc).__name__)
+            core.send_error(call_id, ErrorCode.INTERNAL, type(exc).__name__, f"the reply of {m.qualname} could not be encoded: {exc}")
+        except LocalProtocolError as exc:
+            core.send_error(call_id, ErrorCode.LIMIT, "LimitExceeded", f"the reply of {m.qualname} is too large: {exc}")
+        except Exception as exc:  # pragma: no cover - never let a reply break the reader or the task
+            log.warning("xrpc: reply of %s could not be sent: %s", m.qualname, type(exc).__name__)
+            if call_id in core.incoming:
+                core.send_error(call_id, ErrorCode.INTERNAL, type(exc).__name__, f"the reply of {m.qualname} could not be sent")
 
     def _intercepted(self, m: MethodDescription, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` run through the server middleware."""
