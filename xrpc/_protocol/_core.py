@@ -202,15 +202,22 @@ class ProtocolCore:
         call_id = self._next_id
         self._emit(Call(call_id, obj, method, payload, flags, deadline, meta))
         self._next_id = call_id + 2
-        rec = CallRecord(call_id, flags)
-        if flags & CallFlags.STREAM_IN:
-            rec.send_credit = self.peer_window
-            rec.send_bytes = self.peer_window_bytes
-        if flags & CallFlags.STREAM_OUT:
-            rec.recv_allowance = self.window
-            rec.recv_bytes = self.window_bytes
+        # the caller sends the client stream and receives the reply stream
+        rec = self._record(call_id, flags, sends=bool(flags & CallFlags.STREAM_IN), receives=bool(flags & CallFlags.STREAM_OUT))
         if not flags & CallFlags.ONEWAY:
             self.outgoing[call_id] = rec
+        return rec
+
+    def _record(self, call_id: int, flags: int, *, sends: bool, receives: bool) -> CallRecord:
+        """A call's record, with the credit this side holds for the stream it sends (the peer's
+        window) and grants for the stream it receives (its own)."""
+        rec = CallRecord(call_id, flags)
+        if sends:
+            rec.send_credit = self.peer_window
+            rec.send_bytes = self.peer_window_bytes
+        if receives:
+            rec.recv_allowance = self.window
+            rec.recv_bytes = self.window_bytes
         return rec
 
     def send_cancel(self, call_id: int) -> None:
@@ -446,13 +453,8 @@ class ProtocolCore:
             flags = msg.flags  # type: ignore[union-attr]
             if flags & CallFlags.ONEWAY:
                 return None
-            rec = CallRecord(call_id, flags)
-            if flags & CallFlags.STREAM_OUT:
-                rec.send_credit = self.peer_window
-                rec.send_bytes = self.peer_window_bytes
-            if flags & CallFlags.STREAM_IN:
-                rec.recv_allowance = self.window
-                rec.recv_bytes = self.window_bytes
+            # the callee sends the reply stream and receives the client stream
+            rec = self._record(call_id, flags, sends=bool(flags & CallFlags.STREAM_OUT), receives=bool(flags & CallFlags.STREAM_IN))
             self.incoming[call_id] = rec
             return rec
         if cls is Reply or cls is Error:
