@@ -761,12 +761,15 @@ def discover_services() -> list[tuple[str, str, BaseException | Any]]:
 
 
 async def _probe(name: str, timeout: float) -> tuple[str, str]:
-    from ._services import socket_path
+    from ._services import UntrustedPath, _check_dir, socket_path
 
     try:
         path = socket_path(name)
-    except ValueError as exc:
+        fd = _check_dir(path.parent, create=False)  # never talk to a socket another user could have put there
+    except (ValueError, UntrustedPath) as exc:
         return "invalid", str(exc)
+    if fd is not None:
+        os.close(fd)
     if not path.exists():
         return "stopped", ""
     try:

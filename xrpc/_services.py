@@ -51,6 +51,7 @@ import json
 import logging
 import math
 import os
+import pwd
 import re
 import select
 import signal
@@ -86,6 +87,7 @@ __all__ = (
     "ServiceNotFound",
     "ServiceUnavailable",
     "TRANSITIONS",
+    "UntrustedPath",
     "connect_service",
     "find_service",
     "load_description",
@@ -107,6 +109,7 @@ RESTART_POLICIES = ("on-demand", "manual")
 READINESS = ("pipe", "socket")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}\Z")
 _MAX_UNIX_PATH = 107  # sun_path holds 108 bytes, one of them the terminating NUL
+_SHARED_TMP = Path("/tmp")  # where the fallback runtime directory lives (a test may point it elsewhere)
 
 
 # --------------------------------------------------------------------------- errors
@@ -130,6 +133,18 @@ class ServiceUnavailable(ConnectionInterrupted):
     """The service could not be reached or launched.  The next call tries again."""
 
 
+class UntrustedPath(ServiceUnavailable):
+    """A directory or file on the way to a service's description, socket or lock could be changed
+    by another user (or is a symbolic link where xrpc allows none), so xrpc does not use it.
+
+    ``path`` is the culprit; the message names it and says why.
+    """
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
 # --------------------------------------------------------------------------- where things live
 def runtime_dir() -> Path:
     """The per-user directory holding ``services/``, ``sockets/`` and ``locks/``.
@@ -139,7 +154,7 @@ def runtime_dir() -> Path:
     base = os.environ.get("XRPC_RUNTIME_DIR") or os.environ.get("XDG_RUNTIME_DIR")
     if base:
         return Path(base) / "xrpc"
-    return Path(f"/tmp/xrpc-{os.getuid()}")
+    return _SHARED_TMP / f"xrpc-{os.getuid()}"
 
 
 def service_search_path() -> list[Path]:
@@ -170,21 +185,200 @@ def lock_path(name: str) -> Path:
     return runtime_dir() / "locks" / f"{name}.lock"
 
 
-def _private_dir(path: Path) -> Path:
-    """Create ``path`` (mode 0700) if needed; refuse one that others could tamper with."""
+# --------------------------------------------------------------------------- paths we trust
+# Whoever may change a directory on the way to a description, a socket or a lock decides what runs
+# (a planted description's command runs as us) or whom we talk to.  So every directory on those
+# paths must belong to this user or root and be writable by nobody else, except a sticky shared
+# parent such as /tmp (others may add names there, but not rename or remove ours: the name we use
+# is then checked to be ours).  The walk opens one name at a time from ``/`` with O_NOFOLLOW and
+# checks what it opened with fstat, so another user cannot swap a name between check and use; and
+# once the walk is done nothing on the path can be changed by anyone but us or root.
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_MAX_LINKS = 40
+_ANCESTOR, _LAST, _OWN = "ancestor", "last", "own"
+_RUNTIME_HINT = (
+    " Set XDG_RUNTIME_DIR (or XRPC_RUNTIME_DIR) to a directory that only you can write to, "
+    "such as the /run/user/<uid> that a login session provides."
+)
+
+
+def _owner(uid: int) -> str:
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        st = os.stat(path)
-    except OSError as exc:
-        raise ServiceUnavailable(f"cannot create the service directory {path}: {exc.strerror or exc}") from exc
-    if not stat.S_ISDIR(st.st_mode):
-        raise ServiceUnavailable(f"{path} is not a directory")
-    if st.st_uid != os.getuid() or st.st_mode & 0o022:
-        raise ServiceUnavailable(
-            f"the service directory {path} is not private (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}): "
-            "it must belong to this user and not be writable by others"
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _trusted_owner(uid: int) -> bool:
+    return uid == os.geteuid() or uid == 0
+
+
+def _untrusted(path: str, why: str, hint: str = "") -> UntrustedPath:
+    return UntrustedPath(f"xrpc refuses to use {path}: {why}.{hint}", path=path)
+
+
+def _writers(mode: int) -> str:
+    if mode & 0o022 == 0o022:
+        return "its group and by others"
+    return "its group" if mode & 0o020 else "others"
+
+
+def _check_owner_and_mode(st: os.stat_result, path: str, role: str, hint: str) -> None:
+    if not _trusted_owner(st.st_uid):
+        raise _untrusted(
+            path, f"it belongs to {_owner(st.st_uid)}, not to you ({_owner(os.geteuid())}) or root, so that user controls it", hint
         )
+    mode = st.st_mode
+    if mode & 0o022 and not (role == _ANCESTOR and stat.S_ISDIR(mode) and mode & stat.S_ISVTX):
+        sticky = " and not sticky" if role == _ANCESTOR else ""
+        raise _untrusted(path, f"it is writable by {_writers(mode)}{sticky} (mode {stat.S_IMODE(mode):o})", hint)
+
+
+def _open_dir(path: str | os.PathLike[str], *, own: int = 0, create: bool = False, hint: str = "") -> int | None:
+    """An ``O_PATH`` descriptor of the directory ``path``, once every directory on the way is trusted.
+
+    Every directory walked belongs to this user or root and is not writable by group or others;
+    one above the last may be writable if it is sticky (like /tmp).  The last ``own`` names are
+    xrpc's own directories: real directories, never symbolic links.  Elsewhere a symbolic link is
+    followed if it belongs to this user or root (it sits in a directory checked before, so only they
+    could have put it there), and its target is walked the same way.  A missing directory is created
+    (mode 0700) if ``create``; otherwise the answer is None, as for a name that is not a directory
+    or that this user cannot reach.  Anything untrusted raises ``UntrustedPath``.
+    """
+    full = os.path.join(os.getcwd(), os.fspath(path))
+    names = [n for n in full.split("/") if n and n != "."]
+    roles = [_ANCESTOR] * len(names)
+    for i in range(max(0, len(names) - own), len(names)):
+        roles[i] = _OWN
+    if names and roles[-1] == _ANCESTOR:
+        roles[-1] = _LAST
+    pending = list(zip(names, roles))[::-1]  # a stack: the next name is at the end
+    links = 0
+    fd = os.open("/", _DIR_FLAGS)
+    where = "/"
+    try:
+        _check_owner_and_mode(os.fstat(fd), where, _ANCESTOR if names else _LAST, hint)
+        while pending:
+            name, role = pending.pop()
+            child = os.path.dirname(where) if name == ".." else os.path.join(where, name)
+            try:
+                nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    return None
+                try:
+                    os.mkdir(name, 0o700, dir_fd=fd)
+                except FileExistsError:
+                    pass  # made by someone else meanwhile: opened and checked below
+                except OSError as exc:
+                    raise ServiceUnavailable(f"cannot create the directory {child}: {exc.strerror or exc}") from exc
+                pending.append((name, role))
+                continue
+            except NotADirectoryError:
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except OSError:
+                    st = None
+                if st is None or not stat.S_ISLNK(st.st_mode):
+                    if create:
+                        raise ServiceUnavailable(f"{child} is not a directory") from None
+                    return None
+                if role == _OWN:
+                    raise _untrusted(
+                        child, f"it is a symbolic link (owned by {_owner(st.st_uid)}), and xrpc's own directories must be real directories", hint
+                    ) from None
+                if not _trusted_owner(st.st_uid):
+                    raise _untrusted(child, f"it is a symbolic link that belongs to {_owner(st.st_uid)}", hint) from None
+                links += 1
+                if links > _MAX_LINKS:
+                    raise _untrusted(child, "too many levels of symbolic links", hint) from None
+                target = os.readlink(name, dir_fd=fd)
+                tnames = [n for n in target.split("/") if n and n != "."]
+                if target.startswith("/"):
+                    os.close(fd)
+                    fd = -1
+                    fd = os.open("/", _DIR_FLAGS)
+                    where = "/"
+                    _check_owner_and_mode(os.fstat(fd), where, _ANCESTOR if tnames else role, hint)
+                elif not tnames:
+                    _check_owner_and_mode(os.fstat(fd), where, role, hint)
+                troles = [_ANCESTOR] * len(tnames)
+                if tnames:
+                    troles[-1] = role
+                pending.extend(list(zip(tnames, troles))[::-1])
+                continue
+            except PermissionError as exc:
+                if create:
+                    raise ServiceUnavailable(f"cannot use the directory {child}: {exc.strerror or exc}") from exc
+                return None
+            os.close(fd)
+            fd = nfd
+            where = child
+            _check_owner_and_mode(os.fstat(fd), where, role, hint)
+        result, fd = fd, -1
+        return result
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _is_runtime_subdir(path: Path) -> bool:
+    return path.parent == runtime_dir()
+
+
+def _check_dir(path: Path, *, create: bool) -> int | None:
+    """``_open_dir`` for a directory xrpc uses: ``<runtime>/X`` (services, sockets, locks) is xrpc's
+    own, as is the runtime directory itself; any other directory only has to be private."""
+    if _is_runtime_subdir(path):
+        return _open_dir(path, own=2, create=create, hint=_RUNTIME_HINT)
+    return _open_dir(path, create=create)
+
+
+def _private_dir(path: Path) -> Path:
+    """Create ``path`` (mode 0700) if needed; refuse it if anyone else could tamper with it or with
+    any directory above it (``UntrustedPath``)."""
+    fd = _check_dir(path, create=True)
+    assert fd is not None
+    os.close(fd)
     return path
+
+
+def _read_trusted(dir_fd: int, directory: Path, filename: str, links: int = 0) -> bytes | None:
+    """The bytes of ``directory/filename`` (``dir_fd`` being the checked directory), or None if
+    there is no regular file by that name.  The file must belong to this user or root and be
+    writable by nobody else; a symbolic link is followed as ``_open_dir`` does."""
+    path = directory / filename
+    try:
+        fd = os.open(filename, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise ServiceDescriptionError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+        st = os.stat(filename, dir_fd=dir_fd, follow_symlinks=False)
+        if not _trusted_owner(st.st_uid):
+            raise _untrusted(str(path), f"it is a symbolic link that belongs to {_owner(st.st_uid)}") from None
+        if links >= _MAX_LINKS:
+            raise _untrusted(str(path), "too many levels of symbolic links") from None
+        target = directory / os.readlink(filename, dir_fd=dir_fd)
+        tfd = _open_dir(target.parent)
+        if tfd is None:
+            return None
+        try:
+            return _read_trusted(tfd, target.parent, target.name, links + 1)
+        finally:
+            os.close(tfd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        _check_owner_and_mode(st, str(path), _LAST, "")
+        with os.fdopen(fd, "rb") as f:
+            fd = -1
+            return f.read()
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def _socket_file(name: str) -> Path:
@@ -247,10 +441,19 @@ def _extensions() -> tuple[str, ...]:
 def load_description(path: str | os.PathLike[str]) -> ServiceDescription:
     """Read and check one description file (``.toml`` or ``.json``)."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ServiceDescriptionError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    dir_fd = _check_dir(path.parent, create=False)
+    raw = None
+    if dir_fd is not None:
+        try:
+            raw = _read_trusted(dir_fd, path.parent, path.name)
+        finally:
+            os.close(dir_fd)
+    if raw is None:
+        raise ServiceDescriptionError(f"{path}: cannot read: there is no such regular file")
+    return _load(path, raw)
+
+
+def _load(path: Path, raw: bytes) -> ServiceDescription:
     try:
         if path.suffix == ".toml":
             if _toml is None:  # pragma: no cover - Python 3.10
@@ -362,10 +565,16 @@ def find_service(name: str, search_path: Sequence[str | os.PathLike[str]] | None
     exts = _extensions()
     notes: list[str] = []
     for d in dirs:
-        for ext in exts:
-            candidate = d / f"{name}{ext}"
-            if candidate.is_file():
-                return load_description(candidate)
+        dir_fd = _check_dir(d, create=False)
+        if dir_fd is None:
+            continue  # no such directory
+        try:
+            for ext in exts:
+                raw = _read_trusted(dir_fd, d, f"{name}{ext}")
+                if raw is not None:
+                    return _load(d / f"{name}{ext}", raw)
+        finally:
+            os.close(dir_fd)
     raise ServiceNotFound(_not_found_message(name, dirs, exts), name=name, searched=dirs)
 
 
@@ -428,8 +637,15 @@ async def _lock(path: Path) -> int:
     file left by a crash never blocks anyone (lock files are never deleted, on purpose).
     """
     _private_dir(path.parent)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ServiceUnavailable(f"cannot open the lock file {path}: {exc.strerror or exc}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ServiceUnavailable(f"the lock file {path} is not a regular file")
+        _check_owner_and_mode(st, str(path), _LAST, "")
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return fd
     except BlockingIOError:

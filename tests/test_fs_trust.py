@@ -1,0 +1,273 @@
+"""Files and directories xrpc trusts: service descriptions, runtime directories, socket files.
+
+The attacker is a real second user (``xrpctest``, created if needed; these tests need root, as
+CI runs them), acting through ``setpriv`` before the victim (this process) looks anything up.  A
+planted description runs a command that would create a marker file: the marker must never appear.
+
+The fallback runtime directory lives in a shared temporary directory (``/tmp``); the tests point
+``xrpc._services._SHARED_TMP`` at a fresh directory with the same mode (1777, owned by root), so
+that they neither see nor disturb the real ``/tmp/xrpc-<uid>``.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import anyio
+import pytest
+
+import xrpc
+from xrpc import _services
+from xrpc._services import ServiceUnavailable, connect_service, find_service, load_description, runtime_dir
+
+T = 10.0  # bound on one exchange
+TEST_USER = "xrpctest"
+NAME = "com.example.planted"
+
+
+@xrpc.interface
+class Ping(Protocol):
+    async def ping(self) -> int: ...
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def other_user() -> pwd.struct_passwd:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another user")
+    try:
+        return pwd.getpwnam(TEST_USER)
+    except KeyError:
+        pass
+    useradd = shutil.which("useradd")
+    if useradd is None:
+        pytest.skip("useradd is not available to create a throw-away user")
+    subprocess.run(
+        [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
+        check=False,
+        capture_output=True,
+        timeout=60,
+    )
+    try:
+        return pwd.getpwnam(TEST_USER)
+    except KeyError:
+        pytest.skip(f"could not create the user {TEST_USER}")
+
+
+@pytest.fixture
+def shared_tmp(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A stand-in for /tmp (root-owned, mode 1777) holding the fallback runtime directory."""
+    d = Path(tempfile.mkdtemp(prefix="xrt", dir="/tmp"))
+    os.chmod(d, 0o1777)
+    monkeypatch.setattr(_services, "_SHARED_TMP", d)
+    for var in ("XRPC_RUNTIME_DIR", "XDG_RUNTIME_DIR", "XRPC_SERVICE_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def private(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A private directory (0700) for what the victim owns; also its runtime directory."""
+    d = Path(tempfile.mkdtemp(prefix="xrp", dir="/tmp"))
+    monkeypatch.setenv("XRPC_RUNTIME_DIR", str(d))
+    monkeypatch.delenv("XRPC_SERVICE_PATH", raising=False)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def as_user(user: pwd.struct_passwd, script: str) -> None:
+    """Run a shell script as ``user`` (a real other uid; /bin/sh, as our Python lives in /root)."""
+    result = subprocess.run(
+        ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", "/bin/sh", "-euc", script],
+        capture_output=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+
+
+def planted(name: str, marker: Path) -> str:
+    """A description whose command creates ``marker`` (as whoever launches it)."""
+    return f'name = "{name}"\ncommand = ["/bin/sh", "-c", "touch {marker}"]\n'
+
+
+async def call_service(name: str, **kwargs: Any) -> None:
+    with anyio.fail_after(T):
+        async with connect_service(name, timeout=T, **kwargs) as sc:
+            await sc.proxy(Ping).ping()
+
+
+@pytest.fixture
+def marker() -> Iterator[Path]:
+    """Where a planted command would leave its mark (only we may write there)."""
+    d = Path(tempfile.mkdtemp(prefix="xrm", dir="/tmp"))
+    try:
+        yield d / "planted-command-ran"
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- finding 1: planted fallback runtime directory
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["directory", "symlink"])
+async def test_planted_fallback_runtime_dir_is_refused(marker: Path, other_user: pwd.struct_passwd, shared_tmp: Path, how: str) -> None:
+    """Another user creates ``/tmp/xrpc-<our uid>/services/NAME.toml`` first: we must not run it."""
+    rt = shared_tmp / f"xrpc-{os.getuid()}"
+    assert runtime_dir() == rt
+    theirs = shared_tmp / "theirs"
+    if how == "directory":
+        target = rt
+        setup = f"mkdir -m 755 {rt}"
+    else:  # the runtime directory is a symbolic link into a directory they own
+        target = theirs
+        setup = f"mkdir -m 755 {theirs} && ln -s {theirs} {rt}"
+    as_user(
+        other_user,
+        f"{setup} && mkdir -m 755 {target}/services && printf '%s' '{planted(NAME, marker)}' > {target}/services/{NAME}.toml",
+    )
+    assert (rt / "services" / f"{NAME}.toml").is_file()
+    with pytest.raises(ServiceUnavailable) as caught:
+        await call_service(NAME)
+    message = str(caught.value)
+    assert str(rt) in message, message
+    assert TEST_USER in message or str(other_user.pw_uid) in message, message
+    assert "XRPC_RUNTIME_DIR" in message and "XDG_RUNTIME_DIR" in message, message
+    if how == "symlink":
+        assert "symbolic link" in message, message
+    assert not marker.exists()
+    assert not (target / "sockets").exists() and not (target / "locks").exists()  # nothing created in there
+
+
+@pytest.mark.timeout(60)
+async def test_planted_empty_runtime_dir_is_not_used_for_sockets(marker: Path, other_user: pwd.struct_passwd, shared_tmp: Path, private: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The description is ours, but the fallback runtime directory (for the socket and the lock)
+    was made by someone else, who could swap ``sockets/`` for a link to their own server."""
+    monkeypatch.delenv("XRPC_RUNTIME_DIR")
+    rt = shared_tmp / f"xrpc-{os.getuid()}"
+    as_user(other_user, f"mkdir -m 777 {rt}")
+    (private / f"{NAME}.toml").write_text(planted(NAME, marker))
+    assert find_service(NAME, [private]).command is not None
+    with pytest.raises(ServiceUnavailable) as caught:
+        await call_service(NAME, search_path=[private])
+    message = str(caught.value)
+    assert str(rt) in message and (TEST_USER in message or str(other_user.pw_uid) in message), message
+    assert not marker.exists()
+    assert os.listdir(rt) == []
+
+
+async def test_fallback_runtime_dir_is_created_private(shared_tmp: Path) -> None:
+    rt = shared_tmp / f"xrpc-{os.getuid()}"
+    with pytest.raises(xrpc.ServiceNotFound):
+        find_service(NAME)  # a lookup creates nothing
+    assert not rt.exists()
+    sock = _services._socket_file(NAME)
+    assert sock == rt / "sockets" / f"{NAME}.sock"
+    for d in (rt, rt / "sockets"):
+        st = os.lstat(d)
+        assert stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700
+
+
+# --------------------------------------------------------------------------- finding 1: the search path
+@pytest.mark.timeout(60)
+async def test_group_writable_description_dir_is_refused(marker: Path, other_user: pwd.struct_passwd, private: Path) -> None:
+    """A search directory the other user's group may write to: they put a description in it."""
+    shared = private / "shared"
+    shared.mkdir()
+    os.chown(shared, 0, other_user.pw_gid)
+    os.chmod(shared, 0o770)
+    os.chmod(private, 0o711)  # they may pass through to it
+    as_user(other_user, f"printf '%s' '{planted(NAME, marker)}' > {shared}/{NAME}.toml && chmod 644 {shared}/{NAME}.toml")
+    with pytest.raises(ServiceUnavailable) as caught:
+        await call_service(NAME, search_path=[shared])
+    message = str(caught.value)
+    assert str(shared) in message and "writable by its group" in message, message
+    assert not marker.exists()
+
+
+@pytest.mark.timeout(60)
+async def test_symlinked_services_dir_is_refused(marker: Path, other_user: pwd.struct_passwd, private: Path) -> None:
+    """``<runtime>/services`` is xrpc's own directory: it must be a real directory, not a link
+    (here, to a directory another user controls)."""
+    theirs = Path(tempfile.mkdtemp(prefix="xrt", dir="/tmp"))
+    try:
+        os.chown(theirs, other_user.pw_uid, other_user.pw_gid)
+        as_user(other_user, f"printf '%s' '{planted(NAME, marker)}' > {theirs}/{NAME}.toml")
+        (private / "xrpc").mkdir(mode=0o700)
+        os.symlink(theirs, private / "xrpc" / "services")
+        with pytest.raises(ServiceUnavailable) as caught:
+            await call_service(NAME)
+        message = str(caught.value)
+        assert str(private / "xrpc" / "services") in message and "symbolic link" in message, message
+        assert not marker.exists()
+    finally:
+        shutil.rmtree(theirs, ignore_errors=True)
+
+
+@pytest.mark.timeout(60)
+async def test_description_owned_by_another_user_is_refused(marker: Path, other_user: pwd.struct_passwd, private: Path) -> None:
+    """A description file that belongs to someone else: its owner can rewrite it at any time."""
+    services = private / "xrpc" / "services"
+    services.mkdir(parents=True, mode=0o755)
+    os.chmod(private, 0o755)
+    os.chmod(private / "xrpc", 0o755)
+    desc = services / f"{NAME}.toml"
+    desc.write_text(f'name = "{NAME}"\nmodule = "harmless:server"\n')
+    os.chown(desc, other_user.pw_uid, other_user.pw_gid)
+    as_user(other_user, f"printf '%s' '{planted(NAME, marker)}' > {desc}")  # ... and they do
+    with pytest.raises(ServiceUnavailable) as caught:
+        await call_service(NAME)
+    message = str(caught.value)
+    assert str(desc) in message and (TEST_USER in message or str(other_user.pw_uid) in message), message
+    with pytest.raises(ServiceUnavailable, match="belongs to"):
+        load_description(desc)
+    assert not marker.exists()
+
+
+def test_description_writable_by_others_is_refused(private: Path) -> None:
+    desc = private / f"{NAME}.toml"
+    desc.write_text(f'name = "{NAME}"\nmodule = "harmless:server"\n')
+    os.chmod(desc, 0o666)
+    with pytest.raises(ServiceUnavailable, match="writable by"):
+        find_service(NAME, [private])
+    os.chmod(desc, 0o644)
+    assert find_service(NAME, [private]).module == "harmless:server"
+
+
+def test_symlinks_owned_by_root_or_us_in_trusted_dirs_are_followed(private: Path) -> None:
+    """A link cannot be changed, only replaced by who may write to its directory: a link of ours
+    in a private directory hands nothing to anyone, so its target is checked like any path."""
+    real = private / "real"
+    real.mkdir()
+    (real / f"{NAME}.toml").write_text(f'name = "{NAME}"\nmodule = "harmless:server"\n')
+    os.symlink(real, private / "linked-dir")
+    assert find_service(NAME, [private / "linked-dir"]).module == "harmless:server"
+    linked = private / "linked-file"
+    linked.mkdir()
+    os.symlink(real / f"{NAME}.toml", linked / f"{NAME}.toml")
+    assert find_service(NAME, [linked]).module == "harmless:server"
+    os.chmod(real, 0o777)  # ... and the target is checked
+    with pytest.raises(ServiceUnavailable, match="writable by"):
+        find_service(NAME, [private / "linked-dir"])
+
+
+@pytest.mark.timeout(60)
+async def test_xrpc_list_does_not_probe_sockets_in_a_planted_runtime_dir(other_user: pwd.struct_passwd, shared_tmp: Path) -> None:
+    from xrpc import _cli
+
+    rt = shared_tmp / f"xrpc-{os.getuid()}"
+    as_user(other_user, f"mkdir -m 755 {rt} {rt}/sockets")
+    status, error = await _cli._probe(NAME, T)
+    assert status == "invalid" and str(rt) in error, (status, error)
