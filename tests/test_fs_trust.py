@@ -271,3 +271,120 @@ async def test_xrpc_list_does_not_probe_sockets_in_a_planted_runtime_dir(other_u
     as_user(other_user, f"mkdir -m 755 {rt} {rt}/sockets")
     status, error = await _cli._probe(NAME, T)
     assert status == "invalid" and str(rt) in error, (status, error)
+
+
+# --------------------------------------------------------------------------- finding 10: the socket's mode
+async def test_listen_sets_the_socket_mode_without_following_a_link(private: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Someone who may write to the directory swaps the fresh socket file for a symbolic link to a
+    file of ours right after ``bind``: setting the socket's mode must not change that file."""
+    path = private / "s.sock"
+    victim = private / "precious"
+    victim.write_text("secret")
+    os.chmod(victim, 0o600)
+    real_socket = socket.socket
+
+    class SwappedAfterBind(real_socket):
+        def bind(self, address: Any) -> None:
+            super().bind(address)
+            if address == str(path):  # the attacker's move, between bind and whatever comes next
+                os.unlink(path)
+                os.symlink(victim, path)
+
+    error: BaseException | None = None
+    with monkeypatch.context() as m:
+        m.setattr(socket, "socket", SwappedAfterBind)
+        try:
+            with anyio.fail_after(T):
+                async with xrpc.Server().listen(f"unix://{path}", socket_mode=0o666):
+                    pass
+        except xrpc.TransportError as exc:
+            error = exc
+    assert stat.S_IMODE(os.stat(victim).st_mode) == 0o600, "the mode was set through the link"
+    assert victim.read_text() == "secret"
+    assert isinstance(error, xrpc.TransportError) and str(path) in str(error) and "replaced" in str(error), error
+    assert os.path.islink(path)  # what is not ours is left alone
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o660, 0o666, 0o400, 0o700])
+async def test_socket_mode_is_exact_whatever_the_umask(private: Path, mode: int) -> None:
+    path = private / "s.sock"
+    for umask in (0o000, 0o077, 0o777):
+        old = os.umask(umask)
+        try:
+            with anyio.fail_after(T):
+                async with xrpc.Server().listen(f"unix://{path}", socket_mode=mode):
+                    st = os.lstat(path)
+                    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == mode, (oct(umask), oct(st.st_mode))
+            assert os.umask(old) == umask  # set back as it was
+        finally:
+            os.umask(old)
+
+
+async def test_socket_mode_is_set_on_the_socket_file_when_the_umask_cannot(private: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the umask does not apply (a default ACL on the directory), the mode is set through a
+    descriptor of the checked socket file, not through its name."""
+    path = private / "s.sock"
+    real_umask = os.umask(0o022)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(os, "umask", lambda mask: 0o022)  # as if ignored
+
+            def no_fchmod(fd: int, mode: int) -> None:
+                raise OSError("not supported")
+
+            m.setattr(os, "fchmod", no_fchmod)
+            with anyio.fail_after(T):
+                async with xrpc.Server().listen(f"unix://{path}", socket_mode=0o600):
+                    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+    finally:
+        os.umask(real_umask)
+
+
+# --------------------------------------------------------------------------- finding 12d: someone else's stale socket
+LISTEN_AS = r"""
+import os, sys
+import anyio, xrpc, xrpc._api, xrpc._transports
+
+url, uid, gid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+async def main():
+    # Our Python lives under /root (mode 0700): start as root, import everything, then drop for good.
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+    try:
+        async with xrpc.Server().listen(url):
+            print("LISTENING")
+    except xrpc.TransportError as exc:
+        print("TransportError", exc)
+    except BaseException as exc:
+        print("RAW", type(exc).__name__, exc)
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("stale_mode", [0o777, 0o600])
+async def test_stale_socket_of_another_user_gives_a_transport_error(other_user: pwd.struct_passwd, stale_mode: int) -> None:
+    shared = Path(tempfile.mkdtemp(prefix="xrs", dir="/tmp"))
+    try:
+        os.chmod(shared, 0o1777)  # like /tmp: nobody may remove another user's file
+        path = shared / "s.sock"
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(str(path))
+        stale.close()  # a server of root's that died without cleaning up
+        os.chmod(path, stale_mode)
+        inode = os.lstat(path).st_ino
+        with anyio.fail_after(30):
+            result = await anyio.run_process(
+                [sys.executable, "-c", LISTEN_AS, f"unix://{path}", str(other_user.pw_uid), str(other_user.pw_gid)], check=False
+            )
+        out = result.stdout.decode().strip()
+        assert result.returncode == 0, (out, result.stderr.decode()[-2000:])
+        kind, _, message = out.partition(" ")
+        assert kind == "TransportError", out
+        assert str(path) in message and "root (uid 0)" in message, out
+        assert os.lstat(path).st_ino == inode  # left in place
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import pwd
 import socket
 import stat
 import struct
@@ -166,16 +167,18 @@ class MemoryListener(Listener):
 class SocketListener(Listener):
     """A listening Unix or TCP socket; connections are handed over as raw connected sockets."""
 
-    def __init__(self, sock: socket.socket, url: str, transport: str, cleanup: str | None = None) -> None:
+    def __init__(
+        self, sock: socket.socket, url: str, transport: str, cleanup: str | None = None, inode: tuple[int, int] | None = None
+    ) -> None:
         self._sock = sock
         self.url = url
         self._transport = transport
         self._cleanup = cleanup
         self._closed = False
-        self._inode: tuple[int, int] | None = None
-        if cleanup:
+        self._inode: tuple[int, int] | None = inode
+        if cleanup and inode is None:
             try:
-                st = os.stat(cleanup)
+                st = os.lstat(cleanup)
                 self._inode = (st.st_dev, st.st_ino)
             except OSError:
                 self._inode = None
@@ -218,7 +221,7 @@ class SocketListener(Listener):
         self._sock.close()
         if self._cleanup and self._inode is not None:
             try:
-                st = os.stat(self._cleanup)
+                st = os.lstat(self._cleanup)
                 if (st.st_dev, st.st_ino) == self._inode:  # never remove another server's socket
                     os.unlink(self._cleanup)
             except OSError:
@@ -313,6 +316,71 @@ def _check_socket_directory(url: str, directory: str) -> None:
         )
 
 
+def _owner(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _remove_stale_socket(url: str, path: str) -> None:
+    """Make room at ``path``: nothing there, or a socket file nobody listens on (removed)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise TransportError(f"{url}: cannot use {path}: {exc.strerror or exc}") from exc
+    if not stat.S_ISSOCK(st.st_mode):
+        raise TransportError(f"{url}: {path} exists and is not a socket")
+    if _unix_socket_in_use(path):
+        raise TransportError(f"{url}: address in use by a running server")
+    try:
+        os.unlink(path)  # a stale socket left by a dead server
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if st.st_uid != os.geteuid():
+            raise TransportError(
+                f"{url}: {path} is a socket file of {_owner(st.st_uid)} that this process may not remove "
+                f"(left by a server of theirs, or in use by one): remove it as that user, or listen elsewhere"
+            ) from exc
+        raise TransportError(f"{url}: cannot remove the stale socket file {path}: {exc.strerror or exc}") from exc
+
+
+def _bind_unix(sock: socket.socket, url: str, path: str, mode: int) -> tuple[int, int]:
+    """Bind ``sock`` to ``path`` and give the new file ``mode``, never through a name that another
+    user could have pointed elsewhere (a ``chmod(path)`` after ``bind`` follows a symbolic link
+    put there in between)."""
+    mode &= 0o777
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        try:
+            os.fchmod(sock.fileno(), mode)  # Linux: the file bind creates takes the socket's mode, less the umask
+        except OSError:
+            pass  # the umask alone still keeps every bit outside ``mode`` off
+        sock.bind(path)
+    finally:
+        os.umask(old_umask)
+    try:
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise TransportError(f"{url}: {path} was removed right after it was created: {exc.strerror or exc}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+            what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a file"
+            raise TransportError(
+                f"{url}: {path} was replaced right after it was created (it is now {what} of {_owner(st.st_uid)}): "
+                "someone else can write to its directory; put the socket in a private directory"
+            )
+        if stat.S_IMODE(st.st_mode) != mode:  # e.g. a default ACL on the directory ignores the umask
+            os.chmod(f"/proc/self/fd/{fd}", mode)  # the file checked above, whatever the name holds now
+        return (st.st_dev, st.st_ino)
+    finally:
+        os.close(fd)
+
+
 def _unix_socket_in_use(path: str) -> bool:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -336,29 +404,19 @@ async def open_listener(url: str, *, socket_mode: int = 0o600, backlog: int = 10
     if u.scheme == "unix":
         path = u.path
         _check_socket_directory(url, os.path.dirname(os.path.abspath(path)))
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            st = None
-        if st is not None:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise TransportError(f"{url}: {path} exists and is not a socket")
-            if _unix_socket_in_use(path):
-                raise TransportError(f"{url}: address in use by a running server")
-            os.unlink(path)  # a stale socket left by a dead server
+        _remove_stale_socket(url, path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o777 & ~socket_mode)
         try:
-            sock.bind(path)
-            os.chmod(path, socket_mode)
+            inode = _bind_unix(sock, url, path, socket_mode)
             sock.listen(backlog)
         except OSError as exc:
             sock.close()
             raise TransportError(f"{url}: cannot listen: {exc}") from exc
-        finally:
-            os.umask(old_umask)
+        except BaseException:
+            sock.close()
+            raise
         sock.setblocking(False)
-        return SocketListener(sock, f"unix://{path}", "unix", cleanup=path)
+        return SocketListener(sock, f"unix://{path}", "unix", cleanup=path, inode=inode)
     if u.scheme in ("tcp", "tls"):
         try:
             infos = await anyio.getaddrinfo(u.host, u.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
