@@ -6,7 +6,10 @@ A *service* is an ``xrpc.Server`` reachable by name.  Its *description* (``NAME.
 ``NAME.json``, the equivalent of a launchd plist) says how to start it; the first directory of the
 search path that holds one wins.  A running service listens on a Unix socket at a predictable
 per-user path, ``<runtime>/sockets/NAME.sock``, where ``<runtime>`` is ``$XRPC_RUNTIME_DIR/xrpc``,
-else ``$XDG_RUNTIME_DIR/xrpc``, else ``/tmp/xrpc-<uid>``.
+else ``$XDG_RUNTIME_DIR/xrpc``, else ``/tmp/xrpc-<uid>``.  Every directory on the way to a
+description, socket or lock, and every description file, must be one that no other user can
+change (``_open_dir``): otherwise ``UntrustedPath`` says which path and why, and nothing there is
+used (a description planted by another user would run its command as us).
 
 ``connect_service(name)`` looks the description up at once (``ServiceNotFound`` says where it looked)
 and yields a ``ServiceConnection``; nothing is connected until the first call.  A call that finds no
@@ -51,7 +54,6 @@ import json
 import logging
 import math
 import os
-import pwd
 import re
 import select
 import signal
@@ -73,7 +75,7 @@ from ._connection import Connection, Limits
 from ._errors import ConnectionInterrupted, ConnectionInvalidated, Error, PeerRejected, TransportError
 from ._interface import describe
 from ._proxy import make_proxy
-from ._transports import ParsedURL
+from ._transports import ParsedURL, _owner
 
 if sys.version_info >= (3, 11):
     import tomllib as _toml
@@ -200,13 +202,6 @@ _RUNTIME_HINT = (
     " Set XDG_RUNTIME_DIR (or XRPC_RUNTIME_DIR) to a directory that only you can write to, "
     "such as the /run/user/<uid> that a login session provides."
 )
-
-
-def _owner(uid: int) -> str:
-    try:
-        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
-    except KeyError:
-        return f"uid {uid}"
 
 
 def _trusted_owner(uid: int) -> bool:
@@ -355,12 +350,16 @@ def _read_trusted(dir_fd: int, directory: Path, filename: str, links: int = 0) -
     except OSError as exc:
         if exc.errno != errno.ELOOP:
             raise ServiceDescriptionError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-        st = os.stat(filename, dir_fd=dir_fd, follow_symlinks=False)
+        try:
+            st = os.stat(filename, dir_fd=dir_fd, follow_symlinks=False)
+            link = os.readlink(filename, dir_fd=dir_fd)
+        except OSError:
+            return None  # gone meanwhile
         if not _trusted_owner(st.st_uid):
             raise _untrusted(str(path), f"it is a symbolic link that belongs to {_owner(st.st_uid)}") from None
         if links >= _MAX_LINKS:
             raise _untrusted(str(path), "too many levels of symbolic links") from None
-        target = directory / os.readlink(filename, dir_fd=dir_fd)
+        target = directory / link
         tfd = _open_dir(target.parent)
         if tfd is None:
             return None
