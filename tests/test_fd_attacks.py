@@ -334,3 +334,241 @@ def test_shared_buffers_are_sealed_against_resizing() -> None:
                 os.ftruncate(buf.fileno(), size)
         buf.buffer[0] = 1
         assert buf.buffer[0] == 1
+
+
+# --------------------------------------------------------------------------- raw sockets
+def frame(msg: Any) -> bytes:
+    body = msgspec.msgpack.encode(msg)
+    return len(body).to_bytes(4, "big") + body
+
+
+HELLO = frame(Hello(PROTOCOL_VERSION, 1 << 20))
+
+
+def decode_frames(data: bytes) -> list[Any]:
+    out = []
+    pos = 0
+    while len(data) - pos >= 4:
+        size = int.from_bytes(data[pos : pos + 4], "big")
+        if size == 0 or len(data) - pos - 4 < size:
+            break
+        out.append(msgspec.msgpack.decode(data[pos + 4 : pos + 4 + size]))
+        pos += 4 + size
+    return out
+
+
+def raw_connect(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.setblocking(False)
+    return s
+
+
+def send_fds(sock: socket.socket, data: bytes, fds: list[int]) -> bool:
+    """Send ``data`` with ``fds`` attached; False once the server has closed the connection."""
+    try:
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    except (BrokenPipeError, ConnectionResetError):
+        return False
+    return True
+
+
+async def read_until(sock: socket.socket, done: Any, timeout: float) -> tuple[bytes, bool]:
+    """Read until ``done(received)`` or the end of the connection; (what came, ended)."""
+    received = bytearray()
+    with anyio.move_on_after(timeout):
+        while not done(bytes(received)):
+            await anyio.wait_readable(sock)
+            try:
+                chunk = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return bytes(received), True
+            if not chunk:
+                return bytes(received), True
+            received += chunk
+    return bytes(received), False
+
+
+async def admitted(path: str) -> socket.socket:
+    """A raw connection that has sent HELLO and received WELCOME."""
+    s = raw_connect(path)
+    s.send(HELLO)
+    data, ended = await read_until(s, lambda d: any(f[0] == WELCOME_TAG for f in decode_frames(d)), T)
+    assert not ended and any(f[0] == WELCOME_TAG for f in decode_frames(data)), data
+    return s
+
+
+async def legit_call(url: str, timeout: float = T) -> str:
+    """Connect, call, and pass a descriptor; "ok" or what went wrong."""
+    try:
+        with anyio.fail_after(timeout + 2):
+            async with xrpc.connect(url, timeout=timeout) as conn:
+                calc = conn.proxy(Calc)
+                assert await calc.add(20, 22) == 42
+                with tempfile.TemporaryFile() as f:
+                    f.write(b"x" * 123)
+                    f.flush()
+                    assert await calc.size(xrpc.FileDescriptor(f)) == 123
+        return "ok"
+    except Exception as exc:
+        return repr(exc)
+
+
+async def wait_fds_at_most(victim: Child, bound: int, timeout: float = T) -> int:
+    """Poll the victim's descriptor count until it is at most ``bound`` (or the deadline passes)."""
+    deadline = time.monotonic() + timeout
+    n = victim.fds()
+    while n > bound and time.monotonic() < deadline:
+        await anyio.sleep(0.02)
+        n = victim.fds()
+    return n
+
+
+# --------------------------------------------------------------------------- descriptor floods
+@pytest.mark.timeout(90)
+async def test_descriptors_before_the_handshake_are_refused(child: Any) -> None:
+    """Eight connections each attach 240 descriptors to the bytes of their HELLO: the server used to
+    park them all and run out of descriptors (RLIMIT_NOFILE 256), so a good client could not
+    connect.  Now the descriptors are closed at once and those connections ended."""
+    victim = child("fd_server", nofile=256)
+    baseline = victim.fds()
+    attackers: list[socket.socket] = []
+    with open(os.devnull, "rb") as junk:
+        with anyio.fail_after(60):
+            for _ in range(8):
+                s = raw_connect(victim.path)
+                attackers.append(s)
+                for i in range(4):
+                    if not send_fds(s, HELLO[i : i + 1], [junk.fileno()] * 60):
+                        break
+            try:
+                legit = await legit_call(victim.url, timeout=5)
+                peak = victim.fds()
+                ends = []
+                for s in attackers:
+                    data, ended = await read_until(s, lambda d: False, 5)
+                    ends.append((ended, [f for f in decode_frames(data) if f[0] == GOODBYE_TAG]))
+            finally:
+                for s in attackers:
+                    s.close()
+            after = await wait_fds_at_most(victim, baseline)
+    print(f"\nFDS before HELLO: 8 x 240 sent; server fds {baseline} before, {peak} during, {after} after")
+    assert legit == "ok", f"a good client could not call: {legit}; server fds {peak} (baseline {baseline})"
+    assert peak <= baseline + 16
+    assert all(ended for ended, _ in ends), ends
+    assert all(goodbyes and goodbyes[0][2] == ErrorCode.VALIDATION and "descriptor" in goodbyes[0][1] for _, goodbyes in ends), ends
+    assert after == baseline
+    assert "descriptors before" in victim.output()
+
+
+@pytest.mark.timeout(90)
+async def test_descriptors_held_are_capped_per_connection_and_per_process(child: Any) -> None:
+    """Admitted peers attach descriptors to PINGs (nothing claims them).  One connection may hold at
+    most ``Limits.max_fds`` (64), the process at most half its RLIMIT_NOFILE (128 of 256); a
+    connection that goes over gets GOODBYE (LIMIT) and is ended, and a good client keeps working."""
+    victim = child("fd_server", nofile=256)
+    baseline = victim.fds()
+    with open(os.devnull, "rb") as junk, anyio.fail_after(60):
+        # one connection over its own cap: 4 x 30 > 64
+        s = await admitted(victim.path)
+        try:
+            for nonce in range(1, 5):
+                if not send_fds(s, frame(Ping(nonce)), [junk.fileno()] * 30):
+                    break
+            data, ended = await read_until(s, lambda d: False, T)
+        finally:
+            s.close()
+        goodbyes = [f for f in decode_frames(data) if f[0] == GOODBYE_TAG]
+        assert ended and goodbyes and goodbyes[0][2] == ErrorCode.LIMIT and "max_fds" in goodbyes[0][1], (ended, decode_frames(data))
+        assert await wait_fds_at_most(victim, baseline) == baseline
+
+        # six connections under their own cap, over the process's: 6 x 50 > 128
+        conns = [await admitted(victim.path) for _ in range(6)]
+        try:
+            outcomes = []
+            for i, c in enumerate(conns):
+                sent = send_fds(c, frame(Ping(100 + i)), [junk.fileno()] * 50)
+                data, ended = await read_until(c, lambda d, i=i: any(f[0] == PONG_TAG and f[1] == 100 + i for f in decode_frames(d)), T)
+                outcomes.append("ended" if ended or not sent else "kept")
+            during = victim.fds()
+            legit = await legit_call(victim.url)
+        finally:
+            for c in conns:
+                c.close()
+        after = await wait_fds_at_most(victim, baseline)
+    print(f"\nFDS held: 6 x 50 sent after HELLO; outcomes {outcomes}; server fds {baseline} before, {during} during, {after} after")
+    assert outcomes[:2] == ["kept", "kept"] and outcomes[2:] == ["ended"] * 4, outcomes
+    assert during <= baseline + 128 + 6
+    assert legit == "ok", legit
+    assert after == baseline
+
+
+@pytest.mark.timeout(120)
+async def test_server_out_of_descriptors_keeps_serving_and_recovers(child: Any) -> None:
+    """Plain connections (no HELLO) drive a server with RLIMIT_NOFILE 64 to EMFILE on accept: its
+    open connection keeps working, a new client is refused at once (not left hanging), one warning
+    is logged, and once the attackers leave new clients are accepted again."""
+    victim = child("fd_server", nofile=64, limits={"handshake_timeout": 60.0})
+    with anyio.fail_after(100):
+        async with xrpc.connect(victim.url, timeout=T) as conn:
+            calc = conn.proxy(Calc)
+            assert await calc.add(1, 1) == 2
+            attackers = []
+            try:
+                for _ in range(80):
+                    attackers.append(raw_connect(victim.path))
+                # the server has accepted all it can: it is at its limit
+                deadline = time.monotonic() + T
+                while victim.fds() < 60 and time.monotonic() < deadline:
+                    await anyio.sleep(0.02)
+                assert await calc.add(2, 2) == 4  # the open connection keeps working
+                start = time.monotonic()
+                refused = await legit_call(victim.url, timeout=5)
+                waited = time.monotonic() - start
+                assert await calc.add(3, 3) == 6
+            finally:
+                for s in attackers:
+                    s.close()
+            # the attackers left: new clients are accepted again (polled with a deadline)
+            deadline = time.monotonic() + 30
+            again = await legit_call(victim.url, timeout=5)
+            while again != "ok" and time.monotonic() < deadline:
+                await anyio.sleep(0.05)
+                again = await legit_call(victim.url, timeout=5)
+            assert await calc.add(4, 4) == 8
+    warnings = [line for line in victim.output().splitlines() if "descriptor limit" in line and line.startswith("WARNING")]
+    print(f"\nEMFILE: new client refused after {waited:.2f}s with {refused}; warnings logged {len(warnings)}")
+    assert "TransportError" in refused and "descriptor" in refused, refused
+    assert again == "ok", again
+    assert 1 <= len(warnings) <= 3, warnings
+
+
+@xrpc.interface
+class Many(Protocol):
+    async def count(self, fds: list[xrpc.FileDescriptor]) -> int: ...
+
+
+class ManyImpl:
+    async def count(self, fds: list[xrpc.FileDescriptor]) -> int:
+        for fd in fds:
+            fd.close()
+        return len(fds)
+
+
+@pytest.mark.timeout(60)
+async def test_more_descriptors_than_one_read_takes_travel_in_pieces() -> None:
+    """A value with more descriptors than the receiver reads at once (64) goes out 64 at a time, so
+    the kernel never truncates them; the receiver's max_fds is what bounds such a value."""
+    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    try:
+        server = xrpc.Server(limits=xrpc.Limits(max_fds=256))
+        server.export(Many, ManyImpl())
+        with anyio.fail_after(30), open(os.devnull, "rb") as f:
+            async with server.listen(f"unix://{d}/s.sock") as listener, xrpc.connect(listener.url, timeout=T) as conn:
+                many = conn.proxy(Many)
+                assert await many.count([xrpc.FileDescriptor(f)] * 200) == 200
+                assert await many.count([xrpc.FileDescriptor(f)] * 3) == 3
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
