@@ -536,29 +536,36 @@ def _fd_count(pid: int) -> int:
 
 @pytest.mark.timeout(120)
 async def test_descriptor_flood_is_bounded(server_process: Any) -> None:
-    """A peer attaching SCM_RIGHTS descriptors that nothing claims cannot exhaust the server's fds."""
+    """A peer attaching SCM_RIGHTS descriptors that nothing claims cannot exhaust the server's fds: at
+    most ``Limits.max_fds`` are held for it, and past that the connection ends with a GOODBYE
+    (descriptors before the handshake, and the per-process cap: tests/test_fd_attacks.py)."""
     sp = server_process()
-    per_message, messages = 64, 60
-    sent = per_message * messages
+    per_message, messages = 16, 60
+    max_fds = xrpc.Limits().max_fds
     with anyio.fail_after(60):
         async with good_client(sp.url), xrpc.connect(sp.url, timeout=T) as admin:
             baseline = _fd_count(sp.proc.pid)
+            peak = baseline
             with open(os.devnull, "rb") as junk:
                 async with await anyio.connect_unix(sp.path) as stream:
-                    await stream.send_fds(HELLO, [junk] * per_message)
-                    for nonce in range(1, messages):
-                        await stream.send_fds(frame(Ping(nonce)), [junk] * per_message)
-                    await stream.send(frame(Ping(messages)))
-                    # the PONG to the last PING proves that the server has read everything before it
+                    await stream.send(HELLO)
                     received = bytearray()
-                    while not any(f[0] == 12 and f[1] == messages for f in decode_frames(bytes(received))):
+                    while not any(f[0] == WELCOME_TAG for f in decode_frames(bytes(received))):
                         received += await stream.receive()
-                    during = _fd_count(sp.proc.pid)
+                    try:
+                        for nonce in range(1, messages):
+                            await stream.send_fds(frame(Ping(nonce)), [junk] * per_message)
+                            peak = max(peak, _fd_count(sp.proc.pid))
+                    except anyio.BrokenResourceError:
+                        pass  # the server has closed the connection
+                    data, how = await read_to_end(stream, T)
+            goodbyes = [f for f in decode_frames(bytes(received) + data) if f[0] == GOODBYE_TAG]
             # the attacker is gone: every descriptor it sent is closed
             assert await admin.proxy(Svc).settle(2) == 2
             after = _fd_count(sp.proc.pid)
-    print(f"\nFDS sent {sent}; server fds {baseline} before, {during} while connected, {after} after")
-    assert during - baseline <= 4 * per_message + 8  # a bounded number is kept for claiming
+    print(f"\nFDS sent up to {per_message * messages}; server fds {baseline} before, {peak} at most while connected, {after} after")
+    assert goodbyes and goodbyes[0][2] == ErrorCode.LIMIT and "max_fds" in goodbyes[0][1], goodbyes
+    assert peak - baseline <= max_fds + 8
     assert after == baseline
 
 

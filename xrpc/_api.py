@@ -189,6 +189,7 @@ class Server:
             core.send_goodbye("the connection was refused", ErrorCode.PEER_REJECTED)
             await conn.aclose()
             return
+        conn._fds_admitted = True  # descriptors the peer sent before this point ended the connection
         if self.on_connect is not None:
             try:
                 ok = self.on_connect(conn)

@@ -169,6 +169,7 @@ class Limits(msgspec.Struct, kw_only=True):
     max_calls_in_flight: int = 4096  # incoming calls served at once, per connection
     write_buffer_high: int = 1024 * 1024  # producers wait for the writer above this many buffered bytes
     max_objects: int = 10_000  # objects exported by reference on one connection
+    max_fds: int = 64  # received file descriptors (SCM_RIGHTS) not yet claimed by a decoded value, per connection
     max_streams: int = 1024  # incoming stream calls open at once, per connection
     idle_timeout: float | None = None  # close a connection that received nothing for this long (seconds)
 
@@ -633,6 +634,37 @@ def _error_from_frame(m: MethodDescription | None, frame: ErrorFrame) -> BaseExc
     return RemoteError(frame.type_name, msg)
 
 
+class _FdBudget:
+    """Received descriptors not yet claimed, counted over the whole process (every connection, every
+    thread): at most half the soft RLIMIT_NOFILE, so that peers can never take the descriptors the
+    process needs to accept connections and open files."""
+
+    def __init__(self) -> None:
+        self.held = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def cap() -> int:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return 1 << 20 if soft == resource.RLIM_INFINITY or soft > 1 << 21 else soft // 2
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self.held + n > self.cap():
+                return False
+            self.held += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.held -= n
+
+
+_fd_budget = _FdBudget()
+
+
 def _close_all(fds: list[int] | None) -> None:
     for fd in fds or ():
         try:
@@ -787,12 +819,13 @@ class _UnixIO(_WriterWaits):
         except OSError as exc:
             self._lost(exc)
             return
+        fds: list[int] = []
         for level, kind, data in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = list(memoryview(data).cast("i")[: len(data) // 4])
-                self.conn._fds_received(fds)
-        if flags & socket.MSG_CTRUNC:
-            log.warning("xrpc: file descriptors were truncated by the kernel on %s", self.conn._peer_name())
+                fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
+        if (fds or flags & socket.MSG_CTRUNC) and not self.conn._fds_received(fds, bool(flags & socket.MSG_CTRUNC)):
+            self.close()  # refused: closed, and GOODBYE said why
+            return
         if n == 0:
             self.conn._feed(b"")
             self._lost(None)
@@ -801,11 +834,16 @@ class _UnixIO(_WriterWaits):
         if not ok:
             self.close()
 
-    def write(self, data: bytes | bytearray, fds: list[int] | None = None) -> None:
+    def write(self, data: bytes | bytearray | memoryview, fds: list[int] | None = None) -> None:
         """Send ``data`` (with ``fds`` attached to its first byte).  Takes ownership of ``fds``:
         they are closed here once the kernel has them (it keeps its own references)."""
         if self.done.done():
             _close_all(fds)
+            return
+        if fds and len(fds) > self.MAX_FDS and len(data) > 1:
+            # the receiver takes at most MAX_FDS per read: attach them MAX_FDS at a time to successive bytes
+            self.write(memoryview(data)[:1], fds[: self.MAX_FDS])
+            self.write(memoryview(data)[1:], fds[self.MAX_FDS :])
             return
         if self._pending:
             self._queue(memoryview(data), fds or [])
@@ -819,6 +857,11 @@ class _UnixIO(_WriterWaits):
             sent = 0
         except OSError as exc:
             _close_all(fds)
+            if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+                # what the peer said before it closed (a GOODBYE, say) is the better reason: read it
+                # first, outside whatever dispatch is writing now
+                self._loop.call_soon(self._drain_then_lost, exc)
+                return
             self._lost(exc)
             return
         if sent and fds:
@@ -857,6 +900,10 @@ class _UnixIO(_WriterWaits):
 
     async def wait_writable(self) -> None:
         await self._wait_while(lambda: self._pending_size > self._high)
+
+    def _drain_then_lost(self, exc: BaseException) -> None:
+        self._readable()
+        self._lost(exc)
 
     def _lost(self, exc: BaseException | None) -> None:
         conn = self.conn
@@ -916,6 +963,7 @@ class Connection:
         self._fds_in: dict[int, int] = {}  # sequence number -> received descriptor, until claimed
         self._fd_seq_out = 0
         self._fd_seq_in = 0
+        self._fds_admitted = client  # a server accepts descriptors once the peer passed its requirement
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
         self.client = client
@@ -1206,19 +1254,37 @@ class Connection:
         self._fd_seq_out += 1
         return self._fd_seq_out
 
-    def _fds_received(self, fds: list[int]) -> None:
-        for fd in fds:
-            self._fd_seq_in += 1
-            self._fds_in[self._fd_seq_in] = fd
-        if len(self._fds_in) > 4 * _UnixIO.MAX_FDS:
-            # a peer that sends descriptors nobody claims: drop the oldest
-            for seq in sorted(self._fds_in)[: len(self._fds_in) - 4 * _UnixIO.MAX_FDS]:
-                os.close(self._fds_in.pop(seq))
+    def _fds_received(self, fds: list[int], truncated: bool = False) -> bool:
+        """Descriptors arrived (SCM_RIGHTS).  They wait, numbered in arrival order, for the value that
+        refers to them.  Refused (closed at once, GOODBYE, False) when the peer is not admitted yet,
+        when the kernel truncated them, or when they would exceed ``Limits.max_fds`` unclaimed on this
+        connection or the process's budget."""
+        code = ErrorCode.LIMIT
+        if truncated:
+            why, code = "file descriptors were truncated (too many in one message)", ErrorCode.VALIDATION
+        elif not self._fds_admitted:
+            why, code = "file descriptors before the connection was admitted", ErrorCode.VALIDATION
+        elif len(self._fds_in) + len(fds) > self.limits.max_fds:
+            why = f"more than max_fds={self.limits.max_fds} unclaimed file descriptors"
+        elif not _fd_budget.take(len(fds)):
+            why = f"the process holds its limit of {_fd_budget.cap()} received file descriptors"
+        else:
+            for fd in fds:
+                self._fd_seq_in += 1
+                self._fds_in[self._fd_seq_in] = fd
+            return True
+        _close_all(fds)
+        log.warning("xrpc: %s from %s; closing the connection", why, self._peer_name())
+        if self._failure is None:
+            self._failure = ConnectionInterrupted(f"the connection was closed: {why}")
+        self._goodbye_now(why, code)
+        return False
 
     def _fd_in(self, seq: int) -> int:
         fd = self._fds_in.pop(seq, None)
         if fd is None:
             raise ValidationError(f"file descriptor #{seq} did not arrive")
+        _fd_budget.give(1)
         return fd
 
     @property
@@ -1372,6 +1438,7 @@ class Connection:
         self._core.incoming.clear()
         self._refs.clear()
         self._ref_ids.clear()
+        _fd_budget.give(len(self._fds_in))
         for fd in list(self._fds_in.values()) + self._fds_out:
             try:
                 os.close(fd)

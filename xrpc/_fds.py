@@ -6,13 +6,20 @@ that refers to it, and the receiver owns a duplicate; over any other transport t
 ``ValidationError`` before anything is sent.  A ``SharedBuffer`` is a memfd mapped on both sides:
 the bytes themselves never cross the socket.
 
+A mapping whose file shrinks under it kills the process with SIGBUS on the next access, so a shared
+buffer travels only sealed against resizing (``F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL``): the
+sender seals it (or refuses it) before it leaves, and the receiver checks the seals, that it is a
+plain memfd, and that its size is the one announced, before mapping it.
+
 This module owns the two value types; the connection does the sending and receiving.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
+import stat
 from typing import IO, Any
 
 __all__ = ("FileDescriptor", "SharedBuffer")
@@ -73,11 +80,49 @@ class FileDescriptor:
         return f"<xrpc.FileDescriptor {self._fd}{' owned' if self._owned else ''}>"
 
 
+# What a shared buffer must carry to travel: its size can never change again.
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+_shm_device: int | None = None
+
+
+def _memfd_device() -> int:
+    """The device of the kernel's internal shmem mount, where every plain memfd lives (hugetlbfs
+    memfds and files elsewhere, which can fault with SIGBUS in other ways, do not)."""
+    global _shm_device
+    if _shm_device is None:
+        fd = os.memfd_create("xrpc-probe", os.MFD_CLOEXEC)
+        try:
+            _shm_device = os.fstat(fd).st_dev
+        finally:
+            os.close(fd)
+    return _shm_device
+
+
+def _check_sealed(fd: int, size: int) -> None:
+    """Raise ``ValueError`` unless ``fd`` is a memfd of exactly ``size`` bytes sealed with ``SEALS``."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise ValueError("the descriptor is not a memfd that can be sealed") from None
+    if seals & SEALS != SEALS:
+        raise ValueError("the memfd is not sealed against resizing (F_SEAL_SHRINK, F_SEAL_GROW and F_SEAL_SEAL are required)")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_dev != _memfd_device():
+        raise ValueError("the descriptor is not a plain memfd")
+    if st.st_size != size:
+        raise ValueError(f"the memfd's size is {st.st_size} bytes, not the {size} announced")
+
+
 class SharedBuffer:
     """A shared memory region (a memfd) mapped in this process; pass it and the peer maps the same pages.
 
     ``SharedBuffer.create(size)`` makes one; ``buffer`` is a writable ``memoryview`` over it.  Writes
     on either side are visible to the other without copies.  ``close()`` unmaps it here.
+
+    The memfd is sealed against resizing (``F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL``): its size is
+    fixed for good, so that no side can make the other's mapping fault.  A ``SharedBuffer`` built
+    over a descriptor of your own is sealed when it is first sent; one that cannot be (a memfd made
+    without ``MFD_ALLOW_SEALING``, or not a memfd) is refused with ``ValidationError``.
     """
 
     __slots__ = ("_fd", "size", "_map", "buffer")
@@ -92,18 +137,38 @@ class SharedBuffer:
     def create(cls, size: int, name: str = "xrpc") -> SharedBuffer:
         if size < 0:
             raise ValueError("size must not be negative")
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
             return cls(fd, size)
         except BaseException:
             os.close(fd)
             raise
 
+    @classmethod
+    def _receive(cls, fd: int, size: int) -> SharedBuffer:
+        """Map a buffer the peer sent, once it is known that it can never shrink under the mapping."""
+        _check_sealed(fd, size)
+        return cls(fd, size)
+
     def fileno(self) -> int:
         if self._fd < 0:
             raise ValueError("the shared buffer is closed")
         return self._fd
+
+    def _sealed_fd(self) -> int:
+        """The descriptor to send, sealed against resizing (sealed here if it is not yet)."""
+        fd = self.fileno()
+        try:
+            if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALS != SEALS:
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+        except OSError as exc:
+            raise ValueError(
+                f"the shared buffer cannot be sealed against resizing ({exc.strerror}): make it with SharedBuffer.create()"
+            ) from None
+        _check_sealed(fd, self.size)
+        return fd
 
     def close(self) -> None:
         if self._fd < 0:

@@ -338,7 +338,7 @@ def _to_wire(plan: Any, conn: Any, value: Any) -> Any:
     if kind == "shm":
         if not isinstance(value, SharedBuffer):
             raise ValueError(f"expected an xrpc.SharedBuffer, got {type(value).__qualname__}")
-        return (conn._fd_out(value.fileno()), value.size)
+        return (conn._fd_out(value._sealed_fd()), value.size)
     if kind == "seq":
         return [_to_wire(plan[1], conn, v) for v in value]
     if kind == "tuple":
@@ -357,10 +357,10 @@ def _from_wire(plan: Any, conn: Any, value: Any) -> Any:
     if kind == "shm":
         fd = conn._fd_in(value[0])
         try:
-            return SharedBuffer(fd, value[1])
+            return SharedBuffer._receive(fd, value[1])
         except (OSError, ValueError, OverflowError) as exc:
             os.close(fd)
-            raise ValidationError(f"the shared buffer could not be mapped: {exc}") from None
+            raise ValidationError(f"the shared buffer was refused: {exc}") from None
     if kind == "seq":
         return plan[2](_from_wire(plan[1], conn, v) for v in value)
     if kind == "tuple":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 import os
 import pwd
 import socket
@@ -31,6 +32,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._errors import TransportError
 from ._peer import Peer
+from ._protocol import ErrorCode, Goodbye
+
+log = logging.getLogger("xrpc")
 
 __all__ = ("Endpoint", "ParsedURL", "parse_url", "connect_stream", "open_listener", "Listener", "MemoryByteStream", "socket_peer", "Transport")
 
@@ -164,8 +168,31 @@ class MemoryListener(Listener):
         self._receive.close()
 
 
+def _goodbye_frame(reason: str, code: int) -> bytes:
+    body = msgspec.msgpack.encode(Goodbye(reason, code))
+    return len(body).to_bytes(4, "big") + body
+
+
+# What a connection accepted while the process is out of descriptors gets, before it is closed.
+_OUT_OF_FDS = _goodbye_frame("the server is at its file descriptor limit: try again later", ErrorCode.LIMIT)
+
+
+def _reserve_fd() -> int | None:
+    """A spare descriptor, given up to accept (and refuse) a connection when the table is full."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
 class SocketListener(Listener):
-    """A listening Unix or TCP socket; connections are handed over as raw connected sockets."""
+    """A listening Unix or TCP socket; connections are handed over as raw connected sockets.
+
+    Out of descriptors (EMFILE/ENFILE on accept), it keeps a spare one to accept each waiting
+    connection and close it at once with a GOODBYE that says why, instead of leaving clients hanging
+    in the backlog; it warns once per such episode, and waits (a short timer, doubling up to a
+    second) only when even the spare is gone.
+    """
 
     def __init__(
         self, sock: socket.socket, url: str, transport: str, cleanup: str | None = None, inode: tuple[int, int] | None = None
@@ -175,6 +202,9 @@ class SocketListener(Listener):
         self._transport = transport
         self._cleanup = cleanup
         self._closed = False
+        self._reserve = _reserve_fd()
+        self._starved = False  # out of descriptors since the last connection accepted
+        self._backoff = 0.05
         self._inode: tuple[int, int] | None = inode
         if cleanup and inode is None:
             try:
@@ -196,12 +226,20 @@ class SocketListener(Listener):
                 except (BlockingIOError, InterruptedError):
                     continue
                 except OSError as exc:
-                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                        await anyio.sleep(0.05)  # out of descriptors: back off instead of spinning
+                    if exc.errno in (errno.EMFILE, errno.ENFILE):
+                        await self._out_of_descriptors(exc)
+                        continue
+                    if exc.errno in (errno.ENOBUFS, errno.ENOMEM):
+                        await anyio.sleep(0.05)  # out of memory: back off instead of spinning
                         continue
                     if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                         continue
                     return
+                if self._starved:
+                    self._starved, self._backoff = False, 0.05
+                    log.warning("xrpc: %s: accepting connections again", self.url)
+                    if self._reserve is None:
+                        self._reserve = _reserve_fd()
                 conn.setblocking(False)
                 try:
                     peer = socket_peer(conn, self._transport)
@@ -210,10 +248,42 @@ class SocketListener(Listener):
                     continue
                 tg.start_soon(handler, conn, peer)
 
+    async def _out_of_descriptors(self, exc: OSError) -> None:
+        """Refuse the next waiting connection cleanly, with the spare descriptor; without one, wait."""
+        if not self._starved:
+            self._starved = True
+            log.warning(
+                "xrpc: %s: at the descriptor limit (%s): refusing new connections until descriptors are freed",
+                self.url,
+                exc.strerror,
+            )
+        if self._reserve is not None:
+            os.close(self._reserve)
+            self._reserve = None
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                conn = None
+            if conn is not None:
+                try:
+                    conn.setblocking(False)
+                    conn.send(_OUT_OF_FDS)
+                except OSError:
+                    pass
+                conn.close()
+            self._reserve = _reserve_fd()
+            if conn is not None and self._reserve is not None:
+                return  # one refused; the next one waiting (if any) is the loop's
+        await anyio.sleep(self._backoff)  # nothing spare: wait a little for a descriptor to be freed
+        self._backoff = min(self._backoff * 2, 1.0)
+
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._reserve is not None:
+            os.close(self._reserve)
+            self._reserve = None
         try:
             anyio.notify_closing(self._sock)
         except Exception:

@@ -1,0 +1,574 @@
+"""File descriptors and shared memory under attack, with the victim in a child process.
+
+- A ``SharedBuffer`` travels as a memfd.  A sender that shrinks the memfd after the receiver mapped
+  it would kill the receiver with SIGBUS on its next read, so only sealed memfds (no shrinking, no
+  growing, seals frozen) of exactly the declared size are accepted, in both directions: a call's
+  argument (hostile client) and a reply (hostile server).
+- SCM_RIGHTS descriptors: none are accepted before the peer is admitted, the unclaimed ones are
+  capped per connection (``Limits.max_fds``) and per process, and a server out of descriptors
+  (EMFILE on accept) keeps serving its connections, refuses new ones at once and recovers.
+
+The victims run in child processes (so that a SIGBUS or a full descriptor table is theirs, not the
+test's); their descriptor tables are read from ``/proc/<pid>/fd``.  No sleeps: every wait is on an
+event, a read, or a poll with a deadline.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import anyio
+import msgspec
+import pytest
+
+import xrpc
+from xrpc._protocol import PROTOCOL_VERSION, ErrorCode, Hello, Ping
+
+T = 10.0
+GOODBYE_TAG, WELCOME_TAG, PONG_TAG = 10, 1, 12
+
+
+# --------------------------------------------------------------------------- interfaces
+@xrpc.interface
+class Shm(Protocol):
+    async def hold(self, buf: xrpc.SharedBuffer) -> int: ...
+    async def peek(self) -> int: ...
+    async def add(self, a: int, b: int) -> int: ...
+
+
+class ShmImpl:
+    def __init__(self) -> None:
+        self.held: xrpc.SharedBuffer | None = None
+
+    async def hold(self, buf: xrpc.SharedBuffer) -> int:
+        self.held = buf
+        return buf.size
+
+    async def peek(self) -> int:
+        assert self.held is not None
+        return self.held.buffer[self.held.size - 1]  # a read of the last mapped page
+
+    async def add(self, a: int, b: int) -> int:
+        return a + b
+
+
+@xrpc.interface
+class Maker(Protocol):
+    async def make(self, size: int) -> xrpc.SharedBuffer: ...
+    async def shrink(self) -> None: ...
+    async def add(self, a: int, b: int) -> int: ...
+
+
+@xrpc.interface
+class Calc(Protocol):
+    async def add(self, a: int, b: int) -> int: ...
+    async def size(self, fd: xrpc.FileDescriptor) -> int: ...
+
+
+class CalcImpl:
+    async def add(self, a: int, b: int) -> int:
+        return a + b
+
+    async def size(self, fd: xrpc.FileDescriptor) -> int:
+        with fd:
+            return os.fstat(fd.fileno()).st_size
+
+
+# --------------------------------------------------------------------------- child processes
+def _child(role: str, target: str, options: str, log_path: str) -> None:
+    """Entry point of the child processes (see ``Child`` and ``run_victim_client``)."""
+    logging.basicConfig(filename=log_path, level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    opts = json.loads(options)
+    if "nofile" in opts:
+        import resource
+
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (opts["nofile"], hard))
+
+    async def serve() -> None:
+        server = xrpc.Server(limits=xrpc.Limits(**opts.get("limits", {})))
+        if role == "shm_server":
+            server.export(Shm, ShmImpl())
+        else:
+            server.export(Calc, CalcImpl())
+        async with server.listen(f"unix://{target}") as listener:
+            print("READY", listener.url, flush=True)
+            await anyio.to_thread.run_sync(sys.stdin.read)  # until the test closes our stdin
+
+    async def victim_client() -> None:
+        async with xrpc.connect(target, timeout=T) as conn:
+            maker = conn.proxy(Maker)
+            try:
+                buf = await maker.make(1 << 16)
+            except xrpc.ValidationError as exc:
+                print("REFUSED", exc, flush=True)
+            else:
+                print("MAPPED", buf.size, flush=True)
+                await maker.shrink()
+                print("READ", buf.buffer[buf.size - 1], flush=True)  # SIGBUS here if it shrank
+            print("ALIVE", await maker.add(1, 2), flush=True)
+
+    anyio.run(victim_client if role == "shm_client" else serve)
+
+
+CHILD_MAIN = "import sys; sys.path.insert(0, sys.argv[1]); from test_fd_attacks import _child; _child(*sys.argv[2:])"
+
+
+class Child:
+    """A server in a child process on a Unix socket, logging to a file."""
+
+    def __init__(self, role: str, **options: Any) -> None:
+        self.dir = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+        self.path = f"{self.dir}/s.sock"
+        self.log_path = f"{self.dir}/child.log"
+        self.err = open(f"{self.dir}/child.err", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD_MAIN, str(Path(__file__).parent), role, self.path, json.dumps(options), self.log_path],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.err,
+        )
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
+        line = self.proc.stdout.readline().decode() if ready else ""
+        if not line.startswith("READY "):
+            self.stop()
+            raise RuntimeError(f"the child did not start: {line!r} {self.output()}")
+        self.url = line.split()[1]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def status(self) -> str:
+        rc = self.proc.poll()
+        if rc is None:
+            return "alive"
+        return f"dead by {signal.Signals(-rc).name}" if rc < 0 else f"exited with {rc}"
+
+    def output(self) -> str:
+        text = ""
+        for name in ("child.log", "child.err"):
+            with contextlib.suppress(FileNotFoundError):
+                text += Path(self.dir, name).read_text()
+        return text
+
+    def stop(self) -> str:
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=20)
+        finally:
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+            self.err.close()
+            text = self.output()
+            shutil.rmtree(self.dir, ignore_errors=True)
+        return text
+
+
+@pytest.fixture
+def child() -> Iterator[Any]:
+    """A factory for ``Child``; each one is stopped at the end, and must not have logged an ERROR."""
+    started: list[Child] = []
+
+    def start(role: str, **options: Any) -> Child:
+        c = Child(role, **options)
+        started.append(c)
+        return c
+
+    yield start
+    for c in started:
+        status = c.status()
+        text = c.stop()
+        assert status == "alive", f"the child process is {status}:\n{text[-2000:]}"
+        errors = [line for line in text.splitlines() if line.startswith(("ERROR", "CRITICAL")) or "Traceback" in line]
+        assert errors == [], text[-3000:]
+
+
+def _unsealed_memfd(size: int, seals: int | None = None) -> int:
+    """A memfd of ``size`` bytes; without ``seals`` it can never be sealed (no MFD_ALLOW_SEALING)."""
+    fd = os.memfd_create("hostile", os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if seals is not None else 0))
+    os.ftruncate(fd, size)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+@pytest.fixture
+def hostile_sender(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process sends shared buffers as they are, the way a hostile peer would (the sending side
+    seals its buffers, or refuses them, before they leave)."""
+    monkeypatch.setattr(xrpc.SharedBuffer, "_sealed_fd", lambda self: self.fileno(), raising=False)
+
+
+# --------------------------------------------------------------------------- shared buffers
+@pytest.mark.timeout(60)
+async def test_shared_buffer_from_a_hostile_client_cannot_sigbus_the_server(child: Any, hostile_sender: None) -> None:
+    """An unsealed memfd, shrunk after the server mapped it, used to kill the server (SIGBUS) on its
+    next read; now it is refused with ValidationError before the method runs, and the connection,
+    the server and the good buffers keep working."""
+    victim = child("shm_server")
+    size = 1 << 16
+    with anyio.fail_after(30):
+        async with xrpc.connect(victim.url, timeout=T) as conn:
+            shm = conn.proxy(Shm)
+            fd = _unsealed_memfd(size)
+            evil = xrpc.SharedBuffer(fd, size)
+            outcome = ""
+            try:
+                await shm.hold(evil)
+            except xrpc.ValidationError as exc:
+                outcome = f"refused: {exc}"
+            else:
+                os.ftruncate(fd, 0)  # the attack: shrink what the server has mapped
+                try:
+                    outcome = f"accepted, then read {await shm.peek()}"
+                except xrpc.Error as exc:
+                    outcome = f"accepted, then {exc!r}"
+                with anyio.fail_after(10):
+                    while victim.alive():  # the connection ended: wait for the process to be reaped
+                        await anyio.sleep(0.01)
+            evil.buffer.release()
+            assert outcome.startswith("refused"), f"the unsealed buffer was {outcome}; the server is {victim.status()}"
+            assert "seal" in outcome
+            assert victim.alive()
+            assert await shm.add(1, 2) == 3  # the same connection lives on
+
+            # sealable, but without F_SEAL_SHRINK: refused the same way
+            weak = xrpc.SharedBuffer(_unsealed_memfd(size, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL), size)
+            with pytest.raises(xrpc.ValidationError, match="seal"):
+                await shm.hold(weak)
+            weak.close()
+            # sealed, but announced with another size than the memfd has: refused
+            with xrpc.SharedBuffer.create(2 * size) as liar:
+                liar.size = size
+                with pytest.raises(xrpc.ValidationError, match="size"):
+                    await shm.hold(liar)
+            # a buffer made by SharedBuffer.create is sealed: it travels, and cannot be shrunk
+            with xrpc.SharedBuffer.create(size) as good:
+                good.buffer[size - 1] = 0x5A
+                assert await shm.hold(good) == size
+                with pytest.raises(PermissionError):
+                    os.ftruncate(good.fileno(), 0)
+                assert await shm.peek() == 0x5A
+            assert await shm.add(2, 3) == 5
+    assert victim.alive()
+
+
+class HostileMaker:
+    """A server that hands out an unsealed buffer and shrinks it once the client has mapped it."""
+
+    def __init__(self) -> None:
+        self.fd = -1
+        self.buf: xrpc.SharedBuffer | None = None
+
+    async def make(self, size: int) -> xrpc.SharedBuffer:
+        self.fd = _unsealed_memfd(size)
+        self.buf = xrpc.SharedBuffer(self.fd, size)  # kept open here, to shrink it later
+        return self.buf
+
+    async def shrink(self) -> None:
+        os.ftruncate(self.fd, 0)
+
+    async def add(self, a: int, b: int) -> int:
+        return a + b
+
+
+@pytest.mark.timeout(60)
+async def test_shared_buffer_from_a_hostile_server_cannot_sigbus_the_client(hostile_sender: None) -> None:
+    """The other direction: a reply carrying an unsealed buffer is refused by the client with
+    ValidationError, and the client's connection keeps working."""
+    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    try:
+        server = xrpc.Server()
+        server.export(Maker, HostileMaker())
+        with anyio.fail_after(40):
+            async with server.listen(f"unix://{d}/s.sock") as listener:
+                result = await anyio.run_process(
+                    [sys.executable, "-c", CHILD_MAIN, str(Path(__file__).parent), "shm_client", listener.url, "{}", f"{d}/client.log"],
+                    check=False,
+                )
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    out = result.stdout.decode()
+    rc = result.returncode
+    status = f"dead by {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
+    assert rc == 0, f"the client process: {status}; it printed {out!r} {result.stderr.decode()[-2000:]}"
+    assert out.startswith("REFUSED") and "seal" in out.splitlines()[0], out
+    assert "ALIVE 3" in out, out
+
+
+def test_shared_buffers_are_sealed_against_resizing() -> None:
+    with xrpc.SharedBuffer.create(4096) as buf:
+        seals = fcntl.fcntl(buf.fileno(), fcntl.F_GET_SEALS)
+        assert seals & (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL) == fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+        assert not seals & fcntl.F_SEAL_WRITE  # both sides still write into it
+        for size in (0, 8192):
+            with pytest.raises(PermissionError):
+                os.ftruncate(buf.fileno(), size)
+        buf.buffer[0] = 1
+        assert buf.buffer[0] == 1
+
+
+# --------------------------------------------------------------------------- raw sockets
+def frame(msg: Any) -> bytes:
+    body = msgspec.msgpack.encode(msg)
+    return len(body).to_bytes(4, "big") + body
+
+
+HELLO = frame(Hello(PROTOCOL_VERSION, 1 << 20))
+
+
+def decode_frames(data: bytes) -> list[Any]:
+    out = []
+    pos = 0
+    while len(data) - pos >= 4:
+        size = int.from_bytes(data[pos : pos + 4], "big")
+        if size == 0 or len(data) - pos - 4 < size:
+            break
+        out.append(msgspec.msgpack.decode(data[pos + 4 : pos + 4 + size]))
+        pos += 4 + size
+    return out
+
+
+def raw_connect(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.setblocking(False)
+    return s
+
+
+def send_fds(sock: socket.socket, data: bytes, fds: list[int]) -> bool:
+    """Send ``data`` with ``fds`` attached; False once the server has closed the connection."""
+    try:
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    except (BrokenPipeError, ConnectionResetError):
+        return False
+    return True
+
+
+async def read_until(sock: socket.socket, done: Any, timeout: float) -> tuple[bytes, bool]:
+    """Read until ``done(received)`` or the end of the connection; (what came, ended)."""
+    received = bytearray()
+    with anyio.move_on_after(timeout):
+        while not done(bytes(received)):
+            await anyio.wait_readable(sock)
+            try:
+                chunk = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return bytes(received), True
+            if not chunk:
+                return bytes(received), True
+            received += chunk
+    return bytes(received), False
+
+
+async def admitted(path: str) -> socket.socket:
+    """A raw connection that has sent HELLO and received WELCOME."""
+    s = raw_connect(path)
+    s.send(HELLO)
+    data, ended = await read_until(s, lambda d: any(f[0] == WELCOME_TAG for f in decode_frames(d)), T)
+    assert not ended and any(f[0] == WELCOME_TAG for f in decode_frames(data)), data
+    return s
+
+
+async def legit_call(url: str, timeout: float = T) -> str:
+    """Connect, call, and pass a descriptor; "ok" or what went wrong."""
+    try:
+        with anyio.fail_after(timeout + 2):
+            async with xrpc.connect(url, timeout=timeout) as conn:
+                calc = conn.proxy(Calc)
+                assert await calc.add(20, 22) == 42
+                with tempfile.TemporaryFile() as f:
+                    f.write(b"x" * 123)
+                    f.flush()
+                    assert await calc.size(xrpc.FileDescriptor(f)) == 123
+        return "ok"
+    except Exception as exc:
+        return repr(exc)
+
+
+async def wait_fds_at_most(victim: Child, bound: int, timeout: float = T) -> int:
+    """Poll the victim's descriptor count until it is at most ``bound`` (or the deadline passes)."""
+    deadline = time.monotonic() + timeout
+    n = victim.fds()
+    while n > bound and time.monotonic() < deadline:
+        await anyio.sleep(0.02)
+        n = victim.fds()
+    return n
+
+
+# --------------------------------------------------------------------------- descriptor floods
+@pytest.mark.timeout(90)
+async def test_descriptors_before_the_handshake_are_refused(child: Any) -> None:
+    """Eight connections each attach 240 descriptors to the bytes of their HELLO: the server used to
+    park them all and run out of descriptors (RLIMIT_NOFILE 256), so a good client could not
+    connect.  Now the descriptors are closed at once and those connections ended."""
+    victim = child("fd_server", nofile=256)
+    baseline = victim.fds()
+    attackers: list[socket.socket] = []
+    with open(os.devnull, "rb") as junk:
+        with anyio.fail_after(60):
+            for _ in range(8):
+                s = raw_connect(victim.path)
+                attackers.append(s)
+                for i in range(4):
+                    if not send_fds(s, HELLO[i : i + 1], [junk.fileno()] * 60):
+                        break
+            try:
+                legit = await legit_call(victim.url, timeout=5)
+                peak = victim.fds()
+                ends = []
+                for s in attackers:
+                    data, ended = await read_until(s, lambda d: False, 5)
+                    ends.append((ended, [f for f in decode_frames(data) if f[0] == GOODBYE_TAG]))
+            finally:
+                for s in attackers:
+                    s.close()
+            after = await wait_fds_at_most(victim, baseline)
+    print(f"\nFDS before HELLO: 8 x 240 sent; server fds {baseline} before, {peak} during, {after} after")
+    assert legit == "ok", f"a good client could not call: {legit}; server fds {peak} (baseline {baseline})"
+    assert peak <= baseline + 16
+    assert all(ended for ended, _ in ends), ends
+    assert all(goodbyes and goodbyes[0][2] == ErrorCode.VALIDATION and "descriptor" in goodbyes[0][1] for _, goodbyes in ends), ends
+    assert after == baseline
+    assert "descriptors before" in victim.output()
+
+
+@pytest.mark.timeout(90)
+async def test_descriptors_held_are_capped_per_connection_and_per_process(child: Any) -> None:
+    """Admitted peers attach descriptors to PINGs (nothing claims them).  One connection may hold at
+    most ``Limits.max_fds`` (64), the process at most half its RLIMIT_NOFILE (128 of 256); a
+    connection that goes over gets GOODBYE (LIMIT) and is ended, and a good client keeps working."""
+    victim = child("fd_server", nofile=256)
+    baseline = victim.fds()
+    with open(os.devnull, "rb") as junk, anyio.fail_after(60):
+        # one connection over its own cap: 4 x 30 > 64
+        s = await admitted(victim.path)
+        try:
+            for nonce in range(1, 5):
+                if not send_fds(s, frame(Ping(nonce)), [junk.fileno()] * 30):
+                    break
+            data, ended = await read_until(s, lambda d: False, T)
+        finally:
+            s.close()
+        goodbyes = [f for f in decode_frames(data) if f[0] == GOODBYE_TAG]
+        assert ended and goodbyes and goodbyes[0][2] == ErrorCode.LIMIT and "max_fds" in goodbyes[0][1], (ended, decode_frames(data))
+        assert await wait_fds_at_most(victim, baseline) == baseline
+
+        # six connections under their own cap, over the process's: 6 x 50 > 128
+        conns = [await admitted(victim.path) for _ in range(6)]
+        try:
+            outcomes = []
+            for i, c in enumerate(conns):
+                sent = send_fds(c, frame(Ping(100 + i)), [junk.fileno()] * 50)
+                data, ended = await read_until(c, lambda d, i=i: any(f[0] == PONG_TAG and f[1] == 100 + i for f in decode_frames(d)), T)
+                outcomes.append("ended" if ended or not sent else "kept")
+            during = victim.fds()
+            legit = await legit_call(victim.url)
+        finally:
+            for c in conns:
+                c.close()
+        after = await wait_fds_at_most(victim, baseline)
+    print(f"\nFDS held: 6 x 50 sent after HELLO; outcomes {outcomes}; server fds {baseline} before, {during} during, {after} after")
+    assert outcomes[:2] == ["kept", "kept"] and outcomes[2:] == ["ended"] * 4, outcomes
+    assert during <= baseline + 128 + 6
+    assert legit == "ok", legit
+    assert after == baseline
+
+
+@pytest.mark.timeout(120)
+async def test_server_out_of_descriptors_keeps_serving_and_recovers(child: Any) -> None:
+    """Plain connections (no HELLO) drive a server with RLIMIT_NOFILE 64 to EMFILE on accept: its
+    open connection keeps working, a new client is refused at once (not left hanging), one warning
+    is logged, and once the attackers leave new clients are accepted again."""
+    victim = child("fd_server", nofile=64, limits={"handshake_timeout": 60.0})
+    with anyio.fail_after(100):
+        async with xrpc.connect(victim.url, timeout=T) as conn:
+            calc = conn.proxy(Calc)
+            assert await calc.add(1, 1) == 2
+            attackers = []
+            try:
+                for _ in range(80):
+                    attackers.append(raw_connect(victim.path))
+                # the server has accepted all it can: it is at its limit
+                deadline = time.monotonic() + T
+                while victim.fds() < 60 and time.monotonic() < deadline:
+                    await anyio.sleep(0.02)
+                assert await calc.add(2, 2) == 4  # the open connection keeps working
+                start = time.monotonic()
+                refused = await legit_call(victim.url, timeout=5)
+                waited = time.monotonic() - start
+                assert await calc.add(3, 3) == 6
+            finally:
+                for s in attackers:
+                    s.close()
+            # the attackers left: new clients are accepted again (polled with a deadline)
+            deadline = time.monotonic() + 30
+            again = await legit_call(victim.url, timeout=5)
+            while again != "ok" and time.monotonic() < deadline:
+                await anyio.sleep(0.05)
+                again = await legit_call(victim.url, timeout=5)
+            assert await calc.add(4, 4) == 8
+    warnings = [line for line in victim.output().splitlines() if "descriptor limit" in line and line.startswith("WARNING")]
+    print(f"\nEMFILE: new client refused after {waited:.2f}s with {refused}; warnings logged {len(warnings)}")
+    assert "TransportError" in refused and "descriptor" in refused, refused
+    assert again == "ok", again
+    assert 1 <= len(warnings) <= 3, warnings
+
+
+@xrpc.interface
+class Many(Protocol):
+    async def count(self, fds: list[xrpc.FileDescriptor]) -> int: ...
+
+
+class ManyImpl:
+    async def count(self, fds: list[xrpc.FileDescriptor]) -> int:
+        for fd in fds:
+            fd.close()
+        return len(fds)
+
+
+@pytest.mark.timeout(60)
+async def test_more_descriptors_than_one_read_takes_travel_in_pieces() -> None:
+    """A value with more descriptors than the receiver reads at once (64) goes out 64 at a time, so
+    the kernel never truncates them; the receiver's max_fds is what bounds such a value."""
+    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    try:
+        server = xrpc.Server(limits=xrpc.Limits(max_fds=256))
+        server.export(Many, ManyImpl())
+        with anyio.fail_after(30), open(os.devnull, "rb") as f:
+            async with server.listen(f"unix://{d}/s.sock") as listener, xrpc.connect(listener.url, timeout=T) as conn:
+                many = conn.proxy(Many)
+                assert await many.count([xrpc.FileDescriptor(f)] * 200) == 200
+                assert await many.count([xrpc.FileDescriptor(f)] * 3) == 3
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
