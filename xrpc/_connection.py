@@ -1345,11 +1345,9 @@ class Connection:
 
         der = sslobj.getpeercert(binary_form=True)
         info = sslobj.getpeercert() or {}
-        subject: dict[str, str] = {}
-        for rdn in info.get("subject", ()):
-            for key, value in rdn:
-                short = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C"}.get(key, key)
-                subject[short] = value
+        from ._tls import cert_subject
+
+        subject = cert_subject(info)  # every value of every attribute: CN=guest/CN=agent keeps both
         sans = tuple(f"{kind}:{value}" for kind, value in info.get("subjectAltName", ()))
         self.peer = dataclasses.replace(
             self.peer,

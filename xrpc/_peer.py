@@ -9,9 +9,65 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-__all__ = ("Peer",)
+__all__ = ("Peer", "CertSubject")
+
+
+class CertSubject(Mapping[str, str]):
+    """The subject of a peer certificate, keeping every value of every attribute.
+
+    As a mapping it holds each attribute that appears exactly once: ``subject["CN"]``,
+    ``subject.get("O")``, ``dict(subject)``.  An attribute that appears more than once (a subject
+    ``CN=guest/CN=agent``) has no single value, so it is not in the mapping: ``"CN" in subject``
+    is false and ``subject.get("CN")`` is None.  ``getall(attr)`` gives every value of an
+    attribute in certificate order (empty if it is absent), and ``all_values()`` every attribute.
+    Requirements such as ``cert.subject.CN == "agent"`` fail for an attribute with several values.
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, items: Mapping[str, str | Iterable[str]] | Iterable[tuple[str, str]] = ()) -> None:
+        values: dict[str, tuple[str, ...]] = {}
+        pairs: Iterable[tuple[str, Any]] = items.items() if isinstance(items, Mapping) else items
+        for key, value in pairs:
+            new = (value,) if isinstance(value, str) else tuple(value)
+            values[key] = values.get(key, ()) + new
+        self._values = values
+
+    def getall(self, attr: str) -> tuple[str, ...]:
+        """Every value of ``attr``, in the order the certificate lists them."""
+        return self._values.get(attr, ())
+
+    def all_values(self) -> dict[str, tuple[str, ...]]:
+        """Every attribute with all of its values."""
+        return dict(self._values)
+
+    def __getitem__(self, attr: str) -> str:
+        values = self._values.get(attr, ())
+        if len(values) != 1:
+            raise KeyError(attr)
+        return values[0]
+
+    def __iter__(self) -> Iterator[str]:
+        return (key for key, values in self._values.items() if len(values) == 1)
+
+    def __len__(self) -> int:
+        return sum(1 for values in self._values.values() if len(values) == 1)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, CertSubject):
+            return self._values == other._values
+        if isinstance(other, Mapping):
+            return self.all_values() == CertSubject(other).all_values()
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        shown = {k: v[0] if len(v) == 1 else v for k, v in self._values.items()}
+        return f"CertSubject({shown!r})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,9 +77,11 @@ class Peer:
     ``transport`` is ``"unix"``, ``"tcp"``, ``"tls"`` or ``"memory"``.  Unix sockets fill ``uid``,
     ``gid`` and ``pid`` from the kernel at connect time (SO_PEERCRED), ``pidfd`` where the kernel
     offers SO_PEERPIDFD (it stays valid while the connection is open, so a recycled pid cannot pose
-    as the peer), and ``groups``/``exe`` from /proc, dropped if the process exited while they were
-    read.  TLS fills the ``cert_*`` fields from the verified peer certificate; memory connections
-    describe this process.
+    as the peer), and ``groups``/``exe`` from the kernel and /proc, dropped if the process exited
+    while they were read (``groups`` is then None: unknown, unlike ``()``, no supplementary
+    groups).  TLS fills the ``cert_*`` fields from the verified peer certificate; ``cert_subject``
+    is a ``CertSubject``, which keeps every value of an attribute that appears more than once (a
+    plain ``dict`` given here is converted).  Memory connections describe this process.
     """
 
     transport: str
@@ -31,13 +89,17 @@ class Peer:
     uid: int | None = None
     gid: int | None = None
     pid: int | None = None
-    groups: tuple[int, ...] = ()
+    groups: tuple[int, ...] | None = ()
     exe: str | None = None
     pidfd: int | None = None
-    cert_subject: dict[str, str] = dataclasses.field(default_factory=dict)
+    cert_subject: CertSubject = dataclasses.field(default_factory=CertSubject)
     cert_sans: tuple[str, ...] = ()
     cert_fingerprint: str | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.cert_subject, CertSubject):
+            object.__setattr__(self, "cert_subject", CertSubject(self.cert_subject))
 
     @classmethod
     def this_process(cls, transport: str = "memory", address: str = "") -> Peer:
