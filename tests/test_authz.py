@@ -119,6 +119,277 @@ class GuardedImpl:
         return "public"
 
 
+# =========================================================================== 1. one checkpoint
+@xrpc.interface
+class Doc(Protocol):
+    async def read(self) -> str: ...
+
+    async def peek(self) -> str: ...
+
+    def lines(self) -> AsyncIterator[str]: ...
+
+    def open_lines(self) -> AsyncIterator[str]: ...
+
+    async def total(self, items: AsyncIterator[int]) -> int: ...
+
+    @xrpc.oneway
+    async def touch(self) -> None: ...
+
+
+class TaskDoc:
+    """Guards on the implementation only; every method awaits, so each call runs in a task."""
+
+    def __init__(self) -> None:
+        self.ran: list[str] = []
+
+    @xrpc.requires(DENY)
+    async def read(self) -> str:
+        await anyio.lowlevel.checkpoint()
+        self.ran.append("read")
+        return "secret"
+
+    async def peek(self) -> str:
+        await anyio.lowlevel.checkpoint()
+        self.ran.append("peek")
+        return "public"
+
+    @xrpc.requires(DENY)
+    async def lines(self) -> AsyncIterator[str]:
+        self.ran.append("lines")
+        yield "secret line"
+
+    async def open_lines(self) -> AsyncIterator[str]:
+        self.ran.append("open_lines")
+        yield "public line"
+
+    @xrpc.requires(DENY)
+    async def total(self, items: AsyncIterator[int]) -> int:
+        self.ran.append("total")
+        return sum([i async for i in items])
+
+    @xrpc.requires(DENY)
+    async def touch(self) -> None:
+        await anyio.lowlevel.checkpoint()
+        self.ran.append("touch")
+
+
+class InlineDoc(TaskDoc):
+    """The same guards on plain functions, which are served inline, on the reader."""
+
+    @xrpc.requires(DENY)
+    def read(self) -> str:  # type: ignore[override]
+        self.ran.append("read")
+        return "secret"
+
+    def peek(self) -> str:  # type: ignore[override]
+        self.ran.append("peek")
+        return "public"
+
+    @xrpc.requires(DENY)
+    def touch(self) -> None:  # type: ignore[override]
+        self.ran.append("touch")
+
+
+@xrpc.interface
+class Store(Protocol):
+    async def open(self, name: str) -> Doc: ...
+
+
+class StoreImpl:
+    def __init__(self, doc: TaskDoc) -> None:
+        self.doc = doc
+
+    async def open(self, name: str) -> Doc:
+        return self.doc  # type: ignore[return-value]
+
+
+async def _exercise(conn: xrpc.Connection, mode: str) -> list[str]:
+    """Call every method of ``Doc`` addressed as ``mode``; the names of those that were refused."""
+    methods = xrpc.describe(Doc).methods
+    store = conn.proxy(Store)
+    refused: list[str] = []
+
+    async def attempt(name: str, call: Callable[[], Awaitable[Any]]) -> None:
+        try:
+            await call()
+        except xrpc.PeerRejected:
+            refused.append(name)
+
+    if mode == "named":
+        doc: Any = conn.proxy(Doc, "doc")
+        target = "doc"
+    elif mode == "reference":
+        doc = await store.open("x")
+        target = doc._xrpc_obj
+    else:  # pipelined: every call addressed to the result of a call not answered yet
+        promise = xrpc.pipeline(store).open("x")
+        target = f"^{promise._id}"
+        doc = None
+
+    async def unary(name: str) -> Any:
+        return await conn._call_unary(target, methods[name], (), {}, T)
+
+    async def stream(name: str) -> Any:
+        return [x async for x in conn.call_stream(target, methods[name], (), {}, T)]
+
+    async def numbers() -> AsyncIterator[int]:
+        yield 1
+        yield 2
+
+    await attempt("read", lambda: unary("read"))
+    assert await unary("peek") == "public"
+    await attempt("lines", lambda: stream("lines"))
+    assert await stream("open_lines") == ["public line"]
+    await attempt("total", lambda: conn.call_client_stream(target, methods["total"], (numbers(),), {}, T))
+    await conn.call_oneway(target, methods["touch"], (), {})
+    assert await unary("peek") == "public"  # served after the one-way call was refused
+    if mode == "pipelined":
+        # the promise API itself, as users write it
+        with pytest.raises(xrpc.PeerRejected):
+            await xrpc.pipeline(store).open("x").read()
+        assert await xrpc.pipeline(store).open("x").peek() == "public"
+    del doc
+    return refused
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["named", "reference", "pipelined"])
+@pytest.mark.parametrize("impl_kind", ["task", "inline"])
+def test_every_addressing_mode_passes_the_implementation_guards(
+    sock_dir: str, backend: str, mode: str, impl_kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="xrpc")
+    doc = TaskDoc() if impl_kind == "task" else InlineDoc()
+
+    async def main() -> list[str]:
+        server = xrpc.Server()
+        server.export(Doc, doc, "doc")
+        server.export(Store, StoreImpl(doc))
+        async with server.listen(f"unix://{sock_dir}/s.sock") as listener:
+            async with xrpc.connect(listener.url, timeout=T) as conn:
+                return await _exercise(conn, mode)
+
+    refused = run(backend, main)
+    assert refused == ["read", "lines", "total"]
+    assert not {"read", "lines", "total", "touch"} & set(doc.ran), doc.ran
+    assert doc.ran.count("peek") >= 2 and "open_lines" in doc.ran
+    refusals = [m for m in xrpc_warnings(caplog) if "refused call" in m]
+    for name in ("read", "lines", "total", "touch"):
+        assert any(f"Doc.{name} " in m and f"{DENY} failed" in m for m in refusals), (name, refusals)
+
+
+@xrpc.interface
+class Factory(Protocol):
+    async def make(self) -> Guarded: ...
+
+
+class FactoryImpl:
+    def __init__(self, obj: GuardedImpl) -> None:
+        self.obj = obj
+
+    async def make(self) -> Guarded:
+        return self.obj  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pipelined_call_passes_the_interface_guards_and_keeps_its_frame_order(sock_dir: str, backend: str) -> None:
+    obj = GuardedImpl()
+
+    async def main() -> None:
+        server = xrpc.Server()
+        server.export(Factory, FactoryImpl(obj))
+        async with server.listen(f"unix://{sock_dir}/s.sock") as listener:
+            async with xrpc.connect(listener.url, timeout=T) as conn:
+                factory = xrpc.pipeline(conn.proxy(Factory))
+                with pytest.raises(xrpc.PeerRejected):
+                    await factory.make().admin()
+                assert await factory.make().public() == "public"
+
+    run(backend, main)
+    assert obj.ran == ["public"]
+
+
+def test_the_servers_requirement_is_part_of_the_checkpoint(sock_dir: str) -> None:
+    """Calls reach the checkpoint only after admission; the checkpoint checks the server's
+    requirement too, so a call that slipped past admission would still be refused."""
+
+    async def main() -> None:
+        server = xrpc.Server(requirement=ALLOW)
+        impl = GuardedImpl()
+        server.export(Guarded, impl)
+        async with server.listen(f"unix://{sock_dir}/s.sock") as listener:
+            async with xrpc.connect(listener.url, timeout=T) as conn:
+                g = conn.proxy(Guarded)
+                assert await g.public() == "public"
+                (served,) = server.connections
+                # make the (admitted) peer fail the server's requirement from now on
+                served._requirement = requirement(DENY)
+                with pytest.raises(xrpc.PeerRejected):
+                    await g.public()
+        assert impl.ran == ["public"]
+
+    run("asyncio", main)
+
+
+# =========================================================================== 2. the verdict cache
+@xrpc.interface
+class Control(Protocol):
+    async def swap(self, allow: bool) -> None: ...
+
+
+class ControlImpl:
+    """Replaces the connection's ``Vault`` export with one guarded by a fresh requirement."""
+
+    async def swap(self, allow: bool) -> None:
+        conn = xrpc.current_connection()
+        conn.unexport("Vault")
+        gc.collect()  # the old export and its requirement are freed now: their memory is reused
+        conn.export(Vault, VaultImpl(), requirement=requirement(ALLOW if allow else DENY))
+
+
+def _freed_requirements_reuse_addresses() -> bool:
+    """The allocator hands a freed requirement's address to the next one (what made a verdict
+    cached by ``id()`` leak)."""
+    seen: set[int] = set()
+    for i in range(20):
+        req = requirement(ALLOW if i % 2 else DENY)
+        address = id(req)
+        del req
+        gc.collect()
+        if address in seen:
+            return True
+        seen.add(address)
+    return False
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_verdict_never_leaks_to_another_requirement(sock_dir: str, backend: str) -> None:
+    """Requirements created and freed in a loop reuse each other's addresses; each round's verdict
+    must still be its own."""
+    assert _freed_requirements_reuse_addresses(), "the allocator never reuses an address here: the test proves nothing"
+
+    async def main() -> list[tuple[bool, bool]]:
+        server = xrpc.Server()
+        server.export(Control, ControlImpl())
+        rounds: list[tuple[bool, bool]] = []
+        async with server.listen(f"unix://{sock_dir}/s.sock") as listener:
+            async with xrpc.connect(listener.url, timeout=T) as conn:
+                control, vault = conn.proxy(Control), conn.proxy(Vault)
+                for i in range(50):
+                    allow = i % 2 == 0
+                    await control.swap(allow)
+                    try:
+                        allowed = await vault.read() == "the secret"
+                    except xrpc.PeerRejected:
+                        allowed = False
+                    rounds.append((allow, allowed))
+        return rounds
+
+    rounds = run(backend, main)
+    wrong = [(i, want, got) for i, (want, got) in enumerate(rounds) if want != got]
+    assert wrong == [], f"{len(wrong)} of 50 rounds got another requirement's verdict: {wrong[:5]}"
+
+
 # =========================================================================== 3. three-valued logic
 U = None  # Unknown
 VALUES = [True, False, U]

@@ -154,6 +154,7 @@ class Server:
             limits=self.limits,
             ssl_context=ssl_context,
             middleware=self.middleware,
+            requirement=self.requirement,
         )
         self.connections.add(conn)
         try:
