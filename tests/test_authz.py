@@ -714,3 +714,146 @@ def test_an_equality_test_on_a_multi_valued_attribute_refuses(pki: PKI, backend:
     # and a certificate with one CN "agent" passes the positive test
     if text == 'cert.subject.CN == "agent"':
         assert run(backend, lambda: _tls_admitted(pki, text, mutual=True, cert=pki.agent_cert, key=pki.agent_key))
+
+
+# =========================================================================== 4. announcements
+@xrpc.interface
+class Secrets(Protocol):
+    """Top-secret vault of launch codes."""
+
+    async def launch_codes(self) -> str:
+        """The codes for the launch."""
+        ...
+
+
+class SecretsImpl:
+    async def launch_codes(self) -> str:
+        return "0000"
+
+
+@xrpc.interface
+class Mixed(Protocol):
+    """Some methods are for admins."""
+
+    async def hello(self) -> str:
+        """Say hello."""
+        ...
+
+    @xrpc.requires(DENY)
+    async def rotate_keys(self) -> str:
+        """Rotate the master keys."""
+        ...
+
+
+class MixedImpl:
+    async def hello(self) -> str:
+        return "hello"
+
+    async def rotate_keys(self) -> str:
+        return "rotated"
+
+
+class MixedImplGuard:
+    async def hello(self) -> str:
+        return "hello"
+
+    @xrpc.requires(DENY)
+    async def rotate_keys(self) -> str:
+        return "rotated"
+
+
+def _server_with_secrets() -> xrpc.Server:
+    server = xrpc.Server()
+    server.export(Secrets, SecretsImpl(), requirement=DENY)
+    server.export(Mixed, MixedImpl())
+    server.export(Mixed, MixedImplGuard(), "mixed2")
+    server.export(Vault, VaultImpl())
+    return server
+
+
+def _assert_hidden(text: str) -> None:
+    for word in ("Secrets", "launch", "Top-secret", "rotate_keys", "master keys"):
+        assert word not in text, f"{word!r} is announced to a peer that may not call it: {text}"
+
+
+async def test_welcome_announces_only_what_the_peer_may_call(sock_dir: str) -> None:
+    server = _server_with_secrets()
+    path = f"{sock_dir}/s.sock"
+    with anyio.fail_after(T):
+        async with server.listen(f"unix://{path}"):
+            # a raw client reads the WELCOME frame itself
+            async with await anyio.connect_unix(path) as stream:
+                await stream.send(frame(Hello(PROTOCOL_VERSION, 1 << 20)))
+                received = bytearray()
+                while not decode_frames(bytes(received)):
+                    received += await stream.receive()
+            welcome = decode_frames(bytes(received))[0]
+            assert welcome[0] == WELCOME_TAG
+            names = {e[0]: e for e in welcome[3]}
+            assert {"Vault", "Mixed", "mixed2"} <= set(names) and "Secrets" not in names
+            assert set(names["Mixed"][3]) == {"hello"} and set(names["mixed2"][3]) == {"hello"}
+            _assert_hidden(json.dumps(welcome))
+            # a real client: peer_exports, and calls still work or are refused as before
+            async with xrpc.connect(f"unix://{path}", timeout=T) as conn:
+                _assert_hidden(repr(conn.peer_exports))
+                m = conn.proxy(Mixed)
+                assert await m.hello() == "hello"
+                with pytest.raises(xrpc.PeerRejected):
+                    await m.rotate_keys()
+                with pytest.raises(xrpc.PeerRejected):
+                    await conn.proxy(Secrets).launch_codes()
+
+
+async def test_introspection_describes_only_what_the_peer_may_call(sock_dir: str) -> None:
+    server = _server_with_secrets()
+    with anyio.fail_after(T):
+        async with server.listen(f"unix://{sock_dir}/s.sock") as listener:
+            async with xrpc.connect(listener.url, timeout=T) as conn:
+                exports = await conn.proxy(Introspection, INTROSPECT_NAME).exports()
+    by_name = {e.name: e for e in exports}
+    assert set(by_name) == {"Vault", "Mixed", "mixed2"}
+    assert [m.name for m in by_name["Mixed"].methods] == ["hello"]
+    assert [m.name for m in by_name["mixed2"].methods] == ["hello"]
+    _assert_hidden(repr(exports))
+
+
+async def test_cli_inspect_shows_only_what_the_peer_may_call(sock_dir: str) -> None:
+    server = _server_with_secrets()
+    with anyio.fail_after(T * 3):
+        async with server.listen(f"unix://{sock_dir}/s.sock") as listener:
+            result = await anyio.run_process([sys.executable, "-m", "xrpc", "inspect", listener.url], check=False)
+    out = result.stdout.decode() + result.stderr.decode()
+    assert result.returncode == 0, out
+    assert "Vault" in out and "hello" in out
+    _assert_hidden(out)
+
+
+async def test_a_per_connection_export_is_announced_only_to_a_peer_that_may_call_it(sock_dir: str) -> None:
+    def on_connect(conn: xrpc.Connection) -> None:
+        conn.export(Secrets, SecretsImpl(), requirement=DENY)
+        conn.export(Vault, VaultImpl(), "mine", requirement=ALLOW)
+
+    server = xrpc.Server(on_connect=on_connect)
+    with anyio.fail_after(T):
+        async with server.listen(f"unix://{sock_dir}/s.sock") as listener:
+            async with xrpc.connect(listener.url, timeout=T) as conn:
+                names = {e.name for e in conn.peer_exports}
+                exports = await conn.proxy(Introspection, INTROSPECT_NAME).exports()
+                assert await conn.proxy(Vault, "mine").read() == "the secret"
+    assert "mine" in names and "Secrets" not in names
+    assert [e.name for e in exports] == ["mine"]
+
+
+async def test_a_client_announces_only_what_the_server_may_call(sock_dir: str) -> None:
+    seen: list[list[str]] = []
+
+    def on_connect(conn: xrpc.Connection) -> None:
+        seen.append([e.name for e in conn.peer_exports])
+
+    server = xrpc.Server(on_connect=on_connect)
+    with anyio.fail_after(T):
+        async with server.listen(f"unix://{sock_dir}/s.sock") as listener:
+            client_exports = [xrpc._connection.make_export(Secrets, SecretsImpl(), "Secrets", DENY), (Vault, VaultImpl())]
+            async with xrpc.connect(listener.url, timeout=T, exports=client_exports):
+                pass
+    assert seen == [["Vault"]]

@@ -1267,6 +1267,7 @@ class Connection:
                 if self._aio is None:
                     tg.start_soon(self._writer)
                 if self.client:
+                    self._core.exports = self._announced()  # with the server's facts known (TLS)
                     self._core.send_hello()
                     self._kick()
                 if self.limits.idle_timeout is not None:
@@ -1849,6 +1850,23 @@ class Connection:
             self._guard_cache.clear()  # bounded: exports created and dropped in a loop cannot grow it
         self._guard_cache[key] = (requirement, ok)
         return ok
+
+    def _announced(self) -> list[ExportInfo]:
+        """What HELLO/WELCOME announces: the exports this peer may call, each with only the methods
+        it may call.  The fingerprint stays the whole interface's, so a peer with the same
+        interface still skips the compatibility check; an export none of whose methods the peer
+        may call is left out."""
+        out = []
+        for e in self._all_exports():
+            info = e.info()
+            if e.guards or self._requirement is not None:
+                allowed = [name for name, m in e.desc.methods.items() if self._authorize(e, m, quiet=True)]
+                if not allowed:
+                    continue
+                if len(allowed) != len(info.methods):
+                    info = ExportInfo(info.name, info.interface, info.fingerprint, {n: info.methods[n] for n in allowed})
+            out.append(info)
+        return out
 
     _handlers: dict[type, Callable[..., None]] = {}
 
