@@ -14,6 +14,7 @@ import gc
 import json
 import logging
 import os
+import pickle
 import shutil
 import socket
 import subprocess
@@ -714,6 +715,24 @@ def test_an_equality_test_on_a_multi_valued_attribute_refuses(pki: PKI, backend:
     # and a certificate with one CN "agent" passes the positive test
     if text == 'cert.subject.CN == "agent"':
         assert run(backend, lambda: _tls_admitted(pki, text, mutual=True, cert=pki.agent_cert, key=pki.agent_key))
+
+
+def test_a_certificate_subject_stays_a_plain_read_only_dict_of_single_values() -> None:
+    subject = xrpc.CertSubject([("CN", "guest"), ("O", "tests"), ("CN", "agent")])
+    assert isinstance(subject, dict) and dict(subject) == {"O": "tests"}
+    assert json.loads(json.dumps(subject)) == {"O": "tests"}
+    assert msgspec.json.decode(msgspec.json.encode(subject)) == {"O": "tests"}
+    assert subject.getall("CN") == ("guest", "agent") and subject.getall("OU") == ()
+    assert subject.all_values() == {"CN": ("guest", "agent"), "O": ("tests",)}
+    assert "CN" not in subject and subject.get("CN") is None
+    assert subject != {"O": "tests"}  # the dict view alone does not make them equal
+    assert xrpc.CertSubject({"O": "tests"}) == {"O": "tests"}
+    assert pickle.loads(pickle.dumps(subject)).all_values() == subject.all_values()
+    with pytest.raises(TypeError):
+        subject["CN"] = "admin"
+    with pytest.raises(TypeError):
+        subject.update(CN="admin")
+    assert Peer(transport="tls", cert_subject={"CN": "a"}).cert_subject.getall("CN") == ("a",)
 
 
 # =========================================================================== 4. announcements

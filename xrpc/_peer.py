@@ -9,21 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, NoReturn
 
 __all__ = ("Peer", "CertSubject")
 
 
-class CertSubject(Mapping[str, str]):
+class CertSubject(dict[str, str]):
     """The subject of a peer certificate, keeping every value of every attribute.
 
-    As a mapping it holds each attribute that appears exactly once: ``subject["CN"]``,
-    ``subject.get("O")``, ``dict(subject)``.  An attribute that appears more than once (a subject
-    ``CN=guest/CN=agent``) has no single value, so it is not in the mapping: ``"CN" in subject``
-    is false and ``subject.get("CN")`` is None.  ``getall(attr)`` gives every value of an
-    attribute in certificate order (empty if it is absent), and ``all_values()`` every attribute.
-    Requirements such as ``cert.subject.CN == "agent"`` fail for an attribute with several values.
+    As a (read-only) ``dict`` it holds each attribute that appears exactly once: ``subject["CN"]``,
+    ``subject.get("O")``, ``dict(subject)``, ``json.dumps(subject)``.  An attribute that appears
+    more than once (a subject ``CN=guest/CN=agent``) has no single value, so it is not in the
+    dict: ``"CN" in subject`` is false and ``subject.get("CN")`` is None.  ``getall(attr)`` gives
+    every value of an attribute in certificate order (empty if it is absent), and ``all_values()``
+    every attribute.  Requirements such as ``cert.subject.CN == "agent"`` fail for an attribute
+    with several values.
     """
 
     __slots__ = ("_values",)
@@ -35,6 +36,7 @@ class CertSubject(Mapping[str, str]):
             new = (value,) if isinstance(value, str) else tuple(value)
             values[key] = values.get(key, ()) + new
         self._values = values
+        super().__init__((key, v[0]) for key, v in values.items() if len(v) == 1)
 
     def getall(self, attr: str) -> tuple[str, ...]:
         """Every value of ``attr``, in the order the certificate lists them."""
@@ -44,30 +46,28 @@ class CertSubject(Mapping[str, str]):
         """Every attribute with all of its values."""
         return dict(self._values)
 
-    def __getitem__(self, attr: str) -> str:
-        values = self._values.get(attr, ())
-        if len(values) != 1:
-            raise KeyError(attr)
-        return values[0]
-
-    def __iter__(self) -> Iterator[str]:
-        return (key for key, values in self._values.items() if len(values) == 1)
-
-    def __len__(self) -> int:
-        return sum(1 for values in self._values.values() if len(values) == 1)
-
     def __eq__(self, other: object) -> bool:
         if isinstance(other, CertSubject):
             return self._values == other._values
-        if isinstance(other, Mapping):
-            return self.all_values() == CertSubject(other).all_values()
-        return NotImplemented
+        return super().__eq__(other) and len(self._values) == len(self)
 
-    __hash__ = None  # type: ignore[assignment]
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = None
 
     def __repr__(self) -> str:
         shown = {k: v[0] if len(v) == 1 else v for k, v in self._values.items()}
         return f"CertSubject({shown!r})"
+
+    def __reduce__(self) -> tuple[type[CertSubject], tuple[list[tuple[str, str]]]]:
+        return (type(self), ([(k, v) for k, values in self._values.items() for v in values],))
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError("a certificate subject is read-only")
+
+    __setitem__ = __delitem__ = __ior__ = _read_only
+    clear = pop = popitem = setdefault = update = _read_only
 
 
 @dataclasses.dataclass(frozen=True)
