@@ -151,12 +151,34 @@ EVERY_LEAF = [
 
 
 @pytest.mark.parametrize("req", EVERY_LEAF, ids=str)
-def test_missing_facts_fail_without_raising(req: Requirement) -> None:
+def test_missing_facts_are_unknown_and_fail_even_negated(req: Requirement) -> None:
     peer = Peer(transport="memory")
+    assert req.evaluate(peer) is None
+    assert (~req).evaluate(peer) is None
     assert req.check(peer) is False
-    assert (~req).check(peer) is True
-    assert "failed" in req.explain(peer)
-    assert "passed" in (~req).explain(peer)
+    assert (~req).check(peer) is False
+    assert req.explain(peer).endswith("(unknown)") and " failed: " in req.explain(peer)
+    assert (~req).explain(peer).endswith("(unknown)") and " failed: " in (~req).explain(peer)
+
+
+def test_facts_known_but_different_are_false_not_unknown() -> None:
+    peer = unix(uid=0, gid=0, groups=(), exe="/bin/sh")
+    assert R.user(NO_USER).evaluate(peer) is False
+    assert (~R.user(NO_USER)).check(peer) is True
+    assert R.group(NO_GROUP).evaluate(peer) is False
+    assert (~R.gid(5)).check(peer) is True  # no supplementary groups: known
+    assert (~R.gid(5)).evaluate(unix(uid=0, gid=0, groups=None)) is None  # groups unknown
+    assert R.gid(0).evaluate(unix(uid=0, gid=0, groups=None)) is True
+    subject = tls(cert_subject={"CN": "a"}, cert_fingerprint=FP)
+    assert R.cert_san("x").evaluate(subject) is False  # a certificate without SANs
+    assert R.cert_subject(O="x").evaluate(subject) is None  # an absent attribute
+    two = tls(cert_subject=[("CN", "guest"), ("CN", "agent")], cert_fingerprint=FP)
+    for value in ("guest", "agent", "other"):
+        assert R.cert_subject(CN=value).evaluate(two) is None
+        assert (~R.cert_subject(CN=value)).check(two) is False
+    assert R.cert_subject(CN="agent").explain(two) == (
+        'cert.subject.CN == "agent" failed: peer certificate subject has 2 CN values ("guest", "agent"), not one (unknown)'
+    )
 
 
 @pytest.mark.parametrize(
@@ -446,7 +468,11 @@ def test_requirement_takes_text_only() -> None:
     [
         (R.uid(1000), unix(uid=1001), "uid == 1000 failed: peer uid is 1001"),
         (R.uid(1000), unix(uid=1000), "uid == 1000 passed: peer uid is 1000"),
-        (R.uid(1000), unix(), "uid == 1000 failed: peer has no uid"),
+        (R.uid(1000), unix(), "uid == 1000 failed: peer has no uid (unknown)"),
+        (~R.uid(0), unix(), "uid != 0 failed: peer has no uid (unknown)"),
+        (~(R.uid(0) | R.gid(0)), unix(), "not (uid == 0 or gid == 0) failed: no alternative held: uid == 0 failed: peer has no uid (unknown); gid == 0 failed: peer has no gid and no supplementary groups (unknown)"),
+        (R.uid(0) & R.transport("tcp") & R.pid(1), unix(pid=1), 'transport == "tcp" failed: peer transport is "unix"'),
+        (R.uid(0) & R.pid(1), unix(pid=1), "uid == 0 failed: peer has no uid (unknown)"),
         (~R.uid(0), unix(uid=1001), "uid != 0 passed: peer uid is 1001"),
         (R.pid(7), unix(pid=8), "pid == 7 failed: peer pid is 8"),
         (
@@ -471,7 +497,7 @@ def test_requirement_takes_text_only() -> None:
             f'group == "{ROOT_GROUP}" passed: group "{ROOT_GROUP}" is gid 0, '
             "peer gid is 0 and no supplementary groups",
         ),
-        (R.executable("/bin/sh"), unix(), 'exe == "/bin/sh" failed: peer executable is unknown'),
+        (R.executable("/bin/sh"), unix(), 'exe == "/bin/sh" failed: peer has no executable path (unknown)'),
         (R.transport("tls"), unix(), 'transport == "tls" failed: peer transport is "unix"'),
         (
             R.cert_subject(CN="client1"),
@@ -481,7 +507,7 @@ def test_requirement_takes_text_only() -> None:
         (
             R.cert_subject(CN="client1"),
             tls(),
-            'cert.subject.CN == "client1" failed: peer certificate subject has no CN',
+            'cert.subject.CN == "client1" failed: peer certificate subject has no CN (unknown)',
         ),
         (
             R.cert_san("example.com"),
@@ -491,7 +517,7 @@ def test_requirement_takes_text_only() -> None:
         (
             R.cert_san("example.com"),
             tls(),
-            'cert.san == "example.com" failed: peer certificate has no subject alternative names',
+            'cert.san == "example.com" failed: peer certificate has no subject alternative names (unknown)',
         ),
         (
             R.cert_fingerprint(FP),
@@ -501,7 +527,7 @@ def test_requirement_takes_text_only() -> None:
         (
             R.cert_fingerprint(FP),
             tls(),
-            f'cert.fingerprint == "{FP}" failed: peer has no certificate fingerprint',
+            f'cert.fingerprint == "{FP}" failed: peer has no certificate fingerprint (unknown)',
         ),
         (R.any(), unix(), "true passed: it matches every peer"),
         (R.none(), unix(), "false failed: it matches no peer"),
@@ -538,7 +564,7 @@ def test_explain_same_user() -> None:
     assert R.same_user().explain(unix(uid=me)) == (
         f"same_user passed: this process runs as uid {me}, peer uid is {me}"
     )
-    assert R.same_user().explain(unix()) == "same_user failed: peer has no uid"
+    assert R.same_user().explain(unix()) == "same_user failed: peer has no uid (unknown)"
 
 
 def test_explain_executable_shows_resolution(tmp_path: Path) -> None:
@@ -619,9 +645,9 @@ PEERS = st.builds(
     uid=PEER_IDS | st.just(os.getuid()),
     gid=PEER_IDS,
     pid=PEER_IDS,
-    groups=st.lists(st.sampled_from([0, 1, 4, 27, 1000]), max_size=3).map(tuple),
+    groups=st.none() | st.lists(st.sampled_from([0, 1, 4, 27, 1000]), max_size=3).map(tuple),
     exe=st.none() | PATHS,
-    cert_subject=st.dictionaries(st.sampled_from(["CN", "O", "OU"]), VALUES, max_size=3),
+    cert_subject=st.lists(st.tuples(st.sampled_from(["CN", "O", "OU"]), VALUES), max_size=3),
     cert_sans=st.lists(SANS, max_size=3).map(tuple),
     cert_fingerprint=st.none() | FPS,
 )
@@ -643,12 +669,17 @@ def test_str_round_trip(req: Requirement, peers: list[Peer]) -> None:
 @settings(max_examples=200, deadline=None)
 @given(TREES, PEERS)
 def test_algebra(req: Requirement, peer: Peer) -> None:
-    result = req.check(peer)
-    assert (~req).check(peer) is (not result)
-    assert (req & R.any()).check(peer) is result
-    assert (req | R.none()).check(peer) is result
-    assert (req & R.none()).check(peer) is False
-    assert (req | R.any()).check(peer) is True
+    result = req.evaluate(peer)
+    assert result in (True, False, None)
+    assert req.check(peer) is (result is True)
+    assert (~req).evaluate(peer) is (None if result is None else not result)
+    assert (~~req).evaluate(peer) is result
+    assert (req & R.any()).evaluate(peer) is result
+    assert (req | R.none()).evaluate(peer) is result
+    assert (req & R.none()).evaluate(peer) is False
+    assert (req | R.any()).evaluate(peer) is True
+    # a requirement and its negation never both admit: at most one of them passes
+    assert not (req.check(peer) and (~req).check(peer))
     assert req.explain(peer)
 
 

@@ -44,7 +44,7 @@ from ._interface import (
     requires,
 )
 from ._fds import FileDescriptor, SharedBuffer
-from ._peer import Peer
+from ._peer import CertSubject, Peer
 from ._proxy import pipeline
 from ._requirements import Requirement, RequirementSyntaxError, requirement
 from ._tls import client_ssl_context, server_ssl_context
@@ -66,6 +66,7 @@ def __getattr__(name: str) -> object:
 __all__ = (
     "CallContext",
     "CallStream",
+    "CertSubject",
     "Connection",
     "ConnectionInterrupted",
     "ConnectionInvalidated",

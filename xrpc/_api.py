@@ -154,6 +154,7 @@ class Server:
             limits=self.limits,
             ssl_context=ssl_context,
             middleware=self.middleware,
+            requirement=self.requirement,
         )
         self.connections.add(conn)
         try:
@@ -205,7 +206,7 @@ class Server:
                 return
         if conn.closed:
             return
-        core.exports = [e.info() for e in conn._all_exports()]
+        core.exports = conn._announced()  # only what this peer may call
         core.send_welcome()
         conn._open_gate()
         conn._kick()
@@ -216,7 +217,13 @@ class _IntrospectionService:
         from ._connection import current_connection
 
         conn = current_connection()
-        return [describe_export(e.name, e.desc) for e in conn._all_exports() if e.name != INTROSPECT_NAME]
+        # only what this peer may call: an export it may not call is left out, and so is a method
+        announced = {info.name: info for info in conn._announced()}
+        return [
+            describe_export(e.name, e.desc, set(announced[e.name].methods))
+            for e in conn._all_exports()
+            if e.name != INTROSPECT_NAME and e.name in announced
+        ]
 
 
 @contextlib.asynccontextmanager

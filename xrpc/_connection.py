@@ -174,6 +174,16 @@ class Limits(msgspec.Struct, kw_only=True):
     idle_timeout: float | None = None  # close a connection that received nothing for this long (seconds)
 
 
+_GUARD_CACHE_SIZE = 256  # requirement verdicts cached per connection
+
+
+def _explain(requirement: Any, peer: Peer) -> str:
+    try:
+        return str(requirement.explain(peer))
+    except Exception as exc:  # a custom requirement that fails to explain itself still refuses
+        return f"{requirement} failed ({exc!r})"
+
+
 class Export:
     """An object exported under a name, with its interface description and bound methods."""
 
@@ -954,7 +964,9 @@ class Connection:
         middleware: Sequence[Middleware] = (),
         requirement: Any = None,
     ) -> None:
-        self._requirement = requirement  # client side: what the server must satisfy
+        # what the peer must satisfy to be served at all: on a server its requirement, on a client
+        # what the server must satisfy; checked at the handshake and again by _authorize
+        self._requirement = requirement
         self.limits = limits or Limits()
         self._transport = transport  # a connected socket, or an anyio ByteStream
         self._stream: anyio.abc.ByteStream | None = None if isinstance(transport, socket.socket) else transport
@@ -995,7 +1007,7 @@ class Connection:
         self._loop_thread = threading.get_ident()
         self._proxies: dict[tuple[int, str, float | None], Any] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # incoming calls on the asyncio fast path
-        self._guard_cache: dict[int, bool] = {}
+        self._guard_cache: dict[int, tuple[Any, bool]] = {}  # id(requirement) -> (requirement, verdict)
         self._compat_cache: dict[tuple[int, str], Any] = {}
         self._pings: dict[int, anyio.Event] = {}
         self._handed_out = not client  # a client connection is handed out once connect() returns it
@@ -1321,6 +1333,7 @@ class Connection:
                 if self._aio is None:
                     tg.start_soon(self._writer)
                 if self.client:
+                    self._core.exports = self._announced()  # with the server's facts known (TLS)
                     self._core.send_hello()
                     self._kick()
                 if self.limits.idle_timeout is not None:
@@ -1411,11 +1424,9 @@ class Connection:
 
         der = sslobj.getpeercert(binary_form=True)
         info = sslobj.getpeercert() or {}
-        subject: dict[str, str] = {}
-        for rdn in info.get("subject", ()):
-            for key, value in rdn:
-                short = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C"}.get(key, key)
-                subject[short] = value
+        from ._tls import cert_subject
+
+        subject = cert_subject(info)  # every value of every attribute: CN=guest/CN=agent keeps both
         sans = tuple(f"{kind}:{value}" for kind, value in info.get("subjectAltName", ()))
         self.peer = dataclasses.replace(
             self.peer,
@@ -1780,9 +1791,8 @@ class Connection:
                 core.send_error(call_id, ErrorCode.METHOD_NOT_FOUND, "MethodNotFound", f"{desc.name} {what} {msg.method!r}")
             log.info("xrpc: call to unknown method %s.%s from %s", desc.name, msg.method, self._peer_name())
             return
-        guard = export.guards.get(m.name) if export is not None and export.guards else m.requirement
-        if guard is not None and not self._satisfies(guard):
-            log.warning("xrpc: refused call %s from %s: %s", m.qualname, self._peer_name(), guard.explain(self.peer))
+        # the authorization checkpoint (a pipelined call passes it again once its target is known)
+        if (export is None or export.guards or self._requirement is not None) and not self._authorize(export, m):
             if not oneway:
                 core.send_error(call_id, ErrorCode.PEER_REJECTED, "PeerRejected", f"{m.qualname}: refused")
             return
@@ -1868,17 +1878,62 @@ class Connection:
             following.set()
         await coro
 
+    def _authorize(self, export: Export | None, m: MethodDescription, quiet: bool = False) -> bool:
+        """The one authorization checkpoint every incoming call passes, however it is addressed
+        (export name, reference ``#id``, pipelined result ``^id``) and however it is served
+        (inline or in a task; unary, one-way, stream or client stream).
+
+        It checks the connection's requirement (a server's ``requirement=``; on a client, what its
+        server must satisfy) and ``export.guards[m]``: the export's, the interface's and the
+        implementation's requirements for ``m`` combined.  ``export`` is None for a pipelined call
+        whose target is not known yet: then only the interface's requirement can be checked, and
+        the call comes back here with its export once the target is known.  A refusal is logged
+        (with the reason, which the peer never sees; not when ``quiet``: what is announced to the
+        peer is decided here too) and returns False.
+        """
+        requirement = self._requirement
+        if requirement is None or self._satisfies(requirement):
+            requirement = export.guards.get(m.name) if export is not None else m.requirement
+            if requirement is None or self._satisfies(requirement):
+                return True
+        if not quiet:
+            log.warning("xrpc: refused call %s from %s: %s", m.qualname, self._peer_name(), _explain(requirement, self.peer))
+        return False
+
     def _satisfies(self, requirement: Any) -> bool:
+        """Whether the peer satisfies ``requirement``, cached for the connection (the peer's facts
+        do not change).  The cache holds the requirement itself, so its id cannot be reused by
+        another object while the verdict is cached."""
         key = id(requirement)
-        ok = self._guard_cache.get(key)
-        if ok is None:
-            try:
-                ok = bool(requirement.check(self.peer))
-            except Exception:
-                log.exception("xrpc: requirement %s failed to evaluate", requirement)
-                ok = False
-            self._guard_cache[key] = ok
+        hit = self._guard_cache.get(key)
+        if hit is not None and hit[0] is requirement:
+            return hit[1]
+        try:
+            ok = requirement.check(self.peer) is True
+        except Exception:
+            log.exception("xrpc: requirement %s failed to evaluate", requirement)
+            ok = False
+        if len(self._guard_cache) >= _GUARD_CACHE_SIZE:
+            self._guard_cache.clear()  # bounded: exports created and dropped in a loop cannot grow it
+        self._guard_cache[key] = (requirement, ok)
         return ok
+
+    def _announced(self) -> list[ExportInfo]:
+        """What HELLO/WELCOME announces: the exports this peer may call, each with only the methods
+        it may call.  The fingerprint stays the whole interface's, so a peer with the same
+        interface still skips the compatibility check; an export none of whose methods the peer
+        may call is left out."""
+        out = []
+        for e in self._all_exports():
+            info = e.info()
+            if e.guards or self._requirement is not None:
+                allowed = [name for name, m in e.desc.methods.items() if self._authorize(e, m, quiet=True)]
+                if not allowed:
+                    continue
+                if len(allowed) != len(info.methods):
+                    info = ExportInfo(info.name, info.interface, info.fingerprint, {n: info.methods[n] for n in allowed})
+            out.append(info)
+        return out
 
     _handlers: dict[type, Callable[..., None]] = {}
 
@@ -1928,28 +1983,43 @@ class Connection:
         task.add_done_callback(self._tasks.discard)
 
     async def _serve_pipelined(self, msg: Call, m: MethodDescription, promise: _Promise, inc: _InCall, args: tuple[Any, ...]) -> None:
-        """A call on the result of an earlier call: wait for that result, then serve as usual."""
+        """A call on the result of an earlier call: wait for that result, pass the authorization
+        checkpoint with it (its implementation may carry ``@xrpc.requires``), then serve as usual."""
         await promise.wait()
         export: Export | None = None
         if promise.error is None:
-            try:
-                export = Export(promise.desc, promise.obj, msg.obj)
-            except TypeError as exc:
-                promise.error = exc
+            export = self._pipelined_export(promise, msg.obj)
         if export is None:
-            self._serving -= 1
-            if inc.queue is not None or inc.credit is not None:
-                self._streams -= 1
-            if msg.id in self._core.incoming:
-                self._core.send_error(
-                    msg.id, ErrorCode.OBJECT_NOT_FOUND, "ObjectNotFound", f"{msg.obj}: the call it depends on failed ({promise.error!r})"
-                )
-                self._kick()
-            if inc.promise is not None:
-                inc.promise.settle(error=ObjectNotFound(f"{msg.obj} failed"))
-                self._settled(msg.id)
+            error = (ErrorCode.OBJECT_NOT_FOUND, "ObjectNotFound", f"{msg.obj}: the call it depends on failed ({promise.error!r})")
+        elif not self._authorize(export, m):
+            error = (ErrorCode.PEER_REJECTED, "PeerRejected", f"{m.qualname}: refused")
+        else:
+            await self._serve(msg, m, export, inc, args)
             return
-        await self._serve(msg, m, export, inc, args)
+        self._serving -= 1
+        if inc.queue is not None or inc.credit is not None:
+            self._streams -= 1
+        if msg.id in self._core.incoming:
+            self._core.send_error(msg.id, *error)
+            self._kick()
+        if inc.promise is not None:
+            inc.promise.settle(error=ObjectNotFound(f"{msg.obj} failed"))
+            self._settled(msg.id)
+
+    def _pipelined_export(self, promise: _Promise, name: str) -> Export | None:
+        """The object a promise resolved to, as an export: the one it was passed by reference as
+        when it still is (its guards, and their cached verdicts, are reused), else a new one."""
+        obj = promise.obj
+        oid = self._ref_ids.get((id(obj), promise.desc.name))
+        entry = self._refs.get(oid) if oid is not None else None
+        if entry is not None and entry[0].obj is obj:
+            export: Export = entry[0]
+            return export
+        try:
+            return Export(promise.desc, obj, name)
+        except TypeError as exc:
+            promise.error = exc
+            return None
 
     def _settled(self, call_id: int) -> None:
         """Keep the results of the last few calls for pipelined calls still on their way."""

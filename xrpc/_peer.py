@@ -9,9 +9,65 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, NoReturn
 
-__all__ = ("Peer",)
+__all__ = ("Peer", "CertSubject")
+
+
+class CertSubject(dict[str, str]):
+    """The subject of a peer certificate, keeping every value of every attribute.
+
+    As a (read-only) ``dict`` it holds each attribute that appears exactly once: ``subject["CN"]``,
+    ``subject.get("O")``, ``dict(subject)``, ``json.dumps(subject)``.  An attribute that appears
+    more than once (a subject ``CN=guest/CN=agent``) has no single value, so it is not in the
+    dict: ``"CN" in subject`` is false and ``subject.get("CN")`` is None.  ``getall(attr)`` gives
+    every value of an attribute in certificate order (empty if it is absent), and ``all_values()``
+    every attribute.  Requirements such as ``cert.subject.CN == "agent"`` fail for an attribute
+    with several values.
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, items: Mapping[str, str | Iterable[str]] | Iterable[tuple[str, str]] = ()) -> None:
+        values: dict[str, tuple[str, ...]] = {}
+        pairs: Iterable[tuple[str, Any]] = items.items() if isinstance(items, Mapping) else items
+        for key, value in pairs:
+            new = (value,) if isinstance(value, str) else tuple(value)
+            values[key] = values.get(key, ()) + new
+        self._values = values
+        super().__init__((key, v[0]) for key, v in values.items() if len(v) == 1)
+
+    def getall(self, attr: str) -> tuple[str, ...]:
+        """Every value of ``attr``, in the order the certificate lists them."""
+        return self._values.get(attr, ())
+
+    def all_values(self) -> dict[str, tuple[str, ...]]:
+        """Every attribute with all of its values."""
+        return dict(self._values)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, CertSubject):
+            return self._values == other._values
+        return super().__eq__(other) and len(self._values) == len(self)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        shown = {k: v[0] if len(v) == 1 else v for k, v in self._values.items()}
+        return f"CertSubject({shown!r})"
+
+    def __reduce__(self) -> tuple[type[CertSubject], tuple[list[tuple[str, str]]]]:
+        return (type(self), ([(k, v) for k, values in self._values.items() for v in values],))
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError("a certificate subject is read-only")
+
+    __setitem__ = __delitem__ = __ior__ = _read_only
+    clear = pop = popitem = setdefault = update = _read_only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,9 +77,11 @@ class Peer:
     ``transport`` is ``"unix"``, ``"tcp"``, ``"tls"`` or ``"memory"``.  Unix sockets fill ``uid``,
     ``gid`` and ``pid`` from the kernel at connect time (SO_PEERCRED), ``pidfd`` where the kernel
     offers SO_PEERPIDFD (it stays valid while the connection is open, so a recycled pid cannot pose
-    as the peer), and ``groups``/``exe`` from /proc, dropped if the process exited while they were
-    read.  TLS fills the ``cert_*`` fields from the verified peer certificate; memory connections
-    describe this process.
+    as the peer), and ``groups``/``exe`` from the kernel and /proc, dropped if the process exited
+    while they were read (``groups`` is then None: unknown, unlike ``()``, no supplementary
+    groups).  TLS fills the ``cert_*`` fields from the verified peer certificate; ``cert_subject``
+    is a ``CertSubject``, which keeps every value of an attribute that appears more than once (a
+    plain ``dict`` given here is converted).  Memory connections describe this process.
     """
 
     transport: str
@@ -31,13 +89,17 @@ class Peer:
     uid: int | None = None
     gid: int | None = None
     pid: int | None = None
-    groups: tuple[int, ...] = ()
+    groups: tuple[int, ...] | None = ()
     exe: str | None = None
     pidfd: int | None = None
-    cert_subject: dict[str, str] = dataclasses.field(default_factory=dict)
+    cert_subject: CertSubject = dataclasses.field(default_factory=CertSubject)
     cert_sans: tuple[str, ...] = ()
     cert_fingerprint: str | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.cert_subject, CertSubject):
+            object.__setattr__(self, "cert_subject", CertSubject(self.cert_subject))
 
     @classmethod
     def this_process(cls, transport: str = "memory", address: str = "") -> Peer:

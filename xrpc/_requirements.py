@@ -15,8 +15,14 @@ Precedence, loosest first: ``or`` (``||``), ``and`` (``&&``), ``not`` (``!``).  
 as the only escapes.  The parser is a hand-written tokenizer and recursive-descent parser; it never
 evaluates anything, and reports mistakes as ``RequirementSyntaxError`` with a 1-based column.
 
-Evaluation short-circuits and never raises: a fact the peer does not have (``None``, an empty
-field, a user name that does not resolve) makes that leaf false.  ``explain()`` says in words why a
+Evaluation uses three values: True, False and Unknown (``None``).  A leaf whose fact the peer does
+not have (no uid over TCP, no certificate, an executable dropped because the process exited, a
+certificate attribute that is absent or appears more than once) is Unknown; ``not`` keeps Unknown
+Unknown; ``and``/``or`` follow Kleene's logic (``False and Unknown`` is False, ``True or Unknown``
+is True, any other mix with Unknown is Unknown).  ``check()`` admits only on True, so a verdict
+that depends on a missing fact always denies: ``uid != 0`` refuses a peer without a uid.  A fact
+that is known but does not match (a user name that resolves to nobody, say) is False, not Unknown.
+Evaluation short-circuits and never raises for missing facts.  ``explain()`` says in words why a
 requirement held or not.
 
 This module owns the requirement types, the expression language and its errors; it does no I/O
@@ -28,10 +34,11 @@ from __future__ import annotations
 import abc
 import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Callable, ClassVar, Generic, NamedTuple, NoReturn, TypeVar
 
 from ._errors import Error
-from ._peer import Peer
+from ._peer import CertSubject, Peer
 
 __all__ = (
     "Requirement",
@@ -130,13 +137,19 @@ def _realpath(path: str) -> str | None:
         return None
 
 
-def _has_gid(peer: Peer, gid: int) -> bool:
-    return peer.gid == gid or gid in (peer.groups or ())
+def _has_gid(peer: Peer, gid: int) -> bool | None:
+    if peer.gid == gid or gid in (peer.groups or ()):
+        return True
+    if peer.gid is None or peer.groups is None:
+        return None  # the primary group or the supplementary groups are unknown
+    return False
 
 
 def _describe_groups(peer: Peer) -> str:
     groups = tuple(peer.groups or ())
     primary = "peer has no gid" if peer.gid is None else f"peer gid is {peer.gid}"
+    if peer.groups is None:
+        return f"{primary}, supplementary groups are unknown"
     if groups:
         return f"{primary}, supplementary groups are {', '.join(map(str, groups))}"
     return f"{primary} and no supplementary groups"
@@ -188,18 +201,26 @@ class Requirement(abc.ABC):
     equal requirement.  Requirements are immutable, hashable and compare by structure.
     """
 
-    @abc.abstractmethod
     def check(self, peer: Peer) -> bool:
-        """Whether ``peer`` satisfies the requirement.  Never raises for missing peer facts."""
+        """Whether ``peer`` satisfies the requirement: only a verdict of True admits, so a
+        requirement that depends on a fact the peer lacks fails.  Never raises for missing facts."""
+        return self.evaluate(peer) is True
+
+    def evaluate(self, peer: Peer) -> bool | None:
+        """The three-valued verdict: True, False, or None when it depends on a fact ``peer``
+        lacks.  A subclass defines this (or, for a two-valued predicate, ``check``)."""
+        if type(self).check is Requirement.check:
+            raise NotImplementedError(f"{type(self).__qualname__} defines neither evaluate() nor check()")
+        return bool(self.check(peer))
 
     @abc.abstractmethod
     def __str__(self) -> str: ...
 
     def explain(self, peer: Peer) -> str:
         """A sentence saying whether ``peer`` satisfies the requirement, and why."""
-        verdict = "passed" if self.check(peer) else "failed"
+        verdict = self.evaluate(peer)
         detail = self._detail(peer)
-        return f"{self} {verdict}: {detail}" if detail else f"{self} {verdict}"
+        return _sentence(self, verdict, detail)
 
     def _detail(self, peer: Peer) -> str:
         """The fact about ``peer`` that decided a leaf, for ``explain()``."""
@@ -315,6 +336,14 @@ class Requirement(abc.ABC):
         return _Constant(False)
 
 
+def _sentence(req: Requirement, verdict: bool | None, detail: str) -> str:
+    """``"<req> passed: <detail>"`` or ``failed``; an Unknown verdict fails, marked ``(unknown)``."""
+    word = "passed" if verdict is True else "failed"
+    if verdict is None:
+        detail = f"{detail} (unknown)" if detail else "unknown"
+    return f"{req} {word}: {detail}" if detail else f"{req} {word}"
+
+
 def _flatten(kind: type[And] | type[Or], children: tuple[Requirement, ...]) -> tuple[Requirement, ...]:
     flat: list[Requirement] = []
     for child in children:
@@ -334,7 +363,8 @@ def _wrap(child: Requirement, precedence: int) -> str:
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class And(Requirement):
-    """Every child holds.  Checked left to right, stopping at the first that fails."""
+    """Every child holds.  Checked left to right, stopping at the first that is False; Unknown if
+    none is False and one is Unknown."""
 
     children: tuple[Requirement, ...]
 
@@ -347,13 +377,26 @@ class And(Requirement):
     def _binding(self) -> int:
         return 2
 
-    def check(self, peer: Peer) -> bool:
-        return all(child.check(peer) for child in self.children)
+    def evaluate(self, peer: Peer) -> bool | None:
+        result: bool | None = True
+        for child in self.children:
+            verdict = child.evaluate(peer)
+            if verdict is False:
+                return False
+            if verdict is None:
+                result = None
+        return result
 
     def explain(self, peer: Peer) -> str:
+        unknown: Requirement | None = None
         for child in self.children:
-            if not child.check(peer):
+            verdict = child.evaluate(peer)
+            if verdict is False:
                 return child.explain(peer)
+            if verdict is None and unknown is None:
+                unknown = child
+        if unknown is not None:
+            return unknown.explain(peer)
         return "; ".join(child.explain(peer) for child in self.children)
 
     def __str__(self) -> str:
@@ -362,7 +405,8 @@ class And(Requirement):
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class Or(Requirement):
-    """At least one child holds.  Checked left to right, stopping at the first that holds."""
+    """At least one child holds.  Checked left to right, stopping at the first that is True;
+    Unknown if none is True and one is Unknown."""
 
     children: tuple[Requirement, ...]
 
@@ -375,12 +419,19 @@ class Or(Requirement):
     def _binding(self) -> int:
         return 1
 
-    def check(self, peer: Peer) -> bool:
-        return any(child.check(peer) for child in self.children)
+    def evaluate(self, peer: Peer) -> bool | None:
+        result: bool | None = False
+        for child in self.children:
+            verdict = child.evaluate(peer)
+            if verdict is True:
+                return True
+            if verdict is None:
+                result = None
+        return result
 
     def explain(self, peer: Peer) -> str:
         for child in self.children:
-            if child.check(peer):
+            if child.evaluate(peer) is True:
                 return child.explain(peer)
         return "no alternative held: " + "; ".join(child.explain(peer) for child in self.children)
 
@@ -390,7 +441,8 @@ class Or(Requirement):
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class Not(Requirement):
-    """The child does not hold.  ``Not`` of a comparison prints as ``!=``."""
+    """The child does not hold.  ``Not`` of Unknown is Unknown.  ``Not`` of a comparison prints as
+    ``!=``."""
 
     child: Requirement
 
@@ -401,14 +453,16 @@ class Not(Requirement):
     def _binding(self) -> int:
         return 4 if isinstance(self.child, _Match) else 3
 
-    def check(self, peer: Peer) -> bool:
-        return not self.child.check(peer)
+    def evaluate(self, peer: Peer) -> bool | None:
+        verdict = self.child.evaluate(peer)
+        return None if verdict is None else not verdict
 
     def explain(self, peer: Peer) -> str:
-        verdict = "passed" if self.check(peer) else "failed"
+        verdict = self.evaluate(peer)
         if isinstance(self.child, _Match):
-            return f"{self} {verdict}: {self.child._detail(peer)}"
-        return f"{self} {verdict}: {self.child.explain(peer)}"
+            return _sentence(self, verdict, self.child._detail(peer))
+        word = "passed" if verdict is True else "failed"
+        return f"{self} {word}: {self.child.explain(peer)}"
 
     def __str__(self) -> str:
         if isinstance(self.child, _Match):
@@ -420,7 +474,7 @@ class Not(Requirement):
 class _Constant(Requirement):
     value: bool
 
-    def check(self, peer: Peer) -> bool:
+    def evaluate(self, peer: Peer) -> bool | None:
         return self.value
 
     def _detail(self, peer: Peer) -> str:
@@ -432,8 +486,8 @@ class _Constant(Requirement):
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class _SameUser(Requirement):
-    def check(self, peer: Peer) -> bool:
-        return peer.uid is not None and peer.uid == os.getuid()
+    def evaluate(self, peer: Peer) -> bool | None:
+        return None if peer.uid is None else peer.uid == os.getuid()
 
     def _detail(self, peer: Peer) -> str:
         if peer.uid is None:
@@ -464,8 +518,8 @@ class _Match(Requirement, Generic[_V]):
 class _Uid(_Match[int]):
     _FIELD = "uid"
 
-    def check(self, peer: Peer) -> bool:
-        return peer.uid is not None and peer.uid == self.value
+    def evaluate(self, peer: Peer) -> bool | None:
+        return None if peer.uid is None else peer.uid == self.value
 
     def _detail(self, peer: Peer) -> str:
         return "peer has no uid" if peer.uid is None else f"peer uid is {peer.uid}"
@@ -475,7 +529,7 @@ class _Uid(_Match[int]):
 class _Gid(_Match[int]):
     _FIELD = "gid"
 
-    def check(self, peer: Peer) -> bool:
+    def evaluate(self, peer: Peer) -> bool | None:
         return _has_gid(peer, self.value)
 
     def _detail(self, peer: Peer) -> str:
@@ -486,8 +540,8 @@ class _Gid(_Match[int]):
 class _Pid(_Match[int]):
     _FIELD = "pid"
 
-    def check(self, peer: Peer) -> bool:
-        return peer.pid is not None and peer.pid == self.value
+    def evaluate(self, peer: Peer) -> bool | None:
+        return None if peer.pid is None else peer.pid == self.value
 
     def _detail(self, peer: Peer) -> str:
         return "peer has no pid" if peer.pid is None else f"peer pid is {peer.pid}"
@@ -497,9 +551,9 @@ class _Pid(_Match[int]):
 class _User(_Match[str]):
     _FIELD = "user"
 
-    def check(self, peer: Peer) -> bool:
+    def evaluate(self, peer: Peer) -> bool | None:
         if peer.uid is None:
-            return False
+            return None
         uid = _uid_of(self.value)
         return uid is not None and uid == peer.uid
 
@@ -516,11 +570,11 @@ class _User(_Match[str]):
 class _Group(_Match[str]):
     _FIELD = "group"
 
-    def check(self, peer: Peer) -> bool:
+    def evaluate(self, peer: Peer) -> bool | None:
         if peer.gid is None and not peer.groups:
-            return False
+            return None
         gid = _gid_of(self.value)
-        return gid is not None and _has_gid(peer, gid)
+        return False if gid is None else _has_gid(peer, gid)
 
     def _detail(self, peer: Peer) -> str:
         gid = _gid_of(self.value)
@@ -533,15 +587,15 @@ class _Group(_Match[str]):
 class _Exe(_Match[str]):
     _FIELD = "exe"
 
-    def check(self, peer: Peer) -> bool:
+    def evaluate(self, peer: Peer) -> bool | None:
         if peer.exe is None:
-            return False
+            return None
         actual = _realpath(peer.exe)
-        return actual is not None and actual == _realpath(self.value)
+        return None if actual is None else actual == _realpath(self.value)
 
     def _detail(self, peer: Peer) -> str:
         if peer.exe is None:
-            return "peer executable is unknown"
+            return "peer has no executable path"
         actual = _realpath(peer.exe)
         if actual is None:
             return f"peer executable {_quote(peer.exe)} cannot be resolved"
@@ -556,8 +610,8 @@ class _Exe(_Match[str]):
 class _Transport(_Match[str]):
     _FIELD = "transport"
 
-    def check(self, peer: Peer) -> bool:
-        return peer.transport == self.value
+    def evaluate(self, peer: Peer) -> bool | None:
+        return peer.transport == self.value if isinstance(peer.transport, str) else None
 
     def _detail(self, peer: Peer) -> str:
         if not isinstance(peer.transport, str):
@@ -573,29 +627,35 @@ class _SubjectAttr(_Match[str]):
     def field(self) -> str:
         return f"cert.subject.{self.attr}"
 
-    def _actual(self, peer: Peer) -> str | None:
+    def _values(self, peer: Peer) -> tuple[str, ...]:
         subject = peer.cert_subject
-        if not isinstance(subject, dict):
-            return None
-        value = subject.get(self.attr)
-        return value if isinstance(value, str) else None
+        if isinstance(subject, CertSubject):
+            return subject.getall(self.attr)
+        value = subject.get(self.attr) if isinstance(subject, Mapping) else None
+        return (value,) if isinstance(value, str) else ()
 
-    def check(self, peer: Peer) -> bool:
-        actual = self._actual(peer)
-        return actual is not None and actual == self.value
+    def evaluate(self, peer: Peer) -> bool | None:
+        values = self._values(peer)
+        # absent, or more than one value (CN=guest/CN=agent): the attribute has no single value
+        return values[0] == self.value if len(values) == 1 else None
 
     def _detail(self, peer: Peer) -> str:
-        actual = self._actual(peer)
-        if actual is None:
+        values = self._values(peer)
+        if not values:
             return f"peer certificate subject has no {self.attr}"
-        return f"peer certificate subject {self.attr} is {_quote(actual)}"
+        if len(values) > 1:
+            shown = ", ".join(_quote(v) for v in values)
+            return f"peer certificate subject has {len(values)} {self.attr} values ({shown}), not one"
+        return f"peer certificate subject {self.attr} is {_quote(values[0])}"
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class _San(_Match[str]):
     _FIELD = "cert.san"
 
-    def check(self, peer: Peer) -> bool:
+    def evaluate(self, peer: Peer) -> bool | None:
+        if not peer.cert_sans and peer.cert_fingerprint is None:
+            return None  # no certificate at all
         return any(
             isinstance(entry, str) and _san_matches(entry, self.value)
             for entry in (peer.cert_sans or ())
@@ -612,9 +672,9 @@ class _San(_Match[str]):
 class _Fingerprint(_Match[str]):
     _FIELD = "cert.fingerprint"
 
-    def check(self, peer: Peer) -> bool:
+    def evaluate(self, peer: Peer) -> bool | None:
         actual = peer.cert_fingerprint
-        return isinstance(actual, str) and _normalize_fingerprint(actual) == self.value
+        return _normalize_fingerprint(actual) == self.value if isinstance(actual, str) else None
 
     def _detail(self, peer: Peer) -> str:
         actual = peer.cert_fingerprint

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import os
 import ssl
+from typing import Any
 
-__all__ = ("server_ssl_context", "client_ssl_context")
+from ._peer import CertSubject
+
+__all__ = ("server_ssl_context", "client_ssl_context", "cert_subject")
+
+_SHORT_NAMES = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C"}
 
 _PathLike = str | os.PathLike[str]
 
@@ -36,3 +41,15 @@ def client_ssl_context(
     if certfile is not None:
         ctx.load_cert_chain(certfile, keyfile)
     return ctx
+
+
+def cert_subject(info: dict[str, Any]) -> CertSubject:
+    """The subject of a certificate as ``ssl.SSLSocket.getpeercert()`` decodes it, keeping every
+    value of an attribute that appears more than once (``CN=guest/CN=agent``), in order.  ``CN``,
+    ``O``, ``OU`` and ``C`` use their short names; other attributes keep OpenSSL's long names."""
+    pairs: list[tuple[str, str]] = []
+    for rdn in info.get("subject", ()):
+        for key, value in rdn:
+            if isinstance(key, str) and isinstance(value, str):
+                pairs.append((_SHORT_NAMES.get(key, key), value))
+    return CertSubject(pairs)

@@ -305,7 +305,7 @@ def socket_peer(sock: socket.socket, transport: str) -> Peer:
         pid, uid, gid = struct.unpack("3i", creds)
         pidfd = _peer_pidfd(sock)
         exe: str | None = None
-        groups: tuple[int, ...] = ()
+        groups: tuple[int, ...] | None = ()
         try:
             exe = os.readlink(f"/proc/{pid}/exe")
         except OSError:
@@ -313,7 +313,7 @@ def socket_peer(sock: socket.socket, transport: str) -> Peer:
         groups = _peer_groups(sock)
         if pidfd is not None and not _pidfd_alive(pidfd):
             # the process exited while we looked: what /proc said may belong to a recycled pid
-            exe, groups = None, ()
+            exe, groups = None, None  # unknown, which requirements treat as such (not as "no groups")
         return Peer(
             transport="unix", address=str(sock.getsockname()), uid=uid, gid=gid, pid=pid, groups=groups, exe=exe, pidfd=pidfd
         )
@@ -333,12 +333,13 @@ _SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5+
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+
 
 
-def _peer_groups(sock: socket.socket) -> tuple[int, ...]:
-    """The peer's supplementary groups as the kernel recorded them at connect time."""
+def _peer_groups(sock: socket.socket) -> tuple[int, ...] | None:
+    """The peer's supplementary groups as the kernel recorded them at connect time (None if the
+    kernel does not say)."""
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * 256)
     except OSError:
-        return ()
+        return None
     return tuple(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
 
 
