@@ -55,7 +55,7 @@ from ._errors import (
     RemoteProtocolError,
     ValidationError,
 )
-from ._interface import InterfaceDescription, MethodDescription, MethodKind, describe
+from ._interface import InterfaceDescription, MethodDescription, MethodKind, _plain_error, describe
 from ._peer import Peer
 from ._protocol import (
     Call,
@@ -610,6 +610,12 @@ def _error_from_frame(m: MethodDescription | None, frame: ErrorFrame) -> BaseExc
         cls = m.interface.error_map.get(frame.type_name)
         if cls is not None:
             args = frame.args if isinstance(frame.args, (list, tuple)) else ()
+            if _plain_error(args) is not None:
+                # only plain data travels; the frame decoder leaves MessagePack extensions as they are
+                return ValidationError(
+                    f"error {frame.type_name} of {m.qualname} refused: its arguments hold a MessagePack extension, which is not plain data",
+                    method=m.name,
+                )
             try:
                 return cls(*args)
             except Exception:
