@@ -389,3 +389,46 @@ async def test_extension_types_from_a_hostile_server_are_refused(value: Any) -> 
                 tg.cancel_scope.cancel()
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- deadlines
+@pytest.mark.timeout(60)
+async def test_hostile_deadlines(server: ServerProcess) -> None:
+    with anyio.fail_after(30):
+        async with raw_client(server.path) as peer:
+            ids = iter(range(1, 1 << 20, 2))
+            for deadline in (math.nan, -math.nan):
+                call_id = next(ids)
+                await peer.send(call(call_id, "add", payload(1, 2), deadline=deadline))
+                f = await peer.answer(call_id)
+                assert f[0] == ERROR_TAG and f[2] == ErrorCode.VALIDATION and f[3] == "ValidationError", f
+                assert "deadline" in f[4], f
+            for deadline in (0.0, -0.0, -1.0, -1e300, -math.inf):
+                call_id = next(ids)
+                await peer.send(call(call_id, "add", payload(1, 2), deadline=deadline))
+                f = await peer.answer(call_id)
+                assert f[0] == ERROR_TAG and f[2] == ErrorCode.TIMEOUT, f
+            # a stream call is answered alike, and what the peer sends on it afterwards is ignored
+            call_id = next(ids)
+            await peer.send(call(call_id, "take_stream", payload(), CallFlags.STREAM_IN, deadline=math.nan))
+            f = await peer.answer(call_id)
+            assert f[0] == ERROR_TAG and f[2] == ErrorCode.VALIDATION, f
+            await peer.send(Item(call_id, 1, payload(1)), End(call_id))  # type: ignore[arg-type]
+            # a one-way call is dropped
+            await peer.send(call(next(ids), "note", payload(1), CallFlags.ONEWAY, deadline=math.nan))
+            await peer.send(call(next(ids), "note", payload(1), CallFlags.ONEWAY, deadline=-1.0))
+            assert await runs(peer, next(ids)) == 0  # nothing ran; the connection carries on
+
+            # +inf is no deadline; a huge finite deadline or an integer one is a deadline like any other
+            for deadline in (math.inf, 1e300, 2.0**64, 30):
+                call_id = next(ids)
+                await peer.send(call(call_id, "add", payload(1, 2), deadline=deadline))
+                f = await peer.answer(call_id)
+                assert f[0] == REPLY_TAG and f[2] == 3, (deadline, f)
+            assert await runs(peer, next(ids)) == 4
+
+
+async def test_an_infinite_timeout_is_no_timeout(server: ServerProcess) -> None:
+    with anyio.fail_after(T):
+        async with xrpc.connect(server.url, timeout=T) as conn:
+            assert await conn.proxy(Hostile, timeout=math.inf).add(2, 3) == 5
