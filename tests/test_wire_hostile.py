@@ -428,6 +428,7 @@ async def test_hostile_deadlines(server: ServerProcess) -> None:
             assert await runs(peer, next(ids)) == 4
 
 
+@pytest.mark.timeout(60)
 async def test_an_infinite_timeout_is_no_timeout(server: ServerProcess) -> None:
     with anyio.fail_after(T):
         async with xrpc.connect(server.url, timeout=T) as conn:
