@@ -7,7 +7,8 @@ Usage::
 It listens on the URL, prints the bound URL on one line of stdout once it accepts connections, and
 serves ``StreamService`` until it is killed or its stdin reaches end of file (so it never outlives
 the test that started it).  ``hang()`` prints ``hang`` on stdout when it starts, so the test knows
-the call is in flight on this side before it kills the process.
+the call is in flight on this side before it kills the process; ``sink()`` and ``relay()`` print
+``flowing`` once a client stream is well under way.
 
 ``tests/test_streams.py`` imports ``StreamService`` from here, so both processes share one interface.
 """
@@ -38,6 +39,14 @@ class StreamService(Protocol):
 
     async def pid(self) -> int: ...
 
+    async def sink(self, items: AsyncIterator[int]) -> int:
+        """Counts what the caller streams (announces ``flowing`` once 100 items have arrived)."""
+        ...
+
+    def relay(self, items: AsyncIterator[int]) -> AsyncIterator[int]:
+        """Streams back what the caller streams (announces ``flowing`` like ``sink``)."""
+        ...
+
 
 def pattern(size: int) -> bytes:
     """The content of every ``blobs`` item: a repeating 0..255 ramp, ``size`` bytes long."""
@@ -65,6 +74,22 @@ class StreamServiceImpl:
         import os
 
         return os.getpid()
+
+    async def sink(self, items: AsyncIterator[int]) -> int:
+        n = 0
+        async for _ in items:
+            n += 1
+            if n == 100:
+                print("flowing", flush=True)
+        return n
+
+    async def relay(self, items: AsyncIterator[int]) -> AsyncIterator[int]:
+        n = 0
+        async for x in items:
+            n += 1
+            if n == 100:
+                print("flowing", flush=True)
+            yield x
 
 
 async def _exit_on_stdin_eof(scope: anyio.CancelScope) -> None:

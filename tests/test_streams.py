@@ -14,7 +14,9 @@ opportunity to misbehave before its count is checked.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
+import logging
 import math
 import os
 import pathlib
@@ -973,6 +975,70 @@ async def test_peer_killed_during_a_unary_call() -> None:
     print(f"\nunary: ConnectionInterrupted {ended * 1000:.1f} ms after kill -9")
     assert len(outcome) == 1 and isinstance(outcome[0], xrpc.ConnectionInterrupted), outcome
     assert ended < 1.0
+
+
+class SourceBroken(Exception):
+    pass
+
+
+async def _endless(style: int, finalized: list[int]) -> AsyncIterator[int]:
+    """0, 1, 2 ... for ever: without suspending between items (0), suspending at once (1 and 3),
+    or sleeping a little (2); style 3 also fails when it is closed."""
+    i = 0
+    try:
+        while True:
+            yield i
+            i += 1
+            if style in (1, 3):
+                await anyio.lowlevel.checkpoint()
+            elif style == 2:
+                await anyio.sleep(0.0005)
+    finally:
+        finalized.append(style)
+        if style == 3:
+            raise SourceBroken("a source that fails when it is closed")
+
+
+KILL_ROUNDS = 30
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("kind", ["client_stream", "two_way"])
+async def test_peer_killed_while_a_client_stream_is_sent(kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    """kill -9 of the server while the caller streams to it: always exactly ConnectionInterrupted,
+    and the caller's generator is closed properly (it is never left running).  The race between
+    the pump and the caller is repeated ``KILL_ROUNDS`` times."""
+    outcomes: list[BaseException] = []
+    finalized: list[int] = []
+    start = time.monotonic()
+    for i in range(KILL_ROUNDS):
+        async with stream_service() as (proc, url, out):
+            async with xrpc.connect(url) as conn:
+                p = conn.proxy(StreamService)
+                source = _endless(i % 4, finalized)
+
+                async def stream() -> None:
+                    try:
+                        if kind == "client_stream":
+                            await p.sink(source)
+                        else:
+                            async for _ in p.relay(source):
+                                pass
+                    except Exception as exc:
+                        outcomes.append(exc)
+
+                with anyio.fail_after(T):
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(stream)
+                        assert (await out.receive_until(b"\n", 100)) == b"flowing"
+                        os.kill(proc.pid, signal.SIGKILL)
+        assert len(outcomes) == i + 1, outcomes
+        assert type(outcomes[-1]) is xrpc.ConnectionInterrupted, f"round {i}: {outcomes[-1]!r}"
+        assert len(finalized) == i + 1, f"round {i}: the caller's generator was not closed"
+    print(f"\n{kind}: {KILL_ROUNDS} kills in {time.monotonic() - start:.1f} s, all ConnectionInterrupted")
+    gc.collect()  # a generator left running would be finalized (and complain) now
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors[:5]]
 
 
 @pytest.mark.timeout(300)

@@ -55,7 +55,7 @@ from ._errors import (
     RemoteProtocolError,
     ValidationError,
 )
-from ._interface import InterfaceDescription, MethodDescription, MethodKind, describe
+from ._interface import InterfaceDescription, MethodDescription, MethodKind, _plain_error, describe
 from ._peer import Peer
 from ._protocol import (
     Call,
@@ -503,6 +503,7 @@ def _resume(step: Any, yielded: Any) -> Any:
 
 
 _size_encoder = msgspec.msgpack.Encoder()
+_STOPPED = Exception("the call is over")  # what _send_now returns when the call ended while items were gathered
 _MAX_BATCH = 256
 
 
@@ -621,6 +622,12 @@ def _error_from_frame(m: MethodDescription | None, frame: ErrorFrame) -> BaseExc
         cls = m.interface.error_map.get(frame.type_name)
         if cls is not None:
             args = frame.args if isinstance(frame.args, (list, tuple)) else ()
+            if _plain_error(args) is not None:
+                # only plain data travels; the frame decoder leaves MessagePack extensions as they are
+                return ValidationError(
+                    f"error {frame.type_name} of {m.qualname} refused: its arguments hold a MessagePack extension, which is not plain data",
+                    method=m.name,
+                )
             try:
                 return cls(*args)
             except Exception:
@@ -2204,7 +2211,16 @@ class Connection:
         """
         batch: list[Any] = []
         cap = 0
+        core = self._core
+        high = self.limits.write_buffer_high
         while True:
+            if batch and (rec.send_bytes <= 0 or len(core._out) > high):
+                # What is gathered must be able to go out without waiting once the producer has
+                # started a step (see below), so if it cannot, it goes out first.  (It never needs
+                # more item credit than is held: a batch is sent as soon as it holds that much.)
+                if not await self._send_batch(rec, batch, credit, alive, m):
+                    return False
+                batch = []
             step = it.__anext__()
             try:
                 yielded = step.send(None)
@@ -2218,16 +2234,24 @@ class Connection:
                     await self._send_batch(rec, batch, credit, alive, m)
                 raise
             else:
+                # The producer is suspended in the middle of a step.  Until that step is resumed
+                # as an ordinary await, awaiting anything else would run inside the producer's
+                # cancel scopes, could take its wake-up, and could leave the generator marked as
+                # running for good.  So what is gathered is sent now without waiting (the check
+                # above made sure it can be), and the step is only ever finished, never dropped:
+                # if the call has ended, its owner cancels this task and the step unwinds as any
+                # cancelled await does.
                 if batch:
-                    try:
-                        sent = await self._send_batch(rec, batch, credit, alive, m)
-                    except BaseException:
-                        step.close()
-                        raise
-                    if not sent:
-                        step.close()
-                        return False
+                    failure = self._send_now(rec, batch, credit, alive, m)
                     batch = []
+                    if failure is not None:
+                        try:
+                            await _resume(step, yielded)
+                        except StopAsyncIteration:
+                            pass
+                        if failure is _STOPPED:
+                            return False
+                        raise failure
                 try:
                     item = await _resume(step, yielded)
                 except StopAsyncIteration:
@@ -2253,6 +2277,22 @@ class Connection:
         if batch and not await self._send_batch(rec, batch, credit, alive, m):
             return False
         return alive()
+
+    def _send_now(
+        self, rec: CallRecord, batch: list[Any], credit: _Credit, alive: Callable[[], bool], m: MethodDescription
+    ) -> BaseException | None:
+        """Send ``batch`` without suspending (``_send_stream`` made sure it can); return what stops
+        the stream instead of raising it (``_STOPPED`` if the call is over)."""
+        if credit.closed or not alive() or rec.send_credit < len(batch) or rec.send_bytes <= 0:
+            return _STOPPED
+        try:
+            self._core.send_items(rec.id, batch)
+        except (TypeError, msgspec.EncodeError, OverflowError) as exc:
+            return ValidationError(f"stream item of {m.qualname} cannot be encoded: {exc}", method=m.name)
+        except LocalProtocolError as exc:
+            return LimitExceeded(f"stream item of {m.qualname}: {exc}")
+        self._kick()
+        return None
 
     async def _send_batch(
         self, rec: CallRecord, batch: list[Any], credit: _Credit, alive: Callable[[], bool], m: MethodDescription
@@ -2432,16 +2472,26 @@ class Connection:
                 self._kick()
         except Exception as exc:
             # the caller's own source failed (or an item was refused): the call ends with that
-            # error, raised to the caller as itself; the connection carries on
-            if core.outgoing.get(call_id) is rec:
+            # error, raised to the caller as itself; the connection carries on.  A source that
+            # fails as it is cancelled because the connection is going away does not stand in for
+            # that: the call ends as every other call does.
+            if core.outgoing.get(call_id) is rec and self._failure is None and not self._closing:
                 self._core.send_cancel(call_id)
                 self._kick()
                 self._fail_outgoing(rec, exc)
+            else:
+                log.warning("xrpc: the stream source of %s failed after the call ended", m.qualname, exc_info=True)
         finally:
             aclose = getattr(it, "aclose", None)
             if aclose is not None:
                 with anyio.move_on_after(1.0, shield=True):
-                    await aclose()
+                    try:
+                        await aclose()
+                    except Exception:
+                        # a source is closed early only once the call's outcome is decided (the
+                        # reply came, the call was cancelled, the peer went away): its own failure
+                        # to close is reported, not raised in the caller's place
+                        log.warning("xrpc: the stream source of %s failed when it was closed", m.qualname, exc_info=True)
 
     def call_stream(
         self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None

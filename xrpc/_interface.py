@@ -140,6 +140,29 @@ def _plain_error(value: Any) -> str | None:
     return None
 
 
+class _ExtensionRefused(msgspec.ValidationError):
+    """A MessagePack extension type in a received value (see ``_refuse_extension``)."""
+
+
+def _refuse_extension(code: int, data: memoryview) -> Any:
+    """The ``ext_hook`` of every decoder of received values.
+
+    xrpc gives no meaning to MessagePack extension types (the timestamp, which is how a ``datetime``
+    travels, is decoded by msgspec itself and never reaches this hook).  Without a hook, a slot typed
+    ``object``/``Any`` would hand ``msgspec.msgpack.Ext`` objects to the application; the sending side
+    refuses them too (they are not plain data).
+    """
+    raise _ExtensionRefused(f"a MessagePack extension (type {code}) is not plain data")
+
+
+def _decoder(tp: Any) -> msgspec.msgpack.Decoder[Any]:
+    """A decoder for values received in ``tp`` slots: extension types refused at any depth."""
+    return msgspec.msgpack.Decoder(tp, ext_hook=_refuse_extension)
+
+
+_raw_items: msgspec.msgpack.Decoder[list[msgspec.Raw]] = msgspec.msgpack.Decoder(list[msgspec.Raw])
+
+
 def _class_key(cls: type) -> str:
     return cls.__qualname__
 
@@ -174,11 +197,11 @@ class Slot:
             if classes is not None:
                 raise InterfaceError("xrpc.allow() cannot widen a slot that carries objects by reference")
             self.wire_type = _wire_type(annotation, self.plan)
-            self.decoder = msgspec.msgpack.Decoder(self.wire_type)
+            self.decoder = _decoder(self.wire_type)
         elif classes is None:
             self.wire_type = annotation
             self.any_plain = _is_any(annotation)
-            self.decoder = msgspec.msgpack.Decoder(annotation)
+            self.decoder = _decoder(annotation)
         else:
             self.classes = {}
             for c in classes:
@@ -186,12 +209,12 @@ class Slot:
                 if key in self.classes and self.classes[key] is not c:
                     raise InterfaceError(f"two allowed classes share the name {key!r}")
                 self.classes[key] = c
-                self._decoders[key] = msgspec.msgpack.Decoder(c)
+                self._decoders[key] = _decoder(c)
             if plain is not None:
-                self._decoders[""] = msgspec.msgpack.Decoder(plain)
+                self._decoders[""] = _decoder(plain)
             self.wire_type = tuple[str, msgspec.Raw]
-            self.decoder = msgspec.msgpack.Decoder(self.wire_type)
-        self.batch_decoder = msgspec.msgpack.Decoder(list[self.wire_type])  # type: ignore[name-defined]
+            self.decoder = _decoder(self.wire_type)
+        self.batch_decoder = _decoder(list[self.wire_type])  # type: ignore[name-defined]
 
     @property
     def widened(self) -> bool:
@@ -535,7 +558,7 @@ class MethodDescription:
             )
         except (TypeError, ValueError) as exc:
             raise InterfaceError(f"{self.interface.name}.{self.name}: {exc}") from None
-        self.args_decoder = msgspec.msgpack.Decoder(self.args_type)
+        self.args_decoder = _decoder(self.args_type)
         self.bind_by_name = needs_kw
         self.kwonly = tuple(p.name for p in self.value_params if p.kind == inspect.Parameter.KEYWORD_ONLY)
         self.n_positional = len(self.value_params) - len(self.kwonly)
@@ -600,7 +623,7 @@ class MethodDescription:
                 return msgspec.structs.astuple(value)
             values = list(msgspec.structs.astuple(value))
         except msgspec.ValidationError as exc:
-            raise self._arg_error(exc) from None
+            raise self._arg_error(exc, payload) from None
         except (msgspec.DecodeError, RecursionError, UnicodeDecodeError, ValueError) as exc:
             raise ValidationError(f"arguments of {self.qualname} could not be decoded: {exc}", method=self.name) from None
         for i, p in self.widened_args:
@@ -628,9 +651,12 @@ class MethodDescription:
         n = self.n_positional
         return values[:n], dict(zip(self.kwonly, values[n:]))
 
-    def _arg_error(self, exc: Exception) -> ValidationError:
+    def _arg_error(self, exc: Exception, payload: Any = None) -> ValidationError:
         text = str(exc)
         arg = ""
+        if isinstance(exc, _ExtensionRefused):
+            # the hook's error carries no path: find the argument that holds the extension
+            arg = self._argument_with_extension(payload)
         marker = "at `$["
         at = text.find(marker)
         if at >= 0:
@@ -647,6 +673,20 @@ class MethodDescription:
                     text = f"Expected `{ann.__qualname__}`" + text[len("Expected `object`") :]
         where = f"argument {arg!r} of {self.qualname}" if arg else f"arguments of {self.qualname}"
         return ValidationError(f"{where} refused: {text}", method=self.name, argument=arg)
+
+    def _argument_with_extension(self, payload: Any) -> str:
+        try:
+            raws = _raw_items.decode(payload)
+        except (msgspec.DecodeError, RecursionError, ValueError):
+            return ""
+        for p, raw in zip(self.value_params, raws):
+            try:
+                p.slot.decoder.decode(raw)  # type: ignore[union-attr]
+            except _ExtensionRefused:
+                return p.name
+            except (msgspec.DecodeError, RecursionError, UnicodeDecodeError, ValueError):
+                pass
+        return ""
 
     def encode_reply(self, value: Any, conn: Any = None) -> Any:
         """Callee side: what goes into REPLY/ITEM for ``value``; raise ``ValidationError``."""

@@ -37,6 +37,7 @@ from ._frames import (
     Credit,
     End,
     Error,
+    ErrorCode,
     ExportInfo,
     Goodbye,
     Hello,
@@ -451,6 +452,9 @@ class ProtocolCore:
                 self._fail(f"CALL with an invalid id {call_id}")
             self._last_peer_id = call_id
             flags = msg.flags  # type: ignore[union-attr]
+            deadline = msg.deadline  # type: ignore[union-attr]
+            if deadline is not None and not deadline > 0.0:
+                return self._refuse_deadline(call_id, flags, deadline)
             if flags & CallFlags.ONEWAY:
                 return None
             # the callee sends the reply stream and receives the client stream
@@ -530,6 +534,16 @@ class ProtocolCore:
         if cls is Pong or cls is Release:
             return None
         self._fail(f"unexpected {cls.__name__.upper()} in state {state}")  # pragma: no cover
+
+    def _refuse_deadline(self, call_id: int, flags: int, deadline: float) -> Any:
+        """Answer a CALL whose deadline is NaN (refused) or zero or less (already passed) here:
+        the call never reaches the runtime.  (+inf passes: it is the same as no deadline.)"""
+        if not flags & CallFlags.ONEWAY:
+            if deadline != deadline:
+                self._emit(Error(call_id, ErrorCode.VALIDATION, "ValidationError", f"the deadline of call {call_id} is not a number"))
+            else:
+                self._emit(Error(call_id, ErrorCode.TIMEOUT, "TimeoutError", f"the deadline of call {call_id} had passed when it arrived"))
+        return _DROP
 
     def _on_hello(self, msg: Hello) -> None:
         if msg.version != PROTOCOL_VERSION:
