@@ -376,3 +376,31 @@ async def test_undrained_streams_are_held_to_the_budget(server_process: Any) -> 
     goodbye = frames[-1]
     assert goodbye[0] == GOODBYE_TAG and goodbye[2] == ErrorCode.LIMIT, goodbye
     assert "memory budget" in goodbye[1]
+
+
+# --------------------------------------------------------------------------- memory transport (anyio streams)
+def _own_rss() -> int:
+    return _status(os.getpid())["VmRSS"]
+
+
+@pytest.mark.timeout(60)
+async def test_memory_transport_stops_reading_a_peer_that_never_reads() -> None:
+    from xrpc._transports import connect_stream
+
+    server = xrpc.Server()
+    server.export(Hog, HogImpl())
+    async with server.listen(f"memory://budget-{os.getpid()}") as listener:
+        async with xrpc.connect(listener.url, timeout=T) as good:
+            hog = good.proxy(Hog)
+            before = _own_rss()
+            stream, _ = await connect_stream(listener.url)
+            try:
+                await stream.send(hello() + calls("blob", 400))  # and never read
+                with anyio.fail_after(T):
+                    for i in range(50):
+                        assert await hog.add(i, 1) == i + 1
+                grown = _own_rss() - before
+                print(f"\nMEM memory transport, 400 calls of 1 MiB never read: this process grew {grown / MiB:.1f} MiB")
+                assert grown < BUDGET + SLACK
+            finally:
+                await stream.aclose()
