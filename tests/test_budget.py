@@ -404,3 +404,33 @@ async def test_memory_transport_stops_reading_a_peer_that_never_reads() -> None:
                 assert grown < BUDGET + SLACK
             finally:
                 await stream.aclose()
+
+
+@pytest.mark.timeout(120)
+async def test_small_items_do_not_keep_large_reads_alive(server_process: Any) -> None:
+    """An item of a few bytes read together with 250 KiB of other frames must not keep the whole
+    read in memory: what a stream holds is what the budget counts."""
+    sp = server_process()
+    mem = Memory(sp, "1000 undrained streams, one tiny item each, padded reads")
+    n = 1000
+    padding = msgspec.msgpack.encode(["p" * (250 * 1024)])
+    async with neighbour(sp.url) as check:
+        s = raw_socket(sp.path)
+        try:
+            parts = [hello()]
+            for k in range(n):
+                parts.append(frame(Call(1 + 2 * k, "Hog", "sink", msgspec.Raw(b"\x90"), CallFlags.STREAM_IN)))
+            for k in range(n):
+                # one tiny item, then a call to no object whose payload is dropped with an ERROR
+                parts.append(frame(Item(1 + 2 * k, 1, msgspec.Raw(msgspec.msgpack.encode([b"i"])))))
+                parts.append(frame(Call(1 + 2 * (n + k), "nothing", "m", msgspec.Raw(padding))))
+            data = b"".join(parts)
+            del parts
+            sent, how = await anyio.to_thread.run_sync(flood, s, data, len(data))
+            print(f"\npadded items: sent {sent / MiB:.1f} MiB, {how}")
+            await check()
+            grown = mem.growth()
+        finally:
+            s.close()
+        await check()
+    assert grown < BUDGET + SLACK

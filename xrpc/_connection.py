@@ -1829,6 +1829,10 @@ class Connection:
         h = rec.handler
         if h is not None and not isinstance(h, _Pending) and h.queue is not None:
             payload = msg.payload
+            if len(payload) < 65536:
+                # a small payload points into the whole read it came in: a copy of its own keeps
+                # only what the budget counts alive (large frames have a buffer of their own)
+                payload = payload.copy()
             h.queue.push(payload, msg.count, len(payload) + 20)  # at least the ITEM frame's size
 
     def _on_end(self, msg: Any, rec: CallRecord) -> None:
