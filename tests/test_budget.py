@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Protocol
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import pytest
 
@@ -434,3 +435,52 @@ async def test_small_items_do_not_keep_large_reads_alive(server_process: Any) ->
             s.close()
         await check()
     assert grown < BUDGET + SLACK
+
+
+# --------------------------------------------------------------------------- well-behaved peers are not cut off
+@xrpc.interface
+class Upload(Protocol):
+    async def total(self, chunks: AsyncIterator[bytes]) -> int: ...
+
+
+class UploadImpl:
+    async def total(self, chunks: AsyncIterator[bytes]) -> int:
+        n = 0
+        async for chunk in chunks:
+            n += len(chunk)
+            for _ in range(20):  # a slow consumer
+                await anyio.lowlevel.checkpoint()
+        return n
+
+
+@pytest.mark.timeout(120)
+async def test_concurrent_uploads_to_slow_consumers_stay_within_the_budget() -> None:
+    streams, size, item = 6, 24 * MiB, 64 * 1024
+    server = xrpc.Server()
+    server.export(Upload, UploadImpl())
+    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    held: list[int] = []
+    try:
+        async with server.listen(f"unix://{d}/s.sock") as listener, xrpc.connect(listener.url, timeout=T) as conn:
+            up = conn.proxy(Upload)
+            results: list[int] = []
+
+            async def source() -> AsyncIterator[bytes]:
+                chunk = b"u" * item
+                for _ in range(size // item):
+                    yield chunk
+                    (sconn,) = server.connections
+                    held.append(sconn._held)
+
+            async def one() -> None:
+                results.append(await up.total(source()))
+
+            with anyio.fail_after(90):
+                async with anyio.create_task_group() as tg:
+                    for _ in range(streams):
+                        tg.start_soon(one)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    assert results == [size] * streams
+    print(f"\nBUDGET {streams} uploads: the server held at most {max(held) / MiB:.1f} MiB")
+    assert max(held) <= xrpc.Limits().max_buffered

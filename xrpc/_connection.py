@@ -165,9 +165,11 @@ class Limits(msgspec.Struct, kw_only=True):
 
     ``max_buffered`` is the connection's memory budget: the stream items received and not yet
     consumed, the calls held behind the ``on_connect`` gate and a large frame being reassembled are
-    drawn from it.  Stream credit is returned only while less than half of it is in use, so a peer
-    that honours credit is slowed down, not cut off; a peer that makes this side hold more is sent
-    GOODBYE (code LIMIT) and the connection ends with ``LimitExceeded``.  Outgoing data is bounded by
+    drawn from it.  Above half of it, a stream that still holds items gets no credit back until its
+    consumer has taken them; a peer that makes this side hold more than all of it is sent GOODBYE
+    (code LIMIT) and the connection ends with ``LimitExceeded``.  Every stream opens with a window of
+    ``window_bytes`` (plus one frame), so keep ``window_bytes`` times the streams a well-behaved peer
+    fills at once (to consumers slower than it) below ``max_buffered``: 8 with the defaults.  Outgoing data is bounded by
     back-pressure instead: above ``write_buffer_high`` buffered bytes, producers wait and the
     connection stops reading (and serving) what the peer sends until the peer reads its answers.
     """
@@ -391,8 +393,10 @@ class _StreamQueue:
         self.consumed_bytes += nbytes
         if self.consumed >= self.threshold or self.consumed_bytes >= self.bytes_threshold:
             conn = self.conn
-            if conn._held > conn._credit_mark:
-                conn._deferred_credit[self] = None  # returned once the budget allows
+            if conn._held > conn._credit_mark and self.batches:
+                # over half the budget: no credit while this stream still holds items (once its
+                # consumer has taken them all, it gets its credit back, so it cannot starve)
+                conn._deferred_credit[self] = None
                 return
             if not self.end:
                 self.conn._core.send_credit(self.call_id, self.consumed, self.consumed_bytes)
