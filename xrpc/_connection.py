@@ -46,6 +46,7 @@ from ._errors import (
     TransportError,
     ConnectionInterrupted,
     ConnectionInvalidated,
+    Error,
     LimitExceeded,
     LocalProtocolError,
     MethodNotFound,
@@ -160,7 +161,18 @@ def current_connection() -> Connection:
 
 
 class Limits(msgspec.Struct, kw_only=True):
-    """Per-connection limits, all configurable."""
+    """Per-connection limits, all configurable.
+
+    ``max_buffered`` is the connection's memory budget: the stream items received and not yet
+    consumed, the calls held behind the ``on_connect`` gate and a large frame being reassembled are
+    drawn from it.  Above half of it, a stream that still holds items gets no credit back until its
+    consumer has taken them; a peer that makes this side hold more than all of it is sent GOODBYE
+    (code LIMIT) and the connection ends with ``LimitExceeded``.  Every stream opens with a window of
+    ``window_bytes`` (plus one frame), so keep ``window_bytes`` times the streams a well-behaved peer
+    fills at once (to consumers slower than it) below ``max_buffered``: 8 with the defaults.  Outgoing data is bounded by
+    back-pressure instead: above ``write_buffer_high`` buffered bytes, producers wait and the
+    connection stops reading (and serving) what the peer sends until the peer reads its answers.
+    """
 
     max_frame: int = 16 * 1024 * 1024
     window: int = 1024  # stream credit in items, granted per stream received
@@ -172,6 +184,7 @@ class Limits(msgspec.Struct, kw_only=True):
     max_fds: int = 64  # received file descriptors (SCM_RIGHTS) not yet claimed by a decoded value, per connection
     max_streams: int = 1024  # incoming stream calls open at once, per connection
     idle_timeout: float | None = None  # close a connection that received nothing for this long (seconds)
+    max_buffered: int = 32 * 1024 * 1024  # bytes a peer may make this side hold for it (see below)
 
 
 _GUARD_CACHE_SIZE = 256  # requirement verdicts cached per connection
@@ -337,7 +350,7 @@ class _StreamQueue:
     (one msgspec call for many items) and returns the credit when it takes the batch.
     """
 
-    __slots__ = ("conn", "call_id", "batches", "event", "end", "error", "consumed", "consumed_bytes", "threshold", "bytes_threshold")
+    __slots__ = ("conn", "call_id", "batches", "event", "end", "error", "consumed", "consumed_bytes", "threshold", "bytes_threshold", "held")
 
     def __init__(self, conn: Connection, call_id: int) -> None:
         self.conn = conn
@@ -350,11 +363,21 @@ class _StreamQueue:
         self.consumed_bytes = 0
         self.threshold = max(1, conn._core.window // 2)
         self.bytes_threshold = max(1, conn._core.window_bytes // 2)
+        self.held = 0  # bytes of the batches queued, drawn from the connection's budget
 
     def push(self, payload: Any, count: int, size: int) -> None:
         self.batches.append((payload, count, size))
+        self.held += size
+        self.conn._held += size
         if self.event is not None:
             self.event.set()
+
+    def discard(self) -> None:
+        """Nobody will consume the rest: give its bytes back to the budget."""
+        self.batches.clear()
+        self.conn._deferred_credit.pop(self, None)
+        self.conn._release(self.held)
+        self.held = 0
 
     def finish(self, error: Any = None) -> None:
         self.end = True
@@ -370,13 +393,22 @@ class _StreamQueue:
                 raise StopAsyncIteration
             self.event = anyio.Event()
             await self.event.wait()
-        return self.batches.popleft()
+        batch = self.batches.popleft()
+        self.held -= batch[2]
+        self.conn._release(batch[2])
+        return batch
 
     def consumed_items(self, count: int, nbytes: int) -> None:
         """The consumer took ``count`` items (and ``nbytes`` of frames): return credit when due."""
         self.consumed += count
         self.consumed_bytes += nbytes
         if self.consumed >= self.threshold or self.consumed_bytes >= self.bytes_threshold:
+            conn = self.conn
+            if conn._held > conn._credit_mark and self.batches:
+                # over half the budget: no credit while this stream still holds items (once its
+                # consumer has taken them all, it gets its credit back, so it cannot starve)
+                conn._deferred_credit[self] = None
+                return
             if not self.end:
                 self.conn._core.send_credit(self.call_id, self.consumed, self.consumed_bytes)
                 self.conn._kick()
@@ -734,6 +766,7 @@ class _AsyncioIO(asyncio.BufferedProtocol, _WriterWaits):
         self.done: asyncio.Future[None] = loop.create_future()
         self._loop = loop
         self._paused = False
+        self._reading_paused = False
         self._resume: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -772,10 +805,27 @@ class _AsyncioIO(asyncio.BufferedProtocol, _WriterWaits):
 
     def pause_writing(self) -> None:
         self._paused = True
+        self.pause_reading()  # a peer that does not read is not read either
 
     def resume_writing(self) -> None:
         self._paused = False
         self._wake_writers()
+        self.conn._resume_input()
+
+    def blocked(self) -> bool:
+        return self._paused
+
+    def pause_reading(self) -> None:
+        t = self.transport
+        if not self._reading_paused and t is not None and not t.is_closing():
+            self._reading_paused = True
+            t.pause_reading()
+
+    def resume_reading(self) -> None:
+        t = self.transport
+        if self._reading_paused and t is not None and not t.is_closing():
+            self._reading_paused = False
+            t.resume_reading()
 
     async def wait_writable(self) -> None:
         await self._wait_while(lambda: self._paused)
@@ -822,6 +872,7 @@ class _UnixIO(_WriterWaits):
         self._pending_size = 0
         self._high = conn.limits.write_buffer_high
         self._resume: asyncio.Future[None] | None = None
+        self._reading_paused = False
         self._ancsize = socket.CMSG_SPACE(self.MAX_FDS * 4)
         loop.add_reader(self.fd, self._readable)
 
@@ -891,6 +942,21 @@ class _UnixIO(_WriterWaits):
     def _queue(self, data: memoryview, fds: list[int]) -> None:
         self._pending.append((data, fds))
         self._pending_size += len(data)
+        if self._pending_size > self._high:
+            self.pause_reading()  # a peer that does not read is not read either
+
+    def blocked(self) -> bool:
+        return self._pending_size > self._high
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self.fd >= 0:
+            self._reading_paused = True
+            self._loop.remove_reader(self.fd)
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self.fd >= 0:
+            self._reading_paused = False
+            self._loop.add_reader(self.fd, self._readable)
 
     def _writable(self) -> None:
         while self._pending:
@@ -914,6 +980,7 @@ class _UnixIO(_WriterWaits):
             self._pending.popleft()
         self._loop.remove_writer(self.fd)
         self._wake_writers()
+        self.conn._resume_input()
 
     async def wait_writable(self) -> None:
         await self._wait_while(lambda: self._pending_size > self._high)
@@ -1002,6 +1069,14 @@ class Connection:
         self._drained: anyio.Event | None = None
         self._writing = False
         self._gate: list[tuple[Any, Any]] | None = None if client else []
+        # memory budget and back-pressure (see Limits): bytes held for the peer, events read but
+        # held back while the peer does not read our answers, credit held back while over budget
+        self._held = 0
+        self._gate_held = 0
+        self._credit_mark = self.limits.max_buffered // 2
+        self._deferred_credit: dict[_StreamQueue, None] = {}
+        self._backlog: list[tuple[Any, Any]] | None = None
+        self._gate_opened: anyio.Event | None = None
         self._handshake = anyio.Event()
         self._closed = anyio.Event()
         self._closing = False
@@ -1579,7 +1654,31 @@ class Connection:
     async def _reader(self) -> None:
         stream = self._stream
         assert stream is not None
+        core = self._core
+        high = self.limits.write_buffer_high
         while True:
+            if self._backlog is not None or len(core._out) > high or self._gate_held > high:
+                # back-pressure: read nothing more until the peer reads what we owe it (or, behind
+                # the gate, until on_connect is done)
+                try:
+                    if self._gate is not None and self._gate_held > high:
+                        if self._gate_opened is None:
+                            self._gate_opened = anyio.Event()
+                        await self._gate_opened.wait()
+                    else:
+                        await self._wait_drained()
+                        backlog = self._backlog
+                        if backlog is not None and len(core._out) <= high:
+                            self._backlog = None
+                            self._handle(backlog)
+                            if core.has_data_to_send():
+                                self._kick()
+                            if not self._within_budget():
+                                self._over_budget()
+                                return
+                except Exception:
+                    return  # the connection is over
+                continue
             try:
                 data = await stream.receive(262144)
             except anyio.EndOfStream:
@@ -1593,11 +1692,12 @@ class Connection:
 
     def _feed_big(self, n: int) -> bool:
         """``n`` bytes were read straight into the core's large-frame buffer."""
+        size = self._core._big_size
         try:
             events = self._core.big_received(n)
         except RemoteProtocolError as exc:
             return self._protocol_error(exc)
-        return self._dispatch(events, True)
+        return self._dispatch(events, size)
 
     def _protocol_error(self, exc: RemoteProtocolError) -> bool:
         log.warning("xrpc: protocol error from %s: %s", self._peer_name(), exc)
@@ -1614,27 +1714,37 @@ class Connection:
             events = core.receive_data(data)
         except RemoteProtocolError as exc:
             return self._protocol_error(exc)
-        return self._dispatch(events, bool(data))
+        return self._dispatch(events, len(data))
 
-    def _dispatch(self, events: list[Any], data: bool) -> bool:
+    def _dispatch(self, events: list[Any], nbytes: int) -> bool:
+        """Handle the messages of one read of ``nbytes`` bytes (0: the peer closed)."""
         core = self._core
         gate = self._gate
-        handlers = self._handlers
-        for msg, rec in events:
-            if gate is not None and self._gated(msg):
-                gate.append((msg, rec))
-                continue
-            handlers[type(msg)](self, msg, rec)
+        if gate is not None and events and any(self._gated(msg) for msg, _ in events):
+            # held behind the gate, they keep what was read alive: all of it counts
+            self._gate_held += nbytes
+            self._held += nbytes
+        if self._backlog is not None:
+            self._backlog += events  # keep the order
+        elif events:
+            self._handle(events)
         if core.has_data_to_send():
             if self._aio is not None and not self._fds_out:
                 self._flush()  # answers produced while reading leave in one write, now
             else:
                 self._kick()
-        if not data:
+        if not nbytes:
             if self._failure is None:
                 self._failure = ConnectionInterrupted("the peer closed the connection")
             return False
         if core.state == State.CLOSED:
+            backlog = self._backlog
+            if backlog is not None:
+                # the peer said goodbye: what it sent before still counts (one read at most)
+                self._backlog = None
+                self._handle(backlog, math.inf)
+                if core.has_data_to_send():
+                    self._kick()
             if self._failure is None:
                 reason = core.close_reason or "closed by the peer"
                 if core.close_code == ErrorCode.PEER_REJECTED:
@@ -1642,7 +1752,86 @@ class Connection:
                 else:
                     self._failure = ConnectionInterrupted(f"the peer closed the connection: {reason}")
             return False
+        if not self._within_budget():
+            return self._over_budget()
+        if self._aio is not None and (self._backlog is not None or self._gate_held > self.limits.write_buffer_high or self._out_full()):
+            self._aio.pause_reading()
+            self._resume_input()
         return True
+
+    def _handle(self, events: list[Any], high: float = 0) -> None:
+        """Run the handlers of ``events``; once the answers they produced pass the high-water mark,
+        keep the rest for later (``_backlog``): a peer that does not read is not served more."""
+        gate = self._gate
+        handlers = self._handlers
+        core = self._core
+        high = high or self.limits.write_buffer_high
+        i = 0
+        for msg, rec in events:
+            i += 1
+            if gate is not None and self._gated(msg):
+                gate.append((msg, rec))
+                continue
+            handlers[type(msg)](self, msg, rec)
+            if len(core._out) > high and i < len(events):
+                self._backlog = events[i:]
+                return
+
+    def _out_full(self) -> bool:
+        """Is what we owe the peer above the high-water mark (the peer does not read fast enough)?"""
+        aio = self._aio
+        return len(self._core._out) > self.limits.write_buffer_high or (aio is not None and aio.blocked())
+
+    def _resume_input(self) -> None:
+        """asyncio drivers: serve what was held back while the peer catches up, then read again."""
+        aio = self._aio
+        if aio is None or aio.done.done():
+            return
+        while self._backlog is not None:
+            self._flush()
+            if self._out_full():
+                return  # the driver calls again once the peer has read
+            backlog = self._backlog
+            self._backlog = None
+            self._handle(backlog)
+            if not self._within_budget():
+                self._over_budget()
+                aio.close()
+                return
+        self._flush()
+        if not self._out_full() and self._gate_held <= self.limits.write_buffer_high:
+            aio.resume_reading()
+
+    def _within_budget(self) -> bool:
+        """Does what the peer makes us hold (queued stream items, calls behind the gate, a large
+        frame being received) fit in the connection's memory budget?"""
+        held = self._held
+        core = self._core
+        if core._big is not None:
+            held += core._big_size
+        gate = self._gate
+        return held <= self.limits.max_buffered and (gate is None or len(gate) <= self.limits.max_calls_in_flight)
+
+    def _over_budget(self) -> bool:
+        gate = self._gate
+        if gate is not None and len(gate) > self.limits.max_calls_in_flight:
+            reason = f"more than {self.limits.max_calls_in_flight} calls sent before on_connect finished"
+        else:
+            reason = f"the peer made this side hold more than its memory budget of {self.limits.max_buffered} bytes"
+        log.warning("xrpc: closing the connection of %s: %s", self._peer_name(), reason)
+        if self._failure is None:
+            self._failure = LimitExceeded(reason)
+        self._goodbye_now(reason, ErrorCode.LIMIT)
+        return False
+
+    def _release(self, n: int) -> None:
+        """``n`` bytes held for the peer were consumed: return deferred credit once half is free."""
+        held = self._held = self._held - n
+        if self._deferred_credit and held <= self._credit_mark // 2:
+            queues = list(self._deferred_credit)
+            self._deferred_credit.clear()
+            for q in queues:
+                q.consumed_items(0, 0)
 
     def _goodbye_now(self, reason: str, code: int) -> None:
         """Tell the peer why we drop the connection (best effort), then let it end."""
@@ -1683,11 +1872,17 @@ class Connection:
     def _open_gate(self) -> None:
         gate = self._gate
         self._gate = None
+        self._release(self._gate_held)
+        self._gate_held = 0
         if gate:
-            handlers = self._handlers
-            for msg, rec in gate:
-                handlers[type(msg)](self, msg, rec)
+            if self._backlog is not None:
+                gate += self._backlog  # read after the gated frames
+                self._backlog = None
+            self._handle(gate)
             self._kick()
+        if self._gate_opened is not None:
+            self._gate_opened.set()
+        self._resume_input()
 
     def _peer_name(self) -> str:
         p = self.peer
@@ -1723,6 +1918,10 @@ class Connection:
         h = rec.handler
         if h is not None and not isinstance(h, _Pending) and h.queue is not None:
             payload = msg.payload
+            if len(payload) < 65536:
+                # a small payload points into the whole read it came in: a copy of its own keeps
+                # only what the budget counts alive (large frames have a buffer of their own)
+                payload = payload.copy()
             h.queue.push(payload, msg.count, len(payload) + 20)  # at least the ITEM frame's size
 
     def _on_end(self, msg: Any, rec: CallRecord) -> None:
@@ -2076,6 +2275,8 @@ class Connection:
             self._serving -= 1
             if inc.queue is not None or inc.credit is not None:
                 self._streams -= 1
+                if inc.queue is not None:
+                    inc.queue.discard()
             core.forget_incoming(call_id)
             if inc.promise is not None:
                 inc.promise.settle(error=ObjectNotFound(f"call {call_id} returned no object"))
@@ -2102,6 +2303,11 @@ class Connection:
         if inc.promise is not None:
             inc.promise.settle(result)
         if kind is not MethodKind.ONEWAY:
+            if self._out_full():
+                try:
+                    await self._wait_drained()  # a peer that does not read gets no more answers meanwhile
+                except Error:
+                    return  # the connection is over
             self._send_answer(call_id, m, result, inc.promise)
             self._kick_after_reply()
 
@@ -2691,6 +2897,8 @@ class CallStream(AsyncIterator[_T]):
         rec = self._rec
         if rec is not None and self._conn._core.outgoing.get(rec.id) is rec:
             self._conn._cancel_call(rec.id)
+        if self._reader is not None:
+            self._reader.queue.discard()
 
     async def aclose(self) -> None:
         """Stop the stream (the remote producer is cancelled)."""

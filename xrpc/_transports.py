@@ -83,7 +83,7 @@ class MemoryByteStream(anyio.abc.ByteStream):
         self._receive = receive
 
     @classmethod
-    def pair(cls, buffer: int = 256) -> tuple[MemoryByteStream, MemoryByteStream]:
+    def pair(cls, buffer: int = 8) -> tuple[MemoryByteStream, MemoryByteStream]:
         a_send, b_receive = anyio.create_memory_object_stream[bytes](buffer)
         b_send, a_receive = anyio.create_memory_object_stream[bytes](buffer)
         return cls(a_send, a_receive), cls(b_send, b_receive)

@@ -1,0 +1,486 @@
+"""Memory under attack: back-pressure on reading, the on_connect gate, and the per-connection budget.
+
+Each attack runs against a server in a child process (its RSS is its own), over a raw Unix socket,
+next to a well-behaved client on the same server whose calls must keep succeeding.  The peak RSS
+(VmHWM) of the server during the attack must stay within ``Limits.max_buffered`` plus 16 MiB over
+its RSS before the attack.  Figures are printed (``pytest -s``) as ``MEM <test>: ...``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator, Protocol
+
+import anyio
+import anyio.lowlevel
+import msgspec
+import pytest
+
+import xrpc
+from xrpc._protocol import PROTOCOL_VERSION, Call, CallFlags, ErrorCode, Hello, Item, Ping
+
+MiB = 1024 * 1024
+SLACK = 16 * MiB  # what an attack may add to the server's peak RSS beyond the budget
+BUDGET = getattr(xrpc.Limits(), "max_buffered", 32 * MiB)
+T = 10.0
+GOODBYE_TAG = 10
+BLOB = 1024 * 1024
+
+
+@xrpc.interface
+class Hog(Protocol):
+    async def blob(self) -> bytes: ...
+    async def slow_blob(self) -> bytes: ...
+    async def sink(self, items: AsyncIterator[bytes]) -> int: ...
+    async def add(self, a: int, b: int) -> int: ...
+    async def echo(self, s: str) -> str: ...
+
+
+class HogImpl:
+    def __init__(self) -> None:
+        self.data = b"x" * BLOB
+
+    async def blob(self) -> bytes:  # never suspends: served inline, on the reader
+        return self.data
+
+    async def slow_blob(self) -> bytes:  # served in a task
+        await anyio.sleep(0)
+        return self.data
+
+    async def sink(self, items: AsyncIterator[bytes]) -> int:  # never drains its stream
+        await anyio.sleep_forever()
+        return 0
+
+    async def add(self, a: int, b: int) -> int:
+        return a + b
+
+    async def echo(self, s: str) -> str:
+        return s
+
+
+def _server_main(path: str, options: str, log_path: str) -> None:
+    """Entry point of the server child process."""
+    logging.basicConfig(filename=log_path, level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    opts = json.loads(options)
+    slow_connect = opts.get("slow_connect", 0.0)
+    seen = [0]
+
+    async def on_connect(conn: xrpc.Connection) -> None:
+        seen[0] += 1
+        if seen[0] > 1:  # the first connection (the well-behaved neighbour) is let in at once
+            await anyio.sleep(slow_connect)  # a slow on_connect: what it does does not matter here
+
+    async def main() -> None:
+        server = xrpc.Server(limits=xrpc.Limits(**opts.get("limits", {})), on_connect=on_connect if slow_connect else None)
+        server.export(Hog, HogImpl())
+        async with server.listen(f"unix://{path}") as listener:
+            print("READY", listener.url, flush=True)
+            await anyio.to_thread.run_sync(sys.stdin.read)  # until the test closes our stdin
+
+    anyio.run(main, backend=opts.get("backend", "asyncio"))
+
+
+CHILD_MAIN = "import sys; sys.path.insert(0, sys.argv[1]); from test_budget import _server_main; _server_main(*sys.argv[2:])"
+
+
+def _status(pid: int) -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+class ServerProcess:
+    """An xrpc server exporting ``Hog`` in a child process, on a Unix socket, logging to a file."""
+
+    def __init__(self, **options: Any) -> None:
+        self.dir = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+        self.path = f"{self.dir}/s.sock"
+        self.log_path = f"{self.dir}/server.log"
+        self.err_path = f"{self.dir}/server.err"
+        with open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", CHILD_MAIN, str(Path(__file__).parent), self.path, json.dumps(options), self.log_path],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+            )
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
+        line = self.proc.stdout.readline().decode() if ready else ""
+        if not line.startswith("READY "):
+            self.stop()
+            raise RuntimeError(f"the server process did not start: {line!r}")
+        self.url = line.split()[1]
+
+    def rss(self) -> int:
+        return _status(self.proc.pid)["VmRSS"]
+
+    def peak(self) -> int:
+        return _status(self.proc.pid)["VmHWM"]
+
+    def stop(self) -> list[str]:
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=20)
+                raise AssertionError("the server process did not stop when asked")
+        finally:
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+            lines = []
+            for p in (self.log_path, self.err_path):
+                with contextlib.suppress(FileNotFoundError):
+                    lines += Path(p).read_text().splitlines()
+            shutil.rmtree(self.dir, ignore_errors=True)
+        return lines
+
+
+@pytest.fixture
+def server_process() -> Iterator[Any]:
+    started: list[ServerProcess] = []
+
+    def start(**options: Any) -> ServerProcess:
+        sp = ServerProcess(**options)
+        started.append(sp)
+        return sp
+
+    yield start
+    for sp in started:
+        assert sp.proc.poll() is None, f"the server process died (exit code {sp.proc.returncode})"
+        lines = sp.stop()
+        errors = [line for line in lines if line.startswith(("ERROR", "CRITICAL")) or "Traceback" in line]
+        assert errors == [], "\n".join(errors[:10])
+
+
+class Memory:
+    def __init__(self, sp: ServerProcess, name: str) -> None:
+        self.sp = sp
+        self.name = name
+        self.before = sp.rss()
+
+    def growth(self) -> int:
+        peak = self.sp.peak()
+        grown = peak - self.before
+        print(f"\nMEM {self.name}: rss before {self.before / MiB:.1f} MiB, peak {peak / MiB:.1f} MiB, growth {grown / MiB:.1f} MiB")
+        return grown
+
+
+@contextlib.asynccontextmanager
+async def neighbour(url: str) -> AsyncIterator[Any]:
+    """A well-behaved client; ``check()`` makes a few calls that must succeed within the timeout."""
+    async with xrpc.connect(url, timeout=T) as conn:
+        hog = conn.proxy(Hog)
+
+        async def check(n: int = 5) -> None:
+            for i in range(n):
+                with anyio.fail_after(T):
+                    assert await hog.add(i, 1) == i + 1
+                    assert await hog.echo("x" * 1000) == "x" * 1000
+
+        await check(1)
+        yield check
+
+
+def frame(msg: Any) -> bytes:
+    body = msgspec.msgpack.encode(msg)
+    return len(body).to_bytes(4, "big") + body
+
+
+def hello() -> bytes:
+    return frame(Hello(PROTOCOL_VERSION, 1 << 26))
+
+
+def raw_socket(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(T)
+    s.connect(path)
+    s.setblocking(False)
+    return s
+
+
+def flood(s: socket.socket, chunk: bytes, limit: int, stalled: float = 1.0) -> tuple[int, str]:
+    """Send ``chunk`` again and again without reading, up to ``limit`` bytes; stop early once the
+    server has not taken a byte for ``stalled`` seconds (it stopped reading), or closed."""
+    sent = 0
+    view = memoryview(chunk)
+    pos = 0
+    while sent < limit:
+        try:
+            n = s.send(view[pos:])
+        except BlockingIOError:
+            _, writable, _ = select.select([], [s], [], stalled)
+            if not writable:
+                return sent, "stalled"
+            continue
+        except OSError:
+            return sent, "closed"
+        sent += n
+        pos = (pos + n) % len(chunk)
+    return sent, "sent"
+
+
+def read_goodbye(s: socket.socket, timeout: float = T) -> list[Any]:
+    """Read until the server closes the connection; the frames it sent (they end in GOODBYE)."""
+    s.setblocking(True)
+    s.settimeout(timeout)
+    data = bytearray()
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := s.recv(1 << 20):
+            data += chunk
+    out = []
+    pos = 0
+    while len(data) - pos >= 4:
+        size = int.from_bytes(data[pos : pos + 4], "big")
+        if len(data) - pos - 4 < size:
+            break
+        out.append(msgspec.msgpack.decode(data[pos + 4 : pos + 4 + size]))
+        pos += 4 + size
+    return out
+
+
+def calls(method: str, n: int, start: int = 1, payload: bytes = b"\x90") -> bytes:
+    return b"".join(frame(Call(start + 2 * i, "Hog", method, msgspec.Raw(payload))) for i in range(n))
+
+
+# --------------------------------------------------------------------------- a peer that never reads
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize("method", ["blob", "slow_blob"])
+async def test_a_peer_that_never_reads_stops_being_read(server_process: Any, backend: str, method: str) -> None:
+    sp = server_process(backend=backend)
+    mem = Memory(sp, f"400 calls returning 1 MiB, never read ({method}, {backend})")
+    async with neighbour(sp.url) as check:
+        s = raw_socket(sp.path)
+        try:
+            s.sendall(hello() + calls(method, 400))  # ~9 KiB asking for 400 MiB
+            for _ in range(4):
+                await check()  # the server goes on serving others meanwhile
+                grown = mem.growth()
+                assert grown < BUDGET + SLACK
+        finally:
+            s.close()
+        await check()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+async def test_a_ping_flood_that_never_reads_stops_being_read(server_process: Any, backend: str) -> None:
+    sp = server_process(backend=backend)
+    mem = Memory(sp, f"PING flood, never read ({backend})")
+    pings = b"".join(frame(Ping(i)) for i in range(1, 30000))
+    async with neighbour(sp.url) as check:
+        s = raw_socket(sp.path)
+        try:
+            s.sendall(hello())
+            sent, how = await anyio.to_thread.run_sync(flood, s, pings, 200 * MiB)
+            print(f"\nPING flood: sent {sent / MiB:.1f} MiB, {how}")
+            assert how == "stalled"  # the server stopped reading this peer
+            await check()
+            assert mem.growth() < BUDGET + SLACK
+        finally:
+            s.close()
+        await check()
+
+
+# --------------------------------------------------------------------------- the on_connect gate
+@pytest.mark.timeout(120)
+async def test_a_call_flood_during_on_connect_is_bounded(server_process: Any) -> None:
+    sp = server_process(slow_connect=6.0)
+    mem = Memory(sp, "CALL flood during a slow on_connect")
+    text = "y" * 60_000
+    flood_chunk = calls("echo", 64, payload=msgspec.msgpack.encode([text]))  # ids are rewritten below
+    async with neighbour(sp.url) as check:
+        s = raw_socket(sp.path)
+        try:
+            s.sendall(hello())
+            # distinct, increasing call ids: build the flood once, large enough not to repeat
+            frames = []
+            total = 0
+            i = 0
+            while total < 300 * MiB:
+                f = frame(Call(1 + 2 * i, "Hog", "echo", msgspec.Raw(msgspec.msgpack.encode([text]))))
+                frames.append(f)
+                total += len(f)
+                i += 1
+            del flood_chunk
+            data = b"".join(frames)
+            del frames
+            sent, how = await anyio.to_thread.run_sync(flood, s, data, len(data))
+            print(f"\nCALL flood behind the gate: sent {sent / MiB:.1f} MiB, {how}")
+            assert how == "stalled"
+            await check()
+            assert mem.growth() < BUDGET + SLACK
+            del data
+        finally:
+            s.close()
+        await check()
+
+
+@pytest.mark.timeout(120)
+async def test_too_many_calls_behind_the_gate_close_the_connection(server_process: Any) -> None:
+    limit = 100
+    sp = server_process(slow_connect=6.0, limits={"max_calls_in_flight": limit})
+    async with neighbour(sp.url) as check:
+        s = raw_socket(sp.path)
+        try:
+            s.sendall(hello() + calls("add", 2 * limit, payload=msgspec.msgpack.encode([1, 2])))
+            frames = await anyio.to_thread.run_sync(read_goodbye, s)
+        finally:
+            s.close()
+        await check()
+    assert frames[-1][0] == GOODBYE_TAG, frames[-3:]
+    assert frames[-1][2] == ErrorCode.LIMIT and "on_connect" in frames[-1][1], frames[-1]
+
+
+# --------------------------------------------------------------------------- stream windows
+@pytest.mark.timeout(120)
+async def test_undrained_streams_are_held_to_the_budget(server_process: Any) -> None:
+    sp = server_process()
+    mem = Memory(sp, "64 client streams, a full window on each, never drained")
+    window = xrpc.Limits().window_bytes
+    item = msgspec.msgpack.encode([b"z" * (256 * 1024)])
+    async with neighbour(sp.url) as check:
+        s = raw_socket(sp.path)
+        try:
+            parts = [hello()]
+            for k in range(64):
+                call_id = 1 + 2 * k
+                parts.append(frame(Call(call_id, "Hog", "sink", msgspec.Raw(b"\x90"), CallFlags.STREAM_IN)))
+                parts += [frame(Item(call_id, 1, msgspec.Raw(item)))] * (window // len(item))
+            data = b"".join(parts)
+            sent, how = await anyio.to_thread.run_sync(flood, s, data, len(data))
+            print(f"\nstreams: sent {sent / MiB:.1f} MiB, {how}")
+            frames = await anyio.to_thread.run_sync(read_goodbye, s)
+        finally:
+            s.close()
+        await check()
+        assert mem.growth() < BUDGET + SLACK
+    goodbye = frames[-1]
+    assert goodbye[0] == GOODBYE_TAG and goodbye[2] == ErrorCode.LIMIT, goodbye
+    assert "memory budget" in goodbye[1]
+
+
+# --------------------------------------------------------------------------- memory transport (anyio streams)
+def _own_rss() -> int:
+    return _status(os.getpid())["VmRSS"]
+
+
+@pytest.mark.timeout(60)
+async def test_memory_transport_stops_reading_a_peer_that_never_reads() -> None:
+    from xrpc._transports import connect_stream
+
+    server = xrpc.Server()
+    server.export(Hog, HogImpl())
+    async with server.listen(f"memory://budget-{os.getpid()}") as listener:
+        async with xrpc.connect(listener.url, timeout=T) as good:
+            hog = good.proxy(Hog)
+            before = _own_rss()
+            stream, _ = await connect_stream(listener.url)
+            try:
+                await stream.send(hello() + calls("blob", 400))  # and never read
+                with anyio.fail_after(T):
+                    for i in range(50):
+                        assert await hog.add(i, 1) == i + 1
+                grown = _own_rss() - before
+                print(f"\nMEM memory transport, 400 calls of 1 MiB never read: this process grew {grown / MiB:.1f} MiB")
+                assert grown < BUDGET + SLACK
+            finally:
+                await stream.aclose()
+
+
+@pytest.mark.timeout(120)
+async def test_small_items_do_not_keep_large_reads_alive(server_process: Any) -> None:
+    """An item of a few bytes read together with 250 KiB of other frames must not keep the whole
+    read in memory: what a stream holds is what the budget counts."""
+    sp = server_process()
+    mem = Memory(sp, "1000 undrained streams, one tiny item each, padded reads")
+    n = 1000
+    padding = msgspec.msgpack.encode(["p" * (250 * 1024)])
+    async with neighbour(sp.url) as check:
+        s = raw_socket(sp.path)
+        try:
+            parts = [hello()]
+            for k in range(n):
+                parts.append(frame(Call(1 + 2 * k, "Hog", "sink", msgspec.Raw(b"\x90"), CallFlags.STREAM_IN)))
+            for k in range(n):
+                # one tiny item, then a call to no object whose payload is dropped with an ERROR
+                parts.append(frame(Item(1 + 2 * k, 1, msgspec.Raw(msgspec.msgpack.encode([b"i"])))))
+                parts.append(frame(Call(1 + 2 * (n + k), "nothing", "m", msgspec.Raw(padding))))
+            data = b"".join(parts)
+            del parts
+            sent, how = await anyio.to_thread.run_sync(flood, s, data, len(data))
+            print(f"\npadded items: sent {sent / MiB:.1f} MiB, {how}")
+            await check()
+            grown = mem.growth()
+        finally:
+            s.close()
+        await check()
+    assert grown < BUDGET + SLACK
+
+
+# --------------------------------------------------------------------------- well-behaved peers are not cut off
+@xrpc.interface
+class Upload(Protocol):
+    async def total(self, chunks: AsyncIterator[bytes]) -> int: ...
+
+
+class UploadImpl:
+    async def total(self, chunks: AsyncIterator[bytes]) -> int:
+        n = 0
+        async for chunk in chunks:
+            n += len(chunk)
+            for _ in range(20):  # a slow consumer
+                await anyio.lowlevel.checkpoint()
+        return n
+
+
+@pytest.mark.timeout(120)
+async def test_concurrent_uploads_to_slow_consumers_stay_within_the_budget() -> None:
+    streams, size, item = 6, 24 * MiB, 64 * 1024
+    server = xrpc.Server()
+    server.export(Upload, UploadImpl())
+    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    held: list[int] = []
+    try:
+        async with server.listen(f"unix://{d}/s.sock") as listener, xrpc.connect(listener.url, timeout=T) as conn:
+            up = conn.proxy(Upload)
+            results: list[int] = []
+
+            async def source() -> AsyncIterator[bytes]:
+                chunk = b"u" * item
+                for _ in range(size // item):
+                    yield chunk
+                    (sconn,) = server.connections
+                    held.append(sconn._held)
+
+            async def one() -> None:
+                results.append(await up.total(source()))
+
+            with anyio.fail_after(90):
+                async with anyio.create_task_group() as tg:
+                    for _ in range(streams):
+                        tg.start_soon(one)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    assert results == [size] * streams
+    print(f"\nBUDGET {streams} uploads: the server held at most {max(held) / MiB:.1f} MiB")
+    assert max(held) <= xrpc.Limits().max_buffered
