@@ -2338,7 +2338,8 @@ class Connection:
             log.warning("xrpc: reply of %s could not be sent: %s", m.qualname, type(exc).__name__)
             core.send_error(call_id, ErrorCode.INTERNAL, type(exc).__name__, f"the reply of {m.qualname} could not be encoded: {exc}")
         except LocalProtocolError as exc:
-            core.send_error(call_id, ErrorCode.LIMIT, "LimitExceeded", f"the reply of {m.qualname} is too large: {exc}")
+            if call_id in core.incoming:  # else the call is gone (cancelled, or the connection closed): nobody to answer
+                core.send_error(call_id, ErrorCode.LIMIT, "LimitExceeded", f"the reply of {m.qualname} is too large: {exc}")
         except Exception as exc:  # pragma: no cover - never let a reply break the reader or the task
             log.warning("xrpc: reply of %s could not be sent: %s", m.qualname, type(exc).__name__)
             if call_id in core.incoming:
