@@ -52,7 +52,7 @@ from ._transports import Endpoint, Listener
 
 __version__ = "0.1.0"
 
-_SERVICES = ("connect_service", "ServiceConnection", "ServiceNotFound", "ServiceUnavailable", "ServiceDescriptionError", "serve_service")
+_SERVICES = ("connect_service", "ServiceConnection", "ServiceNotFound", "ServiceUnavailable", "ServiceDescriptionError", "UntrustedPath", "serve_service")
 
 
 def __getattr__(name: str) -> object:
@@ -99,6 +99,7 @@ __all__ = (
     "ServiceUnavailable",
     "SharedBuffer",
     "TransportError",
+    "UntrustedPath",
     "ValidationError",
     "allow",
     "blocking",
