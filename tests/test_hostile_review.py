@@ -47,6 +47,7 @@ SERVER = textwrap.dedent(
         def numbers(self, n: int, size: int) -> AsyncIterator[bytes]: ...
         async def echo(self, x: Any) -> Any: ...
         async def shm(self, b: xrpc.SharedBuffer) -> int: ...
+        async def take(self, xs: AsyncIterator[bytes]) -> int: ...
 
     class SecretImpl:
         async def read(self) -> str:
@@ -67,12 +68,18 @@ SERVER = textwrap.dedent(
         async def shm(self, b):
             with b:
                 return b.size
+        async def take(self, xs):
+            n = 0
+            async for x in xs:
+                n += 1
+            return n
 
     async def main():
         path = sys.argv[1]
         async def on_connect(conn):
             await anyio.sleep(float(os.environ.get("SRV_SLOW_CONNECT") or 0))
-        srv = xrpc.Server(on_connect=on_connect, requirement=os.environ.get("SRV_REQ") or None)
+        limits = xrpc.Limits(window_bytes=int(os.environ.get("SRV_WINDOW_BYTES") or 4 << 20), max_buffered=1 << 31)
+        srv = xrpc.Server(on_connect=on_connect, requirement=os.environ.get("SRV_REQ") or None, limits=limits)
         # only uid 4242 may read the secret
         srv.export(Secret, SecretImpl(), "secret", requirement="uid == 4242")
         srv.export(Relay, RelayImpl(), "relay")
@@ -327,6 +334,37 @@ def test_large_window_bytes_does_not_break_server_streams() -> None:
                         print("OK", n)
                     except Exception as e:
                         print("FAILED", n, type(e).__name__, e)
+            anyio.run(main)
+            """
+        )
+        out = subprocess.run([sys.executable, "-c", code, srv.path], capture_output=True, text=True, timeout=60)
+        assert out.stdout.strip() == "OK 40", out.stdout + out.stderr[-2000:]
+
+
+@pytest.mark.timeout(90)
+def test_large_server_window_bytes_does_not_break_client_streams() -> None:
+    """FAILS TODAY.  The mirror image, on the client: a server that grants a large byte window
+    (Limits(window_bytes=1 GiB)) makes every client stream of 1 MiB items fail with LimitExceeded
+    ("a frame of 41943247 bytes exceeds the peer's limit of 16777216 bytes"), after the client
+    built a 40 MiB frame.  A hostile server can use this to make clients build frames of up to
+    256 items each."""
+    with server({"SRV_WINDOW_BYTES": str(1 << 30)}) as srv:
+        code = textwrap.dedent(
+            """
+            import sys, anyio, xrpc
+            from typing import AsyncIterator, Protocol
+            @xrpc.interface(name="Relay")
+            class Relay(Protocol):
+                async def take(self, xs: AsyncIterator[bytes]) -> int: ...
+            async def gen():
+                for i in range(40):
+                    yield b"x" * (1 << 20)
+            async def main():
+                async with xrpc.connect("unix://" + sys.argv[1], timeout=20) as c:
+                    try:
+                        print("OK", await c.proxy(Relay, "relay").take(gen()))
+                    except Exception as e:
+                        print("FAILED", type(e).__name__, e)
             anyio.run(main)
             """
         )
