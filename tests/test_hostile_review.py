@@ -48,6 +48,7 @@ SERVER = textwrap.dedent(
         async def echo(self, x: Any) -> Any: ...
         async def shm(self, b: xrpc.SharedBuffer) -> int: ...
         async def take(self, xs: AsyncIterator[bytes]) -> int: ...
+        async def slow(self) -> int: ...
 
     class SecretImpl:
         async def read(self) -> str:
@@ -68,6 +69,9 @@ SERVER = textwrap.dedent(
         async def shm(self, b):
             with b:
                 return b.size
+        async def slow(self):
+            await anyio.sleep(60)  # e.g. waiting for a database
+            return 0
         async def take(self, xs):
             n = 0
             async for x in xs:
@@ -306,6 +310,29 @@ def non_reading_streams(srv: Server, p: RawPeer) -> None:
         assert srv.neighbour_ping()[0] == 3
         grown = max_rss_over(srv.pid, 2.0) - base
         assert grown < 128, f"a peer that never reads made the server hold {grown} MiB"
+
+
+@pytest.mark.timeout(60)
+def test_calls_in_flight_do_not_pin_their_frames_beyond_the_memory_budget() -> None:
+    """FAILS TODAY.  A CALL frame stays referenced (its payload is a ``msgspec.Raw`` view of the
+    frame's buffer, and decoded arguments live as long as the call) for as long as the method runs,
+    and none of it is drawn from ``Limits.max_buffered``.  So 20 calls to a method that takes no
+    argument at all, each padded with a 15 MiB extra trailing element (accepted silently), make
+    the server hold about 300 MiB while the method awaits; max_calls_in_flight (4096) times
+    max_frame (16 MiB) bounds this at 64 GiB per connection, not 32 MiB."""
+    with server() as srv, RawPeer(srv.path) as p:
+        base = rss_mib(srv.pid)
+        blob = b"x" * (15 << 20)
+        p.s.settimeout(20)
+        try:
+            for i in range(20):
+                p.send(2, 1 + 2 * i, "relay", "slow", [blob])
+        except (socket.timeout, BrokenPipeError, ConnectionResetError):
+            pass  # the server stopped reading or closed this connection: fine
+        neighbour = srv.neighbour_ping()
+        assert neighbour[0] == 3, neighbour
+        grown = max_rss_over(srv.pid, 0.5) - base
+        assert grown < 96, f"calls in flight made the server hold {grown} MiB (budget: 32 MiB)"
 
 
 @pytest.mark.timeout(90)
