@@ -509,3 +509,64 @@ def test_guard_peer_killed_mid_stream_is_connection_interrupted(tmp_path: Any) -
         )
         out = subprocess.run([sys.executable, "-c", code, srv.path, str(srv.pid)], capture_output=True, text=True, timeout=60)
         assert out.stdout.strip() == "xrpc._errors ConnectionInterrupted", out.stdout + out.stderr[-2000:]
+
+
+def _throwaway_uid(name: str) -> int:
+    import pwd
+
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", name], check=True, capture_output=True)
+        return pwd.getpwnam(name).pw_uid
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv to act as two users")
+@pytest.mark.parametrize("plant", ["directory", "symlink"])
+def test_guard_planted_tmp_runtime_dir_is_refused(plant: str) -> None:
+    """A hostile local user plants /tmp/xrpc-<victim uid> (a directory holding a description whose
+    command would run as the victim, or a symbolic link): connect_service refuses it (UntrustedPath)
+    and runs nothing."""
+    attacker = _throwaway_uid("xrpcattacker")
+    victim = _throwaway_uid("xrpcvictim")
+    runtime = f"/tmp/xrpc-{victim}"
+    other = f"/tmp/xrpc-planted-{victim}"
+    pwned = f"/tmp/xrpc-pwned-{victim}"
+
+    def as_user(uid: int, *argv: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv],
+            capture_output=True, text=True, timeout=40, cwd="/tmp", **kw,
+        )
+
+    for p in (runtime, other, pwned):
+        subprocess.run(["rm", "-rf", p], check=True)
+    try:
+        target = runtime if plant == "directory" else other
+        as_user(attacker, "mkdir", "-p", f"{target}/services")
+        as_user(attacker, "chmod", "-R", "0755", target)
+        desc = f'name = "evil"\ncommand = ["/bin/sh", "-c", "touch {pwned}"]\nreadiness = "socket"\n'
+        as_user(attacker, "sh", "-c", f"cat > {target}/services/evil.toml", input=desc)
+        if plant == "symlink":
+            as_user(attacker, "ln", "-s", other, runtime)
+        code = textwrap.dedent(
+            """
+            import anyio, xrpc
+            async def main():
+                try:
+                    async with xrpc.connect_service("evil", timeout=5) as sc:
+                        await sc.connect()
+                        print("CONNECTED")
+                except Exception as e:
+                    print("REFUSED", type(e).__name__)
+            anyio.run(main)
+            """
+        )
+        env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "XRPC_RUNTIME_DIR", "XRPC_SERVICE_PATH")}
+        out = as_user(victim, sys.executable, "-c", code, env=env)
+        assert out.stdout.strip() == "REFUSED UntrustedPath", out.stdout + out.stderr[-2000:]
+        assert not os.path.exists(pwned)
+    finally:
+        for p in (runtime, other, pwned):
+            subprocess.run(["rm", "-rf", p], check=True)
