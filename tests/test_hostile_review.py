@@ -230,6 +230,7 @@ def send_with_fd(peer: RawPeer, data: bytes, fd: int) -> None:
 
 # =========================================================================== findings (FAIL TODAY)
 @pytest.mark.timeout(60)
+@pytest.mark.xfail(strict=True, reason="open finding of the hostile review")
 def test_home_reference_cannot_name_a_guarded_export() -> None:
     """FAILS TODAY.  A Ref with home=true names an object "this side exported earlier"; the server
     resolves it with the same lookup as call targets, so it accepts the *name of a named export*,
@@ -253,6 +254,7 @@ def home_reference_attack(srv: Server, p: RawPeer) -> None:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.xfail(strict=True, reason="open finding of the hostile review")
 def test_unadmitted_peer_cannot_make_server_buffer_a_huge_hello() -> None:
     """FAILS TODAY.  Before HELLO (so before the server's requirement is checked) a frame is
     buffered in full, whatever its size up to max_frame, outside the memory budget: a peer the
@@ -286,8 +288,8 @@ def test_unadmitted_peer_cannot_make_server_buffer_a_huge_hello() -> None:
 @pytest.mark.parametrize(
     "backend,url",
     [
-        ("asyncio", ""),  # FAILS TODAY
-        ("asyncio", "tcp://127.0.0.1:0"),  # FAILS TODAY
+        pytest.param("asyncio", "", marks=pytest.mark.xfail(strict=True, reason="open finding of the hostile review")),
+        pytest.param("asyncio", "tcp://127.0.0.1:0", marks=pytest.mark.xfail(strict=True, reason="open finding of the hostile review")),
         ("trio", ""),  # holds (about 35 MiB)
     ],
 )
@@ -313,6 +315,7 @@ def non_reading_streams(srv: Server, p: RawPeer) -> None:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.xfail(strict=True, reason="open finding of the hostile review")
 def test_calls_in_flight_do_not_pin_their_frames_beyond_the_memory_budget() -> None:
     """FAILS TODAY.  A CALL frame stays referenced (its payload is a ``msgspec.Raw`` view of the
     frame's buffer, and decoded arguments live as long as the call) for as long as the method runs,
@@ -336,6 +339,7 @@ def test_calls_in_flight_do_not_pin_their_frames_beyond_the_memory_budget() -> N
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.xfail(strict=True, reason="open finding of the hostile review")
 def test_large_window_bytes_does_not_break_server_streams() -> None:
     """FAILS TODAY.  The server batches stream items up to ``peer_window_bytes / (2 * item size)``
     (at most 256) into ONE frame, without looking at the peer's max_frame.  A client that grants a
@@ -369,6 +373,7 @@ def test_large_window_bytes_does_not_break_server_streams() -> None:
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.xfail(strict=True, reason="open finding of the hostile review")
 def test_large_server_window_bytes_does_not_break_client_streams() -> None:
     """FAILS TODAY.  The mirror image, on the client: a server that grants a large byte window
     (Limits(window_bytes=1 GiB)) makes every client stream of 1 MiB items fail with LimitExceeded
@@ -400,6 +405,7 @@ def test_large_server_window_bytes_does_not_break_client_streams() -> None:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.xfail(strict=True, reason="open finding of the hostile review")
 def test_refused_write_sealed_shared_buffer_prints_no_traceback() -> None:
     """FAILS TODAY.  A memfd sealed with F_SEAL_WRITE (or a read-only descriptor of a memfd) passes
     the seal/size checks, then ``mmap`` fails inside ``SharedBuffer.__init__``.  The call is refused
