@@ -290,6 +290,19 @@ def test_protocol_version_mismatch_is_refused_with_goodbye() -> None:
         s.send_welcome()
 
 
+def test_protocol_version_mismatch_says_goodbye_once() -> None:
+    # the runtime answers every protocol error with send_goodbye(reason, VALIDATION), from ERROR
+    # reopened: after a version mismatch that must not add a second GOODBYE to the one that says why
+    s = ProtocolCore(client=False)
+    with pytest.raises(RemoteProtocolError, match="version"):
+        s.receive_data(frame(Hello(PROTOCOL_VERSION + 1, 1 << 20)))
+    s.state = State.OPEN
+    s.send_goodbye(str(PROTOCOL_VERSION + 1), ErrorCode.VALIDATION)
+    (bye,) = split_frames(s.data_to_send())
+    assert bye == Goodbye(f"unsupported protocol version {PROTOCOL_VERSION + 1} (this side speaks {PROTOCOL_VERSION})", ErrorCode.VALIDATION)
+    assert s.state == State.CLOSED
+
+
 def test_client_refuses_welcome_with_other_version() -> None:
     c = ProtocolCore(client=True)
     c.send_hello()

@@ -134,6 +134,7 @@ class ProtocolCore:
         self.close_reason = ""
         self.close_code = 0
         self._hello_done = False  # client: HELLO sent; server: HELLO received
+        self._said_goodbye = False  # a GOODBYE is in the outgoing buffer: it is the last frame, and the only one
 
     # ------------------------------------------------------------------ helpers
     def is_local_id(self, call_id: int) -> bool:
@@ -187,7 +188,9 @@ class ProtocolCore:
         if self.state in (State.CLOSED, State.ERROR):
             return
         try:
-            self._emit(Goodbye(reason, code))
+            if not self._said_goodbye:
+                self._emit(Goodbye(reason, code))
+                self._said_goodbye = True
         finally:
             self.state = State.CLOSED
             if not self.close_reason:
@@ -547,8 +550,11 @@ class ProtocolCore:
 
     def _on_hello(self, msg: Hello) -> None:
         if msg.version != PROTOCOL_VERSION:
-            self._emit(Goodbye(f"unsupported protocol version {msg.version} (this side speaks {PROTOCOL_VERSION})", 0))
-            self._fail(f"unsupported protocol version {msg.version}")
+            # a protocol error like any other (one GOODBYE, code 3), but said here, with the versions
+            why = f"unsupported protocol version {msg.version} (this side speaks {PROTOCOL_VERSION})"
+            self._emit(Goodbye(why, ErrorCode.VALIDATION))
+            self._said_goodbye = True
+            self._fail(why)
         if msg.max_frame < MIN_MAX_FRAME:
             self._fail(f"the client's max_frame of {msg.max_frame} is below {MIN_MAX_FRAME}")
         self.peer_version = msg.version
