@@ -240,7 +240,12 @@ class ProtocolCore:
         if call_id not in self.incoming:
             raise LocalProtocolError(f"no incoming call {call_id} to answer")
         if self.state in _SENDABLE:
-            self._emit(Error(call_id, code, type_name, message[:4096], args))
+            try:
+                self._emit(Error(call_id, code, type_name, message[:4096], args))
+            except LocalProtocolError:
+                # over the peer's max_frame (a message that repeats a long name, large arguments):
+                # the same error in fewer words and without arguments, which any max_frame fits
+                self._emit(Error(call_id, code, type_name[:100], message[:100]))
         del self.incoming[call_id]
 
     def forget_incoming(self, call_id: int) -> None:
