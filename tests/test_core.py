@@ -290,6 +290,39 @@ def test_protocol_version_mismatch_is_refused_with_goodbye() -> None:
         s.send_welcome()
 
 
+def test_protocol_version_mismatch_says_goodbye_once() -> None:
+    # the runtime answers every protocol error with send_goodbye(reason, VALIDATION), from ERROR
+    # reopened: after a version mismatch that must not add a second GOODBYE to the one that says why
+    s = ProtocolCore(client=False)
+    with pytest.raises(RemoteProtocolError, match="version"):
+        s.receive_data(frame(Hello(PROTOCOL_VERSION + 1, 1 << 20)))
+    s.state = State.OPEN
+    s.send_goodbye(str(PROTOCOL_VERSION + 1), ErrorCode.VALIDATION)
+    (bye,) = split_frames(s.data_to_send())
+    assert bye == Goodbye(f"unsupported protocol version {PROTOCOL_VERSION + 1} (this side speaks {PROTOCOL_VERSION})", ErrorCode.VALIDATION)
+    assert s.state == State.CLOSED
+
+
+def test_an_error_over_the_peers_max_frame_is_shortened() -> None:
+    # an ERROR that repeats a long name the peer sent (no object "xxx...") must still fit the
+    # smallest max_frame a peer may announce, instead of raising in the middle of the reader
+    c = ProtocolCore(client=True, max_frame=MIN_MAX_FRAME)
+    s = ProtocolCore(client=False)
+    c.send_hello()
+    s.receive_data(c.data_to_send())
+    s.send_welcome()
+    c.receive_data(s.data_to_send())
+    rec = c.send_call("x" * 3000, "add", raw([1, 2]))
+    ((call, srec),) = s.receive_data(c.data_to_send())
+    s.send_error(rec.id, ErrorCode.OBJECT_NOT_FOUND, "ObjectNotFound", f"no object is exported as {call.obj!r}", ["y" * 3000])
+    data = s.data_to_send()
+    assert len(data) <= 4 + MIN_MAX_FRAME
+    ((err, done),) = c.receive_data(data)
+    assert type(err) is Error and err.id == rec.id and err.code == ErrorCode.OBJECT_NOT_FOUND
+    assert err.message.startswith("no object is exported as 'xxx")
+    assert done is rec and s.incoming == {}
+
+
 def test_client_refuses_welcome_with_other_version() -> None:
     c = ProtocolCore(client=True)
     c.send_hello()

@@ -134,6 +134,7 @@ class ProtocolCore:
         self.close_reason = ""
         self.close_code = 0
         self._hello_done = False  # client: HELLO sent; server: HELLO received
+        self._said_goodbye = False  # a GOODBYE is in the outgoing buffer: it is the last frame, and the only one
 
     # ------------------------------------------------------------------ helpers
     def is_local_id(self, call_id: int) -> bool:
@@ -187,7 +188,9 @@ class ProtocolCore:
         if self.state in (State.CLOSED, State.ERROR):
             return
         try:
-            self._emit(Goodbye(reason, code))
+            if not self._said_goodbye:
+                self._emit(Goodbye(reason, code))
+                self._said_goodbye = True
         finally:
             self.state = State.CLOSED
             if not self.close_reason:
@@ -237,7 +240,12 @@ class ProtocolCore:
         if call_id not in self.incoming:
             raise LocalProtocolError(f"no incoming call {call_id} to answer")
         if self.state in _SENDABLE:
-            self._emit(Error(call_id, code, type_name, message[:4096], args))
+            try:
+                self._emit(Error(call_id, code, type_name, message[:4096], args))
+            except LocalProtocolError:
+                # over the peer's max_frame (a message that repeats a long name, large arguments):
+                # the same error in fewer words and without arguments, which any max_frame fits
+                self._emit(Error(call_id, code, type_name[:100], message[:100]))
         del self.incoming[call_id]
 
     def forget_incoming(self, call_id: int) -> None:
@@ -547,8 +555,11 @@ class ProtocolCore:
 
     def _on_hello(self, msg: Hello) -> None:
         if msg.version != PROTOCOL_VERSION:
-            self._emit(Goodbye(f"unsupported protocol version {msg.version} (this side speaks {PROTOCOL_VERSION})", 0))
-            self._fail(f"unsupported protocol version {msg.version}")
+            # a protocol error like any other (one GOODBYE, code 3), but said here, with the versions
+            why = f"unsupported protocol version {msg.version} (this side speaks {PROTOCOL_VERSION})"
+            self._emit(Goodbye(why, ErrorCode.VALIDATION))
+            self._said_goodbye = True
+            self._fail(why)
         if msg.max_frame < MIN_MAX_FRAME:
             self._fail(f"the client's max_frame of {msg.max_frame} is below {MIN_MAX_FRAME}")
         self.peer_version = msg.version
