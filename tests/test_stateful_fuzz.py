@@ -307,7 +307,8 @@ class CallM:
     # wait
     key: str = ""
     woken: bool = False
-    expires: bool = False  # its deadline makes it end with ERROR 7 without a wake
+    expires: bool = False  # its deadline makes it end with ERROR 7 without a wake (ERROR 3 if NaN)
+    nan: bool = False
     # spawn
     spawn_n: int | None = None
     # server stream (count, double): items the server owes us
@@ -591,7 +592,7 @@ class RawConn:
         if c.kind == "total":
             want = [("e", ErrorCode.VALIDATION)] if c.bad else [("r", sum(c.sent))]
         elif c.kind == "wait":
-            want = [("r", len(c.key))] if c.woken else [("e", ErrorCode.TIMEOUT)]
+            want = [("r", len(c.key))] if c.woken else [("e", ErrorCode.VALIDATION if c.nan else ErrorCode.TIMEOUT)]
             if c.woken and c.expires:
                 want.append(("e", ErrorCode.TIMEOUT))
         else:
@@ -633,11 +634,7 @@ plain_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
     max_leaves=12,
 )
-# KNOWN ISSUE, left out on purpose (issue 12, finding 12, fixed on another branch): a CALL whose
-# deadline is NaN is never answered on asyncio and drops the connection with a logged traceback on
-# trio.  Generating it would fail every run on that one case; add float("nan") here once it is fixed
-# (the answer is then ERROR 3).
-DEADLINES_FAST = [None, None, 60.0, math.inf, 1e308, 0.0, -1.0, -math.inf]
+DEADLINES_FAST = [None, None, 60.0, math.inf, 1e308, 0.0, -1.0, -math.inf, math.nan]
 wrong_args = st.sampled_from(
     [
         raw(["a", 1]),
@@ -792,8 +789,10 @@ class WireMachine(RuleBasedStateMachine):
         total = a + b
         # a sum outside msgpack's integers cannot be encoded: ERROR 10 (docs/wire.md)
         accept: list[tuple[str, Any]] = [("r", total)] if -(2**63) <= total < 2**64 else [("e", ErrorCode.INTERNAL)]
-        if deadline is not None and deadline <= 0:
-            accept.append(("e", ErrorCode.TIMEOUT))  # the deadline has passed when it arrives
+        if deadline is not None and math.isnan(deadline):
+            accept = [("e", ErrorCode.VALIDATION)]  # refused: not a time
+        elif deadline is not None and deadline <= 0:
+            accept = [("e", ErrorCode.TIMEOUT)]  # it has passed when the call arrives
         self._unary(conn, "add", [a, b], accept, deadline=deadline, gap=gap)
         self._count("add")
 
@@ -887,13 +886,14 @@ class WireMachine(RuleBasedStateMachine):
             self._count("over-release")
 
     @precondition(lambda self: self._has())
-    @rule(c=st.integers(0, 9), deadline=st.sampled_from([None, None, 60.0, 0.05, 0.0, -math.inf]))
+    @rule(c=st.integers(0, 9), deadline=st.sampled_from([None, None, 60.0, 0.05, 0.0, -math.inf, math.nan]))
     def wait(self, c: int, deadline: float | None) -> None:
         """A call that stays in flight until some connection wakes it (or its deadline passes)."""
         conn = self._pick(c)
         key = _key("w")
         call_id, data = conn.call_frame("wait", raw([key]), 0, deadline)
-        call = CallM(call_id, "wait", method="Fz.wait", key=key, expires=deadline is not None and deadline < 1)
+        call = CallM(call_id, "wait", method="Fz.wait", key=key, expires=deadline is not None and not deadline >= 1)
+        call.nan = deadline is not None and math.isnan(deadline)
         conn.calls[call_id] = call
         if not call.expires:
             self.waits.append(call)
@@ -913,15 +913,21 @@ class WireMachine(RuleBasedStateMachine):
         self._count("wake")
 
     @precondition(lambda self: self._has())
-    @rule(c=st.integers(0, 9), n=small_ints, check=st.booleans())
-    def note(self, c: int, n: int, check: bool) -> None:
-        """A one-way call (nothing comes back), then maybe a call that sees its effect."""
+    @rule(c=st.integers(0, 9), n=small_ints, check=st.booleans(), deadline=st.sampled_from([None, None, None, 60.0, 0.0, -math.inf, math.nan]))
+    def note(self, c: int, n: int, check: bool, deadline: float | None) -> None:
+        """A one-way call (nothing comes back), then maybe a call that sees its effect.  With a
+        deadline that has passed, or is NaN, it is dropped (docs/wire.md): no effect."""
         conn = self._pick(c)
-        _, data = conn.call_frame("note", raw([conn.note_key, n]), ONEWAY)
-        conn.send(data, "CALL note (one-way)")
-        conn.noted += n
+        _, data = conn.call_frame("note", raw([conn.note_key, n]), ONEWAY, deadline)
+        conn.send(data, f"CALL note (one-way) deadline={deadline}")
+        before = conn.noted
+        if deadline is None or deadline > 0:
+            conn.noted += n
         if check:
-            self._unary(conn, "noted", [conn.note_key], [("r", conn.noted)])
+            # with a deadline the one-way call runs in a task; ``noted`` (which never suspends) runs
+            # at once, so it may see the note or not yet (calls may finish in any order).  Later
+            # steps see it: the task ran while the step's PING went round.
+            self._unary(conn, "noted", [conn.note_key], [("r", conn.noted), ("r", before)] if deadline else [("r", conn.noted)])
         self._count("oneway")
 
     # ---------------------------------------------------------------- streams
@@ -1078,10 +1084,10 @@ class WireMachine(RuleBasedStateMachine):
             value = nested(depth, ["array", "map", "mixed"][pick % 3])
             self._unary(conn, "take", msgspec.Raw(b"\x91" + value), [("r", type(msgspec.msgpack.decode(value)).__name__)])
         elif kind == "ext":
-            # KNOWN ISSUE (issue 12, finding 12, fixed elsewhere): an ``object`` slot accepts any
-            # msgpack extension type today; refusing it (ERROR 3) is the target.  Both are accepted
-            # here so that this case does not block the rest of the fuzzer.
-            self._unary(conn, "take", msgspec.Raw(b"\x91\xd4\x05\x01"), [("r", "Ext"), ("e", ErrorCode.VALIDATION)])
+            # an ``object`` slot takes plain data: a MessagePack extension is refused (the timestamp
+            # extension is a datetime)
+            ext = [b"\xd4\x05\x01", b"\xc7\x03\x7f\x00\x01\x02", b"\xd6\xff\x00\x00\x00\x01"][pick % 3]
+            self._unary(conn, "take", msgspec.Raw(b"\x91" + ext), [("r", "datetime")] if pick % 3 == 2 else [("e", ErrorCode.VALIDATION)])
         else:
             conn.send(frame(Release(["#999999", "", "Fz", "x" * 300][pick % 4], [1, 0, -3, 2**62][flags % 4])), "RELEASE unknown")
 
