@@ -1243,3 +1243,12 @@ def test_protocol_package_loads_without_event_loop_modules() -> None:
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("count", [0, -1, -(2**40)])
+def test_release_of_fewer_than_one_reference_is_a_protocol_error(count: int) -> None:
+    """A RELEASE that would add references instead of dropping them is refused."""
+    c, s = open_pair()
+    c._emit(Release("obj-7", count))
+    with pytest.raises(RemoteProtocolError, match="RELEASE"):
+        transfer(c, s)

@@ -27,7 +27,7 @@ import anyio
 import anyio.abc
 
 from ._connection import Connection, Export, Limits, Middleware, _exports_from, make_export
-from ._errors import PeerRejected, TransportError
+from ._errors import LocalProtocolError, PeerRejected, TransportError
 from ._peer import Peer
 from ._protocol import ErrorCode, State
 from ._introspect import INTROSPECT_NAME, ExportDescription, Introspection, describe_export
@@ -207,7 +207,13 @@ class Server:
         if conn.closed:
             return
         core.exports = conn._announced()  # only what this peer may call
-        core.send_welcome()
+        try:
+            core.send_welcome()
+        except LocalProtocolError as exc:  # the peer announced a max_frame too small for our WELCOME
+            log.warning("xrpc: connection from %s refused: %s", conn._peer_name(), exc)
+            core.send_goodbye(f"the WELCOME does not fit the peer's max_frame: {exc}", ErrorCode.LIMIT)
+            await conn.aclose()
+            return
         conn._open_gate()
         conn._kick()
 

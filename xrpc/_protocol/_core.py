@@ -539,7 +539,11 @@ class ProtocolCore:
         if cls is Ping:
             self._emit(Pong(msg.nonce))  # type: ignore[union-attr]
             return _DROP
-        if cls is Pong or cls is Release:
+        if cls is Release:
+            if msg.count < 1:  # type: ignore[union-attr]
+                self._fail(f"RELEASE of {msg.count} references")  # type: ignore[union-attr]
+            return None
+        if cls is Pong:
             return None
         self._fail(f"unexpected {cls.__name__.upper()} in state {state}")  # pragma: no cover
 
