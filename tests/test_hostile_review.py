@@ -230,7 +230,6 @@ def send_with_fd(peer: RawPeer, data: bytes, fd: int) -> None:
 
 # =========================================================================== findings (FAIL TODAY)
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="open finding of the hostile review")
 def test_home_reference_cannot_name_a_guarded_export() -> None:
     """FAILS TODAY.  A Ref with home=true names an object "this side exported earlier"; the server
     resolves it with the same lookup as call targets, so it accepts the *name of a named export*,

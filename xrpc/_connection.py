@@ -1276,7 +1276,10 @@ class Connection:
         from ._proxy import ProxyBase
 
         if isinstance(value, ProxyBase):
-            if value._xrpc_conn is self:
+            # Only an object the peer passed us by reference ("#n") goes home as itself; a proxy to
+            # one of the peer's named exports is forwarded like a proxy from another connection,
+            # because the peer resolves a home reference only in the table of references it sent.
+            if value._xrpc_conn is self and value._xrpc_obj[:1] == "#":
                 if value._xrpc_desc.name != desc.name:
                     raise ValueError(f"a proxy of {value._xrpc_desc.name} is not a {desc.name}")
                 return Ref(True, value._xrpc_obj, desc.name)
@@ -1307,10 +1310,13 @@ class Connection:
         if token.interface != desc.name:
             raise ValidationError(f"a reference to a {token.interface} arrived where a {desc.name} is declared")
         if token.home:
-            e = self._lookup(token.oid)
-            if e is None or e.desc.name != desc.name:
-                raise ValidationError(f"a reference to {token.oid!r}, which this side does not export as {desc.name}")
-            return e.obj
+            # Only an object this side passed by reference on this connection, and still holds for
+            # the peer, may come home: never a named export (its requirement would be bypassed) and
+            # never an object of another connection.
+            entry = self._refs.get(token.oid)
+            if entry is None or entry[0].desc.name != desc.name:
+                raise ValidationError(f"a reference to {token.oid!r}, which this side did not pass to this peer as a {desc.name}")
+            return entry[0].obj
         from ._proxy import make_proxy
 
         p = make_proxy(self, desc, token.oid, None)
