@@ -253,7 +253,6 @@ def home_reference_attack(srv: Server, p: RawPeer) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="open finding of the hostile review")
 def test_unadmitted_peer_cannot_make_server_buffer_a_huge_hello() -> None:
     """FAILS TODAY.  Before HELLO (so before the server's requirement is checked) a frame is
     buffered in full, whatever its size up to max_frame, outside the memory budget: a peer the

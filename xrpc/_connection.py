@@ -172,12 +172,20 @@ class Limits(msgspec.Struct, kw_only=True):
     fills at once (to consumers slower than it) below ``max_buffered``: 8 with the defaults.  Outgoing data is bounded by
     back-pressure instead: above ``write_buffer_high`` buffered bytes, producers wait and the
     connection stops reading (and serving) what the peer sends until the peer reads its answers.
+
+    ``handshake_max_frame`` bounds what a peer that has not been admitted yet can make a server
+    hold: until the client's HELLO has arrived (and so before the server's requirement is checked),
+    the largest frame accepted is the smaller of it and ``max_frame``.  A HELLO carries the
+    client's export list with a signature per method, a few KiB for a typical client; a larger one
+    is refused with GOODBYE saying why.  From HELLO on, ``max_frame`` applies, and a large frame
+    being assembled counts against ``max_buffered`` (behind the ``on_connect`` gate too).
     """
 
     max_frame: int = 16 * 1024 * 1024
     window: int = 1024  # stream credit in items, granted per stream received
     window_bytes: int = 4 * 1024 * 1024  # ... and in bytes
     handshake_timeout: float = 10.0
+    handshake_max_frame: int = 1024 * 1024  # the largest frame a server accepts before HELLO (see below)
     max_calls_in_flight: int = 4096  # incoming calls served at once, per connection
     write_buffer_high: int = 1024 * 1024  # producers wait for the writer above this many buffered bytes
     max_objects: int = 10_000  # objects exported by reference on one connection
@@ -1063,6 +1071,7 @@ class Connection:
             window=self.limits.window,
             window_bytes=self.limits.window_bytes,
             exports=[e.info() for e in self._all_exports()],
+            handshake_max_frame=self.limits.handshake_max_frame,
         )
         self._tg: anyio.abc.TaskGroup | None = None
         self._wake = anyio.Event()
