@@ -403,7 +403,6 @@ def test_large_server_window_bytes_does_not_break_client_streams() -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="open finding of the hostile review")
 def test_refused_write_sealed_shared_buffer_prints_no_traceback() -> None:
     """FAILS TODAY.  A memfd sealed with F_SEAL_WRITE (or a read-only descriptor of a memfd) passes
     the seal/size checks, then ``mmap`` fails inside ``SharedBuffer.__init__``.  The call is refused
