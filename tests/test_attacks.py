@@ -434,6 +434,30 @@ async def test_a_length_prefix_alone_allocates_nothing(server_process: Any) -> N
     assert growth < MEMORY_BUDGET
 
 
+async def test_a_frame_over_the_handshake_limit_before_hello_is_refused() -> None:
+    """Before HELLO the server takes frames of at most ``Limits.handshake_max_frame`` (1 MiB): a
+    larger length prefix is answered with GOODBYE saying why, and the connection is closed."""
+    limit = xrpc.Limits().handshake_max_frame
+    assert limit == 1 << 20
+    server, connections = make_server()
+    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    try:
+        with anyio.fail_after(30):
+            async with server.listen(f"unix://{d}/s.sock") as listener:
+                async with good_client(listener.url):
+                    async with await anyio.connect_unix(f"{d}/s.sock") as stream:
+                        await stream.send((limit + 1).to_bytes(4, "big") + b"\0" * 1000)
+                        data, how = await read_to_end(stream, T)
+                    assert how in ("eof", "reset")
+                    frames = decode_frames(data)
+                    assert frames and frames[-1][0] == GOODBYE_TAG, frames
+                    assert frames[-1][2] == ErrorCode.VALIDATION
+                    assert f"before HELLO exceeds the handshake limit of {limit} bytes" in frames[-1][1], frames[-1]
+                    await connections.wait_len(1)  # the good client only
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- slow loris
 async def test_slow_loris_is_closed_after_the_handshake_timeout(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="xrpc")

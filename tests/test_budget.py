@@ -351,6 +351,30 @@ async def test_too_many_calls_behind_the_gate_close_the_connection(server_proces
     assert frames[-1][2] == ErrorCode.LIMIT and "on_connect" in frames[-1][1], frames[-1]
 
 
+@pytest.mark.timeout(120)
+async def test_large_frames_during_on_connect_count_against_the_budget(server_process: Any) -> None:
+    """Large CALL frames behind the gate: each is counted whole against the budget while it is
+    being assembled and while it waits, so the server stops reading (or says GOODBYE) in time."""
+    sp = server_process(slow_connect=6.0)
+    mem = Memory(sp, "15 MiB CALL frames during a slow on_connect")
+    text = "y" * (15 * MiB)
+    data = b"".join(frame(Call(1 + 2 * i, "Hog", "echo", msgspec.Raw(msgspec.msgpack.encode([text])))) for i in range(10))
+    del text
+    async with neighbour(sp.url) as check:
+        s = raw_socket(sp.path)
+        try:
+            s.sendall(hello())
+            sent, how = await anyio.to_thread.run_sync(flood, s, data, len(data))
+            print(f"\nlarge CALL frames behind the gate: sent {sent / MiB:.1f} MiB, {how}")
+            assert how in ("stalled", "closed")
+            await check()
+            assert mem.growth() < BUDGET + SLACK
+        finally:
+            s.close()
+            del data
+        await check()
+
+
 # --------------------------------------------------------------------------- stream windows
 @pytest.mark.timeout(120)
 async def test_undrained_streams_are_held_to_the_budget(server_process: Any) -> None:

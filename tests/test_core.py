@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xrpc._errors import LocalProtocolError, RemoteProtocolError
-from xrpc._protocol._core import MIN_MAX_FRAME
+from xrpc._protocol._core import DEFAULT_HANDSHAKE_MAX_FRAME, MIN_MAX_FRAME
 from xrpc._protocol import (
     DEFAULT_MAX_FRAME,
     DEFAULT_WINDOW,
@@ -679,6 +679,71 @@ def test_frame_of_exactly_max_frame_is_accepted() -> None:
     assert len(body) == limit + 1
     with pytest.raises(RemoteProtocolError, match="exceeds"):
         s.receive_data(body_frame(body)[:4])
+
+
+def test_frames_before_hello_are_held_to_the_handshake_limit() -> None:
+    """Before HELLO (and so before any requirement is checked) a server takes frames of at most
+    ``handshake_max_frame`` bytes: a peer not yet admitted cannot make it buffer ``max_frame``."""
+    limit = DEFAULT_HANDSHAKE_MAX_FRAME
+    assert limit == 1 << 20
+    s = ProtocolCore(client=False)
+    assert s.handshake_max_frame == limit and s.max_frame == DEFAULT_MAX_FRAME
+    assert s.receive_data(limit.to_bytes(4, "big")) == []  # exactly the limit: waits for the body
+    s = ProtocolCore(client=False)
+    with pytest.raises(RemoteProtocolError, match=f"before HELLO exceeds the handshake limit of {limit} bytes"):
+        s.receive_data((limit + 1).to_bytes(4, "big"))
+    assert s.state == State.ERROR
+    # configurable, and never above max_frame
+    s = ProtocolCore(client=False, handshake_max_frame=2000)
+    with pytest.raises(RemoteProtocolError, match="handshake limit of 2000 bytes"):
+        s.receive_data((2001).to_bytes(4, "big"))
+    assert ProtocolCore(client=False, max_frame=5000, handshake_max_frame=1 << 20).handshake_max_frame == 5000
+
+
+def test_max_frame_applies_from_hello_on_even_within_one_read() -> None:
+    c, s = pair()
+    c.send_hello()
+    big = "b" * (3 << 20)
+    c.send_call("o", "m", raw([big]))  # pipelined behind HELLO, before WELCOME
+    data = c.data_to_send()
+    events = s.receive_data(data)
+    assert [type(m) for m, _ in events] == [Hello, Call]
+    assert msgspec.msgpack.decode(events[1][0].payload) == [big]
+    # the same, with the large frame still arriving: it gets a buffer of its own (which the
+    # runtime counts against its budget, behind the on_connect gate too)
+    c, s = pair()
+    c.send_hello()
+    c.send_call("o", "m", raw([big]))
+    data = bytes(c.data_to_send())
+    assert [type(m) for m, _ in s.receive_data(data[: 1 << 20])] == [Hello]
+    hello_size = 4 + int.from_bytes(data[:4], "big")
+    assert s.state == State.HANDSHAKE and s._big is not None and s._big_size == len(data) - hello_size
+    rest = s.receive_data(data[1 << 20 :])
+    assert [type(m) for m, _ in rest] == [Call]
+
+
+def test_a_hello_with_a_large_export_list_fits_the_handshake_limit() -> None:
+    """A client with 500 exports of 20 methods each (10,000 signatures) sends a HELLO well under
+    the handshake limit."""
+    methods = {f"method_number_{i}": "unary:int,str,bytes?,list" for i in range(20)}
+    exports = [ExportInfo(f"service.export_{i}", f"pkg.module.Interface{i}", "f" * 32, methods) for i in range(500)]
+    c, s = pair(client_exports=exports)
+    c.send_hello()
+    data = c.data_to_send()
+    assert len(data) < DEFAULT_HANDSHAKE_MAX_FRAME // 2, len(data)
+    (hello, _), = s.receive_data(data)
+    assert len(hello.exports) == 500
+
+
+def test_the_client_has_no_handshake_limit() -> None:
+    """The accepting side may call the client before WELCOME (from on_connect): a client takes
+    frames up to its max_frame at once."""
+    c, s = pair()
+    c.send_hello()
+    transfer(c, s)
+    s.send_call("o", "m", raw(["c" * (3 << 20)]))
+    (call, _), = transfer(s, c)
+    assert type(call) is Call and c.state == State.HANDSHAKE
 
 
 def test_zero_length_frame_is_refused() -> None:

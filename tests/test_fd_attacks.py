@@ -324,6 +324,117 @@ async def test_shared_buffer_from_a_hostile_server_cannot_sigbus_the_client(host
     assert "ALIVE 3" in out, out
 
 
+def _write_sealed_or_read_only(kind: str, size: int, sealed: xrpc.SharedBuffer) -> int:
+    """A descriptor that passes the resizing seals but cannot be mapped writable."""
+    if kind == "read-only":
+        return os.open(f"/proc/self/fd/{sealed.fileno()}", os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.memfd_create("hostile", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    extra = fcntl.F_SEAL_WRITE if kind == "F_SEAL_WRITE" else 0x10  # F_SEAL_FUTURE_WRITE
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL | extra)
+    except OSError:
+        os.close(fd)
+        pytest.skip(f"this kernel has no {kind}")
+    return fd
+
+
+WRITE_REFUSALS = [("F_SEAL_WRITE", "sealed against writing"), ("F_SEAL_FUTURE_WRITE", "sealed against writing"), ("read-only", "not open for reading and writing")]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind,why", WRITE_REFUSALS)
+async def test_a_shared_buffer_that_cannot_be_mapped_writable_is_refused(child: Any, monkeypatch: pytest.MonkeyPatch, kind: str, why: str) -> None:
+    """A memfd sealed against writing, or a read-only descriptor of a sealed memfd, passes the
+    resizing seals but cannot be mapped writable: the server refuses it with ValidationError before
+    mapping (no traceback on its stderr, no descriptor kept or closed twice), and goes on."""
+    victim = child("shm_server")
+    size = 1 << 16
+    with anyio.fail_after(30), xrpc.SharedBuffer.create(size) as good:
+        async with xrpc.connect(victim.url, timeout=T) as conn:
+            shm = conn.proxy(Shm)
+            assert await shm.add(1, 2) == 3
+            fds = victim.fds()
+            evil = _write_sealed_or_read_only(kind, size, good)
+            try:
+                with monkeypatch.context() as m:
+                    m.setattr(xrpc.SharedBuffer, "_sealed_fd", lambda self: evil)  # sent as it is
+                    for _ in range(3):
+                        with pytest.raises(xrpc.ValidationError, match=why):
+                            await shm.hold(good)
+            finally:
+                os.close(evil)
+            assert victim.fds() == fds
+            assert await shm.hold(good) == size  # the same connection lives on
+    # the child fixture checks that the server's stderr and log hold no traceback
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind,why", WRITE_REFUSALS)
+async def test_a_hostile_server_cannot_reply_with_a_buffer_that_cannot_be_mapped_writable(
+    monkeypatch: pytest.MonkeyPatch, kind: str, why: str
+) -> None:
+    """The other direction: the client refuses such a reply with ValidationError and goes on."""
+    size = 1 << 16
+    unraisable: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    try:
+        with xrpc.SharedBuffer.create(size) as good:
+            evil = _write_sealed_or_read_only(kind, size, good)
+
+            class Maker_:
+                async def make(self, size: int) -> xrpc.SharedBuffer:
+                    return good
+
+                async def shrink(self) -> None: ...
+
+                async def add(self, a: int, b: int) -> int:
+                    return a + b
+
+            server = xrpc.Server()
+            server.export(Maker, Maker_())
+            monkeypatch.setattr(xrpc.SharedBuffer, "_sealed_fd", lambda self: evil)  # sent as it is
+            try:
+                with anyio.fail_after(30):
+                    async with server.listen(f"unix://{d}/s.sock") as listener, xrpc.connect(listener.url, timeout=T) as conn:
+                        maker = conn.proxy(Maker)
+                        before = len(os.listdir("/proc/self/fd"))
+                        with pytest.raises(xrpc.ValidationError, match=why):
+                            await maker.make(size)
+                        assert len(os.listdir("/proc/self/fd")) == before
+                        assert await maker.add(1, 2) == 3
+            finally:
+                os.close(evil)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    assert unraisable == []
+
+
+@pytest.mark.parametrize("kind,why", WRITE_REFUSALS)
+def test_a_shared_buffer_that_cannot_be_mapped_leaves_its_descriptor_alone(monkeypatch: pytest.MonkeyPatch, kind: str, why: str) -> None:
+    """Received, it is refused with a clear reason before mapping; built directly over it, the
+    mapping fails and the half-built buffer neither complains when collected nor closes the
+    descriptor, which still belongs to the caller."""
+    import gc
+
+    unraisable: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    size = 4096
+    with xrpc.SharedBuffer.create(size) as good:
+        fd = _write_sealed_or_read_only(kind, size, good)
+        try:
+            with pytest.raises(ValueError, match=why):
+                xrpc.SharedBuffer._receive(fd, size)
+            with pytest.raises(OSError):
+                xrpc.SharedBuffer(fd, size)
+            gc.collect()
+            os.fstat(fd)  # still open: nobody closed it behind the caller's back
+        finally:
+            os.close(fd)
+    assert unraisable == []
+
+
 def test_shared_buffers_are_sealed_against_resizing() -> None:
     with xrpc.SharedBuffer.create(4096) as buf:
         seals = fcntl.fcntl(buf.fileno(), fcntl.F_GET_SEALS)

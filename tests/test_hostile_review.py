@@ -230,7 +230,6 @@ def send_with_fd(peer: RawPeer, data: bytes, fd: int) -> None:
 
 # =========================================================================== findings (FAIL TODAY)
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="open finding of the hostile review")
 def test_home_reference_cannot_name_a_guarded_export() -> None:
     """FAILS TODAY.  A Ref with home=true names an object "this side exported earlier"; the server
     resolves it with the same lookup as call targets, so it accepts the *name of a named export*,
@@ -254,7 +253,6 @@ def home_reference_attack(srv: Server, p: RawPeer) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="open finding of the hostile review")
 def test_unadmitted_peer_cannot_make_server_buffer_a_huge_hello() -> None:
     """FAILS TODAY.  Before HELLO (so before the server's requirement is checked) a frame is
     buffered in full, whatever its size up to max_frame, outside the memory budget: a peer the
@@ -405,7 +403,6 @@ def test_large_server_window_bytes_does_not_break_client_streams() -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="open finding of the hostile review")
 def test_refused_write_sealed_shared_buffer_prints_no_traceback() -> None:
     """FAILS TODAY.  A memfd sealed with F_SEAL_WRITE (or a read-only descriptor of a memfd) passes
     the seal/size checks, then ``mmap`` fails inside ``SharedBuffer.__init__``.  The call is refused

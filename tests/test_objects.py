@@ -1094,6 +1094,69 @@ async def test_a_call_carrying_a_reference_home_survives_a_release_sent_after_it
             assert store_impl.calls == 10 + 10
 
 
+def _forge_home_references(conn: xrpc.Connection, oid: str) -> None:
+    """Make ``conn`` send every object it passes as a home reference to ``oid`` (a hostile peer)."""
+    from xrpc._interface import Ref
+
+    conn._ref_out = lambda desc, value: Ref(True, oid, desc.name)  # type: ignore[method-assign]
+
+
+async def test_a_home_reference_names_only_what_this_connection_was_given() -> None:
+    """A reference coming home may name only an object this side passed by reference on this very
+    connection: never a named export (a guarded one would reach the method as the server's own
+    object, its requirement bypassed) and never another connection's object."""
+    store_impl = StoreImpl()
+    server = xrpc.Server()
+    server.export(Store, store_impl)
+    server.export(Item, ItemImpl(99), "guarded", requirement="uid == 4242")  # not this test's uid
+    server.export(Item, ItemImpl(5), "public")
+    with anyio.fail_after(T), unix_url() as url:
+        async with server.listen(url) as listener, xrpc.connect(listener.url) as a, xrpc.connect(listener.url) as b:
+            store_a, store_b = a.proxy(Store), b.proxy(Store)
+            theirs = await store_a.open(3)  # a's "#1"
+            calls = store_impl.calls
+            with pytest.raises(xrpc.PeerRejected):
+                await b.proxy(Item, "guarded").get()
+            # forged: another connection's reference, a guarded named export, an unguarded one
+            for oid in ("guarded", "public", "Store", theirs._xrpc_obj, "#999"):
+                _forge_home_references(b, oid)
+                with pytest.raises(xrpc.ValidationError, match="argument 'item'") as info:
+                    await store_b.keep(ItemImpl(0))
+                assert "did not pass to this peer" in str(info.value)
+                with pytest.raises(xrpc.ValidationError, match="argument 'items'"):
+                    await store_b.sum([ItemImpl(0)])
+            assert store_impl.calls == calls  # the methods never ran
+            del b._ref_out  # b behaves again: the connection lives on
+            await store_b.ping()
+            assert await store_a.is_kept(theirs) is False and await theirs.get() == 3
+            # a proxy to a named export passed back travels as a reference to that proxy: calls
+            # through it come back to its holder and are made with the holder's own rights
+            assert await store_b.keep(b.proxy(Item, "public")) is True  # a proxy on the server
+            assert await store_b.sum([b.proxy(Item, "public")]) == 5
+            with pytest.raises(xrpc.Error) as refused:
+                await store_b.sum([b.proxy(Item, "guarded")])
+            assert "99" not in str(refused.value)
+            assert store_impl.held is not None and not isinstance(store_impl.held, ItemImpl)
+
+
+async def test_a_hostile_server_cannot_send_a_client_its_own_named_export_home() -> None:
+    """The same rule on the client: a server naming one of the client's named exports in a home
+    reference is refused, and the client's method never runs."""
+    mine = StoreImpl()
+    server = xrpc.Server()
+    server.export(Store, StoreImpl())
+    with anyio.fail_after(T):
+        async with served(server, exports=[(Store, mine), (Item, ItemImpl(42), "secret")]) as (conn, server_conn):
+            back = server_conn.proxy(Store)
+            _forge_home_references(server_conn, "secret")
+            with pytest.raises(xrpc.ValidationError, match="argument 'item'"):
+                await back.keep(ItemImpl(0))
+            assert mine.calls == 0 and mine.held is None
+            del server_conn._ref_out
+            assert await back.keep(ItemImpl(1)) is True  # the connection lives on
+            await conn.proxy(Store).ping()
+
+
 async def test_a_stream_call_never_started_leaves_no_exports_behind() -> None:
     server = xrpc.Server()
     server.export(Store, StoreImpl())

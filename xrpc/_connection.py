@@ -172,12 +172,20 @@ class Limits(msgspec.Struct, kw_only=True):
     fills at once (to consumers slower than it) below ``max_buffered``: 8 with the defaults.  Outgoing data is bounded by
     back-pressure instead: above ``write_buffer_high`` buffered bytes, producers wait and the
     connection stops reading (and serving) what the peer sends until the peer reads its answers.
+
+    ``handshake_max_frame`` bounds what a peer that has not been admitted yet can make a server
+    hold: until the client's HELLO has arrived (and so before the server's requirement is checked),
+    the largest frame accepted is the smaller of it and ``max_frame``.  A HELLO carries the
+    client's export list with a signature per method, a few KiB for a typical client; a larger one
+    is refused with GOODBYE saying why.  From HELLO on, ``max_frame`` applies, and a large frame
+    being assembled counts against ``max_buffered`` (behind the ``on_connect`` gate too).
     """
 
     max_frame: int = 16 * 1024 * 1024
     window: int = 1024  # stream credit in items, granted per stream received
     window_bytes: int = 4 * 1024 * 1024  # ... and in bytes
     handshake_timeout: float = 10.0
+    handshake_max_frame: int = 1024 * 1024  # the largest frame a server accepts before HELLO (see below)
     max_calls_in_flight: int = 4096  # incoming calls served at once, per connection
     write_buffer_high: int = 1024 * 1024  # producers wait for the writer above this many buffered bytes
     max_objects: int = 10_000  # objects exported by reference on one connection
@@ -1063,6 +1071,7 @@ class Connection:
             window=self.limits.window,
             window_bytes=self.limits.window_bytes,
             exports=[e.info() for e in self._all_exports()],
+            handshake_max_frame=self.limits.handshake_max_frame,
         )
         self._tg: anyio.abc.TaskGroup | None = None
         self._wake = anyio.Event()
@@ -1276,7 +1285,10 @@ class Connection:
         from ._proxy import ProxyBase
 
         if isinstance(value, ProxyBase):
-            if value._xrpc_conn is self:
+            # Only an object the peer passed us by reference ("#n") goes home as itself; a proxy to
+            # one of the peer's named exports is forwarded like a proxy from another connection,
+            # because the peer resolves a home reference only in the table of references it sent.
+            if value._xrpc_conn is self and value._xrpc_obj[:1] == "#":
                 if value._xrpc_desc.name != desc.name:
                     raise ValueError(f"a proxy of {value._xrpc_desc.name} is not a {desc.name}")
                 return Ref(True, value._xrpc_obj, desc.name)
@@ -1307,10 +1319,13 @@ class Connection:
         if token.interface != desc.name:
             raise ValidationError(f"a reference to a {token.interface} arrived where a {desc.name} is declared")
         if token.home:
-            e = self._lookup(token.oid)
-            if e is None or e.desc.name != desc.name:
-                raise ValidationError(f"a reference to {token.oid!r}, which this side does not export as {desc.name}")
-            return e.obj
+            # Only an object this side passed by reference on this connection, and still holds for
+            # the peer, may come home: never a named export (its requirement would be bypassed) and
+            # never an object of another connection.
+            entry = self._refs.get(token.oid)
+            if entry is None or entry[0].desc.name != desc.name:
+                raise ValidationError(f"a reference to {token.oid!r}, which this side did not pass to this peer as a {desc.name}")
+            return entry[0].obj
         from ._proxy import make_proxy
 
         p = make_proxy(self, desc, token.oid, None)

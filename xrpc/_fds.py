@@ -9,7 +9,9 @@ the bytes themselves never cross the socket.
 A mapping whose file shrinks under it kills the process with SIGBUS on the next access, so a shared
 buffer travels only sealed against resizing (``F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL``): the
 sender seals it (or refuses it) before it leaves, and the receiver checks the seals, that it is a
-plain memfd, and that its size is the one announced, before mapping it.
+plain memfd, and that its size is the one announced, before mapping it.  Both sides map it for
+reading and writing, so a memfd sealed against writing, or a descriptor opened read-only, is refused
+too (it could not be mapped).
 
 This module owns the two value types; the connection does the sending and receiving.
 """
@@ -82,6 +84,8 @@ class FileDescriptor:
 
 # What a shared buffer must carry to travel: its size can never change again.
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+# What it must not carry: both sides map it writable (F_SEAL_FUTURE_WRITE is 0x10 on Linux >= 5.1).
+WRITE_SEALS = fcntl.F_SEAL_WRITE | getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
 _shm_device: int | None = None
 
 
@@ -106,6 +110,10 @@ def _check_sealed(fd: int, size: int) -> None:
         raise ValueError("the descriptor is not a memfd that can be sealed") from None
     if seals & SEALS != SEALS:
         raise ValueError("the memfd is not sealed against resizing (F_SEAL_SHRINK, F_SEAL_GROW and F_SEAL_SEAL are required)")
+    if seals & WRITE_SEALS:
+        raise ValueError("the memfd is sealed against writing (F_SEAL_WRITE or F_SEAL_FUTURE_WRITE): a shared buffer is mapped writable")
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:
+        raise ValueError("the descriptor is not open for reading and writing: a shared buffer is mapped writable")
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_dev != _memfd_device():
         raise ValueError("the descriptor is not a plain memfd")
@@ -128,10 +136,11 @@ class SharedBuffer:
     __slots__ = ("_fd", "size", "_map", "buffer")
 
     def __init__(self, fd: int, size: int) -> None:
-        self._fd = fd
+        self._fd = -1  # owned only once mapped: a failed mapping leaves ``fd`` to the caller
         self.size = size
         self._map = mmap.mmap(fd, size) if size else None
         self.buffer = memoryview(self._map) if self._map is not None else memoryview(bytearray())
+        self._fd = fd
 
     @classmethod
     def create(cls, size: int, name: str = "xrpc") -> SharedBuffer:
@@ -171,7 +180,7 @@ class SharedBuffer:
         return fd
 
     def close(self) -> None:
-        if self._fd < 0:
+        if getattr(self, "_fd", -1) < 0:
             return
         self.buffer.release()
         if self._map is not None:

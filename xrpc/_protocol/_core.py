@@ -50,9 +50,14 @@ from ._frames import (
     Welcome,
 )
 
-__all__ = ("ProtocolCore", "CallRecord", "State", "DEFAULT_MAX_FRAME", "DEFAULT_WINDOW", "DEFAULT_WINDOW_BYTES")
+__all__ = (
+    "ProtocolCore", "CallRecord", "State", "DEFAULT_MAX_FRAME", "DEFAULT_HANDSHAKE_MAX_FRAME", "DEFAULT_WINDOW", "DEFAULT_WINDOW_BYTES"
+)
 
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
+# The largest frame the accepting side takes before HELLO has arrived (HELLO itself, or anything a
+# peer sends instead): a peer not yet admitted makes the server buffer at most this much.
+DEFAULT_HANDSHAKE_MAX_FRAME = 1024 * 1024
 DEFAULT_WINDOW = 1024
 MIN_MAX_FRAME = 1024  # a peer must accept frames at least this large
 DEFAULT_WINDOW_BYTES = 4 * 1024 * 1024
@@ -107,12 +112,16 @@ class ProtocolCore:
         window: int = DEFAULT_WINDOW,
         window_bytes: int = DEFAULT_WINDOW_BYTES,
         exports: list[ExportInfo] | None = None,
+        handshake_max_frame: int = DEFAULT_HANDSHAKE_MAX_FRAME,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
         self.client = client
         self.state = State.HANDSHAKE
-        self.max_frame = max_frame  # the largest frame we accept
+        self.max_frame = max_frame  # the largest frame we accept (announced in HELLO/WELCOME)
+        # the largest frame we accept before the peer's HELLO (server side only; then max_frame)
+        self.handshake_max_frame = min(max_frame, handshake_max_frame)
+        self._recv_limit = max_frame if client else self.handshake_max_frame
         self.peer_max_frame = DEFAULT_MAX_FRAME  # the largest the peer accepts (known after handshake)
         self.window = window  # credit we grant for each stream we receive
         self.peer_window = DEFAULT_WINDOW  # credit the peer grants us
@@ -344,18 +353,26 @@ class ProtocolCore:
         events: list[tuple[Message, CallRecord | None]] = []
         pos = 0
         mv: memoryview | None = None
-        max_frame = self.max_frame
+        max_frame = self._recv_limit
         while total - pos >= _HEADER:
             size = int.from_bytes(buf[pos : pos + _HEADER], "big")
             if size > max_frame:
-                self._fail(f"frame of {size} bytes exceeds the limit of {max_frame} bytes")
+                max_frame = self._recv_limit  # HELLO may have arrived earlier in this read
+                if size > max_frame:
+                    if not self.client and not self._hello_done:
+                        self._fail(
+                            f"frame of {size} bytes before HELLO exceeds the handshake limit of {max_frame} bytes"
+                        )
+                    self._fail(f"frame of {size} bytes exceeds the limit of {max_frame} bytes")
             if size == 0:
                 self._fail("empty frame")
             end = pos + _HEADER + size
             if end > total:
-                if size >= _BIG_FRAME and self.state == State.OPEN:
+                if size >= _BIG_FRAME and self._hello_done:
                     # a large frame: give it a buffer of its own, filled in place from now on.  It
-                    # grows as the bytes arrive, so a length prefix alone reserves little memory.
+                    # grows as the bytes arrive, so a length prefix alone reserves little memory,
+                    # and the runtime counts it against its budget while it is being assembled
+                    # (on a server also behind the on_connect gate, once HELLO has arrived).
                     have = total - pos
                     big = bytearray(min(_HEADER + size, max(2 * have, _BIG_FRAME)))
                     big[:have] = memoryview(buf)[pos:total]
@@ -572,6 +589,7 @@ class ProtocolCore:
         self.peer_window = max(1, msg.window)
         self.peer_window_bytes = max(1, msg.window_bytes)
         self._hello_done = True
+        self._recv_limit = self.max_frame  # HELLO is in: the limit we announce from now on
 
     def _closed_by_peer(self, msg: Goodbye) -> None:
         self.state = State.CLOSED
