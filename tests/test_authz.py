@@ -876,3 +876,12 @@ async def test_a_client_announces_only_what_the_server_may_call(sock_dir: str) -
             async with xrpc.connect(listener.url, timeout=T, exports=client_exports):
                 pass
     assert seen == [["Vault"]]
+
+
+@pytest.mark.parametrize("name", ["#1", "^3", "#"])
+def test_an_export_name_cannot_pose_as_a_reference_or_a_pipelined_result(name: str) -> None:
+    """Names starting with # or ^ address references and pipelined results on the wire: an export
+    under such a name would shadow them."""
+    server = xrpc.Server()
+    with pytest.raises(ValueError, match="may not start with"):
+        server.export(Vault, VaultImpl(), name=name)

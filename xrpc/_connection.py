@@ -276,6 +276,8 @@ class _OneShotExport(Export):
 
 
 def make_export(iface: Any, obj: Any, name: str = "", requirement: Any = None) -> Export:
+    if name[:1] in ("#", "^"):  # those name references and pipelined results on the wire
+        raise ValueError(f"an export name may not start with {name[0]!r}: {name!r}")
     desc = describe(iface)
     return Export(desc, obj, name or desc.name, requirement)
 
