@@ -169,9 +169,10 @@ class Limits(msgspec.Struct, kw_only=True):
     consumed, the calls held behind the ``on_connect`` gate and a large frame being reassembled are
     drawn from it.  Above half of it, a stream that still holds items gets no credit back until its
     consumer has taken them; a peer that makes this side hold more than all of it is sent GOODBYE
-    (code LIMIT) and the connection ends with ``LimitExceeded``.  Every stream opens with a window of
-    ``window_bytes`` (plus one frame), so keep ``window_bytes`` times the streams a well-behaved peer
-    fills at once (to consumers slower than it) below ``max_buffered``: 8 with the defaults.  Outgoing data is bounded by
+    (code LIMIT) and the connection ends with ``LimitExceeded``.  A peer that honours its credit never
+    gets there, however many streams it fills: the connection window announced to it, for all its
+    stream items together, is ``max_buffered - max_frame - 4`` (at least 64 KiB).  An item larger
+    than 15/16 of the peer's connection window cannot be sent.  Outgoing data is bounded by
     back-pressure instead: above ``write_buffer_high`` buffered bytes, producers wait and the
     connection stops reading (and serving) what the peer sends until the peer reads its answers.
     """
