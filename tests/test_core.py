@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from xrpc._errors import LocalProtocolError, RemoteProtocolError
 from xrpc._protocol._core import DEFAULT_HANDSHAKE_MAX_FRAME, MIN_MAX_FRAME
 from xrpc._protocol import (
+    DEFAULT_CONN_WINDOW,
     DEFAULT_MAX_FRAME,
     DEFAULT_WINDOW,
     DEFAULT_WINDOW_BYTES,
@@ -145,7 +146,7 @@ def test_handshake_exchanges_limits_windows_and_exports() -> None:
     c.send_hello()
     wire = c.data_to_send()
     (hello,) = split_frames(wire)
-    assert hello == Hello(PROTOCOL_VERSION, 5000, c_exports, 8, 4096)
+    assert hello == Hello(PROTOCOL_VERSION, 5000, c_exports, 8, 4096, DEFAULT_CONN_WINDOW)
     # array-like and tagged: the first element of the array is the tag 0
     assert msgspec.msgpack.decode(wire[4:])[0] == 0
     assert c.state == State.HANDSHAKE
@@ -163,7 +164,7 @@ def test_handshake_exchanges_limits_windows_and_exports() -> None:
     assert len(events) == 1
     welcome, rec = events[0]
     assert rec is None
-    assert welcome == Welcome(PROTOCOL_VERSION, 2000, s_exports, 16, 8192)
+    assert welcome == Welcome(PROTOCOL_VERSION, 2000, s_exports, 16, 8192, DEFAULT_CONN_WINDOW)
     assert c.state == State.OPEN
     assert (c.peer_max_frame, c.peer_window, c.peer_window_bytes) == (2000, 16, 8192)
     assert c.peer_exports == s_exports

@@ -59,6 +59,7 @@ from ._errors import (
 from ._interface import InterfaceDescription, MethodDescription, MethodKind, _plain_error, describe
 from ._peer import Peer
 from ._protocol import (
+    ITEM_OVERHEAD,
     Call,
     CallFlags,
     CallRecord,
@@ -77,6 +78,7 @@ from ._protocol import (
     Reply,
     State,
     Welcome,
+    conn_window_for,
 )
 from ._protocol import Error as ErrorFrame
 
@@ -167,9 +169,10 @@ class Limits(msgspec.Struct, kw_only=True):
     consumed, the calls held behind the ``on_connect`` gate and a large frame being reassembled are
     drawn from it.  Above half of it, a stream that still holds items gets no credit back until its
     consumer has taken them; a peer that makes this side hold more than all of it is sent GOODBYE
-    (code LIMIT) and the connection ends with ``LimitExceeded``.  Every stream opens with a window of
-    ``window_bytes`` (plus one frame), so keep ``window_bytes`` times the streams a well-behaved peer
-    fills at once (to consumers slower than it) below ``max_buffered``: 8 with the defaults.  Outgoing data is bounded by
+    (code LIMIT) and the connection ends with ``LimitExceeded``.  A peer that honours its credit never
+    gets there, however many streams it fills: the connection window announced to it, for all its
+    stream items together, is ``max_buffered - max_frame - 4`` (at least 64 KiB).  An item larger
+    than 15/16 of the peer's connection window cannot be sent.  Outgoing data is bounded by
     back-pressure instead: above ``write_buffer_high`` buffered bytes, producers wait and the
     connection stops reading (and serving) what the peer sends until the peer reads its answers.
 
@@ -357,10 +360,16 @@ class _StreamQueue:
     """Batches of items arriving on one stream, with the receiving side's credit bookkeeping.
 
     Items arrive as ITEM frames of one or more items.  The consumer decodes a whole batch at once
-    (one msgspec call for many items) and returns the credit when it takes the batch.
+    (one msgspec call for many items) and returns the credit when it takes the batch.  A batch's
+    size is its connection cost (payload plus ``ITEM_OVERHEAD``): the stream's byte credit, the
+    budget and the connection credit all count it.  Its connection credit is free again once the
+    consumer has taken the whole batch, or once the queue is discarded.
     """
 
-    __slots__ = ("conn", "call_id", "batches", "event", "end", "error", "consumed", "consumed_bytes", "threshold", "bytes_threshold", "held")
+    __slots__ = (
+        "conn", "call_id", "batches", "event", "end", "error", "consumed", "consumed_bytes", "threshold", "bytes_threshold", "held",
+        "unreturned", "dead",
+    )
 
     def __init__(self, conn: Connection, call_id: int) -> None:
         self.conn = conn
@@ -374,20 +383,46 @@ class _StreamQueue:
         self.threshold = max(1, conn._core.window // 2)
         self.bytes_threshold = max(1, conn._core.window_bytes // 2)
         self.held = 0  # bytes of the batches queued, drawn from the connection's budget
+        self.unreturned = 0  # connection credit of the batches queued or being taken
+        self.dead = False
 
     def push(self, payload: Any, count: int, size: int) -> None:
+        if self.dead:
+            self.conn._conn_freed(size)
+            return
         self.batches.append((payload, count, size))
         self.held += size
+        self.unreturned += size
         self.conn._held += size
         if self.event is not None:
             self.event.set()
 
     def discard(self) -> None:
-        """Nobody will consume the rest: give its bytes back to the budget."""
+        """Nobody will consume the rest: give its bytes back to the budget, and its credit to the
+        connection."""
+        self.dead = True
         self.batches.clear()
         self.conn._deferred_credit.pop(self, None)
         self.conn._release(self.held)
         self.held = 0
+        freed = self.unreturned
+        self.unreturned = 0
+        self.conn._conn_freed(freed)
+
+    def batch_taken(self, nbytes: int) -> None:
+        """The consumer has taken the last item of a batch of ``nbytes``: its connection credit is
+        free (it goes back with the stream credit if that is due now, else on its own once enough
+        has accumulated)."""
+        self.consumed_bytes += nbytes
+        if self.unreturned:
+            freed = min(nbytes, self.unreturned)
+            self.unreturned -= freed
+            core = self.conn._core
+            core.conn_pending += freed
+            if core.conn_pending >= core.conn_threshold and not (
+                self.consumed >= self.threshold or self.consumed_bytes >= self.bytes_threshold
+            ):
+                self.conn._return_conn_credit()
 
     def finish(self, error: Any = None) -> None:
         self.end = True
@@ -409,19 +444,24 @@ class _StreamQueue:
         return batch
 
     def consumed_items(self, count: int, nbytes: int) -> None:
-        """The consumer took ``count`` items (and ``nbytes`` of frames): return credit when due."""
+        """The consumer took ``count`` items (and ``nbytes`` of frames, ending a batch): return
+        credit when due."""
         self.consumed += count
-        self.consumed_bytes += nbytes
+        if nbytes:
+            self.batch_taken(nbytes)
         if self.consumed >= self.threshold or self.consumed_bytes >= self.bytes_threshold:
             conn = self.conn
             if conn._held > conn._credit_mark and self.batches:
                 # over half the budget: no credit while this stream still holds items (once its
                 # consumer has taken them all, it gets its credit back, so it cannot starve)
                 conn._deferred_credit[self] = None
+                conn._return_conn_credit()
                 return
             if not self.end:
-                self.conn._core.send_credit(self.call_id, self.consumed, self.consumed_bytes)
-                self.conn._kick()
+                conn._core.send_credit(self.call_id, self.consumed, self.consumed_bytes)  # with the connection credit
+                conn._kick()
+            else:
+                conn._return_conn_credit()
             self.consumed = 0
             self.consumed_bytes = 0
 
@@ -456,7 +496,10 @@ class _BatchReader:
         q = self.queue
         q.consumed += 1
         if pos + 1 == len(items):
-            q.consumed_bytes += self.batch_bytes
+            # the batch is all handed out: let go of it, as its connection credit goes back now
+            self.items = _NO_ITEMS
+            self.pos = 0
+            q.batch_taken(self.batch_bytes)
         return items[pos]
 
     def credit_due(self) -> bool:
@@ -490,8 +533,9 @@ class _BatchReader:
                     items = []
             self.batch_bytes = size
             if items:
-                self.items = items
-                self.pos = 1
+                if len(items) > 1:
+                    self.items = items
+                    self.pos = 1
                 self._consumed(len(items) == 1)
                 return items[0]
             self.queue.consumed_items(count, size)
@@ -519,6 +563,7 @@ class _BatchReader:
 
 
 _EMPTY: Any = object()
+_NO_ITEMS: list[Any] = []  # never filled
 _raw_list: msgspec.msgpack.Decoder[list[msgspec.Raw]] = msgspec.msgpack.Decoder(list[msgspec.Raw])
 
 
@@ -546,17 +591,20 @@ def _resume(step: Any, yielded: Any) -> Any:
 
 _size_encoder = msgspec.msgpack.Encoder()
 _STOPPED = Exception("the call is over")  # what _send_now returns when the call ended while items were gathered
+_BLOCKED = Exception("no connection credit")  # what _send_now returns when the batch must wait (it is kept)
 _MAX_BATCH = 256
 
 
 class _Credit:
-    """Sending side of one stream: wakes a producer that waits for credit."""
+    """Sending side of one stream: wakes a producer that waits for credit (of the stream, or of the
+    connection: then ``need`` is how much)."""
 
-    __slots__ = ("event", "closed")
+    __slots__ = ("event", "closed", "need")
 
     def __init__(self) -> None:
         self.event: anyio.Event | None = None
         self.closed = False
+        self.need = 0
 
     def wake(self) -> None:
         if self.event is not None:
@@ -886,31 +934,33 @@ class _UnixIO(_WriterWaits):
         self._ancsize = socket.CMSG_SPACE(self.MAX_FDS * 4)
         loop.add_reader(self.fd, self._readable)
 
-    def _readable(self) -> None:
+    def _readable(self) -> bool:
+        """Read what is there and feed it; True if that was data and the connection goes on."""
         if self.done.done():
-            return
+            return False
         target = self.conn._core.big_target()
         try:
             n, anc, flags, _ = self.sock.recvmsg_into([target if target is not None else self.view], self._ancsize)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as exc:
             self._lost(exc)
-            return
+            return False
         fds: list[int] = []
         for level, kind, data in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
         if (fds or flags & socket.MSG_CTRUNC) and not self.conn._fds_received(fds, bool(flags & socket.MSG_CTRUNC)):
             self.close()  # refused: closed, and GOODBYE said why
-            return
+            return False
         if n == 0:
             self.conn._feed(b"")
             self._lost(None)
-            return
+            return False
         ok = self.conn._feed_big(n) if target is not None else self.conn._feed(self.view[:n].tobytes())
         if not ok:
             self.close()
+        return ok
 
     def write(self, data: bytes | bytearray | memoryview, fds: list[int] | None = None) -> None:
         """Send ``data`` (with ``fds`` attached to its first byte).  Takes ownership of ``fds``:
@@ -979,6 +1029,9 @@ class _UnixIO(_WriterWaits):
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
+                if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+                    self._drain_then_lost(exc)  # what the peer said before it closed is the better reason
+                    return
                 self._lost(exc)
                 return
             self._pending_size -= sent
@@ -996,7 +1049,11 @@ class _UnixIO(_WriterWaits):
         await self._wait_while(lambda: self._pending_size > self._high)
 
     def _drain_then_lost(self, exc: BaseException) -> None:
-        self._readable()
+        """The peer closed while we were writing: read what it sent before (a GOODBYE, say), even
+        while reading is paused, up to its end, then end the connection."""
+        for _ in range(256):  # what a closed peer left is finite; bounded all the same
+            if not self._readable():
+                break
         self._lost(exc)
 
     def _lost(self, exc: BaseException | None) -> None:
@@ -1074,6 +1131,7 @@ class Connection:
             window_bytes=self.limits.window_bytes,
             exports=[e.info() for e in self._all_exports()],
             handshake_max_frame=self.limits.handshake_max_frame,
+            conn_window=conn_window_for(self.limits.max_buffered, self.limits.max_frame),
         )
         self._tg: anyio.abc.TaskGroup | None = None
         self._wake = anyio.Event()
@@ -1086,6 +1144,8 @@ class Connection:
         self._gate_held = 0
         self._credit_mark = self.limits.max_buffered // 2
         self._deferred_credit: dict[_StreamQueue, None] = {}
+        # stream producers waiting for connection credit, first come first served (see _send_conn)
+        self._conn_waiters: collections.deque[_Credit] = collections.deque()
         self._backlog: list[tuple[Any, Any]] | None = None
         self._gate_opened: anyio.Event | None = None
         self._handshake = anyio.Event()
@@ -1766,6 +1826,8 @@ class Connection:
                 reason = core.close_reason or "closed by the peer"
                 if core.close_code == ErrorCode.PEER_REJECTED:
                     self._failure = PeerRejected(f"the peer refused the connection: {reason}")
+                elif core.close_code == ErrorCode.LIMIT:
+                    self._failure = LimitExceeded(f"the peer closed the connection: {reason}")
                 else:
                     self._failure = ConnectionInterrupted(f"the peer closed the connection: {reason}")
             return False
@@ -1841,6 +1903,19 @@ class Connection:
         self._goodbye_now(reason, ErrorCode.LIMIT)
         return False
 
+    def _conn_freed(self, n: int) -> None:
+        """``n`` bytes of connection credit are free again: return them once enough has gathered."""
+        core = self._core
+        core.conn_pending += n
+        if core.conn_pending >= core.conn_threshold:
+            self._return_conn_credit()
+
+    def _return_conn_credit(self) -> None:
+        core = self._core
+        if core.conn_pending >= core.conn_threshold:
+            core.send_conn_credit()
+            self._kick()
+
     def _release(self, n: int) -> None:
         """``n`` bytes held for the peer were consumed: return deferred credit once half is free."""
         held = self._held = self._held - n
@@ -1913,6 +1988,8 @@ class Connection:
 
     def _on_welcome(self, msg: Any, rec: Any) -> None:
         self._handshake.set()
+        if self._conn_waiters:
+            self._conn_waiters[0].wake()  # the server's connection window is known now
 
     def _on_goodbye(self, msg: Any, rec: Any) -> None:
         self._handshake.set()
@@ -1933,13 +2010,16 @@ class Connection:
 
     def _on_item(self, msg: Any, rec: CallRecord) -> None:
         h = rec.handler
+        payload = msg.payload
+        size = len(payload)
         if h is not None and not isinstance(h, _Pending) and h.queue is not None:
-            payload = msg.payload
-            if len(payload) < 65536:
+            if size < 65536:
                 # a small payload points into the whole read it came in: a copy of its own keeps
                 # only what the budget counts alive (large frames have a buffer of their own)
                 payload = payload.copy()
-            h.queue.push(payload, msg.count, len(payload) + 20)  # at least the ITEM frame's size
+            h.queue.push(payload, msg.count, size + ITEM_OVERHEAD)  # its connection cost
+        else:
+            self._conn_freed(size + ITEM_OVERHEAD)
 
     def _on_end(self, msg: Any, rec: CallRecord) -> None:
         h = rec.handler
@@ -1951,7 +2031,11 @@ class Connection:
             h.credit.closed = True
             h.credit.wake()
 
-    def _on_credit(self, msg: Any, rec: CallRecord) -> None:
+    def _on_credit(self, msg: Any, rec: CallRecord | None) -> None:
+        if msg.conn and self._conn_waiters:
+            self._conn_waiters[0].wake()
+        if rec is None:
+            return
         h = rec.handler
         if h is not None and not isinstance(h, _Pending) and h.credit is not None:
             h.credit.wake()
@@ -2437,14 +2521,18 @@ class Connection:
         cap = 0
         core = self._core
         high = self.limits.write_buffer_high
+        blocked = False
         while True:
-            if batch and (rec.send_bytes <= 0 or len(core._out) > high):
+            if batch and (blocked or rec.send_bytes <= 0 or len(core._out) > high):
                 # What is gathered must be able to go out without waiting once the producer has
                 # started a step (see below), so if it cannot, it goes out first.  (It never needs
-                # more item credit than is held: a batch is sent as soon as it holds that much.)
+                # more item credit than is held: a batch is sent as soon as it holds that much.
+                # Whether it fits in the connection credit is only known once it is encoded: if it
+                # did not, it was kept, and waits here.)
                 if not await self._send_batch(rec, batch, credit, alive, m):
                     return False
                 batch = []
+                blocked = False
             step = it.__anext__()
             try:
                 yielded = step.send(None)
@@ -2465,9 +2553,13 @@ class Connection:
                 # above made sure it can be), and the step is only ever finished, never dropped:
                 # if the call has ended, its owner cancels this task and the step unwinds as any
                 # cancelled await does.
-                if batch:
+                if batch and not blocked:
                     failure = self._send_now(rec, batch, credit, alive, m)
-                    batch = []
+                    if failure is _BLOCKED:
+                        blocked = True  # kept: it waits for connection credit once this step is done
+                        failure = None
+                    else:
+                        batch = []
                     if failure is not None:
                         try:
                             await _resume(step, yielded)
@@ -2505,15 +2597,21 @@ class Connection:
     def _send_now(
         self, rec: CallRecord, batch: list[Any], credit: _Credit, alive: Callable[[], bool], m: MethodDescription
     ) -> BaseException | None:
-        """Send ``batch`` without suspending (``_send_stream`` made sure it can); return what stops
-        the stream instead of raising it (``_STOPPED`` if the call is over)."""
+        """Send ``batch`` without suspending (``_send_stream`` made sure it can, as far as stream
+        credit goes); return what stops the stream instead of raising it (``_STOPPED`` if the call
+        is over, ``_BLOCKED`` if the batch must wait for connection credit or be split)."""
         if credit.closed or not alive() or rec.send_credit < len(batch) or rec.send_bytes <= 0:
             return _STOPPED
+        if self._conn_waiters:
+            return _BLOCKED  # others wait for connection credit: no overtaking them
         try:
-            self._core.send_items(rec.id, batch)
+            if not self._core.send_items(rec.id, batch):
+                return _BLOCKED
         except (TypeError, msgspec.EncodeError, OverflowError) as exc:
             return ValidationError(f"stream item of {m.qualname} cannot be encoded: {exc}", method=m.name)
         except LocalProtocolError as exc:
+            if len(batch) > 1:
+                return _BLOCKED  # too large as one frame: _send_batch splits it
             return LimitExceeded(f"stream item of {m.qualname}: {exc}")
         self._kick()
         return None
@@ -2522,6 +2620,7 @@ class Connection:
         self, rec: CallRecord, batch: list[Any], credit: _Credit, alive: Callable[[], bool], m: MethodDescription
     ) -> bool:
         core = self._core
+        most = len(batch)  # items per frame: halved while a frame would be too large
         while batch:
             while rec.send_credit <= 0 or rec.send_bytes <= 0:
                 if credit.closed or not alive():
@@ -2530,12 +2629,16 @@ class Connection:
                 await credit.event.wait()
             if credit.closed or not alive():
                 return False
-            n = min(len(batch), rec.send_credit)
+            n = min(len(batch), rec.send_credit, most)
             try:
-                core.send_items(rec.id, batch if n == len(batch) else batch[:n])
+                if not await self._send_conn(rec, batch if n == len(batch) else batch[:n], credit, alive):
+                    return False
             except (TypeError, msgspec.EncodeError, OverflowError) as exc:
                 raise ValidationError(f"stream item of {m.qualname} cannot be encoded: {exc}", method=m.name) from None
             except LocalProtocolError as exc:
+                if n > 1:
+                    most = n // 2
+                    continue
                 raise LimitExceeded(f"stream item of {m.qualname}: {exc}") from None
             batch = batch[n:]
             if len(core._out) > self.limits.write_buffer_high:
@@ -2543,6 +2646,39 @@ class Connection:
             else:
                 self._kick()
         return True
+
+    async def _send_conn(self, rec: CallRecord, items: list[Any], credit: _Credit, alive: Callable[[], bool]) -> bool:
+        """Send ``items`` (within the stream's credit) as one ITEM frame once the connection credit
+        lets it; False if the stream closed meanwhile.
+
+        Producers that wait for connection credit queue up and are served in order: only the first
+        is woken, and nobody overtakes it, so a large frame is not starved by a stream of small ones.
+        """
+        core = self._core
+        waiters = self._conn_waiters
+        if not waiters and core.send_items(rec.id, items):
+            return True
+        credit.need = core.conn_wanted if not waiters else 1
+        waiters.append(credit)
+        try:
+            while True:
+                if credit.closed or not alive():
+                    return False
+                if waiters[0] is credit and (not core.conn_limited or core.conn_send >= credit.need):
+                    if core.send_items(rec.id, items):
+                        return True
+                    credit.need = core.conn_wanted
+                    continue
+                credit.event = anyio.Event()
+                await credit.event.wait()
+        finally:
+            if waiters and waiters[0] is credit:
+                waiters.popleft()
+                if waiters:
+                    waiters[0].wake()
+            else:
+                with contextlib.suppress(ValueError):
+                    waiters.remove(credit)
 
     # -------------------------------------------------------------- calling (caller side)
     def _check_open(self) -> None:

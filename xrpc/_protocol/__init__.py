@@ -1,6 +1,17 @@
 """The sans-IO core of xrpc: wire messages and the protocol state machine (no I/O here)."""
 
-from ._core import DEFAULT_MAX_FRAME, DEFAULT_WINDOW, DEFAULT_WINDOW_BYTES, CallRecord, ProtocolCore, State
+from ._core import (
+    DEFAULT_CONN_WINDOW,
+    DEFAULT_MAX_FRAME,
+    DEFAULT_WINDOW,
+    DEFAULT_WINDOW_BYTES,
+    ITEM_OVERHEAD,
+    MIN_CONN_WINDOW,
+    CallRecord,
+    ProtocolCore,
+    State,
+    conn_window_for,
+)
 from ._frames import (
     PROTOCOL_VERSION,
     Call,
@@ -24,6 +35,10 @@ from ._frames import (
 )
 
 __all__ = (
+    "DEFAULT_CONN_WINDOW",
+    "ITEM_OVERHEAD",
+    "MIN_CONN_WINDOW",
+    "conn_window_for",
     "DEFAULT_MAX_FRAME",
     "DEFAULT_WINDOW",
     "DEFAULT_WINDOW_BYTES",

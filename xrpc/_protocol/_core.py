@@ -14,9 +14,23 @@ Call ids: the connecting side (client) numbers its calls 1, 3, 5 ...; the accept
 So every frame that carries an id says by its parity which side started that call, and a stream can
 flow both ways on one id.  A call id is never reused on a connection.
 
-Flow control: each side announces in HELLO/WELCOME how many stream items it grants for every stream it
-receives.  A sender may send an ITEM only while it holds credit; the receiver returns credit (CREDIT
-frames) as its consumer takes items.  A peer that sends beyond its credit breaks the protocol.
+Flow control: each side announces in HELLO/WELCOME how many stream items (and bytes) it grants for
+every stream it receives, and how many bytes of ITEM frames it accepts outstanding on the whole
+connection (``conn_window``).  A sender may send an ITEM only while it holds credit for it on the
+stream and on the connection; the receiver returns credit (CREDIT frames) as its consumer takes items.
+A peer that sends beyond its credit breaks the protocol.
+
+Connection credit is counted in *cost*: an ITEM frame costs the length of its payload plus
+``ITEM_OVERHEAD`` (the largest envelope of an ITEM frame), so the receiver can account for a frame
+from the payload alone.  The connection window is never overdrawn: a frame goes out only if its cost
+fits in the credit held.  The receiver returns the cost of what it no longer holds (consumed,
+discarded, or dropped on arrival) with the next stream CREDIT it sends (the ``conn`` field), or on its
+own in a CREDIT for id 0 once ``conn_window // 16`` has accumulated.  So an idle receiver keeps back
+less than a sixteenth of the window, and a frame costing at most ``conn_window - conn_window // 16``
+always gets through eventually; a larger one is refused locally.  A side that announced no
+connection window (an older peer) neither grants nor honours connection credit: towards it nothing
+is limited or returned, and what it sends is left to the receiver's memory budget.  Until the client
+has the server's WELCOME it assumes a window of ``MIN_CONN_WINDOW``, the least a window may be.
 
 Any exception raised by ``receive_data`` is a ``RemoteProtocolError`` and moves the core to ERROR;
 misuse by the local side raises ``LocalProtocolError``.
@@ -51,7 +65,17 @@ from ._frames import (
 )
 
 __all__ = (
-    "ProtocolCore", "CallRecord", "State", "DEFAULT_MAX_FRAME", "DEFAULT_HANDSHAKE_MAX_FRAME", "DEFAULT_WINDOW", "DEFAULT_WINDOW_BYTES"
+    "ProtocolCore",
+    "CallRecord",
+    "State",
+    "DEFAULT_MAX_FRAME",
+    "DEFAULT_HANDSHAKE_MAX_FRAME",
+    "DEFAULT_WINDOW",
+    "DEFAULT_WINDOW_BYTES",
+    "DEFAULT_CONN_WINDOW",
+    "MIN_CONN_WINDOW",
+    "ITEM_OVERHEAD",
+    "conn_window_for",
 )
 
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
@@ -62,6 +86,24 @@ DEFAULT_WINDOW = 1024
 MIN_MAX_FRAME = 1024  # a peer must accept frames at least this large
 DEFAULT_WINDOW_BYTES = 4 * 1024 * 1024
 _HEADER = 4
+ITEM_OVERHEAD = 16  # added to an ITEM payload's length to give its connection cost
+MIN_CONN_WINDOW = 64 * 1024  # the least connection window; assumed until the peer's is known
+_MAX_CONN_WINDOW = 1 << 40
+
+
+def conn_window_for(max_buffered: int, max_frame: int) -> int:
+    """The connection window a receiver with memory budget ``max_buffered`` can grant: what is left
+    once one frame of ``max_frame`` bytes (plus its length prefix) being received is set aside, so
+    that a sender within its credit never makes it hold more than ``max_buffered``."""
+    return max(MIN_CONN_WINDOW, min(_MAX_CONN_WINDOW, max_buffered - max_frame - _HEADER))
+
+
+DEFAULT_CONN_WINDOW = conn_window_for(32 * 1024 * 1024, DEFAULT_MAX_FRAME)
+
+
+def _uint_len(n: int) -> int:
+    """Bytes msgpack takes for the non-negative integer ``n``."""
+    return 1 if n < 128 else 2 if n < 256 else 3 if n < 65536 else 5 if n < 4294967296 else 9
 
 
 class State:
@@ -113,6 +155,7 @@ class ProtocolCore:
         window_bytes: int = DEFAULT_WINDOW_BYTES,
         exports: list[ExportInfo] | None = None,
         handshake_max_frame: int = DEFAULT_HANDSHAKE_MAX_FRAME,
+        conn_window: int = DEFAULT_CONN_WINDOW,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -127,6 +170,21 @@ class ProtocolCore:
         self.peer_window = DEFAULT_WINDOW  # credit the peer grants us
         self.window_bytes = window_bytes
         self.peer_window_bytes = DEFAULT_WINDOW_BYTES
+        # connection credit, receiving: what we grant, what the peer still holds as far as we know,
+        # what we no longer hold and have not returned yet; enforced once the peer announced a window
+        self.conn_window = max(MIN_CONN_WINDOW, min(_MAX_CONN_WINDOW, conn_window))
+        self.conn_recv = self.conn_window
+        self.conn_pending = 0
+        self.conn_threshold = self.conn_window // 16
+        self.conn_enforce = False
+        # ... sending: the peer's window (tentative until known), the credit we hold, the largest
+        # cost a frame may have, and what the last frame that did not fit needed
+        self.peer_conn_window = MIN_CONN_WINDOW if client else 0
+        self.conn_send = self.peer_conn_window
+        self.conn_limited = client
+        self.conn_known = False
+        self.conn_max_cost = 0
+        self.conn_wanted = 0
         self.exports = exports or []
         self.peer_exports: list[ExportInfo] = []
         self.peer_version = 0
@@ -184,13 +242,13 @@ class ProtocolCore:
     def send_hello(self) -> None:
         if not self.client or self.state != State.HANDSHAKE or self._hello_done:
             raise LocalProtocolError("only a client in HANDSHAKE sends HELLO, once")
-        self._emit(Hello(PROTOCOL_VERSION, self.max_frame, self.exports, self.window, self.window_bytes))
+        self._emit(Hello(PROTOCOL_VERSION, self.max_frame, self.exports, self.window, self.window_bytes, self.conn_window))
         self._hello_done = True
 
     def send_welcome(self) -> None:
         if self.client or self.state != State.HANDSHAKE or not self.peer_version:
             raise LocalProtocolError("WELCOME answers a HELLO")
-        self._emit(Welcome(PROTOCOL_VERSION, self.max_frame, self.exports, self.window, self.window_bytes))
+        self._emit(Welcome(PROTOCOL_VERSION, self.max_frame, self.exports, self.window, self.window_bytes, self.conn_window))
         self.state = State.OPEN
 
     def send_goodbye(self, reason: str = "", code: int = 0) -> None:
@@ -271,8 +329,13 @@ class ProtocolCore:
     def send_item(self, call_id: int, payload: Any) -> None:
         self.send_items(call_id, [payload])
 
-    def send_items(self, call_id: int, payloads: list[Any]) -> None:
-        """Send a batch of stream items as one ITEM frame (within the credit held)."""
+    def send_items(self, call_id: int, payloads: list[Any]) -> bool:
+        """Send a batch of stream items as one ITEM frame (within the credit held).
+
+        False if the frame does not fit in the connection credit held: nothing was sent, and
+        ``conn_wanted`` says how much credit it needs (send it again once ``conn_send`` has that).
+        ``LocalProtocolError`` if it never can: its cost exceeds ``conn_max_cost``.
+        """
         rec = self._stream_record(call_id)
         count = len(payloads)
         if rec.sent_end:
@@ -280,8 +343,25 @@ class ProtocolCore:
         if count < 1 or rec.send_credit < count or rec.send_bytes <= 0:
             raise LocalProtocolError(f"stream {call_id} has no credit for {count} items")
         if self.state in _SENDABLE:
-            rec.send_bytes -= self._emit(Item(call_id, count, payloads))  # type: ignore[arg-type]
+            out = self._out
+            start = len(out)
+            size = self._emit(Item(call_id, count, payloads))  # type: ignore[arg-type]
+            if self.conn_limited:
+                # the payload's length: the frame less its envelope (array header, tag, id, count)
+                cost = size - 2 - _uint_len(call_id) - _uint_len(count) + ITEM_OVERHEAD
+                if cost > self.conn_send or (self.conn_known and cost > self.conn_max_cost):
+                    del out[start:]
+                    if self.conn_known and cost > self.conn_max_cost:
+                        raise LocalProtocolError(
+                            f"an ITEM frame of {size} bytes exceeds what the peer's connection window of "
+                            f"{self.peer_conn_window} bytes lets through ({self.conn_max_cost - ITEM_OVERHEAD} bytes of items)"
+                        )
+                    self.conn_wanted = cost
+                    return False
+                self.conn_send -= cost
+            rec.send_bytes -= size
         rec.send_credit -= count
+        return True
 
     def send_end(self, call_id: int) -> None:
         """End the stream we send on ``call_id``.  For a server stream this completes the call."""
@@ -298,13 +378,27 @@ class ProtocolCore:
             self._emit(End(call_id))
 
     def send_credit(self, call_id: int, items: int, nbytes: int) -> None:
+        """Return stream credit on ``call_id``, and with it the connection credit freed so far."""
         rec = (self.outgoing if self.is_local_id(call_id) else self.incoming).get(call_id)
         if rec is None or rec.recv_end:
             return
         rec.recv_allowance += items
         rec.recv_bytes += nbytes
         if self.state in _SENDABLE:
-            self._emit(Credit(call_id, items, nbytes))
+            conn = self.conn_pending if self.conn_enforce else 0
+            self._emit(Credit(call_id, items, nbytes, conn))
+            if conn:
+                self.conn_pending = 0
+                self.conn_recv += conn
+
+    def send_conn_credit(self, at_least: int = 1) -> None:
+        """Return the connection credit freed so far (``conn_pending``) in a CREDIT of its own, if it
+        is at least ``at_least`` bytes and the peer takes part in connection flow control."""
+        conn = self.conn_pending
+        if conn >= at_least and conn and self.conn_enforce and self.state in _SENDABLE:
+            self._emit(Credit(0, 0, 0, conn))
+            self.conn_pending = 0
+            self.conn_recv += conn
 
     def send_release(self, obj: str, count: int = 1) -> None:
         if self.state in _SENDABLE:
@@ -466,6 +560,7 @@ class ProtocolCore:
                 self.peer_exports = msg.exports  # type: ignore[union-attr]
                 self.peer_window = max(1, msg.window)  # type: ignore[union-attr]
                 self.peer_window_bytes = max(1, msg.window_bytes)  # type: ignore[union-attr]
+                self._peer_conn_window(msg.conn_window)  # type: ignore[union-attr]
                 return None
             if not self.client and not self.peer_version and cls is not Goodbye:
                 self._fail(f"expected HELLO, got {cls.__name__.upper()}")
@@ -494,7 +589,14 @@ class ProtocolCore:
         if cls is Item:
             call_id = msg.id  # type: ignore[union-attr]
             streamed = self._peer_stream(call_id)
+            cost = len(msg.payload) + ITEM_OVERHEAD  # type: ignore[union-attr]
+            if cost > self.conn_recv and self.conn_enforce:
+                self._fail(f"ITEM of {cost} bytes beyond the connection credit ({self.conn_recv} bytes left)")
+            self.conn_recv -= cost
             if streamed is None:
+                # dropped unread: its cost is free again at once
+                self.conn_pending += cost
+                self.send_conn_credit(self.conn_threshold)
                 return _DROP
             rec = streamed
             if rec.recv_end:
@@ -530,9 +632,19 @@ class ProtocolCore:
             return ended
         if cls is Credit:
             call_id = msg.id  # type: ignore[union-attr]
+            conn = msg.conn  # type: ignore[union-attr]
+            if conn:
+                if conn < 0 or (self.conn_limited and self.conn_send + conn > self.peer_conn_window):
+                    self._fail(f"CREDIT returns {conn} bytes of connection credit, more than was used")
+                if self.conn_limited:
+                    self.conn_send += conn
+            if call_id == 0:
+                if msg.items or msg.nbytes:  # type: ignore[union-attr]
+                    self._fail("a CREDIT for the connection grants no stream credit")
+                return None
             credited = self._peer_stream(call_id)
             if credited is None:
-                return _DROP
+                return None if conn else _DROP
             rec = credited
             sending = CallFlags.STREAM_IN if self.is_local_id(call_id) else CallFlags.STREAM_OUT
             if not rec.flags & sending:
@@ -588,8 +700,24 @@ class ProtocolCore:
         self.peer_exports = msg.exports
         self.peer_window = max(1, msg.window)
         self.peer_window_bytes = max(1, msg.window_bytes)
+        self._peer_conn_window(msg.conn_window)
         self._hello_done = True
         self._recv_limit = self.max_frame  # HELLO is in: the limit we announce from now on
+
+    def _peer_conn_window(self, window: int) -> None:
+        """The peer's HELLO/WELCOME said what connection window it grants (0: it predates them)."""
+        if window < 0 or window > _MAX_CONN_WINDOW:
+            self._fail(f"invalid connection window {window}")
+        if window:
+            window = max(MIN_CONN_WINDOW, window)
+            self.conn_send += window - self.peer_conn_window  # what was sent meanwhile still counts
+            self.peer_conn_window = window
+            self.conn_max_cost = window - window // 16
+            self.conn_limited = True
+            self.conn_enforce = True  # the peer knows the rules: it honours ours
+        else:
+            self.conn_limited = False
+        self.conn_known = True
 
     def _closed_by_peer(self, msg: Goodbye) -> None:
         self.state = State.CLOSED

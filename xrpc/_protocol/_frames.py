@@ -83,6 +83,9 @@ class Hello(msgspec.Struct, array_like=True, frozen=True, tag=0):
     exports: list[ExportInfo] = []
     window: int = 1024  # stream credit (items) this side grants to every stream it receives
     window_bytes: int = 4 * 1024 * 1024  # ... and in bytes of ITEM frames
+    # connection credit (bytes of ITEM cost, all streams together) this side grants; 0: none
+    # announced (a peer that predates connection flow control)
+    conn_window: int = 0
 
 
 class Welcome(msgspec.Struct, array_like=True, frozen=True, tag=1):
@@ -93,6 +96,7 @@ class Welcome(msgspec.Struct, array_like=True, frozen=True, tag=1):
     exports: list[ExportInfo] = []
     window: int = 1024
     window_bytes: int = 4 * 1024 * 1024
+    conn_window: int = 0
 
 
 class Call(msgspec.Struct, array_like=True, frozen=True, tag=2, omit_defaults=True):
@@ -134,11 +138,14 @@ class End(msgspec.Struct, array_like=True, frozen=True, tag=6):
 
 
 class Credit(msgspec.Struct, array_like=True, frozen=True, tag=7):
-    """Grant the sender of a stream ``items`` more items and ``nbytes`` more bytes of ITEM frames."""
+    """Grant the sender of a stream ``items`` more items and ``nbytes`` more bytes of ITEM frames,
+    and return ``conn`` bytes of connection credit.  ``id`` 0 addresses the connection alone
+    (``items`` and ``nbytes`` 0)."""
 
     id: int
     items: int
     nbytes: int = 0
+    conn: int = 0
 
 
 class Cancel(msgspec.Struct, array_like=True, frozen=True, tag=8):
