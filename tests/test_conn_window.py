@@ -547,3 +547,38 @@ async def test_an_older_client_cut_off_by_the_budget_learns_why(monkeypatch: pyt
         shutil.rmtree(d, ignore_errors=True)
     assert len(errors) == 12
     assert all(isinstance(e, xrpc.LimitExceeded) and "memory budget" in str(e) for e in errors), errors
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("pairs", [3, 8])
+async def test_uploads_and_downloads_at_once_on_one_connection_complete(server_process: ServerProcess, pairs: int) -> None:
+    """Streams in both directions at once: each side's own stream traffic fills its outgoing buffer,
+    and neither side may stop reading because of it (both would wait for the other for ever)."""
+    count = 4 * MiB // CHUNK
+    async with xrpc.connect(server_process.url, timeout=T) as conn:
+        bulk = conn.proxy(Bulk)
+        up: dict[int, list[int]] = {}
+        down: dict[int, int] = {}
+
+        async def source(k: int) -> AsyncIterator[bytes]:
+            for i in range(count):
+                yield chunk(k, i)
+
+        async def upload(k: int) -> None:
+            up[k] = await bulk.upload(k, source(k))
+
+        async def download(k: int) -> None:
+            n = 0
+            async for c in bulk.download(k, count):
+                assert c == chunk(k, n)
+                n += 1
+            down[k] = n
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for k in range(pairs):
+                    tg.start_soon(upload, k)
+                    tg.start_soon(download, 100 + k)
+        assert await bulk.add(1, 2) == 3
+    assert all(r[:2] == [count, 0] for r in up.values()) and len(up) == pairs, up
+    assert down == {100 + k: count for k in range(pairs)}

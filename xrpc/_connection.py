@@ -862,8 +862,7 @@ class _AsyncioIO(asyncio.BufferedProtocol, _WriterWaits):
         self._wake_writers()
 
     def pause_writing(self) -> None:
-        self._paused = True
-        self.pause_reading()  # a peer that does not read is not read either
+        self._paused = True  # producers wait; whether reading stops is the connection's call (_peer_behind)
 
     def resume_writing(self) -> None:
         self._paused = False
@@ -1001,9 +1000,7 @@ class _UnixIO(_WriterWaits):
 
     def _queue(self, data: memoryview, fds: list[int]) -> None:
         self._pending.append((data, fds))
-        self._pending_size += len(data)
-        if self._pending_size > self._high:
-            self.pause_reading()  # a peer that does not read is not read either
+        self._pending_size += len(data)  # above _high producers wait; reading stops only by _peer_behind
 
     def blocked(self) -> bool:
         return self._pending_size > self._high
@@ -1147,6 +1144,7 @@ class Connection:
         # stream producers waiting for connection credit, first come first served (see _send_conn)
         self._conn_waiters: collections.deque[_Credit] = collections.deque()
         self._backlog: list[tuple[Any, Any]] | None = None
+        self._owed = 0  # bytes of answers reading produced since the peer last caught up (see _peer_behind)
         self._gate_opened: anyio.Event | None = None
         self._handshake = anyio.Event()
         self._closed = anyio.Event()
@@ -1718,6 +1716,8 @@ class Connection:
         if aio is not None:
             self._flush()
             await aio.wait_writable()
+            if aio.done.done():
+                raise self._failure or ConnectionInterrupted("the connection was lost")
             return
         if len(self._core._out) <= self.limits.write_buffer_high:
             return
@@ -1734,7 +1734,7 @@ class Connection:
         core = self._core
         high = self.limits.write_buffer_high
         while True:
-            if self._backlog is not None or len(core._out) > high or self._gate_held > high:
+            if self._backlog is not None or self._gate_held > high or self._peer_behind():
                 # back-pressure: read nothing more until the peer reads what we owe it (or, behind
                 # the gate, until on_connect is done)
                 try:
@@ -1744,6 +1744,8 @@ class Connection:
                         await self._gate_opened.wait()
                     else:
                         await self._wait_drained()
+                        if len(core._out) <= high:
+                            self._owed = 0  # the peer has caught up
                         backlog = self._backlog
                         if backlog is not None and len(core._out) <= high:
                             self._backlog = None
@@ -1769,11 +1771,14 @@ class Connection:
 
     def _feed_big(self, n: int) -> bool:
         """``n`` bytes were read straight into the core's large-frame buffer."""
-        size = self._core._big_size
+        core = self._core
+        size = core._big_size
+        start = core.emitted
         try:
-            events = self._core.big_received(n)
+            events = core.big_received(n)
         except RemoteProtocolError as exc:
             return self._protocol_error(exc)
+        self._owed += core.emitted - start
         return self._dispatch(events, size)
 
     def _protocol_error(self, exc: RemoteProtocolError) -> bool:
@@ -1787,10 +1792,12 @@ class Connection:
         """Process received bytes (``b""``: the peer closed).  False once the connection is over."""
         core = self._core
         self._last_rx = time.monotonic()
+        start = core.emitted
         try:
             events = core.receive_data(data)
         except RemoteProtocolError as exc:
             return self._protocol_error(exc)
+        self._owed += core.emitted - start  # PONGs and answers the core gave itself
         return self._dispatch(events, len(data))
 
     def _dispatch(self, events: list[Any], nbytes: int) -> bool:
@@ -1833,7 +1840,7 @@ class Connection:
             return False
         if not self._within_budget():
             return self._over_budget()
-        if self._aio is not None and (self._backlog is not None or self._gate_held > self.limits.write_buffer_high or self._out_full()):
+        if self._aio is not None and (self._backlog is not None or self._gate_held > self.limits.write_buffer_high or self._peer_behind()):
             self._aio.pause_reading()
             self._resume_input()
         return True
@@ -1844,17 +1851,34 @@ class Connection:
         gate = self._gate
         handlers = self._handlers
         core = self._core
-        high = high or self.limits.write_buffer_high
+        high = (high or self.limits.write_buffer_high) - self._owed
+        start = core.emitted
         i = 0
-        for msg, rec in events:
-            i += 1
-            if gate is not None and self._gated(msg):
-                gate.append((msg, rec))
-                continue
-            handlers[type(msg)](self, msg, rec)
-            if len(core._out) > high and i < len(events):
-                self._backlog = events[i:]
-                return
+        try:
+            for msg, rec in events:
+                i += 1
+                if gate is not None and self._gated(msg):
+                    gate.append((msg, rec))
+                    continue
+                handlers[type(msg)](self, msg, rec)
+                if core.emitted - start > high and i < len(events):
+                    self._backlog = events[i:]
+                    return
+        finally:
+            self._owed += core.emitted - start
+
+    def _peer_behind(self) -> bool:
+        """Has reading produced more than ``write_buffer_high`` bytes of answers (replies, errors,
+        PONGs) since the peer last caught up with what we send?  Then it is sending requests without
+        reading the answers, and is not read until it does.  Our own streams' data does not count:
+        their producers wait for the writer themselves, and counting it would make two peers that
+        stream to each other both stop reading, each waiting for the other."""
+        if self._owed <= self.limits.write_buffer_high:
+            return False
+        if self._out_full():
+            return True
+        self._owed = 0  # the peer has caught up
+        return False
 
     def _out_full(self) -> bool:
         """Is what we owe the peer above the high-water mark (the peer does not read fast enough)?"""
@@ -1870,6 +1894,7 @@ class Connection:
             self._flush()
             if self._out_full():
                 return  # the driver calls again once the peer has read
+            self._owed = 0  # the peer has caught up
             backlog = self._backlog
             self._backlog = None
             self._handle(backlog)
@@ -1878,7 +1903,7 @@ class Connection:
                 aio.close()
                 return
         self._flush()
-        if not self._out_full() and self._gate_held <= self.limits.write_buffer_high:
+        if not self._peer_behind() and self._gate_held <= self.limits.write_buffer_high:
             aio.resume_reading()
 
     def _within_budget(self) -> bool:
@@ -2519,11 +2544,9 @@ class Connection:
         """
         batch: list[Any] = []
         cap = 0
-        core = self._core
-        high = self.limits.write_buffer_high
         blocked = False
         while True:
-            if batch and (blocked or rec.send_bytes <= 0 or len(core._out) > high):
+            if batch and (blocked or rec.send_bytes <= 0 or self._out_full()):
                 # What is gathered must be able to go out without waiting once the producer has
                 # started a step (see below), so if it cannot, it goes out first.  (It never needs
                 # more item credit than is held: a batch is sent as soon as it holds that much.
@@ -2533,6 +2556,9 @@ class Connection:
                     return False
                 batch = []
                 blocked = False
+            elif not batch and self._out_full():
+                # The peer is behind: no step starts (and so nothing is sent from one) until it reads.
+                await self._wait_drained()
             step = it.__anext__()
             try:
                 yielded = step.send(None)
@@ -2630,6 +2656,9 @@ class Connection:
             if credit.closed or not alive():
                 return False
             n = min(len(batch), rec.send_credit, most)
+            if self._out_full():
+                await self._wait_drained()  # every stream waits for the peer before it adds a frame
+                continue  # credit and liveness may have changed meanwhile
             try:
                 if not await self._send_conn(rec, batch if n == len(batch) else batch[:n], credit, alive):
                     return False
@@ -2641,7 +2670,7 @@ class Connection:
                     continue
                 raise LimitExceeded(f"stream item of {m.qualname}: {exc}") from None
             batch = batch[n:]
-            if len(core._out) > self.limits.write_buffer_high:
+            if self._out_full():
                 await self._wait_drained()
             else:
                 self._kick()

@@ -195,6 +195,7 @@ class ProtocolCore:
         self._last_peer_id = 0
         self._in = bytearray()
         self._out = bytearray()
+        self.emitted = 0  # bytes of every frame encoded so far (the runtime tells what a read produced)
         self._big: bytearray | None = None  # a large frame being received into its own buffer
         self._big_filled = 0
         self._big_size = 0
@@ -236,6 +237,7 @@ class ProtocolCore:
             del out[start:]
             raise LocalProtocolError(f"a frame of {size} bytes exceeds the peer's limit of {self.peer_max_frame} bytes")
         out[start : start + _HEADER] = _pack_len(size, 4, "big")
+        self.emitted += size + _HEADER
         return size
 
     # ------------------------------------------------------------------ handshake
