@@ -28,7 +28,7 @@ import msgspec
 import pytest
 
 import xrpc
-from xrpc._protocol import PROTOCOL_VERSION, Call, CallFlags, ErrorCode, Hello, Item, Ping
+from xrpc._protocol import PROTOCOL_VERSION, Call, CallFlags, Cancel, ErrorCode, Hello, Item, Ping
 
 MiB = 1024 * 1024
 SLACK = 16 * MiB  # what an attack may add to the server's peak RSS beyond the budget
@@ -45,6 +45,7 @@ class Hog(Protocol):
     async def sink(self, items: AsyncIterator[bytes]) -> int: ...
     async def add(self, a: int, b: int) -> int: ...
     async def echo(self, s: str) -> str: ...
+    async def hold(self, data: bytes, seconds: float) -> int: ...
 
 
 class HogImpl:
@@ -67,6 +68,10 @@ class HogImpl:
 
     async def echo(self, s: str) -> str:
         return s
+
+    async def hold(self, data: bytes, seconds: float) -> int:  # keeps its argument while it waits
+        await anyio.sleep(seconds)
+        return len(data)
 
 
 def _server_main(path: str, options: str, log_path: str) -> None:
@@ -484,3 +489,70 @@ async def test_concurrent_uploads_to_slow_consumers_stay_within_the_budget() -> 
     assert results == [size] * streams
     print(f"\nBUDGET {streams} uploads: the server held at most {max(held) / MiB:.1f} MiB")
     assert max(held) <= xrpc.Limits().max_buffered
+
+
+# --------------------------------------------------------------------------- calls in flight
+ERROR_TAG, REPLY_TAG, PONG_TAG = 4, 3, 12
+
+
+def read_frames(s: socket.socket, until: Any, timeout: float = T) -> list[Any]:
+    """Read frames (blocking) until ``until(frame)`` is true for one; all the frames read."""
+    s.setblocking(True)
+    s.settimeout(timeout)
+    buf = bytearray()
+    out: list[Any] = []
+    while True:
+        while len(buf) >= 4 and len(buf) - 4 >= int.from_bytes(buf[:4], "big"):
+            size = int.from_bytes(buf[:4], "big")
+            out.append(msgspec.msgpack.decode(bytes(buf[4 : 4 + size])))
+            del buf[: 4 + size]
+            if until(out[-1]):
+                return out
+        chunk = s.recv(1 << 20)
+        if not chunk:
+            raise EOFError(f"the server closed the connection after {out[-3:]}")
+        buf += chunk
+
+
+def hold_call(call_id: int, size: int, seconds: float) -> bytes:
+    return frame(Call(call_id, "Hog", "hold", msgspec.Raw(msgspec.msgpack.encode([b"h" * size, seconds]))))
+
+
+def ping_and_wait(s: socket.socket, nonce: int) -> list[Any]:
+    """Everything the server answered to the frames sent before a PING (it handles them in order)."""
+    s.setblocking(True)
+    s.sendall(frame(Ping(nonce)))
+    return read_frames(s, lambda f: f[0] == PONG_TAG and f[1] == nonce)
+
+
+@pytest.mark.timeout(120)
+async def test_extra_arguments_are_refused(server_process: Any) -> None:
+    """A CALL with more arguments than the method has parameters is refused like a local call's
+    TypeError (ValidationError, naming the method), before the method runs, and is not held."""
+    sp = server_process()
+    mem = Memory(sp, "20 calls padded with a 15 MiB extra argument")
+    async with neighbour(sp.url) as check:
+        s = raw_socket(sp.path)
+        try:
+            s.setblocking(True)
+            s.sendall(hello())
+            read_frames(s, lambda f: f[0] == 1)  # WELCOME
+
+            def attack() -> list[Any]:
+                pad = msgspec.msgpack.encode([b"", 3600.0, b"p" * (15 * MiB)])
+                for k in range(20):
+                    s.sendall(frame(Call(1 + 2 * k, "Hog", "hold", msgspec.Raw(pad))))
+                s.sendall(frame(Call(41, "Hog", "add", msgspec.Raw(msgspec.msgpack.encode([1, 2, 3])))))
+                s.sendall(frame(Call(43, "Hog", "add", msgspec.Raw(msgspec.msgpack.encode([1, 2])))))
+                return read_frames(s, lambda f: f[1] == 43)
+
+            answers = await anyio.to_thread.run_sync(attack)
+            await check()
+            grown = mem.growth()
+        finally:
+            s.close()
+    assert [f[:3] for f in answers[:-1]] == [[ERROR_TAG, 1 + 2 * k, ErrorCode.VALIDATION] for k in range(21)], answers
+    assert "Hog.hold" in answers[0][4] and "3 given, it takes at most 2" in answers[0][4], answers[0]
+    assert "Hog.add" in answers[-2][4], answers[-2]
+    assert answers[-1] == [REPLY_TAG, 43, 3]
+    assert grown < BUDGET + SLACK

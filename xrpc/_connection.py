@@ -56,7 +56,7 @@ from ._errors import (
     RemoteProtocolError,
     ValidationError,
 )
-from ._interface import InterfaceDescription, MethodDescription, MethodKind, _plain_error, describe
+from ._interface import InterfaceDescription, MethodDescription, MethodKind, _plain_error, describe, is_default
 from ._peer import Peer
 from ._protocol import (
     Call,
@@ -1168,7 +1168,7 @@ class Connection:
         for i in verdict:
             p = m.value_params[i]
             given = args[i] if i < len(args) else kwargs.get(p.name, p.default)
-            if given is not p.default and given != p.default:
+            if not is_default(given, p.default):
                 raise ValidationError(
                     f"{m.qualname}: the peer's version has no parameter {p.name!r}; it cannot take the value passed",
                     method=m.name,
