@@ -28,7 +28,7 @@ import msgspec
 import pytest
 
 import xrpc
-from xrpc._protocol import PROTOCOL_VERSION, Call, CallFlags, ErrorCode, Hello, Item, Ping
+from xrpc._protocol import PROTOCOL_VERSION, Call, CallFlags, Cancel, ErrorCode, Hello, Item, Ping
 
 MiB = 1024 * 1024
 SLACK = 16 * MiB  # what an attack may add to the server's peak RSS beyond the budget
@@ -45,6 +45,7 @@ class Hog(Protocol):
     async def sink(self, items: AsyncIterator[bytes]) -> int: ...
     async def add(self, a: int, b: int) -> int: ...
     async def echo(self, s: str) -> str: ...
+    async def hold(self, data: bytes, seconds: float) -> int: ...
 
 
 class HogImpl:
@@ -67,6 +68,10 @@ class HogImpl:
 
     async def echo(self, s: str) -> str:
         return s
+
+    async def hold(self, data: bytes, seconds: float) -> int:  # keeps its argument while it waits
+        await anyio.sleep(seconds)
+        return len(data)
 
 
 def _server_main(path: str, options: str, log_path: str) -> None:
@@ -508,3 +513,222 @@ async def test_concurrent_uploads_to_slow_consumers_stay_within_the_budget() -> 
     assert results == [size] * streams
     print(f"\nBUDGET {streams} uploads: the server held at most {max(held) / MiB:.1f} MiB")
     assert max(held) <= xrpc.Limits().max_buffered
+
+
+# --------------------------------------------------------------------------- calls in flight
+ERROR_TAG, REPLY_TAG = 4, 3
+
+
+def read_frames(s: socket.socket, until: Any, timeout: float = T) -> list[Any]:
+    """Read frames (blocking) until ``until(frame)`` is true for one; all the frames read."""
+    s.setblocking(True)
+    s.settimeout(timeout)
+    buf = bytearray()
+    out: list[Any] = []
+    while True:
+        while len(buf) >= 4 and len(buf) - 4 >= int.from_bytes(buf[:4], "big"):
+            size = int.from_bytes(buf[:4], "big")
+            out.append(msgspec.msgpack.decode(bytes(buf[4 : 4 + size])))
+            del buf[: 4 + size]
+            if until(out[-1]):
+                return out
+        chunk = s.recv(1 << 20)
+        if not chunk:
+            raise EOFError(f"the server closed the connection after {out[-3:]}")
+        buf += chunk
+
+
+def hold_call(call_id: int, size: int, seconds: float) -> bytes:
+    return frame(Call(call_id, "Hog", "hold", msgspec.Raw(msgspec.msgpack.encode([b"h" * size, seconds]))))
+
+
+def marker_and_wait(s: socket.socket, call_id: int) -> list[Any]:
+    """Everything the server answered to the calls sent before call ``call_id`` (an ``add``, answered
+    at once: calls are handled in order; a PING would not do, it is answered as soon as it is read)."""
+    s.setblocking(True)
+    s.sendall(frame(Call(call_id, "Hog", "add", msgspec.Raw(msgspec.msgpack.encode([1, 2])))))
+    return read_frames(s, lambda f: f[:2] == [REPLY_TAG, call_id])
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+async def test_calls_in_flight_are_held_to_the_budget(server_process: Any, backend: str) -> None:
+    """20 calls to a slow method, each with 15 MiB of legitimate ``bytes``: the arguments of calls
+    in flight are drawn from the budget, the calls past it are refused with LimitExceeded, and the
+    connection lives on.  The budget comes back when a call ends (reply or CANCEL)."""
+    sp = server_process(backend=backend)
+    mem = Memory(sp, f"20 calls in flight with 15 MiB arguments each ({backend})")
+    size = 15 * MiB
+    async with neighbour(sp.url) as check:
+        s = raw_socket(sp.path)
+        try:
+            s.setblocking(True)
+            s.sendall(hello())
+
+            def attack() -> list[Any]:
+                for k in range(20):
+                    s.sendall(hold_call(1 + 2 * k, size, 3600.0))
+                return marker_and_wait(s, 41)
+
+            answers = await anyio.to_thread.run_sync(attack)
+            await check()
+            grown = mem.growth()
+            errors = {f[1]: f for f in answers if f[0] == ERROR_TAG}
+            admitted = [1 + 2 * k for k in range(20) if 1 + 2 * k not in errors]
+            print(f"\ncalls in flight: {len(admitted)} admitted, {len(errors)} refused")
+            assert 1 <= len(admitted) <= BUDGET // size, answers
+            assert all(e[2] == ErrorCode.LIMIT and e[3] == "LimitExceeded" and "budget" in e[4] for e in errors.values()), errors
+            # the budget, plus the one frame being received: a CALL that does not fit beside the
+            # calls in flight is received, then refused (so the connection lives on).  Before: 600 MiB.
+            assert grown < BUDGET + xrpc.Limits().max_frame + SLACK
+
+            # the connection lives on, and ending the calls in flight gives their budget back
+            # (CANCEL; the server may take a moment to unwind the cancelled tasks: poll)
+            def after() -> None:
+                s.sendall(b"".join(frame(Cancel(i)) for i in admitted))
+                assert marker_and_wait(s, 101)[-1] == [REPLY_TAG, 101, 3]
+                call_id = 103
+                size = 12 * MiB  # does not fit beside a 15 MiB call, nor beside another one
+                deadline = time.monotonic() + T
+                while True:  # admitted again once the cancelled calls unwound
+                    s.sendall(hold_call(call_id, size, 0.0))
+                    last = read_frames(s, lambda f: f[0] in (REPLY_TAG, ERROR_TAG) and f[1] == call_id)[-1]
+                    if last[0] == REPLY_TAG:
+                        break
+                    assert last[2] == ErrorCode.LIMIT and time.monotonic() < deadline, last
+                    call_id += 2
+                    time.sleep(0.05)
+                assert last[2] == size
+                for k in range(3):  # ... and again once one has replied
+                    call_id += 2
+                    s.sendall(hold_call(call_id, size, 0.0))
+                    assert read_frames(s, lambda f: f[1] == call_id)[-1][:3] == [REPLY_TAG, call_id, size]
+
+            await anyio.to_thread.run_sync(after)
+        finally:
+            s.close()
+        await check()
+
+
+@pytest.mark.timeout(120)
+async def test_a_large_call_arriving_while_calls_fill_the_budget_is_refused(server_process: Any) -> None:
+    """Calls in flight fill most of the budget; a large CALL frame then arrives: it is received and
+    refused with LimitExceeded (the frame being received does not count against calls in flight, or
+    the connection would end before the call could be refused)."""
+    sp = server_process(limits={"max_buffered": 8 * MiB})
+    async with neighbour(sp.url) as check:
+        s = raw_socket(sp.path)
+        try:
+            s.setblocking(True)
+            s.sendall(hello())
+            read_frames(s, lambda f: f[0] == 1)  # WELCOME
+
+            def attack() -> list[Any]:
+                s.sendall(b"".join(hold_call(1 + 2 * k, 2 * MiB, 3600.0) for k in range(4)))
+                s.sendall(hold_call(9, 6 * MiB, 3600.0))
+                return marker_and_wait(s, 11)
+
+            answers = await anyio.to_thread.run_sync(attack)
+        finally:
+            s.close()
+        await check()
+    refused = {f[1]: f for f in answers if f[0] == ERROR_TAG}
+    # two calls of a little over 2 MiB admitted (each needs twice its size free: its frame and its
+    # decoded arguments); the 6 MiB one does not fit beside them
+    assert sorted(refused) == [5, 7, 9], answers
+    assert all(f[2] == ErrorCode.LIMIT and "budget" in f[4] for f in refused.values()), refused
+    assert answers[-1] == [REPLY_TAG, 11, 3]
+
+
+@pytest.mark.timeout(120)
+async def test_calls_cancelled_as_they_arrive_are_not_held(server_process: Any) -> None:
+    """A CANCEL read together with its CALL: the call never starts, holds nothing and is not
+    answered; a refused one (unknown object, over the budget) does not break the connection."""
+    sp = server_process(limits={"max_calls_in_flight": 100})
+    async with neighbour(sp.url) as check:
+        s = raw_socket(sp.path)
+        try:
+            s.setblocking(True)
+            s.sendall(hello())
+            read_frames(s, lambda f: f[0] == 1)  # WELCOME
+
+            def attack() -> list[Any]:
+                # a call refused at once, cancelled in the same read
+                s.sendall(frame(Call(1, "nothing", "m", msgspec.Raw(b"\x90"))) + frame(Cancel(1)))
+                assert marker_and_wait(s, 3)[-1] == [REPLY_TAG, 3, 3]
+                # 500 calls holding 2 KB each, each cancelled in the same read (max 100 in flight)
+                s.sendall(b"".join(hold_call(5 + 2 * k, 2000, 3600.0) + frame(Cancel(5 + 2 * k)) for k in range(500)))
+                answers = marker_and_wait(s, 1005)
+                # nothing of them is held: a call that needs the whole budget is admitted
+                s.sendall(hold_call(1007, 15 * MiB, 0.0))
+                return answers + read_frames(s, lambda f: f[1] == 1007)
+
+            answers = await anyio.to_thread.run_sync(attack)
+        finally:
+            s.close()
+        await check()
+    assert answers[-2:] == [[REPLY_TAG, 1005, 3], [REPLY_TAG, 1007, 15 * MiB]], answers[-3:]
+
+
+@pytest.mark.timeout(120)
+async def test_extra_arguments_are_refused(server_process: Any) -> None:
+    """A CALL with more arguments than the method has parameters is refused like a local call's
+    TypeError (ValidationError, naming the method), before the method runs, and is not held."""
+    sp = server_process()
+    mem = Memory(sp, "20 calls padded with a 15 MiB extra argument")
+    async with neighbour(sp.url) as check:
+        s = raw_socket(sp.path)
+        try:
+            s.setblocking(True)
+            s.sendall(hello())
+            read_frames(s, lambda f: f[0] == 1)  # WELCOME
+
+            def attack() -> list[Any]:
+                pad = msgspec.msgpack.encode([b"", 3600.0, b"p" * (15 * MiB)])
+                for k in range(20):
+                    s.sendall(frame(Call(1 + 2 * k, "Hog", "hold", msgspec.Raw(pad))))
+                s.sendall(frame(Call(41, "Hog", "add", msgspec.Raw(msgspec.msgpack.encode([1, 2, 3])))))
+                s.sendall(frame(Call(43, "Hog", "add", msgspec.Raw(msgspec.msgpack.encode([1, 2])))))
+                return read_frames(s, lambda f: f[1] == 43)
+
+            answers = await anyio.to_thread.run_sync(attack)
+            await check()
+            grown = mem.growth()
+        finally:
+            s.close()
+    assert [f[:3] for f in answers[:-1]] == [[ERROR_TAG, 1 + 2 * k, ErrorCode.VALIDATION] for k in range(21)], answers
+    assert "Hog.hold" in answers[0][4] and "3 given, it takes at most 2" in answers[0][4], answers[0]
+    assert "Hog.add" in answers[-2][4], answers[-2]
+    assert answers[-1] == [REPLY_TAG, 43, 3]
+    assert grown < BUDGET + SLACK
+
+
+@pytest.mark.timeout(120)
+async def test_small_calls_in_flight_do_not_keep_large_reads_alive(server_process: Any) -> None:
+    """A call of a few bytes read together with 250 KiB of other frames must not keep the whole
+    read in memory while it waits: 1000 of them would hold 250 MiB."""
+    sp = server_process()
+    mem = Memory(sp, "1000 small calls in flight, padded reads")
+    n = 1000
+    padding = msgspec.msgpack.encode(["p" * (250 * 1024)])
+    async with neighbour(sp.url) as check:
+        s = raw_socket(sp.path)
+        try:
+            parts = [hello()]
+            for k in range(n):
+                # one small call that waits, then a call to no object whose payload is dropped
+                parts.append(hold_call(1 + 4 * k, 8, 3600.0))
+                parts.append(frame(Call(3 + 4 * k, "nothing", "m", msgspec.Raw(padding))))
+            data = b"".join(parts)
+            del parts
+            sent, how = await anyio.to_thread.run_sync(flood, s, data, len(data))
+            print(f"\npadded calls: sent {sent / MiB:.1f} MiB, {how}")
+            assert how == "sent"
+            answers = await anyio.to_thread.run_sync(marker_and_wait, s, 4 * n + 1)
+            assert sum(1 for f in answers if f[0] == ERROR_TAG) == n  # the padding calls, and only those
+            await check()
+            grown = mem.growth()
+        finally:
+            s.close()
+        await check()
+    assert grown < BUDGET + SLACK

@@ -313,14 +313,14 @@ def non_reading_streams(srv: Server, p: RawPeer) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="open finding of the hostile review")
 def test_calls_in_flight_do_not_pin_their_frames_beyond_the_memory_budget() -> None:
-    """FAILS TODAY.  A CALL frame stays referenced (its payload is a ``msgspec.Raw`` view of the
-    frame's buffer, and decoded arguments live as long as the call) for as long as the method runs,
-    and none of it is drawn from ``Limits.max_buffered``.  So 20 calls to a method that takes no
-    argument at all, each padded with a 15 MiB extra trailing element (accepted silently), make
-    the server hold about 300 MiB while the method awaits; max_calls_in_flight (4096) times
-    max_frame (16 MiB) bounds this at 64 GiB per connection, not 32 MiB."""
+    """Failed before the fix: a CALL frame stayed referenced (its payload is a ``msgspec.Raw`` view
+    of the frame's buffer, and decoded arguments live as long as the call) for as long as the
+    method ran, and none of it was drawn from ``Limits.max_buffered``.  So 20 calls to a method that
+    takes no argument at all, each padded with a 15 MiB extra trailing element (then accepted
+    silently), made the server hold about 300 MiB while the method awaited; max_calls_in_flight
+    (4096) times max_frame (16 MiB) bounded this at 64 GiB per connection, not 32 MiB.  Now extra
+    arguments are refused (ValidationError) and calls in flight draw from the budget."""
     with server() as srv, RawPeer(srv.path) as p:
         base = rss_mib(srv.pid)
         blob = b"x" * (15 << 20)

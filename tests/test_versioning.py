@@ -129,6 +129,29 @@ async def test_new_client_old_server_compatible_calls_work() -> None:
             assert await new.greet("bob") == "hello bob"
 
 
+async def test_new_client_old_server_argument_passed_at_its_default_is_not_sent() -> None:
+    impl = V1()
+    with anyio.fail_after(T):
+        async with xrpc.testing.connect(serve(SvcV1, impl)) as conn:
+            new = conn.proxy(SvcV2, name="svc")
+            # the old server refuses arguments it has no parameter for; at its default, it is not sent
+            assert await new.add(2, 3, scale=1) == 5
+            assert await new.add(2, 3, 1) == 5
+    assert impl.calls == 2
+
+
+async def test_extra_arguments_are_refused_by_the_server() -> None:
+    impl = V1()
+    with anyio.fail_after(T):
+        async with xrpc.testing.connect(serve(SvcV1, impl)) as conn:
+            m = xrpc.describe(SvcV2).methods["add"]
+            with pytest.raises(xrpc.ValidationError) as info:
+                await conn.call_unary("svc", m, (2, 3, 10), {}, None)  # without the proxy's check
+            assert "add" in str(info.value) and "3 given, it takes at most 2" in str(info.value)
+            assert await conn.proxy(SvcV1, name="svc").add(2, 3) == 5  # the connection carries on
+    assert impl.calls == 1
+
+
 async def test_new_client_old_server_new_method_fails_at_once() -> None:
     impl = V1()
     with anyio.fail_after(T):

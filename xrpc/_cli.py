@@ -383,9 +383,11 @@ def dynamic_interface(
     cls = type(cls_name, (typing.Protocol,), ns)
     try:
         iface = interface(name=iname, errors=errs)(cls)
-        describe(iface)
+        desc = describe(iface)
     except errors.InterfaceError as exc:
         raise CLIError(f"the description of {iname} is not usable: {exc}", Exit.CONNECT) from None
+    for dm in desc.methods.values():
+        dm.default_tail = ()  # ``None`` stands for an unknown default: an explicit ``None`` is sent too
     return iface
 
 

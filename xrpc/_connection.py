@@ -56,7 +56,7 @@ from ._errors import (
     RemoteProtocolError,
     ValidationError,
 )
-from ._interface import InterfaceDescription, MethodDescription, MethodKind, _plain_error, describe
+from ._interface import InterfaceDescription, MethodDescription, MethodKind, _plain_error, describe, is_default
 from ._peer import Peer
 from ._protocol import (
     ITEM_OVERHEAD,
@@ -172,9 +172,13 @@ class Limits(msgspec.Struct, kw_only=True):
     (code LIMIT) and the connection ends with ``LimitExceeded``.  A peer that honours its credit never
     gets there, however many streams it fills: the connection window announced to it, for all its
     stream items together, is ``max_buffered - max_frame - 4`` (at least 64 KiB).  An item larger
-    than 15/16 of the peer's connection window cannot be sent.  Outgoing data is bounded by
-    back-pressure instead: above ``write_buffer_high`` buffered bytes, producers wait and the
-    connection stops reading (and serving) what the peer sends until the peer reads its answers.
+    than 15/16 of the peer's connection window cannot be sent.  The arguments of calls in flight are
+    drawn from the budget too (those over 1 KiB, from the CALL until the call ends): a call whose
+    frame and decoded arguments do not fit in what is left is refused with ``LimitExceeded`` before
+    it runs, and the connection lives on.  Outgoing data is bounded by
+    back-pressure instead: above ``write_buffer_high`` buffered bytes producers wait, and once
+    reading has produced more than that of answers the peer has not read, the connection stops
+    reading (and serving) what the peer sends until it does.
 
     ``handshake_max_frame`` bounds what a peer that has not been admitted yet can make a server
     hold: until the client's HELLO has arrived (and so before the server's requirement is checked),
@@ -199,6 +203,11 @@ class Limits(msgspec.Struct, kw_only=True):
 
 
 _GUARD_CACHE_SIZE = 256  # requirement verdicts cached per connection
+# Arguments of at most this many bytes are not drawn from the budget while their call runs (the
+# frame is let go once they are decoded): max_calls_in_flight of them hold at most 4 MiB.
+_SMALL_ARGS = 1024
+_NO_PAYLOAD = msgspec.Raw(b"")
+_force_setattr = msgspec.structs.force_setattr
 
 
 def _explain(requirement: Any, peer: Peer) -> str:
@@ -629,9 +638,10 @@ class _InCall:
     ``task``, cancelled directly, with ``timer`` enforcing the deadline.
     """
 
-    __slots__ = ("scope", "task", "deadline", "queue", "credit", "promise")
+    __slots__ = ("scope", "task", "deadline", "queue", "credit", "promise", "held")
 
     def __init__(self, scope: anyio.CancelScope | None) -> None:
+        self.held = 0  # bytes of arguments drawn from the connection's budget while the call runs
         self.promise: _Promise | None = None
         self.scope = scope
         self.task: asyncio.Task[None] | None = None
@@ -1138,6 +1148,7 @@ class Connection:
         # memory budget and back-pressure (see Limits): bytes held for the peer, events read but
         # held back while the peer does not read our answers, credit held back while over budget
         self._held = 0
+        self._calls_held = 0  # the part of _held that is the arguments of calls in flight
         self._gate_held = 0
         self._credit_mark = self.limits.max_buffered // 2
         self._deferred_credit: dict[_StreamQueue, None] = {}
@@ -1237,7 +1248,7 @@ class Connection:
         for i in verdict:
             p = m.value_params[i]
             given = args[i] if i < len(args) else kwargs.get(p.name, p.default)
-            if given is not p.default and given != p.default:
+            if not is_default(given, p.default):
                 raise ValidationError(
                     f"{m.qualname}: the peer's version has no parameter {p.name!r}; it cannot take the value passed",
                     method=m.name,
@@ -1907,12 +1918,15 @@ class Connection:
             aio.resume_reading()
 
     def _within_budget(self) -> bool:
-        """Does what the peer makes us hold (queued stream items, calls behind the gate, a large
-        frame being received) fit in the connection's memory budget?"""
+        """Does what the peer makes us hold (queued stream items, calls behind the gate, the
+        arguments of calls in flight, a large frame being received) fit in the connection's
+        memory budget?"""
         held = self._held
         core = self._core
-        if core._big is not None:
-            held += core._big_size
+        if core._big is not None and held - self._calls_held + core._big_size > self.limits.max_buffered:
+            # (a frame being received may be a CALL: one that does not fit beside the calls in
+            # flight is refused once it is complete, and the connection lives on)
+            return False
         gate = self._gate
         return held <= self.limits.max_buffered and (gate is None or len(gate) <= self.limits.max_calls_in_flight)
 
@@ -2097,6 +2111,8 @@ class Connection:
     def _on_call(self, msg: Call, rec: CallRecord | None) -> None:
         core = self._core
         call_id = msg.id
+        if rec is not None and core.incoming.get(call_id) is not rec:
+            return  # cancelled in the same read, before it started: nothing to run, nobody to answer
         oneway = msg.flags & CallFlags.ONEWAY
         promise: _Promise | None = None
         export: Export | None
@@ -2136,6 +2152,26 @@ class Connection:
             if not oneway:
                 core.send_error(call_id, ErrorCode.LIMIT, "LimitExceeded", f"more than {self.limits.max_calls_in_flight} calls in flight")
             return
+        deadline = msg.deadline
+        loop = self._loop
+        # A plain-function implementation runs inline, on the reader, without a task: the quickest
+        # path, for methods that do not wait for anything.  Its arguments are gone when it returns.
+        inline = (
+            export is not None
+            and loop is not None
+            and m.name in export.inline
+            and m.kind in (MethodKind.UNARY, MethodKind.ONEWAY)
+            and not self._middleware
+            and not m.reply_refs
+            and deadline is None
+        )
+        # A call served in a task holds its decoded arguments until it ends: they are drawn from
+        # the memory budget.  Admitted only if the frame and its decoded arguments (both alive
+        # while they are decoded) fit beside what is held; small ones are not counted.
+        size = 0 if inline else len(msg.payload)
+        if size > _SMALL_ARGS and self._held + 2 * size > self.limits.max_buffered:
+            self._refuse_over_budget(call_id, m, oneway, size)
+            return
         # Arguments are decoded now, in frame order: a RELEASE read after this CALL cannot drop an
         # object the arguments carry back before they are decoded.
         try:
@@ -2145,21 +2181,12 @@ class Connection:
             if not oneway:
                 core.send_error(call_id, ErrorCode.VALIDATION, "ValidationError", str(exc), [exc.argument])
             return
-        deadline = msg.deadline
-        loop = self._loop
-        if (
-            export is not None
-            and loop is not None
-            and m.name in export.inline
-            and m.kind in (MethodKind.UNARY, MethodKind.ONEWAY)
-            and not self._middleware
-            and not m.reply_refs
-            and deadline is None
-        ):
-            # A plain-function implementation runs inline, on the reader, without a task: the
-            # quickest path, for methods that do not wait for anything.
+        if inline:
+            assert export is not None
             self._serve_inline(msg, m, export, args)
             return
+        # the task keeps ``msg``: let go of the frame (or the whole read) its payload points into
+        _force_setattr(msg, "payload", _NO_PAYLOAD)
         if loop is None:
             scope = anyio.CancelScope(deadline=anyio.current_time() + deadline if deadline is not None else math.inf)
             inc = _InCall(scope)
@@ -2176,6 +2203,10 @@ class Connection:
         self._serving += 1
         if inc.queue is not None or inc.credit is not None:
             self._streams += 1
+        if size > _SMALL_ARGS:
+            inc.held = size
+            self._held += size
+            self._calls_held += size
         if promise is None:
             assert export is not None
             coro = self._serve(msg, m, export, inc, args)
@@ -2191,8 +2222,29 @@ class Connection:
             inc.task = task
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            if inc.held:
+                # a task cancelled before its first step never runs its ``finally``
+                task.add_done_callback(lambda _: self._release_call(inc))
             if deadline is not None:
                 inc.deadline = loop.time() + deadline
+
+    def _refuse_over_budget(self, call_id: int, m: MethodDescription, oneway: int, size: int) -> None:
+        reason = (
+            f"{m.qualname}: its {size} bytes of arguments do not fit in the memory budget of {self.limits.max_buffered} bytes"
+            f" beside the {self._held} bytes held for this connection (calls in flight: {self._calls_held})"
+        )
+        log.warning("xrpc: refused call from %s: %s", self._peer_name(), reason)
+        if not oneway:
+            self._core.send_error(call_id, ErrorCode.LIMIT, "LimitExceeded", reason)
+
+    def _release_call(self, inc: _InCall) -> None:
+        """The call ended (reply, error, cancel, or the connection closed): its arguments' bytes
+        go back to the budget (once)."""
+        n = inc.held
+        if n:
+            inc.held = 0
+            self._calls_held -= n
+            self._release(n)
 
     async def _start_in_order(self, ticket: int, coro: Any) -> None:
         """Run ``coro`` once every call received before it has started (the scheduler of a
@@ -2309,10 +2361,19 @@ class Connection:
         if rec is not None:
             rec.handler = inc  # a CANCEL reaches the task
         self._serving += 1
+        size = len(msg.payload)
+        if size > _SMALL_ARGS:
+            # it holds its arguments from now on (it has started: it is not refused)
+            inc.held = size
+            self._held += size
+            self._calls_held += size
+        _force_setattr(msg, "payload", _NO_PAYLOAD)
         task = self._loop.create_task(self._serve(msg, m, _OneShotExport(export, m.name, fn), inc, ()))  # type: ignore[union-attr]
         inc.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if inc.held:
+            task.add_done_callback(lambda _: self._release_call(inc))
 
     async def _serve_pipelined(self, msg: Call, m: MethodDescription, promise: _Promise, inc: _InCall, args: tuple[Any, ...]) -> None:
         """A call on the result of an earlier call: wait for that result, pass the authorization
@@ -2329,6 +2390,8 @@ class Connection:
             await self._serve(msg, m, export, inc, args)
             return
         self._serving -= 1
+        if inc.held:
+            self._release_call(inc)
         if inc.queue is not None or inc.credit is not None:
             self._streams -= 1
         if msg.id in self._core.incoming:
@@ -2399,6 +2462,8 @@ class Connection:
                 self._kick()
         finally:
             self._serving -= 1
+            if inc.held:
+                self._release_call(inc)
             if inc.queue is not None or inc.credit is not None:
                 self._streams -= 1
                 if inc.queue is not None:

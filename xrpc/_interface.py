@@ -555,6 +555,9 @@ class MethodDescription:
                 frozen=True,
                 kw_only=needs_kw,
                 omit_defaults=False,
+                # more arguments than parameters are refused, like a local call's TypeError (and
+                # they would be held, unused, for as long as the call runs)
+                forbid_unknown_fields=True,
             )
         except (TypeError, ValueError) as exc:
             raise InterfaceError(f"{self.interface.name}.{self.name}: {exc}") from None
@@ -578,6 +581,14 @@ class MethodDescription:
             else None
         )
         self.stream_item: Slot | None = self.stream_param.slot if self.stream_param is not None else None
+        # the trailing parameters with a default, last first: left at their default, they are not
+        # sent (so a peer whose version lacks them can take the call, and its own default applies)
+        tail: list[tuple[int, Any]] = []
+        for i in range(len(self.value_params) - 1, -1, -1):
+            if not self.value_params[i].has_default:
+                break
+            tail.append((i, self.value_params[i].default))
+        self.default_tail = tuple(tail)
 
     # -------------------------------------------------------------- used by the runtime
     def encode_args(self, args: tuple[Any, ...], kwargs: dict[str, Any], conn: Any = None) -> Any:
@@ -589,19 +600,32 @@ class MethodDescription:
                 value = self.args_type(*args, **kwargs)
         except TypeError as exc:
             raise ValidationError(f"{self.qualname}(): {exc}", method=self.name) from None
+        sent = len(self.value_params)
+        if self.default_tail:
+            given = msgspec.structs.astuple(value)
+            for i, default in self.default_tail:
+                if not is_default(given[i], default):
+                    break
+                sent = i
         if self.checked_args or self.ref_args:
             values = list(msgspec.structs.astuple(value))
             for i, p in self.checked_args + self.ref_args:
+                if i >= sent:
+                    continue  # not sent
                 try:
                     values[i] = p.slot.wrap(values[i]) if p.slot.plan is None else p.slot.to_wire(conn, values[i])  # type: ignore[union-attr]
                 except ValueError as exc:
                     raise ValidationError(
                         f"argument {p.name!r} of {self.qualname}: {exc}", method=self.name, argument=p.name
                     ) from None
+            if sent < len(values):
+                return tuple(values[:sent])
             if self.bind_by_name:
                 value = self.args_type(**dict(zip((p.name for p in self.value_params), values)))
             else:
                 value = self.args_type(*values)
+        elif sent < len(self.value_params):
+            return given[:sent]  # an array of the arguments sent, as the Struct would be
         return value
 
     def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -671,6 +695,11 @@ class MethodDescription:
                 ann = _strip_annotated(self.value_params[idx].annotation)
                 if text.startswith("Expected `object`") and _is_user_class(ann):
                     text = f"Expected `{ann.__qualname__}`" + text[len("Expected `object`") :]
+        elif text.startswith("Expected `array` of at "):
+            # the argument count: said like a local call's TypeError
+            bound, _, rest = text[len("Expected `array` of ") :].partition(" length ")
+            limit, _, got = rest.partition(", got ")
+            text = f"{got} given, it takes {bound} {limit}"
         where = f"argument {arg!r} of {self.qualname}" if arg else f"arguments of {self.qualname}"
         return ValidationError(f"{where} refused: {text}", method=self.name, argument=arg)
 
@@ -816,6 +845,16 @@ class InterfaceDescription:
 
 
 _IMMUTABLE_DEFAULTS = (type(None), bool, int, float, str, bytes, complex, enum.Enum, frozenset, datetime.date, datetime.time, datetime.timedelta)
+
+
+def is_default(value: Any, default: Any) -> bool:
+    """Is ``value`` the parameter's ``default`` (so the receiver's own default may stand in)?"""
+    if value is default:
+        return True
+    try:
+        return type(value) is type(default) and bool(value == default)
+    except Exception:  # an __eq__ that does not answer with a truth value
+        return False
 
 
 def _copier(value: Any) -> Callable[[], Any]:
