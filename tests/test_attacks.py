@@ -589,7 +589,8 @@ async def test_descriptor_flood_is_bounded(server_process: Any) -> None:
             after = _fd_count(sp.proc.pid)
     print(f"\nFDS sent up to {per_message * messages}; server fds {baseline} before, {peak} at most while connected, {after} after")
     assert goodbyes and goodbyes[0][2] == ErrorCode.LIMIT and "max_fds" in goodbyes[0][1], goodbyes
-    assert peak - baseline <= max_fds + 8
+    # held: at most max_fds; for an instant also what one recvmsg installs before it is looked at (64)
+    assert peak - baseline <= max_fds + 64 + 8
     assert after == baseline
 
 
