@@ -361,6 +361,19 @@ def _wrap(child: Requirement, precedence: int) -> str:
     return f"({text})" if child._binding() < precedence else text
 
 
+def _kleene(children: tuple[Requirement, ...], peer: Peer, decisive: bool) -> bool | None:
+    """Kleene's ``and`` (``decisive=False``) or ``or`` (``decisive=True``), left to right: the first
+    child that is ``decisive`` decides; else Unknown if any child is Unknown; else ``not decisive``."""
+    result: bool | None = not decisive
+    for child in children:
+        verdict = child.evaluate(peer)
+        if verdict is decisive:
+            return decisive
+        if verdict is None:
+            result = None
+    return result
+
+
 @dataclasses.dataclass(frozen=True, repr=False)
 class And(Requirement):
     """Every child holds.  Checked left to right, stopping at the first that is False; Unknown if
@@ -378,14 +391,7 @@ class And(Requirement):
         return 2
 
     def evaluate(self, peer: Peer) -> bool | None:
-        result: bool | None = True
-        for child in self.children:
-            verdict = child.evaluate(peer)
-            if verdict is False:
-                return False
-            if verdict is None:
-                result = None
-        return result
+        return _kleene(self.children, peer, False)
 
     def explain(self, peer: Peer) -> str:
         unknown: Requirement | None = None
@@ -420,14 +426,7 @@ class Or(Requirement):
         return 1
 
     def evaluate(self, peer: Peer) -> bool | None:
-        result: bool | None = False
-        for child in self.children:
-            verdict = child.evaluate(peer)
-            if verdict is True:
-                return True
-            if verdict is None:
-                result = None
-        return result
+        return _kleene(self.children, peer, True)
 
     def explain(self, peer: Peer) -> str:
         for child in self.children:
