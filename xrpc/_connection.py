@@ -1821,6 +1821,11 @@ class Connection:
             self._held += nbytes
         if self._backlog is not None:
             self._backlog += events  # keep the order
+        elif len(events) == 1 and gate is None:  # the common case, without _handle's bookkeeping
+            msg, rec = events[0]
+            start = core.emitted
+            self._handlers[type(msg)](self, msg, rec)
+            self._owed += core.emitted - start
         elif events:
             self._handle(events)
         if core.has_data_to_send():
@@ -1849,9 +1854,10 @@ class Connection:
                 else:
                     self._failure = ConnectionInterrupted(f"the peer closed the connection: {reason}")
             return False
-        if not self._within_budget():
+        if (self._held or core._big is not None or gate is not None) and not self._within_budget():
             return self._over_budget()
-        if self._aio is not None and (self._backlog is not None or self._gate_held > self.limits.write_buffer_high or self._peer_behind()):
+        high = self.limits.write_buffer_high
+        if self._aio is not None and (self._backlog is not None or self._gate_held > high or (self._owed > high and self._peer_behind())):
             self._aio.pause_reading()
             self._resume_input()
         return True
@@ -1865,18 +1871,16 @@ class Connection:
         high = (high or self.limits.write_buffer_high) - self._owed
         start = core.emitted
         i = 0
-        try:
-            for msg, rec in events:
-                i += 1
-                if gate is not None and self._gated(msg):
-                    gate.append((msg, rec))
-                    continue
-                handlers[type(msg)](self, msg, rec)
-                if core.emitted - start > high and i < len(events):
-                    self._backlog = events[i:]
-                    return
-        finally:
-            self._owed += core.emitted - start
+        for msg, rec in events:
+            i += 1
+            if gate is not None and self._gated(msg):
+                gate.append((msg, rec))
+                continue
+            handlers[type(msg)](self, msg, rec)
+            if core.emitted - start > high and i < len(events):
+                self._backlog = events[i:]
+                break
+        self._owed += core.emitted - start
 
     def _peer_behind(self) -> bool:
         """Has reading produced more than ``write_buffer_high`` bytes of answers (replies, errors,
