@@ -10,16 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import select
 import shutil
 import socket
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Protocol
 
 import anyio
@@ -29,6 +24,9 @@ import pytest
 
 import xrpc
 from xrpc._protocol import PROTOCOL_VERSION, Call, CallFlags, Cancel, ErrorCode, Hello, Item, Ping
+
+from _procs import ChildProcess, errors_in, log_to, own_rss, serve_until_stdin_closes, short_dir
+from _wire import decode_frames, frame
 
 MiB = 1024 * 1024
 SLACK = 16 * MiB  # what an attack may add to the server's peak RSS beyond the budget
@@ -76,7 +74,7 @@ class HogImpl:
 
 def _server_main(path: str, options: str, log_path: str) -> None:
     """Entry point of the server child process."""
-    logging.basicConfig(filename=log_path, level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    log_to(log_path)
     opts = json.loads(options)
     slow_connect = opts.get("slow_connect", 0.0)
     seen = [0]
@@ -90,73 +88,17 @@ def _server_main(path: str, options: str, log_path: str) -> None:
         server = xrpc.Server(limits=xrpc.Limits(**opts.get("limits", {})), on_connect=on_connect if slow_connect else None)
         server.export(Hog, HogImpl())
         async with server.listen(f"unix://{path}") as listener:
-            print("READY", listener.url, flush=True)
-            await anyio.to_thread.run_sync(sys.stdin.read)  # until the test closes our stdin
+            await serve_until_stdin_closes(listener.url)
 
     anyio.run(main, backend=opts.get("backend", "asyncio"))
 
 
-CHILD_MAIN = "import sys; sys.path.insert(0, sys.argv[1]); from test_budget import _server_main; _server_main(*sys.argv[2:])"
-
-
-def _status(pid: int) -> dict[str, int]:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-class ServerProcess:
+class ServerProcess(ChildProcess):
     """An xrpc server exporting ``Hog`` in a child process, on a Unix socket, logging to a file."""
 
     def __init__(self, **options: Any) -> None:
-        self.dir = tempfile.mkdtemp(prefix="xr", dir="/tmp")
-        self.path = f"{self.dir}/s.sock"
-        self.log_path = f"{self.dir}/server.log"
-        self.err_path = f"{self.dir}/server.err"
-        with open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", CHILD_MAIN, str(Path(__file__).parent), self.path, json.dumps(options), self.log_path],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-            )
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
-        line = self.proc.stdout.readline().decode() if ready else ""
-        if not line.startswith("READY "):
-            self.stop()
-            raise RuntimeError(f"the server process did not start: {line!r}")
-        self.url = line.split()[1]
-
-    def rss(self) -> int:
-        return _status(self.proc.pid)["VmRSS"]
-
-    def peak(self) -> int:
-        return _status(self.proc.pid)["VmHWM"]
-
-    def stop(self) -> list[str]:
-        try:
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=20)
-                raise AssertionError("the server process did not stop when asked")
-        finally:
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
-            lines = []
-            for p in (self.log_path, self.err_path):
-                with contextlib.suppress(FileNotFoundError):
-                    lines += Path(p).read_text().splitlines()
-            shutil.rmtree(self.dir, ignore_errors=True)
-        return lines
+        super().__init__()
+        self.start("test_budget", self.path, json.dumps(options), self.log_path)
 
 
 @pytest.fixture
@@ -172,7 +114,7 @@ def server_process() -> Iterator[Any]:
     for sp in started:
         assert sp.proc.poll() is None, f"the server process died (exit code {sp.proc.returncode})"
         lines = sp.stop()
-        errors = [line for line in lines if line.startswith(("ERROR", "CRITICAL")) or "Traceback" in line]
+        errors = errors_in(lines)
         assert errors == [], "\n".join(errors[:10])
 
 
@@ -203,11 +145,6 @@ async def neighbour(url: str) -> AsyncIterator[Any]:
 
         await check(1)
         yield check
-
-
-def frame(msg: Any) -> bytes:
-    body = msgspec.msgpack.encode(msg)
-    return len(body).to_bytes(4, "big") + body
 
 
 def hello() -> bytes:
@@ -251,15 +188,7 @@ def read_goodbye(s: socket.socket, timeout: float = T) -> list[Any]:
     with contextlib.suppress(ConnectionResetError):
         while chunk := s.recv(1 << 20):
             data += chunk
-    out = []
-    pos = 0
-    while len(data) - pos >= 4:
-        size = int.from_bytes(data[pos : pos + 4], "big")
-        if len(data) - pos - 4 < size:
-            break
-        out.append(msgspec.msgpack.decode(data[pos + 4 : pos + 4 + size]))
-        pos += 4 + size
-    return out
+    return decode_frames(data)
 
 
 def calls(method: str, n: int, start: int = 1, payload: bytes = b"\x90") -> bytes:
@@ -409,10 +338,6 @@ async def test_undrained_streams_are_held_to_the_budget(server_process: Any) -> 
 
 
 # --------------------------------------------------------------------------- memory transport (anyio streams)
-def _own_rss() -> int:
-    return _status(os.getpid())["VmRSS"]
-
-
 @pytest.mark.timeout(60)
 async def test_memory_transport_stops_reading_a_peer_that_never_reads() -> None:
     from xrpc._transports import connect_stream
@@ -422,14 +347,14 @@ async def test_memory_transport_stops_reading_a_peer_that_never_reads() -> None:
     async with server.listen(f"memory://budget-{os.getpid()}") as listener:
         async with xrpc.connect(listener.url, timeout=T) as good:
             hog = good.proxy(Hog)
-            before = _own_rss()
+            before = own_rss()
             stream, _ = await connect_stream(listener.url)
             try:
                 await stream.send(hello() + calls("blob", 400))  # and never read
                 with anyio.fail_after(T):
                     for i in range(50):
                         assert await hog.add(i, 1) == i + 1
-                grown = _own_rss() - before
+                grown = own_rss() - before
                 print(f"\nMEM memory transport, 400 calls of 1 MiB never read: this process grew {grown / MiB:.1f} MiB")
                 assert grown < BUDGET + SLACK
             finally:
@@ -487,7 +412,7 @@ async def test_concurrent_uploads_to_slow_consumers_stay_within_the_budget() -> 
     streams, size, item = 6, 24 * MiB, 64 * 1024
     server = xrpc.Server()
     server.export(Upload, UploadImpl())
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    d = short_dir()
     held: list[int] = []
     try:
         async with server.listen(f"unix://{d}/s.sock") as listener, xrpc.connect(listener.url, timeout=T) as conn:
