@@ -191,6 +191,23 @@ def read_goodbye(s: socket.socket, timeout: float = T) -> list[Any]:
     return decode_frames(data)
 
 
+PADDING = msgspec.msgpack.encode(["p" * (250 * 1024)])
+
+
+def padding_call(call_id: int) -> bytes:
+    """A call to no object with 250 KiB of arguments: the server drops it with an ERROR."""
+    return frame(Call(call_id, "nothing", "m", msgspec.Raw(PADDING)))
+
+
+async def flood_after_hello(s: socket.socket, parts: list[bytes], what: str) -> str:
+    """Send HELLO then ``parts`` (as far as the server takes them, see ``flood``); how it ended."""
+    data = b"".join([hello(), *parts])
+    parts.clear()
+    sent, how = await anyio.to_thread.run_sync(flood, s, data, len(data))
+    print(f"\n{what}: sent {sent / MiB:.1f} MiB, {how}")
+    return how
+
+
 def calls(method: str, n: int, start: int = 1, payload: bytes = b"\x90") -> bytes:
     return b"".join(frame(Call(start + 2 * i, "Hog", method, msgspec.Raw(payload))) for i in range(n))
 
@@ -368,21 +385,15 @@ async def test_small_items_do_not_keep_large_reads_alive(server_process: Any) ->
     sp = server_process()
     mem = Memory(sp, "1000 undrained streams, one tiny item each, padded reads")
     n = 1000
-    padding = msgspec.msgpack.encode(["p" * (250 * 1024)])
     async with neighbour(sp.url) as check:
         s = raw_socket(sp.path)
         try:
-            parts = [hello()]
-            for k in range(n):
-                parts.append(frame(Call(1 + 2 * k, "Hog", "sink", msgspec.Raw(b"\x90"), CallFlags.STREAM_IN)))
+            parts = [frame(Call(1 + 2 * k, "Hog", "sink", msgspec.Raw(b"\x90"), CallFlags.STREAM_IN)) for k in range(n)]
             for k in range(n):
                 # one tiny item, then a call to no object whose payload is dropped with an ERROR
                 parts.append(frame(Item(1 + 2 * k, 1, msgspec.Raw(msgspec.msgpack.encode([b"i"])))))
-                parts.append(frame(Call(1 + 2 * (n + k), "nothing", "m", msgspec.Raw(padding))))
-            data = b"".join(parts)
-            del parts
-            sent, how = await anyio.to_thread.run_sync(flood, s, data, len(data))
-            print(f"\npadded items: sent {sent / MiB:.1f} MiB, {how}")
+                parts.append(padding_call(1 + 2 * (n + k)))
+            await flood_after_hello(s, parts, "padded items")
             await check()
             grown = mem.growth()
         finally:
@@ -461,6 +472,13 @@ def read_frames(s: socket.socket, until: Any, timeout: float = T) -> list[Any]:
         if not chunk:
             raise EOFError(f"the server closed the connection after {out[-3:]}")
         buf += chunk
+
+
+def handshake(s: socket.socket) -> None:
+    """Send HELLO on ``s`` (made blocking) and read up to the WELCOME."""
+    s.setblocking(True)
+    s.sendall(hello())
+    read_frames(s, lambda f: f[0] == 1)  # WELCOME
 
 
 def hold_call(call_id: int, size: int, seconds: float) -> bytes:
@@ -544,9 +562,7 @@ async def test_a_large_call_arriving_while_calls_fill_the_budget_is_refused(serv
     async with neighbour(sp.url) as check:
         s = raw_socket(sp.path)
         try:
-            s.setblocking(True)
-            s.sendall(hello())
-            read_frames(s, lambda f: f[0] == 1)  # WELCOME
+            handshake(s)
 
             def attack() -> list[Any]:
                 s.sendall(b"".join(hold_call(1 + 2 * k, 2 * MiB, 3600.0) for k in range(4)))
@@ -573,9 +589,7 @@ async def test_calls_cancelled_as_they_arrive_are_not_held(server_process: Any) 
     async with neighbour(sp.url) as check:
         s = raw_socket(sp.path)
         try:
-            s.setblocking(True)
-            s.sendall(hello())
-            read_frames(s, lambda f: f[0] == 1)  # WELCOME
+            handshake(s)
 
             def attack() -> list[Any]:
                 # a call refused at once, cancelled in the same read
@@ -604,9 +618,7 @@ async def test_extra_arguments_are_refused(server_process: Any) -> None:
     async with neighbour(sp.url) as check:
         s = raw_socket(sp.path)
         try:
-            s.setblocking(True)
-            s.sendall(hello())
-            read_frames(s, lambda f: f[0] == 1)  # WELCOME
+            handshake(s)
 
             def attack() -> list[Any]:
                 pad = msgspec.msgpack.encode([b"", 3600.0, b"p" * (15 * MiB)])
@@ -635,19 +647,15 @@ async def test_small_calls_in_flight_do_not_keep_large_reads_alive(server_proces
     sp = server_process()
     mem = Memory(sp, "1000 small calls in flight, padded reads")
     n = 1000
-    padding = msgspec.msgpack.encode(["p" * (250 * 1024)])
     async with neighbour(sp.url) as check:
         s = raw_socket(sp.path)
         try:
-            parts = [hello()]
+            parts = []
             for k in range(n):
                 # one small call that waits, then a call to no object whose payload is dropped
                 parts.append(hold_call(1 + 4 * k, 8, 3600.0))
-                parts.append(frame(Call(3 + 4 * k, "nothing", "m", msgspec.Raw(padding))))
-            data = b"".join(parts)
-            del parts
-            sent, how = await anyio.to_thread.run_sync(flood, s, data, len(data))
-            print(f"\npadded calls: sent {sent / MiB:.1f} MiB, {how}")
+                parts.append(padding_call(3 + 4 * k))
+            how = await flood_after_hello(s, parts, "padded calls")
             assert how == "sent"
             answers = await anyio.to_thread.run_sync(marker_and_wait, s, 4 * n + 1)
             assert sum(1 for f in answers if f[0] == ERROR_TAG) == n  # the padding calls, and only those
