@@ -1,4 +1,4 @@
-"""Shared fixtures: a listen URL per transport, and a server+client helper."""
+"""Shared fixtures: a listen URL per transport, a directory for Unix sockets, and a server+client helper."""
 
 from __future__ import annotations
 
@@ -33,6 +33,16 @@ def transport(request: pytest.FixtureRequest) -> Iterator[str]:
             shutil.rmtree(d, ignore_errors=True)
     else:
         yield "tcp://127.0.0.1:0"
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[str]:
+    """A short, fresh directory for Unix sockets (AF_UNIX paths are limited to ~108 bytes)."""
+    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @contextlib.asynccontextmanager

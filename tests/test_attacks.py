@@ -16,12 +16,8 @@ import json
 import logging
 import os
 import random
-import select
 import shutil
 import socket
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Protocol
@@ -47,6 +43,10 @@ from xrpc._protocol import (
     Welcome,
 )
 from xrpc._protocol import Error as ErrorFrame
+
+import _wire
+from _procs import ChildProcess, errors_in, fd_count, log_to, serve_until_stdin_closes, short_dir
+from _wire import HELLO, body_frame, frame, read_to_end
 
 MiB = 1024 * 1024
 MEMORY_BUDGET = 64 * MiB  # the most an attack may add to the server's peak RSS
@@ -162,82 +162,22 @@ def make_server(limits: xrpc.Limits | None = None, max_connections: int = 10000)
 
 def _server_main(path: str, limits: str, max_connections: str, log_path: str) -> None:
     """Entry point of the server child process (see ``ServerProcess``)."""
-    logging.basicConfig(filename=log_path, level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    log_to(log_path)
 
     async def main() -> None:
         server, _ = make_server(xrpc.Limits(**json.loads(limits)), int(max_connections))
         async with server.listen(f"unix://{path}") as listener:
-            print("READY", listener.url, flush=True)
-            await anyio.to_thread.run_sync(sys.stdin.read)  # until the test closes our stdin
+            await serve_until_stdin_closes(listener.url)
 
     anyio.run(main)
 
 
-CHILD_MAIN = "import sys; sys.path.insert(0, sys.argv[1]); from test_attacks import _server_main; _server_main(*sys.argv[2:])"
-
-
-def _status(pid: int) -> dict[str, int]:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-class ServerProcess:
+class ServerProcess(ChildProcess):
     """An xrpc server in a child process, on a Unix socket, logging to a file."""
 
     def __init__(self, limits: dict[str, Any] | None = None, max_connections: int = 10000) -> None:
-        self.dir = tempfile.mkdtemp(prefix="xr", dir="/tmp")
-        self.path = f"{self.dir}/s.sock"
-        self.log_path = f"{self.dir}/server.log"
-        self.err_path = f"{self.dir}/server.err"
-        with open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", CHILD_MAIN, str(Path(__file__).parent), self.path, json.dumps(limits or {}), str(max_connections), self.log_path],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-            )
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
-        line = self.proc.stdout.readline().decode() if ready else ""
-        if not line.startswith("READY "):
-            self.stop()
-            raise RuntimeError(f"the server process did not start: {line!r}")
-        self.url = line.split()[1]
-
-    def rss(self) -> int:
-        return _status(self.proc.pid)["VmRSS"]
-
-    def peak(self) -> int:
-        return _status(self.proc.pid)["VmHWM"]
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> list[str]:
-        """Stop the server; return its log lines (and whatever it wrote to stderr)."""
-        try:
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=20)
-                raise AssertionError("the server process did not stop when asked")
-        finally:
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
-            lines = []
-            for p in (self.log_path, self.err_path):
-                with contextlib.suppress(FileNotFoundError):
-                    lines += Path(p).read_text().splitlines()
-            shutil.rmtree(self.dir, ignore_errors=True)
-        return lines
+        super().__init__()
+        self.start("test_attacks", self.path, json.dumps(limits or {}), str(max_connections), self.log_path)
 
 
 @pytest.fixture
@@ -254,7 +194,7 @@ def server_process(request: pytest.FixtureRequest) -> Iterator[Any]:
     for sp in started:
         assert sp.alive(), f"the server process died (exit code {sp.proc.returncode})"
         lines = sp.stop()
-        errors = [line for line in lines if line.startswith(("ERROR", "CRITICAL")) or "Traceback" in line]
+        errors = errors_in(lines)
         assert errors == [], "\n".join(errors[:10])
         assert sp.proc.returncode == 0, lines[-20:]
 
@@ -335,44 +275,9 @@ async def good_client(url: str, *, min_calls: int = 20, seed: int = 1) -> AsyncI
 
 
 # --------------------------------------------------------------------------- raw connections
-def frame(msg: Any) -> bytes:
-    body = msgspec.msgpack.encode(msg)
-    return len(body).to_bytes(4, "big") + body
-
-
-def body_frame(body: bytes) -> bytes:
-    return len(body).to_bytes(4, "big") + body
-
-
-HELLO = frame(Hello(PROTOCOL_VERSION, 1 << 20))
-
-
 def decode_frames(data: bytes) -> list[Any]:
-    out = []
-    pos = 0
-    while len(data) - pos >= 4:
-        size = int.from_bytes(data[pos : pos + 4], "big")
-        if size == 0 or len(data) - pos - 4 < size:
-            break
-        try:
-            out.append(msgspec.msgpack.decode(data[pos + 4 : pos + 4 + size]))
-        except msgspec.DecodeError:
-            break
-        pos += 4 + size
-    return out
-
-
-async def read_to_end(stream: anyio.abc.ByteStream, timeout: float) -> tuple[bytes, str]:
-    """Read until the server closes; ``how`` is "eof" or "reset" (TimeoutError if it never does)."""
-    received = bytearray()
-    try:
-        with anyio.fail_after(timeout):
-            while True:
-                received += await stream.receive()
-    except anyio.EndOfStream:
-        return bytes(received), "eof"
-    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-        return bytes(received), "reset"
+    """The frames at the start of ``data``, up to an empty or undecodable one."""
+    return _wire.decode_frames(data, stop_at_empty=True, stop_at_garbage=True)
 
 
 def nested(depth: int, kind: str) -> bytes:
@@ -440,7 +345,7 @@ async def test_a_frame_over_the_handshake_limit_before_hello_is_refused() -> Non
     limit = xrpc.Limits().handshake_max_frame
     assert limit == 1 << 20
     server, connections = make_server()
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    d = short_dir()
     try:
         with anyio.fail_after(30):
             async with server.listen(f"unix://{d}/s.sock") as listener:
@@ -463,7 +368,7 @@ async def test_slow_loris_is_closed_after_the_handshake_timeout(caplog: pytest.L
     caplog.set_level(logging.INFO, logger="xrpc")
     timeout = 1.0
     server, connections = make_server(xrpc.Limits(handshake_timeout=timeout))
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    d = short_dir()
     sent = 0
     try:
         with anyio.fail_after(30):
@@ -500,7 +405,7 @@ async def test_slow_loris_is_closed_after_the_handshake_timeout(caplog: pytest.L
 async def test_idle_unauthenticated_connections_are_closed() -> None:
     timeout = 1.0
     server, connections = make_server(xrpc.Limits(handshake_timeout=timeout))
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    d = short_dir()
     path = f"{d}/s.sock"
     outcomes: list[tuple[str, float]] = []
     try:
@@ -554,10 +459,6 @@ async def test_idle_unauthenticated_connections_cost_little_memory(server_proces
 
 
 # --------------------------------------------------------------------------- descriptor flood
-def _fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 @pytest.mark.timeout(120)
 async def test_descriptor_flood_is_bounded(server_process: Any) -> None:
     """A peer attaching SCM_RIGHTS descriptors that nothing claims cannot exhaust the server's fds: at
@@ -568,7 +469,7 @@ async def test_descriptor_flood_is_bounded(server_process: Any) -> None:
     max_fds = xrpc.Limits().max_fds
     with anyio.fail_after(60):
         async with good_client(sp.url), xrpc.connect(sp.url, timeout=T) as admin:
-            baseline = _fd_count(sp.proc.pid)
+            baseline = fd_count(sp.proc.pid)
             peak = baseline
             with open(os.devnull, "rb") as junk:
                 async with await anyio.connect_unix(sp.path) as stream:
@@ -579,14 +480,14 @@ async def test_descriptor_flood_is_bounded(server_process: Any) -> None:
                     try:
                         for nonce in range(1, messages):
                             await stream.send_fds(frame(Ping(nonce)), [junk] * per_message)
-                            peak = max(peak, _fd_count(sp.proc.pid))
+                            peak = max(peak, fd_count(sp.proc.pid))
                     except anyio.BrokenResourceError:
                         pass  # the server has closed the connection
                     data, how = await read_to_end(stream, T)
             goodbyes = [f for f in decode_frames(bytes(received) + data) if f[0] == GOODBYE_TAG]
             # the attacker is gone: every descriptor it sent is closed
             assert await admin.proxy(Svc).settle(2) == 2
-            after = _fd_count(sp.proc.pid)
+            after = fd_count(sp.proc.pid)
     print(f"\nFDS sent up to {per_message * messages}; server fds {baseline} before, {peak} at most while connected, {after} after")
     assert goodbyes and goodbyes[0][2] == ErrorCode.LIMIT and "max_fds" in goodbyes[0][1], goodbyes
     # held: at most max_fds; for an instant also what one recvmsg installs before it is looked at (64)
@@ -663,7 +564,7 @@ async def test_deeply_nested_payload(server_process: Any, kind: str) -> None:
 async def test_deep_but_legal_nesting_through_the_api() -> None:
     """A nested value within the codec's depth limit travels; the server is unaffected either way."""
     server, _ = make_server()
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    d = short_dir()
     try:
         with anyio.fail_after(30):
             async with server.listen(f"unix://{d}/s.sock") as listener:
@@ -681,7 +582,7 @@ async def test_max_connections(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="xrpc")
     limit = 5
     server, connections = make_server(max_connections=limit)
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    d = short_dir()
     try:
         with anyio.fail_after(60):
             async with server.listen(f"unix://{d}/s.sock") as listener:
@@ -729,12 +630,12 @@ async def test_refused_connections_leak_no_descriptors(server_process: Any) -> N
         async with contextlib.AsyncExitStack() as stack:
             for _ in range(limit):
                 await stack.enter_async_context(xrpc.connect(sp.url, timeout=T))
-            before = _fd_count(sp.proc.pid)
+            before = fd_count(sp.proc.pid)
             for _ in range(attempts):
                 with pytest.raises(xrpc.Error):
                     async with xrpc.connect(sp.url, timeout=T):
                         pytest.fail("a connection over max_connections was accepted")
-            after = _fd_count(sp.proc.pid)
+            after = fd_count(sp.proc.pid)
     print(f"\nFDS server fds {before} before {attempts} refused connections, {after} after")
     assert after == before
 

@@ -8,8 +8,6 @@ frames to a real server; the addressing-mode tests run on asyncio and on trio.
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import gc
 import json
 import logging
@@ -19,17 +17,14 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Protocol
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 import anyio
 import anyio.lowlevel
 import msgspec
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import xrpc
@@ -37,6 +32,10 @@ from xrpc._introspect import INTROSPECT_NAME, Introspection
 from xrpc._peer import Peer
 from xrpc._protocol import PROTOCOL_VERSION, ErrorCode, Hello
 from xrpc._requirements import Requirement, requirement
+
+from _trust import make_ca, make_leaf, write_pem, xrpc_warnings
+from _trust import name as _name
+from _wire import decode_frames, frame
 
 T = 10.0  # upper bound for one exchange (they take milliseconds)
 BACKENDS = ("asyncio", "trio")
@@ -57,36 +56,6 @@ def run(backend: str, fn: Callable[[], Awaitable[Any]]) -> Any:
             return await fn()
 
     return anyio.run(bounded, backend=backend)
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[str]:
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def frame(msg: Any) -> bytes:
-    body = msgspec.msgpack.encode(msg)
-    return len(body).to_bytes(4, "big") + body
-
-
-def decode_frames(data: bytes) -> list[list[Any]]:
-    out: list[list[Any]] = []
-    pos = 0
-    while len(data) - pos >= 4:
-        size = int.from_bytes(data[pos : pos + 4], "big")
-        if len(data) - pos - 4 < size:
-            break
-        out.append(msgspec.msgpack.decode(data[pos + 4 : pos + 4 + size]))
-        pos += 4 + size
-    return out
-
-
-def xrpc_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "xrpc" and r.levelno == logging.WARNING]
 
 
 @xrpc.interface
@@ -575,71 +544,20 @@ async def test_negation_refuses_a_unix_peer_whose_process_is_gone(sock_dir: str,
 
 
 # --------------------------------------------------------------------------- TLS
-def _name(*attrs: tuple[Any, str]) -> x509.Name:
-    return x509.Name([x509.NameAttribute(oid, value) for oid, value in attrs])
-
-
-def _cert(
-    subject: x509.Name, key: ec.EllipticCurvePrivateKey, issuer: tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None,
-    sans: list[x509.GeneralName] | None = None, usage: Any = None,
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer[1].subject if issuer else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
-    )
-    if issuer is None:
-        builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        ).add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    else:
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer[0].public_key()), critical=False
-        ).add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return builder.sign(issuer[0] if issuer else key, hashes.SHA256())
-
-
-def _write(d: Path, name: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> tuple[str, str]:
-    (d / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (d / f"{name}.key").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return str(d / f"{name}.pem"), str(d / f"{name}.key")
-
-
 class PKI:
     def __init__(self, d: Path) -> None:
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca = (ca_key, _cert(_name((NameOID.COMMON_NAME, "authz test CA")), ca_key, None))
-        self.ca, _ = _write(d, "ca", *ca)
-        server_key = ec.generate_private_key(ec.SECP256R1())
-        server = _cert(
-            _name((NameOID.COMMON_NAME, "server.test")), server_key, ca,
-            [x509.DNSName("localhost")], ExtendedKeyUsageOID.SERVER_AUTH,
-        )
-        self.server_cert, self.server_key = _write(d, "server", server_key, server)
+        ca = make_ca(_name((NameOID.COMMON_NAME, "authz test CA")))
+        self.ca, _ = write_pem(d, "ca", *ca)
+        server = make_leaf(ca, _name((NameOID.COMMON_NAME, "server.test")), [x509.DNSName("localhost")], ExtendedKeyUsageOID.SERVER_AUTH)
+        self.server_cert, self.server_key = write_pem(d, "server", *server)
         # one subject, two CN attributes: "guest" first, "agent" last
-        two_key = ec.generate_private_key(ec.SECP256R1())
-        two = _cert(
-            _name((NameOID.COMMON_NAME, "guest"), (NameOID.ORGANIZATION_NAME, "tests"), (NameOID.COMMON_NAME, "agent")),
-            two_key, ca, [x509.DNSName("guest.test")], ExtendedKeyUsageOID.CLIENT_AUTH,
+        two = make_leaf(
+            ca, _name((NameOID.COMMON_NAME, "guest"), (NameOID.ORGANIZATION_NAME, "tests"), (NameOID.COMMON_NAME, "agent")),
+            [x509.DNSName("guest.test")], ExtendedKeyUsageOID.CLIENT_AUTH,
         )
-        self.two_cn_cert, self.two_cn_key = _write(d, "two-cn", two_key, two)
-        one_key = ec.generate_private_key(ec.SECP256R1())
-        one = _cert(_name((NameOID.COMMON_NAME, "agent")), one_key, ca, [x509.DNSName("agent.test")], ExtendedKeyUsageOID.CLIENT_AUTH)
-        self.agent_cert, self.agent_key = _write(d, "agent", one_key, one)
+        self.two_cn_cert, self.two_cn_key = write_pem(d, "two-cn", *two)
+        one = make_leaf(ca, _name((NameOID.COMMON_NAME, "agent")), [x509.DNSName("agent.test")], ExtendedKeyUsageOID.CLIENT_AUTH)
+        self.agent_cert, self.agent_key = write_pem(d, "agent", *one)
 
     def server_ctx(self, *, mutual: bool) -> Any:
         return xrpc.server_ssl_context(self.server_cert, self.server_key, cafile=self.ca if mutual else None)

@@ -10,16 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import select
 import shutil
 import socket
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Protocol
 
 import anyio
@@ -29,6 +24,9 @@ import pytest
 
 import xrpc
 from xrpc._protocol import PROTOCOL_VERSION, Call, CallFlags, Cancel, ErrorCode, Hello, Item, Ping
+
+from _procs import ChildProcess, errors_in, log_to, own_rss, serve_until_stdin_closes, short_dir
+from _wire import decode_frames, frame
 
 MiB = 1024 * 1024
 SLACK = 16 * MiB  # what an attack may add to the server's peak RSS beyond the budget
@@ -76,7 +74,7 @@ class HogImpl:
 
 def _server_main(path: str, options: str, log_path: str) -> None:
     """Entry point of the server child process."""
-    logging.basicConfig(filename=log_path, level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    log_to(log_path)
     opts = json.loads(options)
     slow_connect = opts.get("slow_connect", 0.0)
     seen = [0]
@@ -90,73 +88,17 @@ def _server_main(path: str, options: str, log_path: str) -> None:
         server = xrpc.Server(limits=xrpc.Limits(**opts.get("limits", {})), on_connect=on_connect if slow_connect else None)
         server.export(Hog, HogImpl())
         async with server.listen(f"unix://{path}") as listener:
-            print("READY", listener.url, flush=True)
-            await anyio.to_thread.run_sync(sys.stdin.read)  # until the test closes our stdin
+            await serve_until_stdin_closes(listener.url)
 
     anyio.run(main, backend=opts.get("backend", "asyncio"))
 
 
-CHILD_MAIN = "import sys; sys.path.insert(0, sys.argv[1]); from test_budget import _server_main; _server_main(*sys.argv[2:])"
-
-
-def _status(pid: int) -> dict[str, int]:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-class ServerProcess:
+class ServerProcess(ChildProcess):
     """An xrpc server exporting ``Hog`` in a child process, on a Unix socket, logging to a file."""
 
     def __init__(self, **options: Any) -> None:
-        self.dir = tempfile.mkdtemp(prefix="xr", dir="/tmp")
-        self.path = f"{self.dir}/s.sock"
-        self.log_path = f"{self.dir}/server.log"
-        self.err_path = f"{self.dir}/server.err"
-        with open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", CHILD_MAIN, str(Path(__file__).parent), self.path, json.dumps(options), self.log_path],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-            )
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
-        line = self.proc.stdout.readline().decode() if ready else ""
-        if not line.startswith("READY "):
-            self.stop()
-            raise RuntimeError(f"the server process did not start: {line!r}")
-        self.url = line.split()[1]
-
-    def rss(self) -> int:
-        return _status(self.proc.pid)["VmRSS"]
-
-    def peak(self) -> int:
-        return _status(self.proc.pid)["VmHWM"]
-
-    def stop(self) -> list[str]:
-        try:
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=20)
-                raise AssertionError("the server process did not stop when asked")
-        finally:
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
-            lines = []
-            for p in (self.log_path, self.err_path):
-                with contextlib.suppress(FileNotFoundError):
-                    lines += Path(p).read_text().splitlines()
-            shutil.rmtree(self.dir, ignore_errors=True)
-        return lines
+        super().__init__()
+        self.start("test_budget", self.path, json.dumps(options), self.log_path)
 
 
 @pytest.fixture
@@ -172,7 +114,7 @@ def server_process() -> Iterator[Any]:
     for sp in started:
         assert sp.proc.poll() is None, f"the server process died (exit code {sp.proc.returncode})"
         lines = sp.stop()
-        errors = [line for line in lines if line.startswith(("ERROR", "CRITICAL")) or "Traceback" in line]
+        errors = errors_in(lines)
         assert errors == [], "\n".join(errors[:10])
 
 
@@ -203,11 +145,6 @@ async def neighbour(url: str) -> AsyncIterator[Any]:
 
         await check(1)
         yield check
-
-
-def frame(msg: Any) -> bytes:
-    body = msgspec.msgpack.encode(msg)
-    return len(body).to_bytes(4, "big") + body
 
 
 def hello() -> bytes:
@@ -251,15 +188,24 @@ def read_goodbye(s: socket.socket, timeout: float = T) -> list[Any]:
     with contextlib.suppress(ConnectionResetError):
         while chunk := s.recv(1 << 20):
             data += chunk
-    out = []
-    pos = 0
-    while len(data) - pos >= 4:
-        size = int.from_bytes(data[pos : pos + 4], "big")
-        if len(data) - pos - 4 < size:
-            break
-        out.append(msgspec.msgpack.decode(data[pos + 4 : pos + 4 + size]))
-        pos += 4 + size
-    return out
+    return decode_frames(data)
+
+
+PADDING = msgspec.msgpack.encode(["p" * (250 * 1024)])
+
+
+def padding_call(call_id: int) -> bytes:
+    """A call to no object with 250 KiB of arguments: the server drops it with an ERROR."""
+    return frame(Call(call_id, "nothing", "m", msgspec.Raw(PADDING)))
+
+
+async def flood_after_hello(s: socket.socket, parts: list[bytes], what: str) -> str:
+    """Send HELLO then ``parts`` (as far as the server takes them, see ``flood``); how it ended."""
+    data = b"".join([hello(), *parts])
+    parts.clear()
+    sent, how = await anyio.to_thread.run_sync(flood, s, data, len(data))
+    print(f"\n{what}: sent {sent / MiB:.1f} MiB, {how}")
+    return how
 
 
 def calls(method: str, n: int, start: int = 1, payload: bytes = b"\x90") -> bytes:
@@ -409,10 +355,6 @@ async def test_undrained_streams_are_held_to_the_budget(server_process: Any) -> 
 
 
 # --------------------------------------------------------------------------- memory transport (anyio streams)
-def _own_rss() -> int:
-    return _status(os.getpid())["VmRSS"]
-
-
 @pytest.mark.timeout(60)
 async def test_memory_transport_stops_reading_a_peer_that_never_reads() -> None:
     from xrpc._transports import connect_stream
@@ -422,14 +364,14 @@ async def test_memory_transport_stops_reading_a_peer_that_never_reads() -> None:
     async with server.listen(f"memory://budget-{os.getpid()}") as listener:
         async with xrpc.connect(listener.url, timeout=T) as good:
             hog = good.proxy(Hog)
-            before = _own_rss()
+            before = own_rss()
             stream, _ = await connect_stream(listener.url)
             try:
                 await stream.send(hello() + calls("blob", 400))  # and never read
                 with anyio.fail_after(T):
                     for i in range(50):
                         assert await hog.add(i, 1) == i + 1
-                grown = _own_rss() - before
+                grown = own_rss() - before
                 print(f"\nMEM memory transport, 400 calls of 1 MiB never read: this process grew {grown / MiB:.1f} MiB")
                 assert grown < BUDGET + SLACK
             finally:
@@ -443,21 +385,15 @@ async def test_small_items_do_not_keep_large_reads_alive(server_process: Any) ->
     sp = server_process()
     mem = Memory(sp, "1000 undrained streams, one tiny item each, padded reads")
     n = 1000
-    padding = msgspec.msgpack.encode(["p" * (250 * 1024)])
     async with neighbour(sp.url) as check:
         s = raw_socket(sp.path)
         try:
-            parts = [hello()]
-            for k in range(n):
-                parts.append(frame(Call(1 + 2 * k, "Hog", "sink", msgspec.Raw(b"\x90"), CallFlags.STREAM_IN)))
+            parts = [frame(Call(1 + 2 * k, "Hog", "sink", msgspec.Raw(b"\x90"), CallFlags.STREAM_IN)) for k in range(n)]
             for k in range(n):
                 # one tiny item, then a call to no object whose payload is dropped with an ERROR
                 parts.append(frame(Item(1 + 2 * k, 1, msgspec.Raw(msgspec.msgpack.encode([b"i"])))))
-                parts.append(frame(Call(1 + 2 * (n + k), "nothing", "m", msgspec.Raw(padding))))
-            data = b"".join(parts)
-            del parts
-            sent, how = await anyio.to_thread.run_sync(flood, s, data, len(data))
-            print(f"\npadded items: sent {sent / MiB:.1f} MiB, {how}")
+                parts.append(padding_call(1 + 2 * (n + k)))
+            await flood_after_hello(s, parts, "padded items")
             await check()
             grown = mem.growth()
         finally:
@@ -487,7 +423,7 @@ async def test_concurrent_uploads_to_slow_consumers_stay_within_the_budget() -> 
     streams, size, item = 6, 24 * MiB, 64 * 1024
     server = xrpc.Server()
     server.export(Upload, UploadImpl())
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    d = short_dir()
     held: list[int] = []
     try:
         async with server.listen(f"unix://{d}/s.sock") as listener, xrpc.connect(listener.url, timeout=T) as conn:
@@ -536,6 +472,13 @@ def read_frames(s: socket.socket, until: Any, timeout: float = T) -> list[Any]:
         if not chunk:
             raise EOFError(f"the server closed the connection after {out[-3:]}")
         buf += chunk
+
+
+def handshake(s: socket.socket) -> None:
+    """Send HELLO on ``s`` (made blocking) and read up to the WELCOME."""
+    s.setblocking(True)
+    s.sendall(hello())
+    read_frames(s, lambda f: f[0] == 1)  # WELCOME
 
 
 def hold_call(call_id: int, size: int, seconds: float) -> bytes:
@@ -619,9 +562,7 @@ async def test_a_large_call_arriving_while_calls_fill_the_budget_is_refused(serv
     async with neighbour(sp.url) as check:
         s = raw_socket(sp.path)
         try:
-            s.setblocking(True)
-            s.sendall(hello())
-            read_frames(s, lambda f: f[0] == 1)  # WELCOME
+            handshake(s)
 
             def attack() -> list[Any]:
                 s.sendall(b"".join(hold_call(1 + 2 * k, 2 * MiB, 3600.0) for k in range(4)))
@@ -648,9 +589,7 @@ async def test_calls_cancelled_as_they_arrive_are_not_held(server_process: Any) 
     async with neighbour(sp.url) as check:
         s = raw_socket(sp.path)
         try:
-            s.setblocking(True)
-            s.sendall(hello())
-            read_frames(s, lambda f: f[0] == 1)  # WELCOME
+            handshake(s)
 
             def attack() -> list[Any]:
                 # a call refused at once, cancelled in the same read
@@ -679,9 +618,7 @@ async def test_extra_arguments_are_refused(server_process: Any) -> None:
     async with neighbour(sp.url) as check:
         s = raw_socket(sp.path)
         try:
-            s.setblocking(True)
-            s.sendall(hello())
-            read_frames(s, lambda f: f[0] == 1)  # WELCOME
+            handshake(s)
 
             def attack() -> list[Any]:
                 pad = msgspec.msgpack.encode([b"", 3600.0, b"p" * (15 * MiB)])
@@ -710,19 +647,15 @@ async def test_small_calls_in_flight_do_not_keep_large_reads_alive(server_proces
     sp = server_process()
     mem = Memory(sp, "1000 small calls in flight, padded reads")
     n = 1000
-    padding = msgspec.msgpack.encode(["p" * (250 * 1024)])
     async with neighbour(sp.url) as check:
         s = raw_socket(sp.path)
         try:
-            parts = [hello()]
+            parts = []
             for k in range(n):
                 # one small call that waits, then a call to no object whose payload is dropped
                 parts.append(hold_call(1 + 4 * k, 8, 3600.0))
-                parts.append(frame(Call(3 + 4 * k, "nothing", "m", msgspec.Raw(padding))))
-            data = b"".join(parts)
-            del parts
-            sent, how = await anyio.to_thread.run_sync(flood, s, data, len(data))
-            print(f"\npadded calls: sent {sent / MiB:.1f} MiB, {how}")
+                parts.append(padding_call(3 + 4 * k))
+            how = await flood_after_hello(s, parts, "padded calls")
             assert how == "sent"
             answers = await anyio.to_thread.run_sync(marker_and_wait, s, 4 * n + 1)
             assert sum(1 for f in answers if f[0] == ERROR_TAG) == n  # the padding calls, and only those

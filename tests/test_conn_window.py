@@ -8,14 +8,7 @@ by a client that has a budget of its own.  Figures are printed (``pytest -s``) a
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import select
 import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Protocol
 
 import anyio
@@ -25,6 +18,9 @@ import pytest
 
 import xrpc
 from xrpc._protocol import PROTOCOL_VERSION, Call, CallFlags, ErrorCode, Hello, Item
+
+from _procs import ChildProcess, own_rss, serve_until_stdin_closes, short_dir
+from _wire import decode_frames, frame
 
 MiB = 1024 * 1024
 SLACK = 16 * MiB
@@ -81,71 +77,24 @@ def _server_main(path: str) -> None:
         server = xrpc.Server()
         server.export(Bulk, BulkImpl())
         async with server.listen(f"unix://{path}") as listener:
-            print("READY", listener.url, flush=True)
-            await anyio.to_thread.run_sync(sys.stdin.read)  # until the test closes our stdin
+            await serve_until_stdin_closes(listener.url)
 
     anyio.run(main)
 
 
-CHILD_MAIN = "import sys; sys.path.insert(0, sys.argv[1]); from test_conn_window import _server_main; _server_main(*sys.argv[2:])"
-
-
-def _status(pid: int) -> dict[str, int]:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-class ServerProcess:
+class ServerProcess(ChildProcess):
     def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="xr", dir="/tmp")
-        self.path = f"{self.dir}/s.sock"
-        self.err_path = f"{self.dir}/server.err"
-        with open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", CHILD_MAIN, str(Path(__file__).parent), self.path],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-            )
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
-        line = self.proc.stdout.readline().decode() if ready else ""
-        if not line.startswith("READY "):
-            self.stop()
-            raise RuntimeError(f"the server process did not start: {line!r}")
-        self.url = line.split()[1]
-        self.before = _status(self.proc.pid)["VmRSS"]
+        super().__init__(log=False, strict=False)  # the child logs nothing; its stderr is read
+        self.start("test_conn_window", self.path)
+        self.before = self.rss()
 
     def growth(self, name: str) -> int:
-        peak = _status(self.proc.pid)["VmHWM"]
+        peak = self.peak()
         print(f"\nMEM {name}: server rss before {self.before / MiB:.1f} MiB, peak {peak / MiB:.1f} MiB, growth {(peak - self.before) / MiB:.1f} MiB")
         return peak - self.before
 
     def log(self) -> str:
-        return Path(self.err_path).read_text()
-
-    def stop(self) -> str:
-        err = ""
-        try:
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=20)
-        finally:
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
-            with contextlib.suppress(FileNotFoundError):
-                err = Path(self.err_path).read_text()
-            shutil.rmtree(self.dir, ignore_errors=True)
-        return err
+        return self.output()
 
 
 @pytest.fixture
@@ -154,8 +103,8 @@ def server_process() -> Iterator[ServerProcess]:
     try:
         yield sp
     finally:
-        alive = sp.proc.poll() is None
-        err = sp.stop()
+        alive = sp.alive()
+        err = "\n".join(sp.stop())
         assert alive, f"the server process died: {err}"
         assert "Traceback" not in err, err
 
@@ -192,17 +141,13 @@ async def test_many_uploads_to_slow_consumers_complete(server_process: ServerPro
     assert "memory budget" not in server_process.log()
 
 
-def _own_rss() -> int:
-    return _status(os.getpid())["VmRSS"]
-
-
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("streams", [12, 32])
 async def test_many_downloads_to_a_slow_consumer_complete(server_process: ServerProcess, streams: int) -> None:
     """The other direction: ``streams`` server streams of 24 MiB each, consumed slowly by this client
     (whose budget is the default one): all complete intact, within the client's budget."""
     count = 24 * MiB // CHUNK
-    before = _own_rss()
+    before = own_rss()
     peak = [before]
     async with xrpc.connect(server_process.url, timeout=T) as conn:
         bulk = conn.proxy(Bulk)
@@ -217,7 +162,7 @@ async def test_many_downloads_to_a_slow_consumer_complete(server_process: Server
                 n += 1
                 held[0] = max(held[0], conn._held)
                 if not n & 63:
-                    peak[0] = max(peak[0], _own_rss())
+                    peak[0] = max(peak[0], own_rss())
                 for _ in range(20):  # a slow consumer
                     await anyio.lowlevel.checkpoint()
             got[k] = (n, bad)
@@ -235,11 +180,6 @@ async def test_many_downloads_to_a_slow_consumer_complete(server_process: Server
 
 
 # --------------------------------------------------------------------------- a peer that ignores connection credit
-def frame(msg: Any) -> bytes:
-    body = msgspec.msgpack.encode(msg)
-    return len(body).to_bytes(4, "big") + body
-
-
 def read_all(path: str, data: bytes, timeout: float = T) -> list[Any]:
     """Connect, send ``data`` (as far as the server takes it), and return the frames the server sent
     until it closed the connection."""
@@ -255,14 +195,7 @@ def read_all(path: str, data: bytes, timeout: float = T) -> list[Any]:
         while piece := s.recv(1 << 20):
             received += piece
     s.close()
-    out, pos = [], 0
-    while len(received) - pos >= 4:
-        size = int.from_bytes(received[pos : pos + 4], "big")
-        if len(received) - pos - 4 < size:
-            break
-        out.append(msgspec.msgpack.decode(received[pos + 4 : pos + 4 + size]))
-        pos += 4 + size
-    return out
+    return decode_frames(received)
 
 
 @pytest.mark.timeout(120)
@@ -482,7 +415,7 @@ async def test_an_older_client_and_a_newer_server_still_stream(monkeypatch: pyte
     count = 4 * MiB // CHUNK
     server = xrpc.Server()
     server.export(Bulk, BulkImpl())
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    d = short_dir()
     try:
         async with server.listen(f"unix://{d}/s.sock") as listener, xrpc.connect(listener.url, timeout=T) as conn:
             bulk = conn.proxy(Bulk)
@@ -523,7 +456,7 @@ async def test_an_older_client_cut_off_by_the_budget_learns_why(monkeypatch: pyt
     count = 24 * MiB // CHUNK
     server = xrpc.Server()
     server.export(Bulk, BulkImpl())
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    d = short_dir()
     errors: list[BaseException] = []
     try:
         async with server.listen(f"unix://{d}/s.sock") as listener, xrpc.connect(listener.url, timeout=T) as conn:

@@ -16,28 +16,26 @@ event, a read, or a poll with a deadline.
 from __future__ import annotations
 
 import array
-import contextlib
 import fcntl
 import json
-import logging
 import os
-import select
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 import anyio
-import msgspec
 import pytest
 
 import xrpc
-from xrpc._protocol import PROTOCOL_VERSION, ErrorCode, Hello, Ping
+from xrpc._protocol import ErrorCode, Ping
+
+import _wire
+from _procs import TESTS_DIR, ChildProcess, child_main, errors_in, log_to, serve_until_stdin_closes, short_dir
+from _wire import HELLO, frame
 
 T = 10.0
 GOODBYE_TAG, WELCOME_TAG, PONG_TAG = 10, 1, 12
@@ -92,7 +90,7 @@ class CalcImpl:
 # --------------------------------------------------------------------------- child processes
 def _child(role: str, target: str, options: str, log_path: str) -> None:
     """Entry point of the child processes (see ``Child`` and ``run_victim_client``)."""
-    logging.basicConfig(filename=log_path, level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    log_to(log_path)
     opts = json.loads(options)
     if "nofile" in opts:
         import resource
@@ -107,8 +105,7 @@ def _child(role: str, target: str, options: str, log_path: str) -> None:
         else:
             server.export(Calc, CalcImpl())
         async with server.listen(f"unix://{target}") as listener:
-            print("READY", listener.url, flush=True)
-            await anyio.to_thread.run_sync(sys.stdin.read)  # until the test closes our stdin
+            await serve_until_stdin_closes(listener.url)
 
     async def victim_client() -> None:
         async with xrpc.connect(target, timeout=T) as conn:
@@ -126,70 +123,18 @@ def _child(role: str, target: str, options: str, log_path: str) -> None:
     anyio.run(victim_client if role == "shm_client" else serve)
 
 
-CHILD_MAIN = "import sys; sys.path.insert(0, sys.argv[1]); from test_fd_attacks import _child; _child(*sys.argv[2:])"
-
-
-class Child:
+class Child(ChildProcess):
     """A server in a child process on a Unix socket, logging to a file."""
 
     def __init__(self, role: str, **options: Any) -> None:
-        self.dir = tempfile.mkdtemp(prefix="xr", dir="/tmp")
-        self.path = f"{self.dir}/s.sock"
-        self.log_path = f"{self.dir}/child.log"
-        self.err = open(f"{self.dir}/child.err", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD_MAIN, str(Path(__file__).parent), role, self.path, json.dumps(options), self.log_path],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.err,
-        )
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
-        line = self.proc.stdout.readline().decode() if ready else ""
-        if not line.startswith("READY "):
-            self.stop()
-            raise RuntimeError(f"the child did not start: {line!r} {self.output()}")
-        self.url = line.split()[1]
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
+        super().__init__(name="child", what="the child", strict=False)
+        self.start("test_fd_attacks", role, self.path, json.dumps(options), self.log_path, entry="_child")
 
     def status(self) -> str:
         rc = self.proc.poll()
         if rc is None:
             return "alive"
         return f"dead by {signal.Signals(-rc).name}" if rc < 0 else f"exited with {rc}"
-
-    def output(self) -> str:
-        text = ""
-        for name in ("child.log", "child.err"):
-            with contextlib.suppress(FileNotFoundError):
-                text += Path(self.dir, name).read_text()
-        return text
-
-    def stop(self) -> str:
-        try:
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=20)
-        finally:
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
-            self.err.close()
-            text = self.output()
-            shutil.rmtree(self.dir, ignore_errors=True)
-        return text
 
 
 @pytest.fixture
@@ -205,9 +150,10 @@ def child() -> Iterator[Any]:
     yield start
     for c in started:
         status = c.status()
-        text = c.stop()
+        lines = c.stop()
+        text = "\n".join(lines)
         assert status == "alive", f"the child process is {status}:\n{text[-2000:]}"
-        errors = [line for line in text.splitlines() if line.startswith(("ERROR", "CRITICAL")) or "Traceback" in line]
+        errors = errors_in(lines)
         assert errors == [], text[-3000:]
 
 
@@ -304,14 +250,14 @@ class HostileMaker:
 async def test_shared_buffer_from_a_hostile_server_cannot_sigbus_the_client(hostile_sender: None) -> None:
     """The other direction: a reply carrying an unsealed buffer is refused by the client with
     ValidationError, and the client's connection keeps working."""
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    d = short_dir()
     try:
         server = xrpc.Server()
         server.export(Maker, HostileMaker())
         with anyio.fail_after(40):
             async with server.listen(f"unix://{d}/s.sock") as listener:
                 result = await anyio.run_process(
-                    [sys.executable, "-c", CHILD_MAIN, str(Path(__file__).parent), "shm_client", listener.url, "{}", f"{d}/client.log"],
+                    [sys.executable, "-c", child_main("test_fd_attacks", "_child"), TESTS_DIR, "shm_client", listener.url, "{}", f"{d}/client.log"],
                     check=False,
                 )
     finally:
@@ -378,7 +324,7 @@ async def test_a_hostile_server_cannot_reply_with_a_buffer_that_cannot_be_mapped
     size = 1 << 16
     unraisable: list[Any] = []
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    d = short_dir()
     try:
         with xrpc.SharedBuffer.create(size) as good:
             evil = _write_sealed_or_read_only(kind, size, good)
@@ -448,24 +394,9 @@ def test_shared_buffers_are_sealed_against_resizing() -> None:
 
 
 # --------------------------------------------------------------------------- raw sockets
-def frame(msg: Any) -> bytes:
-    body = msgspec.msgpack.encode(msg)
-    return len(body).to_bytes(4, "big") + body
-
-
-HELLO = frame(Hello(PROTOCOL_VERSION, 1 << 20))
-
-
 def decode_frames(data: bytes) -> list[Any]:
-    out = []
-    pos = 0
-    while len(data) - pos >= 4:
-        size = int.from_bytes(data[pos : pos + 4], "big")
-        if size == 0 or len(data) - pos - 4 < size:
-            break
-        out.append(msgspec.msgpack.decode(data[pos + 4 : pos + 4 + size]))
-        pos += 4 + size
-    return out
+    """The frames at the start of ``data``, up to an empty one."""
+    return _wire.decode_frames(data, stop_at_empty=True)
 
 
 def raw_connect(path: str) -> socket.socket:
@@ -672,7 +603,7 @@ class ManyImpl:
 async def test_more_descriptors_than_one_read_takes_travel_in_pieces() -> None:
     """A value with more descriptors than the receiver reads at once (64) goes out 64 at a time, so
     the kernel never truncates them; the receiver's max_fds is what bounds such a value."""
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    d = short_dir()
     try:
         server = xrpc.Server(limits=xrpc.Limits(max_fds=256))
         server.export(Many, ManyImpl())

@@ -29,8 +29,10 @@ import xrpc
 from xrpc import _services
 from xrpc._services import ServiceUnavailable, connect_service, find_service, load_description, runtime_dir
 
+import _trust
+from _trust import TEST_USER
+
 T = 10.0  # bound on one exchange
-TEST_USER = "xrpctest"
 NAME = "com.example.planted"
 
 
@@ -42,25 +44,7 @@ class Ping(Protocol):
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def other_user() -> pwd.struct_passwd:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to act as another user")
-    try:
-        return pwd.getpwnam(TEST_USER)
-    except KeyError:
-        pass
-    useradd = shutil.which("useradd")
-    if useradd is None:
-        pytest.skip("useradd is not available to create a throw-away user")
-    subprocess.run(
-        [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
-        check=False,
-        capture_output=True,
-        timeout=60,
-    )
-    try:
-        return pwd.getpwnam(TEST_USER)
-    except KeyError:
-        pytest.skip(f"could not create the user {TEST_USER}")
+    return _trust.other_user("act as another user")
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import grp
 import ipaddress
 import logging
@@ -21,7 +20,6 @@ import shutil
 import socket
 import ssl
 import stat
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,12 +29,16 @@ import anyio
 import msgspec
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 import xrpc
 from xrpc._protocol import PROTOCOL_VERSION, Call, ErrorCode, Hello
+
+import _trust
+from _trust import write_pem, xrpc_warnings
+from _wire import decode_frames, frame
 
 T = 10.0  # upper bound for one exchange (they take milliseconds)
 BACKENDS = ("asyncio", "trio")
@@ -157,38 +159,8 @@ class WhoImpl:
 
 # --------------------------------------------------------------------------- helpers
 @pytest.fixture
-def sock_dir() -> Iterator[str]:
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
 def sock_url(sock_dir: str) -> str:
     return f"unix://{sock_dir}/s.sock"
-
-
-def xrpc_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "xrpc" and r.levelno == logging.WARNING]
-
-
-def frame(msg: Any) -> bytes:
-    body = msgspec.msgpack.encode(msg)
-    return len(body).to_bytes(4, "big") + body
-
-
-def decode_frames(data: bytes) -> list[list[Any]]:
-    out: list[list[Any]] = []
-    pos = 0
-    while len(data) - pos >= 4:
-        size = int.from_bytes(data[pos : pos + 4], "big")
-        if len(data) - pos - 4 < size:
-            break
-        out.append(msgspec.msgpack.decode(data[pos + 4 : pos + 4 + size]))
-        pos += 4 + size
-    return out
 
 
 GOODBYE_TAG = 10
@@ -499,7 +471,6 @@ async def test_client_requirement_protects_client_exports(sock_url: str) -> None
 
 
 # --------------------------------------------------------------------------- a real second user
-TEST_USER = "xrpctest"
 
 CHILD = r"""
 import os, sys
@@ -537,25 +508,7 @@ anyio.run(main)
 
 @pytest.fixture(scope="module")
 def other_user() -> pwd.struct_passwd:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to run a client as another user")
-    try:
-        return pwd.getpwnam(TEST_USER)
-    except KeyError:
-        pass
-    useradd = shutil.which("useradd")
-    if useradd is None:
-        pytest.skip("useradd is not available to create a throw-away user")
-    subprocess.run(
-        [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
-        check=False,
-        capture_output=True,
-        timeout=60,
-    )
-    try:
-        return pwd.getpwnam(TEST_USER)
-    except KeyError:
-        pytest.skip(f"could not create the user {TEST_USER}")
+    return _trust.other_user("run a client as another user")
 
 
 @pytest.fixture
@@ -631,67 +584,17 @@ class PKI:
 
 
 def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "xrpc tests")])
+    return _trust.cn_name(cn, "xrpc tests")
 
 
 def _make_ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(_name(cn))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
+    return _trust.make_ca(_name(cn))
 
 
 def _make_leaf(
     ca: tuple[ec.EllipticCurvePrivateKey, x509.Certificate], cn: str, sans: list[x509.GeneralName], usage: x509.ObjectIdentifier
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    ca_key, ca_cert = ca
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def _write(d: Path, name: str, key: ec.EllipticCurvePrivateKey | None, cert: x509.Certificate) -> tuple[str, str]:
-    cert_path = d / f"{name}.pem"
-    key_path = d / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    if key is not None:
-        key_path.write_bytes(
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        )
-    return str(cert_path), str(key_path)
+    return _trust.make_leaf(ca, _name(cn), sans, usage)
 
 
 @pytest.fixture(scope="module")
@@ -707,16 +610,16 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     # the rogue CA issues certificates with the very same names
     rogue_server = _make_leaf(rogue, "server.test", server_names, ExtendedKeyUsageOID.SERVER_AUTH)
     rogue_client = _make_leaf(rogue, "client1", client_names, ExtendedKeyUsageOID.CLIENT_AUTH)
-    ca_path, _ = _write(d, "ca", None, ca[1])
-    rogue_path, _ = _write(d, "rogue", None, rogue[1])
+    ca_path, _ = write_pem(d, "ca", None, ca[1])
+    rogue_path, _ = write_pem(d, "rogue", None, rogue[1])
     return PKI(
         ca_path,
-        *_write(d, "server", *server),
-        *_write(d, "wrong", *wrong),
-        *_write(d, "client", *client),
+        *write_pem(d, "server", *server),
+        *write_pem(d, "wrong", *wrong),
+        *write_pem(d, "client", *client),
         rogue_path,
-        *_write(d, "rogue-server", *rogue_server),
-        *_write(d, "rogue-client", *rogue_client),
+        *write_pem(d, "rogue-server", *rogue_server),
+        *write_pem(d, "rogue-client", *rogue_client),
         server_fingerprint=server[1].fingerprint(hashes.SHA256()).hex(),
         client_fingerprint=client[1].fingerprint(hashes.SHA256()).hex(),
     )

@@ -40,15 +40,10 @@ import logging
 import math
 import os
 import random
-import select
 import shutil
 import socket
-import subprocess
-import sys
-import tempfile
 import time
 import types
-from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Protocol
 
 import anyio
@@ -77,7 +72,9 @@ from xrpc._protocol import (
     Welcome,
 )
 from xrpc._protocol import Error as ErrorFrame
-from test_attacks import _mutate, _status, body_frame, frame, nested
+from _procs import ChildProcess, errors_in, log_to, serve_until_stdin_closes, short_dir
+from _wire import body_frame, frame
+from test_attacks import _mutate, nested
 
 MiB = 1024 * 1024
 RSS_BUDGET = 64 * MiB
@@ -194,54 +191,26 @@ class FzImpl:
 
 def _server_main(sock: str, log_path: str, limits: str, backend: str) -> None:
     """Entry point of the server child process."""
-    logging.basicConfig(filename=log_path, level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    log_to(log_path)
 
     async def main() -> None:
         server = xrpc.Server(limits=xrpc.Limits(**json.loads(limits)))
         server.export(Fz, FzImpl(server))
         async with server.listen(f"unix://{sock}") as unix, server.listen("tcp://127.0.0.1:0") as tcp:
-            print("READY", unix.url, tcp.url, flush=True)
-            await anyio.to_thread.run_sync(sys.stdin.read)  # until the test closes our stdin
+            await serve_until_stdin_closes(unix.url, tcp.url)
 
     anyio.run(main, backend=backend)
 
 
-CHILD_MAIN = "import sys; sys.path.insert(0, sys.argv[1]); from test_stateful_fuzz import _server_main; _server_main(*sys.argv[2:])"
-
-
-class FuzzServer:
+class FuzzServer(ChildProcess):
     """The server child process; its log and stderr are read as they grow."""
 
     def __init__(self, limits: dict[str, Any], backend: str = "asyncio") -> None:
-        self.dir = tempfile.mkdtemp(prefix="xr", dir="/tmp")
-        self.path = f"{self.dir}/s.sock"
-        self.log_path = f"{self.dir}/server.log"
-        self.err_path = f"{self.dir}/server.err"
+        super().__init__()
         self._seen = {self.log_path: 0, self.err_path: 0}
-        with open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", CHILD_MAIN, str(Path(__file__).parent), self.path, self.log_path, json.dumps(limits), backend],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-            )
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
-        line = self.proc.stdout.readline().decode() if ready else ""
-        if not line.startswith("READY "):
-            self.stop()
-            raise RuntimeError(f"the server process did not start: {line!r}")
-        _, self.unix_url, self.tcp_url = line.split()
+        self.start("test_stateful_fuzz", self.path, self.log_path, json.dumps(limits), backend)
+        _, self.unix_url, self.tcp_url = self.ready
         self.tcp_port = int(self.tcp_url.rsplit(":", 1)[1])
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def rss(self) -> int:
-        return _status(self.proc.pid)["VmRSS"]
-
-    def peak(self) -> int:
-        return _status(self.proc.pid)["VmHWM"]
 
     def new_trouble(self) -> list[str]:
         """Lines at ERROR or above (or tracebacks) written since the last call."""
@@ -261,26 +230,6 @@ class FuzzServer:
                     if in_trouble:
                         bad.append(line)  # with the traceback lines that follow it
         return bad
-
-    def stop(self) -> list[str]:
-        try:
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=20)
-                raise AssertionError("the server process did not stop when asked")
-        finally:
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
-            lines = []
-            for p in (self.log_path, self.err_path):
-                with contextlib.suppress(FileNotFoundError):
-                    lines += Path(p).read_text().splitlines()
-            shutil.rmtree(self.dir, ignore_errors=True)
-        return lines
 
 
 # --------------------------------------------------------------------------- the model of one raw connection
@@ -1334,7 +1283,7 @@ def fuzz_server(request: pytest.FixtureRequest) -> Iterator[FuzzServer]:
     yield server
     assert server.alive(), f"the server process died (exit code {server.proc.returncode})"
     lines = server.stop()
-    errors = [line for line in lines if line.startswith(("ERROR", "CRITICAL")) or "Traceback" in line]
+    errors = errors_in(lines)
     assert errors == [], "\n".join(errors[:10])
     assert server.proc.returncode == 0, lines[-20:]
 
@@ -1422,7 +1371,7 @@ def unix_server() -> Iterator[FuzzServer]:
     yield server
     assert server.alive()
     lines = server.stop()
-    assert [line for line in lines if line.startswith(("ERROR", "CRITICAL")) or "Traceback" in line] == []
+    assert errors_in(lines) == []
 
 
 @pytest.mark.timeout(60)
@@ -1511,7 +1460,7 @@ async def test_a_welcome_larger_than_the_clients_max_frame_is_refused_cleanly(ca
         setattr(Impl, f"method_number_{i}", lambda self, first_argument, second_argument: 1)
     server = xrpc.Server()
     server.export(wide, Impl())
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    d = short_dir()
     try:
         with anyio.fail_after(20):
             async with server.listen(f"unix://{d}/s.sock") as listener:

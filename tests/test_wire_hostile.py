@@ -17,14 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import logging
 import math
-import select
 import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 from typing import Annotated, Any, AsyncIterator, Iterator, Protocol
 
 import anyio
@@ -35,6 +29,9 @@ import pytest
 import xrpc
 from xrpc._protocol import PROTOCOL_VERSION, Call, CallFlags, End, ErrorCode, Hello, Item, Reply, Welcome
 from xrpc._protocol import Error as ErrorFrame
+
+from _procs import ChildProcess, errors_in, log_to, serve_until_stdin_closes, short_dir
+from _wire import frame
 
 T = 10.0
 Ext = msgspec.msgpack.Ext
@@ -123,61 +120,21 @@ class HostileImpl:
 
 def _server_main(path: str, backend: str, log_path: str) -> None:
     """Entry point of the server child process."""
-    logging.basicConfig(filename=log_path, level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    log_to(log_path)
 
     async def main() -> None:
         server = xrpc.Server()
         server.export(Hostile, HostileImpl())
         async with server.listen(f"unix://{path}") as listener:
-            print("READY", listener.url, flush=True)
-            await anyio.to_thread.run_sync(sys.stdin.read)  # until the test closes our stdin
+            await serve_until_stdin_closes(listener.url)
 
     anyio.run(main, backend=backend)
 
 
-CHILD_MAIN = "import sys; sys.path.insert(0, sys.argv[1]); from test_wire_hostile import _server_main; _server_main(*sys.argv[2:])"
-
-
-class ServerProcess:
+class ServerProcess(ChildProcess):
     def __init__(self, backend: str) -> None:
-        self.dir = tempfile.mkdtemp(prefix="xr", dir="/tmp")
-        self.path = f"{self.dir}/s.sock"
-        self.log_path = f"{self.dir}/server.log"
-        self.err_path = f"{self.dir}/server.err"
-        with open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", CHILD_MAIN, str(Path(__file__).parent), self.path, backend, self.log_path],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-            )
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
-        line = self.proc.stdout.readline().decode() if ready else ""
-        if not line.startswith("READY "):
-            self.stop()
-            raise RuntimeError(f"the server process did not start: {line!r}")
-        self.url = line.split()[1]
-
-    def stop(self) -> list[str]:
-        try:
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=20)
-                raise AssertionError("the server process did not stop when asked")
-        finally:
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
-            lines = []
-            for p in (self.log_path, self.err_path):
-                with contextlib.suppress(FileNotFoundError):
-                    lines += Path(p).read_text().splitlines()
-            shutil.rmtree(self.dir, ignore_errors=True)
-        return lines
+        super().__init__()
+        self.start("test_wire_hostile", self.path, backend, self.log_path)
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -187,20 +144,15 @@ def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     try:
         yield sp
     finally:
-        alive = sp.proc.poll() is None
+        alive = sp.alive()
         lines = sp.stop()
     assert alive, f"the server process died: {lines[-20:]}"
-    bad = [line for line in lines if line.startswith(("ERROR", "CRITICAL")) or "Traceback" in line]
+    bad = errors_in(lines)
     assert bad == [], "\n".join(lines[-40:])
     assert sp.proc.returncode == 0, lines[-20:]
 
 
 # --------------------------------------------------------------------------- a raw peer
-def frame(msg: Any) -> bytes:
-    body = msgspec.msgpack.encode(msg)
-    return len(body).to_bytes(4, "big") + body
-
-
 def payload(*values: Any) -> msgspec.Raw:
     return msgspec.Raw(msgspec.msgpack.encode(list(values)))
 
@@ -363,7 +315,7 @@ class Victim(Protocol):
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("value", HOSTILE_VALUES, ids=[f"{i}" for i in range(len(HOSTILE_VALUES))])
 async def test_extension_types_from_a_hostile_server_are_refused(value: Any) -> None:
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    d = short_dir()
     try:
         with anyio.fail_after(T):
             listener = await anyio.create_unix_listener(f"{d}/s.sock")

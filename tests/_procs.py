@@ -1,0 +1,155 @@
+"""Helpers for tests that run an xrpc server (or another victim) in a child process.
+
+A child is started as ``sys.executable -c child_main(module, entry)``: the command puts the tests
+directory on ``sys.path`` and calls ``entry`` (by default ``_server_main``) of the test module with
+the remaining arguments.  The child prints ``READY <url> ...`` once it listens, and runs until its
+stdin is closed (``serve_until_stdin_closes``).  Its RSS and descriptor count are read from
+``/proc``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+
+TESTS_DIR = str(Path(__file__).parent)
+
+
+def short_dir() -> str:
+    """A new directory under /tmp with a short name: Unix socket paths are limited to ~100 bytes."""
+    return tempfile.mkdtemp(prefix="xr", dir="/tmp")
+
+
+def status(pid: int) -> dict[str, int]:
+    """``VmRSS`` and ``VmHWM`` (peak RSS) of process ``pid``, in bytes."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def own_rss() -> int:
+    return status(os.getpid())["VmRSS"]
+
+
+def fd_count(pid: int) -> int:
+    """How many descriptors process ``pid`` holds open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def child_main(module: str, entry: str = "_server_main") -> str:
+    """The ``-c`` program of a child: ``module.entry(*argv[2:])``, with ``argv[1]`` on ``sys.path``."""
+    return f"import sys; sys.path.insert(0, sys.argv[1]); from {module} import {entry}; {entry}(*sys.argv[2:])"
+
+
+def log_to(log_path: str) -> None:
+    """In the child: log at INFO and above to ``log_path``, one record a line, level first."""
+    logging.basicConfig(filename=log_path, level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+
+
+async def serve_until_stdin_closes(*urls: str) -> None:
+    """In the child: announce ``READY <urls>``, then wait until the test closes our stdin."""
+    print("READY", *urls, flush=True)
+    await anyio.to_thread.run_sync(sys.stdin.read)
+
+
+def errors_in(lines: list[str]) -> list[str]:
+    """The lines of a child's output that are ERROR or CRITICAL records, or start a traceback."""
+    return [line for line in lines if line.startswith(("ERROR", "CRITICAL")) or "Traceback" in line]
+
+
+class ChildProcess:
+    """A child process on a Unix socket in a fresh short directory, logging to files in it.
+
+    ``self.path`` is the socket path and ``self.log_path`` the log file to pass to the child;
+    ``start`` spawns it and waits (30 s at most) for its ``READY`` line.  ``stop`` closes its
+    stdin, waits for it to exit (20 s), and returns the lines of its log and of its stderr.
+    ``strict`` makes a child that has to be killed an ``AssertionError``.
+    """
+
+    def __init__(self, *, name: str = "server", what: str = "the server process", log: bool = True, strict: bool = True) -> None:
+        self.dir = short_dir()
+        self.path = f"{self.dir}/s.sock"
+        self.log_path = f"{self.dir}/{name}.log"
+        self.err_path = f"{self.dir}/{name}.err"
+        self.what = what
+        self.strict = strict
+        self._outputs = [self.log_path, self.err_path] if log else [self.err_path]
+        self.ready: list[str] = []
+        self.url = ""
+
+    def start(self, module: str, *args: str, entry: str = "_server_main") -> None:
+        with open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", child_main(module, entry), TESTS_DIR, *args],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+            )
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
+        line = self.proc.stdout.readline().decode() if ready else ""
+        if not line.startswith("READY "):
+            self.stop()
+            raise RuntimeError(f"{self.what} did not start: {line!r}")
+        self.ready = line.split()
+        self.url = self.ready[1]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def rss(self) -> int:
+        return status(self.proc.pid)["VmRSS"]
+
+    def peak(self) -> int:
+        return status(self.proc.pid)["VmHWM"]
+
+    def fds(self) -> int:
+        return fd_count(self.proc.pid)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def output(self) -> str:
+        """What the child has logged and written to stderr so far."""
+        text = ""
+        for p in self._outputs:
+            with contextlib.suppress(FileNotFoundError):
+                text += Path(p).read_text()
+        return text
+
+    def stop(self) -> list[str]:
+        """Stop the child; return its log lines (and whatever it wrote to stderr)."""
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=20)
+                if self.strict:
+                    raise AssertionError(f"{self.what} did not stop when asked")
+        finally:
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+            lines = []
+            for p in self._outputs:
+                with contextlib.suppress(FileNotFoundError):
+                    lines += Path(p).read_text().splitlines()
+            shutil.rmtree(self.dir, ignore_errors=True)
+        return lines

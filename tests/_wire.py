@@ -1,0 +1,59 @@
+"""Raw xrpc wire helpers for tests that play a peer byte by byte: framing, HELLO, decoding."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import anyio.abc
+import msgspec
+
+from xrpc._protocol import PROTOCOL_VERSION, Hello
+
+
+def body_frame(body: bytes) -> bytes:
+    """``body`` behind its 4-byte big-endian length prefix."""
+    return len(body).to_bytes(4, "big") + body
+
+
+def frame(msg: Any) -> bytes:
+    """``msg`` encoded as MessagePack, framed."""
+    return body_frame(msgspec.msgpack.encode(msg))
+
+
+HELLO = frame(Hello(PROTOCOL_VERSION, 1 << 20))
+
+
+def decode_frames(data: bytes | bytearray, *, stop_at_empty: bool = False, stop_at_garbage: bool = False) -> list[Any]:
+    """The whole frames at the start of ``data``, decoded (a partial frame at the end is left out).
+
+    An empty frame, or one that is not MessagePack, raises ``msgspec.DecodeError`` unless
+    ``stop_at_empty`` / ``stop_at_garbage`` make it end the list instead.
+    """
+    out: list[Any] = []
+    pos = 0
+    while len(data) - pos >= 4:
+        size = int.from_bytes(data[pos : pos + 4], "big")
+        if (size == 0 and stop_at_empty) or len(data) - pos - 4 < size:
+            break
+        try:
+            out.append(msgspec.msgpack.decode(data[pos + 4 : pos + 4 + size]))
+        except msgspec.DecodeError:
+            if stop_at_garbage:
+                break
+            raise
+        pos += 4 + size
+    return out
+
+
+async def read_to_end(stream: anyio.abc.ByteStream, timeout: float) -> tuple[bytes, str]:
+    """Read until the server closes; ``how`` is "eof" or "reset" (TimeoutError if it never does)."""
+    received = bytearray()
+    try:
+        with anyio.fail_after(timeout):
+            while True:
+                received += await stream.receive()
+    except anyio.EndOfStream:
+        return bytes(received), "eof"
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        return bytes(received), "reset"
