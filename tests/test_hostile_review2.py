@@ -1,0 +1,300 @@
+"""Hostile-peer checks against a server in a child process, over real Unix sockets and raw frames.
+
+Each test starts the server below, attacks it with hand-made frames, and checks the guarantees of
+docs/security.md: a peer costs bounded memory (peak RSS growth below the budget plus 16 MiB), a
+well-behaved neighbour connection keeps working, and nothing is logged at ERROR.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+
+SERVER = r'''
+import logging, os, sys
+from typing import Any, AsyncIterator, Protocol
+import anyio, xrpc
+
+@xrpc.interface
+class Svc(Protocol):
+    async def echo(self, x: int) -> int: ...
+    async def hold(self, data: list[list[int]]) -> int: ...
+    async def hold_any(self, data: Any) -> int: ...
+    async def hold_ints(self, data: list[int]) -> int: ...
+    async def big(self, n: int) -> bytes: ...
+    async def fail(self, n: int) -> int: ...
+    def ticks(self, n: int, size: int) -> AsyncIterator[bytes]: ...
+
+class Impl:
+    async def echo(self, x):
+        return x
+    async def hold(self, data):
+        await anyio.sleep(30)
+        return len(data)
+    async def hold_any(self, data):
+        await anyio.sleep(30)
+        return 1
+    async def hold_ints(self, data):
+        await anyio.sleep(30)
+        return len(data)
+    async def big(self, n):
+        await anyio.sleep(0)
+        return b"x" * n
+    async def fail(self, n):
+        await anyio.sleep(0)
+        raise ValueError("e" * n)
+    async def ticks(self, n, size):
+        for i in range(n):
+            yield b"t" * size
+
+async def main(url):
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+    server = xrpc.Server()
+    server.export(Svc, Impl(), "svc")
+    async with server.listen(url) as listener:
+        print(listener.url, os.getpid(), flush=True)
+        await anyio.sleep(100)
+
+anyio.run(main, sys.argv[1], backend=sys.argv[2])
+'''
+
+BUDGET_MIB = 32
+ALLOWED_GROWTH_MIB = BUDGET_MIB + 16
+STOP_AT_MIB = 200  # an attack stops once the server has grown this much: the point is made
+
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder()
+
+
+def frame(*fields: object) -> bytes:
+    body = _enc.encode(list(fields))
+    return struct.pack(">I", len(body)) + body
+
+
+def _status(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) // 1024
+    raise KeyError(key)
+
+
+def rss(pid: int) -> int:
+    return _status(pid, "VmRSS")
+
+
+def peak(pid: int) -> int:
+    return _status(pid, "VmHWM")
+
+
+class RawPeer:
+    """A peer that speaks raw frames over a Unix socket."""
+
+    def __init__(self, path: str, *, conn_window: int = 1 << 20, rcvbuf: int | None = None) -> None:
+        self.s = socket.socket(socket.AF_UNIX)
+        if rcvbuf:
+            self.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.s.connect(path)
+        self.buf = b""
+        self.send(0, 1, 16 << 20, [], 1024, 4 << 20, conn_window)
+
+    def send(self, *fields: object) -> None:
+        self.s.sendall(frame(*fields))
+
+    def recv(self, timeout: float = 10.0) -> list:
+        deadline = time.monotonic() + timeout
+        while True:
+            if len(self.buf) >= 4:
+                (n,) = struct.unpack(">I", self.buf[:4])
+                if len(self.buf) >= 4 + n:
+                    body, self.buf = self.buf[4 : 4 + n], self.buf[4 + n :]
+                    return _dec.decode(body)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no frame in time")
+            self.s.settimeout(left)
+            data = self.s.recv(1 << 20)
+            if not data:
+                raise EOFError("connection closed")
+            self.buf += data
+
+    def close(self) -> None:
+        self.s.close()
+
+
+class Srv:
+    def __init__(self, proc: subprocess.Popen, path: str, pid: int, log: Path) -> None:
+        self.proc, self.path, self.pid, self.log = proc, path, pid, log
+
+    def neighbour_works(self) -> bool:
+        n = RawPeer(self.path)
+        try:
+            assert n.recv()[0] == 1  # WELCOME
+            n.send(2, 1, "svc", "echo", [7])
+            return n.recv(20) == [3, 1, 7]
+        finally:
+            n.close()
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def backend(request):
+    if request.param == "trio":
+        pytest.importorskip("trio")
+    return request.param
+
+
+@pytest.fixture
+def server(tmp_path, backend):
+    script = tmp_path / "server.py"
+    script.write_text(SERVER)
+    path = str(tmp_path / "s.sock")
+    log = tmp_path / "server.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, str(script), f"unix://{path}", backend], stdout=subprocess.PIPE, stderr=err, text=True
+        )
+    try:
+        line = proc.stdout.readline().split()
+        assert line, "server did not start"
+        srv = Srv(proc, path, int(line[1]), log)
+        yield srv
+        assert proc.poll() is None, "the server died"
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    text = log.read_text()
+    assert "ERROR" not in text and "Traceback" not in text, text[-3000:]
+
+
+def _welcome(peer: RawPeer) -> None:
+    msg = peer.recv()
+    assert msg[0] == 1, msg
+
+
+def flood_without_reading(srv: Srv, make_frame, *, seconds: float = 20.0, max_calls: int = 10**7) -> int:
+    """Send frames made by ``make_frame(call_id)`` and never read an answer, until the server stops
+    reading (no room to write for 3 s), it has grown by STOP_AT_MIB, or time is up.  The
+    server's peak RSS growth in MiB."""
+    base = rss(srv.pid)
+    peer = RawPeer(srv.path, rcvbuf=4096)
+    peer.s.setblocking(False)
+    pending = b""
+    call_id = 1
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end and call_id < 2 * max_calls and rss(srv.pid) - base < STOP_AT_MIB:
+            if not pending:
+                pending = b"".join(make_frame(call_id + 2 * i) for i in range(64))
+                call_id += 128
+            _, writable, _ = select.select([], [peer.s], [], 3.0)
+            if not writable:
+                break  # the server stopped reading: back-pressure held
+            try:
+                sent = peer.s.send(pending)
+            except BlockingIOError:
+                continue
+            pending = pending[sent:]
+        # what was sent is still being read and served: give the server until it has grown past
+        # the allowance, or 10 s (polled, so a server that holds to its budget costs the full 10 s)
+        settle = time.monotonic() + 10
+        while peak(srv.pid) - base < ALLOWED_GROWTH_MIB and time.monotonic() < settle:
+            select.select([], [], [], 0.05)
+        grown = peak(srv.pid) - base
+        assert srv.neighbour_works()
+        return grown
+    finally:
+        peer.close()
+
+
+# --- memory budget: calls in flight are counted by their msgpack size, not what they decode to ---
+
+
+@pytest.mark.xfail(strict=True, reason="open finding of the second hostile review")
+def test_small_arguments_that_decode_large_are_held_to_the_budget(server):
+    """4,000 calls whose arguments are 993 bytes of msgpack (under the 1 KiB that is counted) but
+    decode to about 990 empty lists each: measured +283 MiB against a 32 MiB budget."""
+    arg = [[]] * 990
+    peer = RawPeer(server.path)
+    _welcome(peer)
+    base = rss(server.pid)
+    call = 1
+    for _ in range(4000):
+        peer.send(2, call, "svc", "hold", [arg])
+        call += 2
+    peer.send(11, 99)  # PING: every call before it has been read
+    while peer.recv(30)[0] != 12:
+        pass
+    grown = peak(server.pid) - base
+    assert server.neighbour_works()
+    peer.close()
+    assert grown < ALLOWED_GROWTH_MIB, f"the server grew by {grown} MiB"
+
+
+@pytest.mark.xfail(strict=True, reason="open finding of the second hostile review")
+def test_large_arguments_that_decode_larger_are_held_to_the_budget(server):
+    """Two calls of 8 MiB of msgpack each (counted as 16 MiB apiece, so admitted) that decode to
+    8 Mi empty lists each: measured +1.15 GiB against a 32 MiB budget."""
+    arg = [[]] * (8 << 20)
+    peer = RawPeer(server.path)
+    _welcome(peer)
+    base = rss(server.pid)
+    for call in (1, 3, 5):
+        peer.send(2, call, "svc", "hold", [arg])
+    peer.send(11, 99)
+    answers = []
+    while (msg := peer.recv(40))[0] != 12:
+        answers.append(msg)
+    grown = peak(server.pid) - base
+    assert server.neighbour_works()
+    peer.close()
+    assert grown < ALLOWED_GROWTH_MIB, f"the server grew by {grown} MiB (answers: {[a[:4] for a in answers]})"
+
+
+@pytest.mark.xfail(strict=True, reason="open finding of the second hostile review")
+def test_lists_of_small_ints_are_held_to_the_budget(server):
+    """list[int]: one byte of msgpack per element, eight bytes of pointer once decoded.  Two 8 MiB
+    calls admitted: measured +149 MiB peak against a 32 MiB budget."""
+    arg = [1] * (8 << 20)
+    peer = RawPeer(server.path)
+    _welcome(peer)
+    base = rss(server.pid)
+    for call in (1, 3, 5):
+        peer.send(2, call, "svc", "hold_ints", [arg])
+    peer.send(11, 99)
+    while peer.recv(40)[0] != 12:
+        pass
+    grown = peak(server.pid) - base
+    assert server.neighbour_works()
+    peer.close()
+    assert grown < ALLOWED_GROWTH_MIB, f"the server grew by {grown} MiB"
+
+
+# --- back-pressure: answers produced by calls served in tasks ---
+
+
+@pytest.mark.xfail(strict=True, reason="open finding of the second hostile review")
+def test_errors_of_task_served_calls_stop_reading_a_peer_that_never_reads(server):
+    """Calls to an ``async`` method that raises with a 100 KB message, from a peer that never reads:
+    the server keeps reading and queues every ERROR (measured: 10 MiB of calls, +2.2 GiB in 25 s;
+    +250 MiB in 10 s on trio), without bound."""
+    grown = flood_without_reading(server, lambda cid: frame(2, cid, "svc", "fail", [100_000]))
+    assert grown < ALLOWED_GROWTH_MIB, f"the server grew by {grown} MiB"
+
+
+@pytest.mark.xfail(strict=True, reason="open finding of the second hostile review")
+def test_replies_of_task_served_calls_are_bounded_for_a_peer_that_never_reads(server):
+    """400 calls to an ``async`` method returning 1 MiB, from a peer that never reads (under 1 MiB
+    sent): measured +431 MiB (asyncio) and +437 MiB (trio).  Reading stops only on answers produced
+    by reading, so up to ``max_calls_in_flight`` task results are held waiting for room."""
+    grown = flood_without_reading(server, lambda cid: frame(2, cid, "svc", "big", [1 << 20]), max_calls=400)
+    assert grown < ALLOWED_GROWTH_MIB, f"the server grew by {grown} MiB"
