@@ -782,6 +782,15 @@ class _FdBudget:
 _fd_budget = _FdBudget()
 
 
+def _encoded_size(value: Any) -> int:
+    """About how many bytes ``value`` takes encoded (0 if it cannot be told without exporting
+    anything); used only while the peer is behind, to charge a held answer to the budget."""
+    try:
+        return len(_size_encoder.encode(value))
+    except Exception:
+        return 0
+
+
 def _close_all(fds: list[int] | None) -> None:
     for fd in fds or ():
         try:
@@ -881,6 +890,10 @@ class _AsyncioIO(asyncio.BufferedProtocol, _WriterWaits):
 
     def blocked(self) -> bool:
         return self._paused
+
+    def buffered(self) -> int:
+        t = self.transport
+        return t.get_write_buffer_size() if t is not None else 0
 
     def pause_reading(self) -> None:
         t = self.transport
@@ -1014,6 +1027,9 @@ class _UnixIO(_WriterWaits):
 
     def blocked(self) -> bool:
         return self._pending_size > self._high
+
+    def buffered(self) -> int:
+        return self._pending_size
 
     def pause_reading(self) -> None:
         if not self._reading_paused and self.fd >= 0:
@@ -1156,6 +1172,7 @@ class Connection:
         self._conn_waiters: collections.deque[_Credit] = collections.deque()
         self._backlog: list[tuple[Any, Any]] | None = None
         self._owed = 0  # bytes of answers reading produced since the peer last caught up (see _peer_behind)
+        self._in_send = 0  # anyio writer: bytes of the chunk being sent
         self._gate_opened: anyio.Event | None = None
         self._handshake = anyio.Event()
         self._closed = anyio.Event()
@@ -1710,7 +1727,9 @@ class Connection:
                     data = core.data_to_send()
                     if not data:
                         break
+                    self._in_send = len(data)
                     await stream.send(bytes(data) if type(data) is not bytes else data)
+                    self._in_send = 0
                 self._writing = False
                 if self._drained is not None:
                     self._drained.set()
@@ -2173,6 +2192,9 @@ class Connection:
         # the memory budget.  Admitted only if the frame and its decoded arguments (both alive
         # while they are decoded) fit beside what is held; small ones are not counted.
         size = 0 if inline else len(msg.payload)
+        meta = msg.meta
+        if meta and not inline:  # metadata lives as long as the call too
+            size += sum(len(k) + len(v) for k, v in meta.items())
         if size > _SMALL_ARGS and self._held + 2 * size > self.limits.max_buffered:
             self._refuse_over_budget(call_id, m, oneway, size)
             return
@@ -2492,19 +2514,66 @@ class Connection:
         except Exception as exc:
             if kind is MethodKind.ONEWAY:
                 log.warning("xrpc: one-way call %s raised %r", m.qualname, exc)
-            else:
+            elif await self._room_for(len(str(exc)) + 64):
+                start = self._core.emitted
                 self._send_exception(call_id, m, exc)
+                self._answered(start)
             return
         if inc.promise is not None:
             inc.promise.settle(result)
         if kind is not MethodKind.ONEWAY:
-            if self._out_full():
-                try:
-                    await self._wait_drained()  # a peer that does not read gets no more answers meanwhile
-                except Error:
-                    return  # the connection is over
+            if self._out_full() and not await self._room_for(_encoded_size(result)):
+                return
+            start = self._core.emitted
             self._send_answer(call_id, m, result, inc.promise)
+            del result
             self._kick_after_reply()
+            self._answered(start)
+
+    async def _room_for(self, size: int) -> bool:
+        """Wait while the peer is behind with what we send, holding an answer of about ``size``
+        bytes: held answers draw from the memory budget, and a peer that makes us hold more than
+        it is cut off.  False if the connection is over."""
+        if not self._out_full():
+            return True
+        self._held += size
+        try:
+            if not self._within_budget():
+                self._cut_off()
+                return False
+            await self._wait_drained()  # a peer that does not read gets no more answers meanwhile
+        except Error:
+            return False  # the connection is over
+        finally:
+            self._held -= size
+        return True
+
+    def _cut_off(self) -> None:
+        """End a connection whose peer made us hold more than the budget (from a task)."""
+        self._over_budget()
+        if self._aio is not None:
+            self._aio.close()
+        else:
+            self._fail_connection(self._failure or LimitExceeded("over the memory budget"))
+
+    def _answered(self, start: int) -> None:
+        """A call served in a task has sent its answer (reply or error) since ``start``.  It is owed
+        to the peer like the answers reading produces: past ``write_buffer_high`` unread, reading
+        stops; past the memory budget unread, the peer is cut off.  (An answer is sent at once
+        rather than held until the peer reads: a held result would be memory no budget sees.)"""
+        self._owed += self._core.emitted - start
+        if self._owed <= self.limits.write_buffer_high:
+            return
+        aio = self._aio
+        if self._unsent() > self.limits.max_buffered:
+            self._cut_off()
+        elif aio is not None and self._peer_behind():
+            aio.pause_reading()  # resumed by the driver once the peer has read (_resume_input)
+
+    def _unsent(self) -> int:
+        """Bytes encoded for the peer and not yet taken by the kernel."""
+        aio = self._aio
+        return len(self._core._out) + (aio.buffered() if aio is not None else self._in_send)
 
     def _send_answer(self, call_id: int, m: MethodDescription, result: Any, promise: _Promise | None) -> None:
         """Send REPLY for ``result``, or the ERROR that says why it cannot go (objects exported for a
@@ -2575,6 +2644,8 @@ class Connection:
                 core.send_error(call_id, ErrorCode.DECLARED, type(exc).__qualname__, str(exc), [str(exc)])
         elif isinstance(exc, ValidationError):
             core.send_error(call_id, ErrorCode.VALIDATION, "ValidationError", str(exc), [exc.argument])
+        elif isinstance(exc, LimitExceeded):  # a limit of this side's (a stream item too large for the peer, say)
+            core.send_error(call_id, ErrorCode.LIMIT, "LimitExceeded", str(exc))
         else:
             log.debug("xrpc: %s raised %r", m.qualname, exc)
             core.send_error(call_id, ErrorCode.REMOTE, type(exc).__qualname__, str(exc))
