@@ -665,3 +665,33 @@ async def test_small_calls_in_flight_do_not_keep_large_reads_alive(server_proces
             s.close()
         await check()
     assert grown < BUDGET + SLACK
+
+
+@xrpc.interface
+class Big(Protocol):
+    async def blob(self, n: int) -> bytes: ...
+
+
+class BigImpl:
+    async def blob(self, n: int) -> bytes:
+        await anyio.sleep(0)  # served in a task
+        return b"b" * n
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("url", ["tcp://127.0.0.1:0", "unix"])
+async def test_large_replies_of_concurrent_task_calls_never_stall_a_reading_peer(url: str, tmp_path: Any) -> None:
+    """Replies larger than write_buffer_high, sent by tasks to a peer that reads them: reading may
+    pause while they are owed, and must go on once they are written, callback or not."""
+    server = xrpc.Server()
+    server.export(Big, BigImpl())
+    if url == "unix":
+        url = f"unix://{tmp_path}/s.sock"
+    async with server.listen(url) as listener, xrpc.connect(listener.url, timeout=10) as conn:
+        big = conn.proxy(Big)
+        with anyio.fail_after(30):
+            for _ in range(20):
+                async with anyio.create_task_group() as tg:
+                    for _ in range(4):
+                        tg.start_soon(big.blob, 3 << 20)
+                assert await big.blob(1) == b"b"

@@ -2568,7 +2568,8 @@ class Connection:
         if self._unsent() > self.limits.max_buffered:
             self._cut_off()
         elif aio is not None and self._peer_behind():
-            aio.pause_reading()  # resumed by the driver once the peer has read (_resume_input)
+            aio.pause_reading()
+            self._resume_input()  # flushes, and reads on at once if that was all; else the driver calls it again
 
     def _unsent(self) -> int:
         """Bytes encoded for the peer and not yet taken by the kernel."""
