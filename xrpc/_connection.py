@@ -2686,8 +2686,10 @@ class Connection:
         batch: list[Any] = []
         cap = 0
         blocked = False
+        out = self._core._out  # (the core swaps its buffer when the writer takes it: re-read below)
+        high = self.limits.write_buffer_high
         while True:
-            if batch and (blocked or rec.send_bytes <= 0 or self._out_full()):
+            if batch and (blocked or rec.send_bytes <= 0 or len(out) > high):
                 # What is gathered must be able to go out without waiting once the producer has
                 # started a step (see below), so if it cannot, it goes out first.  (It never needs
                 # more item credit than is held: a batch is sent as soon as it holds that much.
@@ -2697,9 +2699,11 @@ class Connection:
                     return False
                 batch = []
                 blocked = False
-            elif not batch and self._out_full():
-                # The peer is behind: no step starts (and so nothing is sent from one) until it reads.
-                await self._wait_drained()
+            elif not batch:
+                if self._out_full():
+                    # The peer is behind: no batch starts (so nothing is sent from a step) until it reads.
+                    await self._wait_drained()
+                out = self._core._out
             step = it.__anext__()
             try:
                 yielded = step.send(None)
