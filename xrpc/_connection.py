@@ -1933,8 +1933,7 @@ class Connection:
             self._backlog = None
             self._handle(backlog)
             if not self._within_budget():
-                self._over_budget()
-                aio.close()
+                self._cut_off()
                 return
         self._flush()
         if not self._peer_behind() and self._gate_held <= self.limits.write_buffer_high:
@@ -2549,7 +2548,7 @@ class Connection:
         return True
 
     def _cut_off(self) -> None:
-        """End a connection whose peer made us hold more than the budget (from a task)."""
+        """End a connection whose peer made us hold more than the budget, outside the reader."""
         self._over_budget()
         if self._aio is not None:
             self._aio.close()
