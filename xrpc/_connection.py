@@ -58,6 +58,7 @@ from ._errors import (
 )
 from ._interface import InterfaceDescription, MethodDescription, MethodKind, _plain_error, describe, is_default
 from ._peer import Peer
+from ._proxy import check_compat, make_proxy, proxy_target, set_release
 from ._protocol import (
     ITEM_OVERHEAD,
     Call,
@@ -1214,10 +1215,7 @@ class Connection:
         cache_key = (id(desc), key, timeout)
         p = self._proxies.get(cache_key)
         if p is None:
-            from ._proxy import make_proxy
-
-            p = make_proxy(self, desc, key, timeout)
-            p._xrpc_compat = self._compat(desc, key)
+            p = make_proxy(self, desc, key, timeout, self._compat(desc, key))
             self._proxies[cache_key] = p
         return p  # type: ignore[no-any-return]
 
@@ -1254,23 +1252,7 @@ class Connection:
         if compat is _EMPTY:
             compat = self._compat_cache[key] = self._compat(m.interface, obj)
         if compat is not None:
-            self._check_compat(compat, m, args, kwargs)
-
-    def _check_compat(self, compat: dict[str, Any], m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        verdict = compat.get(m.name)
-        if verdict is None:
-            return
-        if isinstance(verdict, BaseException):
-            raise type(verdict)(*verdict.args)
-        for i in verdict:
-            p = m.value_params[i]
-            given = args[i] if i < len(args) else kwargs.get(p.name, p.default)
-            if not is_default(given, p.default):
-                raise ValidationError(
-                    f"{m.qualname}: the peer's version has no parameter {p.name!r}; it cannot take the value passed",
-                    method=m.name,
-                    argument=p.name,
-                )
+            check_compat(compat, m, args, kwargs)
 
     def export(self, iface: Any, obj: Any, name: str = "", *, requirement: Any = None) -> None:
         """Serve ``obj`` as ``iface`` to this connection's peer, under ``name``."""
@@ -1370,18 +1352,18 @@ class Connection:
     # -------------------------------------------------------------- objects passed by reference
     def _ref_out(self, desc: InterfaceDescription, value: Any) -> Ref:
         """Export ``value`` (an implementation of ``desc``) for the peer; the token to send."""
-        from ._proxy import ProxyBase
-
-        if isinstance(value, ProxyBase):
+        target = proxy_target(value)
+        if target is not None:
             # Only an object the peer passed us by reference ("#n") goes home as itself; a proxy to
             # one of the peer's named exports is forwarded like a proxy from another connection,
             # because the peer resolves a home reference only in the table of references it sent.
-            if value._xrpc_conn is self and value._xrpc_obj[:1] == "#":
-                if value._xrpc_desc.name != desc.name:
-                    raise ValueError(f"a proxy of {value._xrpc_desc.name} is not a {desc.name}")
-                return Ref(True, value._xrpc_obj, desc.name)
-            if not set(desc.methods) <= set(value._xrpc_desc.methods):
-                raise ValueError(f"a proxy of {value._xrpc_desc.name} is not a {desc.name}")
+            caller, obj, its = target
+            if caller is self and obj[:1] == "#":
+                if its.name != desc.name:
+                    raise ValueError(f"a proxy of {its.name} is not a {desc.name}")
+                return Ref(True, obj, desc.name)
+            if not set(desc.methods) <= set(its.methods):
+                raise ValueError(f"a proxy of {its.name} is not a {desc.name}")
         else:
             missing = [m for m in desc.methods if not callable(getattr(value, m, None))]
             if missing:
@@ -1414,10 +1396,8 @@ class Connection:
             if entry is None or entry[0].desc.name != desc.name:
                 raise ValidationError(f"a reference to {token.oid!r}, which this side did not pass to this peer as a {desc.name}")
             return entry[0].obj
-        from ._proxy import make_proxy
-
         p = make_proxy(self, desc, token.oid, None)
-        p._xrpc_ref = weakref.finalize(p, self._release_remote, token.oid)
+        set_release(p, weakref.finalize(p, self._release_remote, token.oid))
         self.remote_refs += 1
         return p
 
@@ -2905,7 +2885,27 @@ class Connection:
     async def call_unary(self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
         if self._middleware:
             return await self._client_intercept(m, args, kwargs, lambda: self._call_unary(obj, m, args, kwargs, timeout))
-        return await self._call_unary(obj, m, args, kwargs, timeout)
+        rec = self._send(obj, m, args, kwargs, timeout)
+        pending = _Pending(self._loop)
+        rec.handler = pending
+        fut = pending.fut
+        try:
+            if timeout is None:
+                if fut is not None:
+                    await fut  # the common case: no intermediate coroutine
+                else:
+                    await pending.wait()
+            else:
+                with anyio.fail_after(timeout):
+                    await pending.wait()
+        except BaseException:
+            if pending.result is None:
+                self._cancel_call(rec.id)
+            raise
+        res = pending.result
+        if type(res) is Reply:
+            return m.decode_reply(res.payload, self)
+        return self._result(m, res)
 
     async def _call_unary(self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
         rec = self._send(obj, m, args, kwargs, timeout)
@@ -3296,11 +3296,9 @@ class Promise:
 
         def call(*args: Any, **kwargs: Any) -> Promise:
             p = self._pending
-            value = p.value
-            from ._proxy import ProxyBase
-
-            if p.result is not None and p.error is None and isinstance(value, ProxyBase) and value._xrpc_conn is conn:
-                target = value._xrpc_obj  # the answer is here already: address the object itself
+            there = proxy_target(p.value) if p.result is not None and p.error is None else None
+            if there is not None and there[0] is conn:
+                target = there[1]  # the answer is here already: address the object itself
             else:
                 target = f"^{self._id}"
             return Promise(conn, m, target, args, kwargs, self._timeout)

@@ -1,20 +1,61 @@
 """Proxies: objects typed as an interface whose methods are remote calls.
 
-One proxy class is built per interface description and cached; an instance holds only the
-connection, the remote object's name and a default timeout, so proxies are cheap and many share one
-connection.  All behaviour lives in the connection; a proxy method only forwards its arguments.
+One proxy class is built per interface description and cached; an instance holds only its
+``Caller`` (a connection, or a service connection that finds a connection per call), the remote
+object's name and a default timeout, so proxies are cheap and many share one connection.  All
+behaviour lives in the caller; a proxy method only checks what the peer announced and forwards its
+arguments.  Every proxy feature (pipelining, middleware, timeouts, compatibility checks) works on
+every ``Caller``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
-from ._interface import InterfaceDescription, MethodDescription, MethodKind
+from ._errors import ValidationError
+from ._interface import InterfaceDescription, MethodDescription, MethodKind, is_default
 
-if TYPE_CHECKING:
-    from ._connection import Connection
+__all__ = ("Caller", "ProxyBase", "check_compat", "make_proxy", "pipeline", "proxy_target", "set_release")
 
-__all__ = ("ProxyBase", "make_proxy", "pipeline")
+
+class Caller(Protocol):
+    """What a proxy calls through.  ``Connection`` and ``ServiceConnection`` implement it."""
+
+    url: str
+
+    async def call_unary(self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
+        """Send a unary call to ``obj`` and return its decoded reply (or raise its error)."""
+
+    async def call_oneway(self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Send a one-way call (no reply)."""
+
+    async def call_client_stream(self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
+        """Send a call whose stream argument is an (async) iterable; return its reply."""
+
+    def call_stream(self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> AsyncIterator[Any]:
+        """A server or two-way stream; the call starts on the first iteration."""
+
+    def call_pipelined(self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Awaitable[Any]:
+        """A promise for a unary call (``xrpc.pipeline``): awaitable, and its methods pipeline."""
+
+
+def check_compat(compat: dict[str, Any], m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Refuse a call the peer's version of the interface cannot take (``compat`` is what
+    ``Connection`` worked out from the peer's announced signatures)."""
+    verdict = compat.get(m.name)
+    if verdict is None:
+        return
+    if isinstance(verdict, BaseException):
+        raise type(verdict)(*verdict.args)
+    for i in verdict:
+        p = m.value_params[i]
+        given = args[i] if i < len(args) else kwargs.get(p.name, p.default)
+        if not is_default(given, p.default):
+            raise ValidationError(
+                f"{m.qualname}: the peer's version has no parameter {p.name!r}; it cannot take the value passed",
+                method=m.name,
+                argument=p.name,
+            )
 
 _classes: dict[int, type] = {}
 
@@ -25,12 +66,12 @@ class ProxyBase:
     __slots__ = ("_xrpc_conn", "_xrpc_obj", "_xrpc_timeout", "_xrpc_ref", "_xrpc_compat", "__weakref__")
     _xrpc_desc: InterfaceDescription
 
-    def __init__(self, conn: Connection, obj: str, timeout: float | None) -> None:
+    def __init__(self, conn: Caller, obj: str, timeout: float | None, compat: dict[str, Any] | None = None) -> None:
         self._xrpc_conn = conn
         self._xrpc_obj = obj
         self._xrpc_timeout = timeout
         self._xrpc_ref: Any = None  # for a proxy received by reference: the finalizer that releases it
-        self._xrpc_compat: Any = None  # differences from the peer's announced interface, if any
+        self._xrpc_compat = compat  # differences from the peer's announced interface, if any
 
     def __repr__(self) -> str:
         return f"<xrpc proxy {self._xrpc_desc.name} {self._xrpc_obj!r} via {self._xrpc_conn.url or 'connection'}>"
@@ -60,32 +101,29 @@ def _method(m: MethodDescription) -> Callable[..., Any]:
     if kind is MethodKind.UNARY:
 
         async def fn(self: ProxyBase, *args: Any, **kwargs: Any) -> Any:
-            conn = self._xrpc_conn
             if self._xrpc_compat is not None:
-                conn._check_compat(self._xrpc_compat, m, args, kwargs)
-            if conn._middleware:
-                return await conn.call_unary(self._xrpc_obj, m, args, kwargs, self._xrpc_timeout)
-            return await conn._call_unary(self._xrpc_obj, m, args, kwargs, self._xrpc_timeout)
+                check_compat(self._xrpc_compat, m, args, kwargs)
+            return await self._xrpc_conn.call_unary(self._xrpc_obj, m, args, kwargs, self._xrpc_timeout)
 
     elif kind is MethodKind.ONEWAY:
 
         async def fn(self: ProxyBase, *args: Any, **kwargs: Any) -> Any:
             if self._xrpc_compat is not None:
-                self._xrpc_conn._check_compat(self._xrpc_compat, m, args, kwargs)
+                check_compat(self._xrpc_compat, m, args, kwargs)
             await self._xrpc_conn.call_oneway(self._xrpc_obj, m, args, kwargs)
 
     elif kind is MethodKind.CLIENT_STREAM:
 
         async def fn(self: ProxyBase, *args: Any, **kwargs: Any) -> Any:
             if self._xrpc_compat is not None:
-                self._xrpc_conn._check_compat(self._xrpc_compat, m, args, kwargs)
+                check_compat(self._xrpc_compat, m, args, kwargs)
             return await self._xrpc_conn.call_client_stream(self._xrpc_obj, m, args, kwargs, self._xrpc_timeout)
 
     else:
 
         def fn(self: ProxyBase, *args: Any, **kwargs: Any) -> Any:
             if self._xrpc_compat is not None:
-                self._xrpc_conn._check_compat(self._xrpc_compat, m, args, kwargs)
+                check_compat(self._xrpc_compat, m, args, kwargs)
             return self._xrpc_conn.call_stream(self._xrpc_obj, m, args, kwargs, self._xrpc_timeout)
 
     fn.__name__ = m.name
@@ -105,8 +143,20 @@ def proxy_class(desc: InterfaceDescription) -> type:
     return cls
 
 
-def make_proxy(conn: Connection, desc: InterfaceDescription, obj: str, timeout: float | None) -> Any:
-    return proxy_class(desc)(conn, obj, timeout)
+def make_proxy(conn: Caller, desc: InterfaceDescription, obj: str, timeout: float | None, compat: dict[str, Any] | None = None) -> Any:
+    return proxy_class(desc)(conn, obj, timeout, compat)
+
+
+def proxy_target(value: Any) -> tuple[Caller, str, InterfaceDescription] | None:
+    """For a proxy: its caller, the name of its remote object and its interface; else None."""
+    if isinstance(value, ProxyBase):
+        return value._xrpc_conn, value._xrpc_obj, value._xrpc_desc
+    return None
+
+
+def set_release(proxy: Any, release: Callable[[], Any]) -> None:
+    """Give a proxy received by reference the finalizer that releases its object."""
+    proxy._xrpc_ref = release
 
 
 class _PipelineView:
