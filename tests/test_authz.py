@@ -197,7 +197,7 @@ async def _exercise(conn: xrpc.Connection, mode: str) -> list[str]:
         doc = None
 
     async def unary(name: str) -> Any:
-        return await conn._call_unary(target, methods[name], (), {}, T)
+        return await conn.call_unary(target, methods[name], (), {}, T)
 
     async def stream(name: str) -> Any:
         return [x async for x in conn.call_stream(target, methods[name], (), {}, T)]
@@ -293,7 +293,7 @@ def test_the_servers_requirement_is_part_of_the_checkpoint(sock_dir: str) -> Non
                 assert await g.public() == "public"
                 (served,) = server.connections
                 # make the (admitted) peer fail the server's requirement from now on
-                served._requirement = requirement(DENY)
+                served._serving.requirement = requirement(DENY)
                 with pytest.raises(xrpc.PeerRejected):
                     await g.public()
         assert impl.ran == ["public"]

@@ -435,7 +435,7 @@ async def test_concurrent_uploads_to_slow_consumers_stay_within_the_budget() -> 
                 for _ in range(size // item):
                     yield chunk
                     (sconn,) = server.connections
-                    held.append(sconn._held)
+                    held.append(sconn._flow.held)
 
             async def one() -> None:
                 results.append(await up.total(source()))

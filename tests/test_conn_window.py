@@ -55,7 +55,7 @@ class BulkImpl:
             if c != chunk(stream, n):
                 bad += 1
             n += 1
-            self.max_held = max(self.max_held, conn._held)
+            self.max_held = max(self.max_held, conn._flow.held)
             for _ in range(20):  # a slow consumer
                 await anyio.lowlevel.checkpoint()
         return [n, bad, self.max_held]
@@ -160,7 +160,7 @@ async def test_many_downloads_to_a_slow_consumer_complete(server_process: Server
                 if c != chunk(k, n):
                     bad += 1
                 n += 1
-                held[0] = max(held[0], conn._held)
+                held[0] = max(held[0], conn._flow.held)
                 if not n & 63:
                     peak[0] = max(peak[0], own_rss())
                 for _ in range(20):  # a slow consumer

@@ -1098,7 +1098,7 @@ def _forge_home_references(conn: xrpc.Connection, oid: str) -> None:
     """Make ``conn`` send every object it passes as a home reference to ``oid`` (a hostile peer)."""
     from xrpc._interface import Ref
 
-    conn._ref_out = lambda desc, value: Ref(True, oid, desc.name)  # type: ignore[method-assign]
+    conn._objects.ref_out = lambda desc, value: Ref(True, oid, desc.name)  # type: ignore[method-assign]
 
 
 async def test_a_home_reference_names_only_what_this_connection_was_given() -> None:
@@ -1126,7 +1126,7 @@ async def test_a_home_reference_names_only_what_this_connection_was_given() -> N
                 with pytest.raises(xrpc.ValidationError, match="argument 'items'"):
                     await store_b.sum([ItemImpl(0)])
             assert store_impl.calls == calls  # the methods never ran
-            del b._ref_out  # b behaves again: the connection lives on
+            del b._objects.ref_out  # b behaves again: the connection lives on
             await store_b.ping()
             assert await store_a.is_kept(theirs) is False and await theirs.get() == 3
             # a proxy to a named export passed back travels as a reference to that proxy: calls
@@ -1152,7 +1152,7 @@ async def test_a_hostile_server_cannot_send_a_client_its_own_named_export_home()
             with pytest.raises(xrpc.ValidationError, match="argument 'item'"):
                 await back.keep(ItemImpl(0))
             assert mine.calls == 0 and mine.held is None
-            del server_conn._ref_out
+            del server_conn._objects.ref_out
             assert await back.keep(ItemImpl(1)) is True  # the connection lives on
             await conn.proxy(Store).ping()
 

@@ -26,7 +26,8 @@ from typing import Any, AsyncIterator, Callable, Sequence
 import anyio
 import anyio.abc
 
-from ._connection import Connection, Export, Limits, Middleware, _exports_from, make_export
+from ._connection import Connection, Limits, Middleware
+from ._objects import Export, exports_from, make_export
 from ._errors import LocalProtocolError, PeerRejected, TransportError
 from ._peer import Peer
 from ._protocol import ErrorCode, State
@@ -160,62 +161,18 @@ class Server:
         try:
             async with anyio.create_task_group() as tg:
                 await tg.start(conn.run)
-                await self._handshake(conn)
+                await conn.admit(self.requirement, self.on_connect)
         except TransportError as exc:
-            log.info("xrpc: connection from %s failed: %s", conn._peer_name(), exc)
+            log.info("xrpc: connection from %s failed: %s", conn.peer.describe(), exc)
         except BaseExceptionGroup as group:
             if all(isinstance(e, TransportError) for e in group.exceptions):
-                log.info("xrpc: connection from %s failed: %s", conn._peer_name(), group.exceptions[0])
+                log.info("xrpc: connection from %s failed: %s", conn.peer.describe(), group.exceptions[0])
             else:
-                log.exception("xrpc: connection from %s failed", conn._peer_name())
+                log.exception("xrpc: connection from %s failed", conn.peer.describe())
         except Exception:  # pragma: no cover - a connection's failure must never reach the listener
-            log.exception("xrpc: connection from %s failed", conn._peer_name())
+            log.exception("xrpc: connection from %s failed", conn.peer.describe())
         finally:
             self.connections.discard(conn)
-
-    async def _handshake(self, conn: Connection) -> None:
-        with anyio.move_on_after(self.limits.handshake_timeout):
-            await conn._handshake.wait()
-        core = conn._core
-        if not core.peer_version or core.state != State.HANDSHAKE:
-            if not conn.closed:
-                log.info("xrpc: no handshake from %s within %.1fs; closing", conn._peer_name(), self.limits.handshake_timeout)
-                await conn.aclose()
-            else:
-                log.info("xrpc: connection from %s ended before its handshake: %s", conn._peer_name(), conn._failure)
-            return
-        req = self.requirement
-        if req is not None and not conn._satisfies(req):
-            log.warning("xrpc: refused connection from %s: %s", conn._peer_name(), req.explain(conn.peer))
-            core.send_goodbye("the connection was refused", ErrorCode.PEER_REJECTED)
-            await conn.aclose()
-            return
-        conn._fds_admitted = True  # descriptors the peer sent before this point ended the connection
-        if self.on_connect is not None:
-            try:
-                ok = self.on_connect(conn)
-                if inspect.isawaitable(ok):
-                    ok = await ok
-            except Exception:
-                log.exception("xrpc: on_connect failed for %s; refusing the connection", conn._peer_name())
-                ok = False
-            if ok is False:
-                log.info("xrpc: connection from %s refused by on_connect", conn._peer_name())
-                core.send_goodbye("the connection was refused", ErrorCode.PEER_REJECTED)
-                await conn.aclose()
-                return
-        if conn.closed:
-            return
-        core.exports = conn._announced()  # only what this peer may call
-        try:
-            core.send_welcome()
-        except LocalProtocolError as exc:  # the peer announced a max_frame too small for our WELCOME
-            log.warning("xrpc: connection from %s refused: %s", conn._peer_name(), exc)
-            core.send_goodbye(f"the WELCOME does not fit the peer's max_frame: {exc}", ErrorCode.LIMIT)
-            await conn.aclose()
-            return
-        conn._open_gate()
-        conn._kick()
 
 
 class _IntrospectionService:
@@ -224,12 +181,7 @@ class _IntrospectionService:
 
         conn = current_connection()
         # only what this peer may call: an export it may not call is left out, and so is a method
-        announced = {info.name: info for info in conn._announced()}
-        return [
-            describe_export(e.name, e.desc, set(announced[e.name].methods))
-            for e in conn._all_exports()
-            if e.name != INTROSPECT_NAME and e.name in announced
-        ]
+        return [describe_export(e.name, e.desc, set(info.methods)) for e, info in conn.visible_exports() if e.name != INTROSPECT_NAME]
 
 
 @contextlib.asynccontextmanager
@@ -265,7 +217,7 @@ async def connect(
         ssl_context = ssl.create_default_context()
     if is_tls and server_hostname is None:
         server_hostname = ParsedURL(url).host
-    export_map = _exports_from(exports)
+    export_map = exports_from(exports)
     limit = timeout if timeout is not None else limits.handshake_timeout
     with anyio.fail_after(limit):
         stream, peer = await connect_stream(url)
@@ -296,22 +248,11 @@ async def connect(
                 raise
             failed = inner[0]
         if failed is None:
-            try:
-                with anyio.fail_after(limit):
-                    await conn._handshake.wait()
-            except TimeoutError:
-                failed = TimeoutError(f"{url}: no answer to the handshake within {limit:.1f}s")
-        if failed is None and conn._core.state != State.OPEN:
-            failure = conn._failure
-            if isinstance(failure, PeerRejected):
-                failed = PeerRejected(f"{url}: {failure}")
-            else:
-                failed = TransportError(f"{url}: the connection closed during the handshake ({failure})")
+            failed = await conn.handshake(limit)
         if failed is not None:
             await conn.aclose()
             tg.cancel_scope.cancel()
         else:
-            conn._handed_out = True
             try:
                 yield conn
             except BaseException as exc:  # re-raised below, outside the task group

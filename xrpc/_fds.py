@@ -13,7 +13,8 @@ plain memfd, and that its size is the one announced, before mapping it.  Both si
 reading and writing, so a memfd sealed against writing, or a descriptor opened read-only, is refused
 too (it could not be mapped).
 
-This module owns the two value types; the connection does the sending and receiving.
+This module owns the two value types and each connection's table of descriptors in transit; the
+I/O driver does the sending and receiving.
 """
 
 from __future__ import annotations
@@ -21,10 +22,14 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import resource
 import stat
+import threading
 from typing import IO, Any
 
-__all__ = ("FileDescriptor", "SharedBuffer")
+from ._errors import ValidationError
+
+__all__ = ("FdBudget", "FdTable", "FileDescriptor", "SharedBuffer", "close_all", "fd_budget")
 
 
 class FileDescriptor:
@@ -202,3 +207,112 @@ class SharedBuffer:
 
     def __repr__(self) -> str:
         return f"<xrpc.SharedBuffer {self.size} bytes fd={self._fd}>"
+
+
+def close_all(fds: list[int] | None) -> None:
+    """Close every descriptor of ``fds`` (those already closed are passed over)."""
+    for fd in fds or ():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class FdBudget:
+    """Received descriptors not yet claimed, counted over the whole process (every connection, every
+    thread): at most half the soft RLIMIT_NOFILE, so that peers can never take the descriptors the
+    process needs to accept connections and open files."""
+
+    def __init__(self) -> None:
+        self.held = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def cap() -> int:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return 1 << 20 if soft == resource.RLIM_INFINITY or soft > 1 << 21 else soft // 2
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self.held + n > self.cap():
+                return False
+            self.held += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.held -= n
+
+
+fd_budget = FdBudget()
+
+
+class FdTable:
+    """The descriptors of one connection: those to attach to the next write, and those received
+    (numbered in arrival order) until the value that refers to them claims them.
+
+    ``passes`` is set once the connection's driver can pass descriptors (a unix socket on asyncio);
+    ``admitted`` once the peer may send them (a client from the start, a server once the peer
+    passed its requirement).
+    """
+
+    __slots__ = ("outgoing", "incoming", "seq_out", "seq_in", "passes", "admitted", "max_fds")
+
+    def __init__(self, max_fds: int, admitted: bool) -> None:
+        self.outgoing: list[int] = []
+        self.incoming: dict[int, int] = {}
+        self.seq_out = 0
+        self.seq_in = 0
+        self.passes = False
+        self.admitted = admitted
+        self.max_fds = max_fds
+
+    def fd_out(self, fd: int) -> int:
+        """Queue a duplicate of ``fd`` to travel with the next write; its sequence number."""
+        if not self.passes:
+            raise ValueError("file descriptors and shared buffers travel only over unix:// connections (on asyncio)")
+        self.outgoing.append(os.dup(fd))
+        self.seq_out += 1
+        return self.seq_out
+
+    def fd_in(self, seq: int) -> int:
+        """Claim received descriptor number ``seq``."""
+        fd = self.incoming.pop(seq, None)
+        if fd is None:
+            raise ValidationError(f"file descriptor #{seq} did not arrive")
+        fd_budget.give(1)
+        return fd
+
+    def take_outgoing(self) -> list[int] | None:
+        """The descriptors to attach to the write being made now (the writer closes them once sent)."""
+        fds = self.outgoing
+        if not fds:
+            return None
+        self.outgoing = []
+        return fds
+
+    def received(self, fds: list[int], truncated: bool) -> tuple[str, bool] | None:
+        """Descriptors arrived: keep them (None), or refuse them (closed at once): why, and whether
+        that is a protocol violation (else a limit)."""
+        if truncated:
+            why: tuple[str, bool] | None = ("file descriptors were truncated (too many in one message)", True)
+        elif not self.admitted:
+            why = ("file descriptors before the connection was admitted", True)
+        elif len(self.incoming) + len(fds) > self.max_fds:
+            why = (f"more than max_fds={self.max_fds} unclaimed file descriptors", False)
+        elif not fd_budget.take(len(fds)):
+            why = (f"the process holds its limit of {fd_budget.cap()} received file descriptors", False)
+        else:
+            for fd in fds:
+                self.seq_in += 1
+                self.incoming[self.seq_in] = fd
+            return None
+        close_all(fds)
+        return why
+
+    def clear(self) -> None:
+        """The connection ended: close every descriptor it still holds."""
+        fd_budget.give(len(self.incoming))
+        close_all(list(self.incoming.values()) + self.outgoing)
+        self.incoming.clear()
+        self.outgoing.clear()

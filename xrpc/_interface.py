@@ -122,7 +122,7 @@ def oneway(fn: _F) -> _F:
 _PLAIN_SCALARS = (type(None), bool, int, float, str, bytes, bytearray, datetime.datetime, datetime.date, datetime.time, datetime.timedelta)
 
 
-def _plain_error(value: Any) -> str | None:
+def plain_error(value: Any) -> str | None:
     """None if ``value`` is plain data (what an ``object`` slot may carry); else the offending type."""
     stack = [value]
     while stack:
@@ -230,7 +230,7 @@ class Slot:
         """Sending side: turn ``value`` into what goes on the wire, or raise ``ValueError``."""
         if self.classes is None:
             if self.any_plain:
-                bad = _plain_error(value)
+                bad = plain_error(value)
                 if bad is not None:
                     raise ValueError(f"{bad} is not plain data (the slot is typed {_type_name(self.annotation)}; widen it with xrpc.allow)")
             return value
@@ -240,7 +240,7 @@ class Slot:
             return (key, value)
         if self.plain is not None:
             if _is_any(self.plain):
-                bad = _plain_error(value)
+                bad = plain_error(value)
                 if bad is None:
                     return ("", value)
             else:
@@ -353,15 +353,15 @@ def _wire_type(tp: Any, plan: Any) -> Any:
 def _to_wire(plan: Any, conn: Any, value: Any) -> Any:
     kind = plan[0]
     if kind == "ref":
-        return conn._ref_out(describe(plan[1]), value)
+        return conn.ref_out(describe(plan[1]), value)
     if kind == "fd":
         if not isinstance(value, FileDescriptor):
             raise ValueError(f"expected an xrpc.FileDescriptor, got {type(value).__qualname__}")
-        return conn._fd_out(value.fileno())
+        return conn.fd_out(value.fileno())
     if kind == "shm":
         if not isinstance(value, SharedBuffer):
             raise ValueError(f"expected an xrpc.SharedBuffer, got {type(value).__qualname__}")
-        return (conn._fd_out(value._sealed_fd()), value.size)
+        return (conn.fd_out(value._sealed_fd()), value.size)
     if kind == "seq":
         return [_to_wire(plan[1], conn, v) for v in value]
     if kind == "tuple":
@@ -374,11 +374,11 @@ def _to_wire(plan: Any, conn: Any, value: Any) -> Any:
 def _from_wire(plan: Any, conn: Any, value: Any) -> Any:
     kind = plan[0]
     if kind == "ref":
-        return conn._ref_in(describe(plan[1]), value)
+        return conn.ref_in(describe(plan[1]), value)
     if kind == "fd":
-        return FileDescriptor._adopt(conn._fd_in(value))
+        return FileDescriptor._adopt(conn.fd_in(value))
     if kind == "shm":
-        fd = conn._fd_in(value[0])
+        fd = conn.fd_in(value[0])
         try:
             return SharedBuffer._receive(fd, value[1])
         except (OSError, ValueError, OverflowError) as exc:

@@ -101,6 +101,12 @@ class Peer:
         if not isinstance(self.cert_subject, CertSubject):
             object.__setattr__(self, "cert_subject", CertSubject(self.cert_subject))
 
+    def describe(self) -> str:
+        """A short description for logs: transport, and pid and uid where the kernel told them."""
+        if self.pid is not None:
+            return f"{self.transport} pid={self.pid} uid={self.uid}"
+        return f"{self.transport} {self.address}".strip()
+
     @classmethod
     def this_process(cls, transport: str = "memory", address: str = "") -> Peer:
         exe: str | None

@@ -10,12 +10,13 @@ every ``Caller``.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 from ._errors import ValidationError
 from ._interface import InterfaceDescription, MethodDescription, MethodKind, is_default
 
-__all__ = ("Caller", "ProxyBase", "check_compat", "make_proxy", "pipeline", "proxy_target", "set_release")
+__all__ = ("Caller", "ProxyBase", "check_compat", "make_proxy", "pipeline", "proxy_target")
 
 
 class Caller(Protocol):
@@ -143,8 +144,20 @@ def proxy_class(desc: InterfaceDescription) -> type:
     return cls
 
 
-def make_proxy(conn: Caller, desc: InterfaceDescription, obj: str, timeout: float | None, compat: dict[str, Any] | None = None) -> Any:
-    return proxy_class(desc)(conn, obj, timeout, compat)
+def make_proxy(
+    conn: Caller,
+    desc: InterfaceDescription,
+    obj: str,
+    timeout: float | None,
+    compat: dict[str, Any] | None = None,
+    release: Callable[[str], Any] | None = None,
+) -> Any:
+    """A proxy of ``desc`` for the remote object ``obj``.  ``release(obj)`` is called once the
+    proxy is released (``aclose``) or garbage-collected: for objects received by reference."""
+    p = proxy_class(desc)(conn, obj, timeout, compat)
+    if release is not None:
+        p._xrpc_ref = weakref.finalize(p, release, obj)
+    return p
 
 
 def proxy_target(value: Any) -> tuple[Caller, str, InterfaceDescription] | None:
@@ -152,11 +165,6 @@ def proxy_target(value: Any) -> tuple[Caller, str, InterfaceDescription] | None:
     if isinstance(value, ProxyBase):
         return value._xrpc_conn, value._xrpc_obj, value._xrpc_desc
     return None
-
-
-def set_release(proxy: Any, release: Callable[[], Any]) -> None:
-    """Give a proxy received by reference the finalizer that releases its object."""
-    proxy._xrpc_ref = release
 
 
 class _PipelineView:

@@ -1241,7 +1241,7 @@ class ServiceConnection:
     def _conn_lost(self, hold: _Hold) -> None:
         if self._state != CONNECTED:
             return
-        failure = hold.conn._failure if hold.conn is not None else None
+        failure = hold.conn.failure if hold.conn is not None else None
         if isinstance(failure, PeerRejected):
             self._invalidate(PeerRejected(f"service {self.name!r}: {failure}"), "rejected")
         elif hold.reason:

@@ -7,13 +7,15 @@ present a certificate signed by that CA, and its subject and SANs appear in ``co
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import ssl
 from typing import Any
 
-from ._peer import CertSubject
+from ._peer import CertSubject, Peer
 
-__all__ = ("server_ssl_context", "client_ssl_context", "cert_subject")
+__all__ = ("server_ssl_context", "client_ssl_context", "cert_subject", "peer_with_certificate")
 
 _SHORT_NAMES = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C"}
 
@@ -53,3 +55,21 @@ def cert_subject(info: dict[str, Any]) -> CertSubject:
             if isinstance(key, str) and isinstance(value, str):
                 pairs.append((_SHORT_NAMES.get(key, key), value))
     return CertSubject(pairs)
+
+
+def peer_with_certificate(peer: Peer, sslobj: Any) -> Peer:
+    """``peer`` with the facts of the verified certificate of a TLS connection (``sslobj``, an
+    ``ssl.SSLObject`` or ``ssl.SSLSocket``); ``peer`` itself when there is no TLS."""
+    if sslobj is None:
+        return peer
+    der = sslobj.getpeercert(binary_form=True)
+    info = sslobj.getpeercert() or {}
+    subject = cert_subject(info)  # every value of every attribute: CN=guest/CN=agent keeps both
+    sans = tuple(f"{kind}:{value}" for kind, value in info.get("subjectAltName", ()))
+    return dataclasses.replace(
+        peer,
+        transport="tls",
+        cert_subject=subject,
+        cert_sans=sans,
+        cert_fingerprint=hashlib.sha256(der).hexdigest() if der else None,
+    )

@@ -222,6 +222,21 @@ class ProtocolCore:
     def has_data_to_send(self) -> bool:
         return bool(self._out)
 
+    @property
+    def out_size(self) -> int:
+        """Bytes encoded and not yet taken by ``data_to_send``."""
+        return len(self._out)
+
+    @property
+    def receiving_big(self) -> bool:
+        """Is a large frame being received into a buffer of its own?"""
+        return self._big is not None
+
+    @property
+    def big_size(self) -> int:
+        """The size of the large frame being received (header included), while ``receiving_big``."""
+        return self._big_size
+
     def _emit(self, msg: Any) -> int:
         """Encode ``msg`` as one frame at the end of the outgoing buffer; return its size."""
         out = self._out
@@ -265,6 +280,12 @@ class ProtocolCore:
             if not self.close_reason:
                 self.close_reason = reason
                 self.close_code = code
+
+    def say_goodbye(self, reason: str, code: int) -> None:
+        """GOODBYE as this side drops the connection, also after the peer's protocol error (to say why)."""
+        if self.state == State.ERROR:
+            self.state = State.OPEN
+        self.send_goodbye(reason, code)
 
     # ------------------------------------------------------------------ calls we make
     def send_call(

@@ -1,0 +1,892 @@
+"""I/O drivers: how one connection's bytes (and descriptors) move, behind one contract.
+
+A driver moves bytes between a socket (or stream) and the connection, and nothing else: it never
+decodes a frame or decides anything about the protocol.  The connection hands it encoded bytes with
+``write`` and learns what arrived through the ``Callbacks`` it gave the driver:
+
+- ``feed(data)``: bytes arrived (``b""``: the peer closed); False once the connection is over;
+- ``big_target()`` / ``feed_big(n)``: while a large frame is being received, the core offers its own
+  buffer and the driver reads straight into it (no copy), then reports how much it read;
+- ``fds_received(fds, truncated)``: SCM_RIGHTS descriptors arrived (False: refused, close);
+- ``lost(exc)``: the transport failed or the peer went away (None: a clean end of stream);
+- ``writable()``: what was buffered for writing has gone out; the connection may read again.
+
+Four implementations: ``AsyncioIO`` (an asyncio ``BufferedProtocol`` over a transport, TCP and TLS),
+``UnixIO`` (asyncio without a transport, ``recvmsg_into``/``sendmsg``, so that descriptors travel),
+``StreamIO`` (any anyio byte stream: trio, memory streams, TLS on trio) and ``MockIO`` (two
+connections wired to each other in memory, for runtime tests without sockets).  ``open_driver``
+picks one for a transport.  Adding a transport is adding a class with these methods.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import collections
+import socket
+import ssl
+import threading
+from typing import Any, Callable, NamedTuple, Protocol
+
+import anyio
+import anyio.abc
+
+from ._errors import ConnectionInterrupted, ConnectionInvalidated
+from ._fds import FdTable, close_all
+from ._protocol import ProtocolCore
+
+__all__ = (
+    "IO",
+    "AsyncioIO",
+    "Callbacks",
+    "MockIO",
+    "StreamIO",
+    "Link",
+    "UnixIO",
+    "open_driver",
+    "receive_buffer",
+)
+
+READ_SIZE = 262144  # bytes asked of the kernel per read
+_SOCKET_BUFFER = 1024 * 1024
+
+
+class Callbacks(NamedTuple):
+    """What a driver calls on its connection (bound methods, called on the event loop's thread)."""
+
+    feed: Callable[[bytes], bool]
+    feed_big: Callable[[int], bool]
+    big_target: Callable[[], "memoryview | None"]
+    fds_received: Callable[[list[int], bool], bool]
+    lost: Callable[[BaseException | None], None]
+    writable: Callable[[], None]
+
+
+class IO(Protocol):
+    """The contract every driver implements (see the module's docstring)."""
+
+    passes_fds: bool  # can attach descriptors to what it writes (SCM_RIGHTS)
+    immediate: bool  # writes synchronously (asyncio drivers): the connection flushes by itself
+
+    async def open(self) -> None:
+        """Set the transport up (a TLS handshake included); called once, in the connection's task."""
+
+    def tls_object(self) -> Any:
+        """The ``ssl`` object of a TLS connection once open (for the peer's certificate), else None."""
+
+    def write(self, data: bytes | bytearray | memoryview, fds: list[int] | None = None) -> None:
+        """Send ``data`` (with ``fds`` attached to its first byte; the driver closes them once sent)."""
+
+    def write_last(self, data: bytes | bytearray) -> None:
+        """Send ``data`` (a GOODBYE) as the connection is being dropped, best effort."""
+
+    def blocked(self) -> bool:
+        """Is more buffered for writing than the high-water mark (producers wait)?"""
+
+    def buffered(self) -> int:
+        """Bytes handed to ``write`` and not yet taken by the kernel."""
+
+    async def wait_writable(self) -> None:
+        """Return once ``blocked()`` is over (or the driver is done)."""
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    async def run(self, tg: anyio.abc.TaskGroup) -> None:
+        """Move bytes until the connection's I/O ends (its tasks, if any, go in ``tg``)."""
+
+    def done(self) -> bool:
+        """Has the driver stopped (closed, or the transport is gone)?"""
+
+    def close(self) -> None:
+        """Stop now: what is buffered goes out if the kernel takes it at once."""
+
+    async def aclose(self) -> None:
+        """Close gracefully: what is buffered goes out first (within a second)."""
+
+    async def release(self) -> None:
+        """The connection is over: free the transport (idempotent)."""
+
+
+_local = threading.local()
+
+
+def receive_buffer() -> memoryview:
+    """One receive buffer per thread, shared by its connections: every read is copied out (or
+    decoded) before the next one, so an idle connection costs no buffer of its own."""
+    view: memoryview | None = getattr(_local, "view", None)
+    if view is None:
+        view = _local.view = memoryview(bytearray(READ_SIZE))
+    return view
+
+
+def _lost_reason(exc: BaseException | None) -> str:
+    return f"the connection was lost: {exc!r}" if exc else "the peer closed the connection"
+
+
+class _LoopDriver:
+    """What the asyncio drivers share: producers wait here while the socket is backed up."""
+
+    passes_fds = False
+    immediate = True
+    _resume: asyncio.Future[None] | None
+    _loop: asyncio.AbstractEventLoop
+    _done: asyncio.Future[None]
+
+    def _wake_writers(self) -> None:
+        if self._resume is not None and not self._resume.done():
+            self._resume.set_result(None)
+        self._resume = None
+
+    async def _wait_while(self, blocked: Callable[[], bool]) -> None:
+        while blocked() and not self._done.done():
+            if self._resume is None:
+                self._resume = self._loop.create_future()
+            await self._resume
+
+    def done(self) -> bool:
+        return self._done.done()
+
+    def tls_object(self) -> Any:
+        return None
+
+    def write_last(self, data: bytes | bytearray) -> None:
+        self.write(data)  # type: ignore[attr-defined]
+
+    async def run(self, tg: anyio.abc.TaskGroup) -> None:
+        await self._done
+
+    async def aclose(self) -> None:
+        self.close()  # type: ignore[attr-defined]
+
+    async def release(self) -> None:
+        self.close()  # type: ignore[attr-defined]
+
+
+class AsyncioIO(asyncio.BufferedProtocol, _LoopDriver):
+    """Drives a connection's socket on asyncio: reads into one reused buffer, writes synchronously."""
+
+    def __init__(self, cb: Callbacks, sock: socket.socket, high: int, client: bool, ssl_context: ssl.SSLContext | None, server_hostname: str | None, handshake_timeout: float) -> None:
+        self.cb = cb
+        self.sock = sock
+        self.high = high
+        self.client = client
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
+        self.handshake_timeout = handshake_timeout
+        self.view = receive_buffer()
+        self.big = False  # the last buffer handed out was the core's large-frame buffer
+        self.transport: asyncio.Transport | None = None
+        loop = asyncio.get_running_loop()
+        self._done: asyncio.Future[None] = loop.create_future()
+        self._loop = loop
+        self._paused = False
+        self._reading_paused = False
+        self._resume: asyncio.Future[None] | None = None
+
+    async def open(self) -> None:
+        tls_timeout = self.handshake_timeout if self.ssl_context is not None else None
+        if self.client:
+            await self._loop.create_connection(
+                lambda: self,
+                sock=self.sock,
+                ssl=self.ssl_context,
+                server_hostname=self.server_hostname if self.ssl_context else None,
+                ssl_handshake_timeout=tls_timeout,
+            )
+        else:
+            await self._loop.connect_accepted_socket(lambda: self, self.sock, ssl=self.ssl_context, ssl_handshake_timeout=tls_timeout)
+
+    def tls_object(self) -> Any:
+        t = self.transport
+        return t.get_extra_info("ssl_object") if t is not None and self.ssl_context is not None else None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=self.high)  # type: ignore[attr-defined]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        target = self.cb.big_target()
+        if target is not None:
+            self.big = True
+            return target
+        self.big = False
+        return self.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._done.done():
+            return
+        cb = self.cb
+        ok = cb.feed_big(nbytes) if self.big else cb.feed(self.view[:nbytes].tobytes())
+        if not ok:
+            self.close()
+
+    def eof_received(self) -> bool:
+        if not self._done.done():
+            self.cb.feed(b"")
+        self.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.cb.lost(exc)
+        if not self._done.done():
+            self._done.set_result(None)
+        self._wake_writers()
+
+    def pause_writing(self) -> None:
+        self._paused = True  # producers wait; whether reading stops is the connection's call
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake_writers()
+        self.cb.writable()
+
+    def blocked(self) -> bool:
+        return self._paused
+
+    def buffered(self) -> int:
+        t = self.transport
+        return t.get_write_buffer_size() if t is not None else 0
+
+    def pause_reading(self) -> None:
+        t = self.transport
+        if not self._reading_paused and t is not None and not t.is_closing():
+            self._reading_paused = True
+            t.pause_reading()
+
+    def resume_reading(self) -> None:
+        t = self.transport
+        if self._reading_paused and t is not None and not t.is_closing():
+            self._reading_paused = False
+            t.resume_reading()
+
+    async def wait_writable(self) -> None:
+        await self._wait_while(lambda: self._paused)
+
+    def write(self, data: bytes | bytearray | memoryview, fds: list[int] | None = None) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.write(data)
+
+    def close(self) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.close()
+        if not self._done.done():
+            self._done.set_result(None)
+
+    async def release(self) -> None:
+        self.close()
+        if self.transport is None:
+            self.sock.close()  # never opened (the TLS handshake failed, say)
+
+
+class UnixIO(_LoopDriver):
+    """Drives a Unix socket on asyncio without a transport, so that file descriptors can travel.
+
+    Reads use ``recvmsg_into`` into one reused buffer, collecting SCM_RIGHTS descriptors in arrival
+    order; writes go straight to ``sendmsg`` and only what the kernel does not take is buffered.
+    Descriptors are attached to the first byte of the chunk whose frames refer to them.
+    """
+
+    passes_fds = True
+    MAX_FDS = 64
+
+    def __init__(self, cb: Callbacks, sock: socket.socket, high: int) -> None:
+        self.cb = cb
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.view = receive_buffer()
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            try:
+                if sock.getsockopt(socket.SOL_SOCKET, opt) < _SOCKET_BUFFER:
+                    sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)  # fewer, larger writes for big frames
+            except OSError:
+                pass
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._done: asyncio.Future[None] = loop.create_future()
+        self._pending: collections.deque[tuple[memoryview, list[int]]] = collections.deque()
+        self._pending_size = 0
+        self._high = high
+        self._resume: asyncio.Future[None] | None = None
+        self._reading_paused = False
+        self._ancsize = socket.CMSG_SPACE(self.MAX_FDS * 4)
+
+    async def open(self) -> None:
+        self._loop.add_reader(self.fd, self._readable)
+
+    def _readable(self) -> bool:
+        """Read what is there and feed it; True if that was data and the connection goes on."""
+        if self._done.done():
+            return False
+        cb = self.cb
+        target = cb.big_target()
+        try:
+            n, anc, flags, _ = self.sock.recvmsg_into([target if target is not None else self.view], self._ancsize)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            self._lost(exc)
+            return False
+        fds: list[int] = []
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
+        if (fds or flags & socket.MSG_CTRUNC) and not cb.fds_received(fds, bool(flags & socket.MSG_CTRUNC)):
+            self.close()  # refused: closed, and GOODBYE said why
+            return False
+        if n == 0:
+            cb.feed(b"")
+            self._lost(None)
+            return False
+        ok = cb.feed_big(n) if target is not None else cb.feed(self.view[:n].tobytes())
+        if not ok:
+            self.close()
+        return ok
+
+    def write(self, data: bytes | bytearray | memoryview, fds: list[int] | None = None) -> None:
+        """Send ``data`` (with ``fds`` attached to its first byte).  Takes ownership of ``fds``:
+        they are closed here once the kernel has them (it keeps its own references)."""
+        if self._done.done():
+            close_all(fds)
+            return
+        if fds and len(fds) > self.MAX_FDS and len(data) > 1:
+            # the receiver takes at most MAX_FDS per read: attach them MAX_FDS at a time to successive bytes
+            self.write(memoryview(data)[:1], fds[: self.MAX_FDS])
+            self.write(memoryview(data)[1:], fds[self.MAX_FDS :])
+            return
+        if self._pending:
+            self._queue(memoryview(data), fds or [])
+            return
+        try:
+            if fds:
+                sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            else:
+                sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            close_all(fds)
+            if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+                # what the peer said before it closed (a GOODBYE, say) is the better reason: read it
+                # first, outside whatever dispatch is writing now
+                self._loop.call_soon(self._drain_then_lost, exc)
+                return
+            self._lost(exc)
+            return
+        if sent and fds:
+            close_all(fds)
+            fds = None
+        if sent < len(data):
+            self._queue(memoryview(data)[sent:], fds or [])
+            self._loop.add_writer(self.fd, self._writable)
+
+    def _queue(self, data: memoryview, fds: list[int]) -> None:
+        self._pending.append((data, fds))
+        self._pending_size += len(data)  # above _high producers wait; reading stops only if the connection says so
+
+    def blocked(self) -> bool:
+        return self._pending_size > self._high
+
+    def buffered(self) -> int:
+        return self._pending_size
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self.fd >= 0:
+            self._reading_paused = True
+            self._loop.remove_reader(self.fd)
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self.fd >= 0:
+            self._reading_paused = False
+            self._loop.add_reader(self.fd, self._readable)
+
+    def _writable(self) -> None:
+        while self._pending:
+            data, fds = self._pending[0]
+            try:
+                if fds:
+                    sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                else:
+                    sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+                    self._drain_then_lost(exc)  # what the peer said before it closed is the better reason
+                    return
+                self._lost(exc)
+                return
+            self._pending_size -= sent
+            if sent and fds:
+                close_all(fds)
+            if sent < len(data):
+                self._pending[0] = (data[sent:], [])
+                return
+            self._pending.popleft()
+        self._loop.remove_writer(self.fd)
+        self._wake_writers()
+        self.cb.writable()
+
+    async def wait_writable(self) -> None:
+        await self._wait_while(lambda: self._pending_size > self._high)
+
+    def _drain_then_lost(self, exc: BaseException) -> None:
+        """The peer closed while we were writing: read what it sent before (a GOODBYE, say), even
+        while reading is paused, up to its end, then end the connection."""
+        for _ in range(256):  # what a closed peer left is finite; bounded all the same
+            if not self._readable():
+                break
+        self._lost(exc)
+
+    def _lost(self, exc: BaseException | None) -> None:
+        self.cb.lost(exc)
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self._loop.remove_reader(self.fd)
+            self._loop.remove_writer(self.fd)
+            self.fd = -1
+            if self._pending:
+                # best effort: what is still queued (a GOODBYE, say) goes out if the kernel takes it now
+                try:
+                    self.sock.setblocking(False)
+                    for data, _ in self._pending:
+                        self.sock.send(data)
+                except OSError:
+                    pass
+                for _, fds in self._pending:
+                    close_all(fds)
+                self._pending.clear()
+            self.sock.close()
+        if not self._done.done():
+            self._done.set_result(None)
+        self._wake_writers()
+
+
+class StreamIO:
+    """Drives any anyio byte stream (trio, memory streams, TLS through anyio) with two tasks: a
+    reader that feeds what arrives, and a writer that sends what was written, coalesced."""
+
+    passes_fds = False
+    immediate = False
+
+    def __init__(
+        self,
+        cb: Callbacks,
+        transport: Any,
+        high: int,
+        client: bool = True,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> None:
+        self.cb = cb
+        self.high = high
+        self.client = client
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
+        self._sock: socket.socket | None = transport if isinstance(transport, socket.socket) else None
+        self.stream: anyio.abc.ByteStream | None = None if self._sock is not None else transport
+        self._tls: Any = None
+        self._chunks: list[bytes | bytearray | memoryview] = []
+        self._size = 0  # bytes in _chunks
+        self._in_send = 0  # bytes of the chunk being sent
+        self._wake = anyio.Event()
+        self._drained: anyio.Event | None = None
+        self._reading = anyio.Event()
+        self._reading.set()
+        self._scope: anyio.CancelScope | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._done = False
+
+    async def open(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        if sock.family == socket.AF_UNIX:
+            self.stream = await anyio.abc.UNIXSocketStream.from_socket(sock)
+        else:
+            self.stream = await anyio.abc.SocketStream.from_socket(sock)
+        if self.ssl_context is not None:
+            from anyio.streams.tls import TLSAttribute, TLSStream  # only TLS on a non-asyncio loop needs it
+
+            tls_stream = await TLSStream.wrap(
+                self.stream,
+                server_side=not self.client,
+                hostname=self.server_hostname if self.client else None,
+                ssl_context=self.ssl_context,
+                standard_compatible=False,
+            )
+            self.stream = tls_stream
+            self._tls = tls_stream.extra(TLSAttribute.ssl_object)
+
+    def tls_object(self) -> Any:
+        return self._tls
+
+    def write(self, data: bytes | bytearray | memoryview, fds: list[int] | None = None) -> None:
+        if self._done:
+            return
+        self._chunks.append(data)
+        self._size += len(data)
+        self._wake.set()
+
+    def write_last(self, data: bytes | bytearray) -> None:
+        stream, tg = self.stream, self._tg
+        if stream is None or tg is None:
+            return
+
+        async def send_last() -> None:
+            with anyio.move_on_after(1.0, shield=True):
+                try:
+                    await stream.send(bytes(data))
+                except Exception:
+                    pass
+
+        try:
+            tg.start_soon(send_last)
+        except RuntimeError:
+            pass
+
+    def buffered(self) -> int:
+        return self._size + self._in_send
+
+    def blocked(self) -> bool:
+        return self._size + self._in_send > self.high
+
+    async def wait_writable(self) -> None:
+        while self.blocked() and not self._done:
+            if self._drained is None:
+                self._drained = anyio.Event()
+            await self._drained.wait()
+
+    def pause_reading(self) -> None:
+        if self._reading.is_set():
+            self._reading = anyio.Event()
+
+    def resume_reading(self) -> None:
+        self._reading.set()
+
+    def done(self) -> bool:
+        return self._done
+
+    async def run(self, tg: anyio.abc.TaskGroup) -> None:
+        self._tg = tg
+        tg.start_soon(self._writer)
+        stream = self.stream
+        assert stream is not None
+        cb = self.cb
+        with anyio.CancelScope() as self._scope:
+            try:
+                while not self._done:
+                    if not self._reading.is_set():
+                        await self._reading.wait()
+                        continue
+                    try:
+                        data = await stream.receive(READ_SIZE)
+                    except anyio.EndOfStream:
+                        data = b""
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                        cb.lost(exc)
+                        return
+                    if not cb.feed(data):
+                        return
+            finally:
+                self._finished()
+
+    def _finished(self) -> None:
+        self._done = True
+        if self._drained is not None:
+            self._drained.set()
+        self._reading.set()
+
+    async def _writer(self) -> None:
+        stream = self.stream
+        assert stream is not None
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+                while self._chunks:
+                    chunks, self._chunks = self._chunks, []
+                    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                    self._size -= len(data)
+                    self._in_send = len(data)
+                    await stream.send(data if type(data) is bytes else bytes(data))
+                    self._in_send = 0
+                    if self._drained is not None and not self.blocked():
+                        self._drained.set()
+                        self._drained = None
+                self.cb.writable()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            self._in_send = 0
+            self.cb.lost(ConnectionError(f"while sending: {exc!r}"))
+            self.close()
+
+    def close(self) -> None:
+        self._finished()
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def aclose(self) -> None:
+        with anyio.move_on_after(1.0, shield=True):
+            if self._chunks and not self._in_send and self.stream is not None:
+                chunks, self._chunks = self._chunks, []
+                try:
+                    await self.stream.send(b"".join(chunks))
+                except Exception:
+                    pass
+            await self.release()
+        self.close()
+
+    async def release(self) -> None:
+        self._finished()
+        if self.stream is not None:
+            try:
+                await self.stream.aclose()
+            except Exception:
+                pass
+        elif self._sock is not None:
+            self._sock.close()
+
+
+class MockIO:
+    """A driver without a socket: what one side writes is fed to its peer on the next turn of the
+    event loop (asyncio), in order.  ``MockIO.pair()`` gives the two ends of one connection.
+
+    For runtime tests: ``written`` keeps what this side wrote, ``feed_raw(data)`` feeds bytes as
+    if the peer had sent them, ``sever()`` loses the connection, and reading can be paused like a
+    socket's (what arrives meanwhile waits).
+    """
+
+    passes_fds = False
+    immediate = True
+
+    def __init__(self, high: int = 1024 * 1024) -> None:
+        self.cb: Callbacks | None = None
+        self.peer: MockIO | None = None
+        self.high = high
+        self.written: list[bytes] = []
+        self.keep_written = False
+        self._inbox: collections.deque[bytes] = collections.deque()
+        self._reading = True
+        self._closed = False
+        self._ended: anyio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def pair(cls) -> tuple[MockIO, MockIO]:
+        a, b = cls(), cls()
+        a.peer, b.peer = b, a
+        return a, b
+
+    def bind(self, cb: Callbacks, high: int) -> None:
+        """Called by the connection that uses this driver."""
+        self.cb = cb
+        self.high = high
+
+    async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._ended = anyio.Event()
+
+    def tls_object(self) -> Any:
+        return None
+
+    def write(self, data: bytes | bytearray | memoryview, fds: list[int] | None = None) -> None:
+        if self._closed:
+            return
+        data = bytes(data)
+        if self.keep_written:
+            self.written.append(data)
+        peer = self.peer
+        if peer is not None and self._loop is not None:
+            self._loop.call_soon(peer.feed_raw, data)
+
+    def write_last(self, data: bytes | bytearray) -> None:
+        self.write(data)
+
+    def feed_raw(self, data: bytes) -> None:
+        """Bytes from the peer (``b""``: it closed)."""
+        if self._closed or self.cb is None:
+            return
+        if not self._reading:
+            self._inbox.append(data)
+            return
+        if not self.cb.feed(data) or not data:
+            self.close()
+
+    def blocked(self) -> bool:
+        return False
+
+    def buffered(self) -> int:
+        return 0
+
+    async def wait_writable(self) -> None:
+        return
+
+    def pause_reading(self) -> None:
+        self._reading = False
+
+    def resume_reading(self) -> None:
+        self._reading = True
+        while self._inbox and self._reading and not self._closed:
+            self.feed_raw(self._inbox.popleft())
+
+    async def run(self, tg: anyio.abc.TaskGroup) -> None:
+        assert self._ended is not None
+        await self._ended.wait()
+
+    def done(self) -> bool:
+        return self._closed
+
+    def sever(self, exc: BaseException | None = None) -> None:
+        """Lose the connection, as a transport failing would (both ends see it)."""
+        if self.cb is not None and not self._closed:
+            self.cb.lost(exc or ConnectionResetError("severed"))
+        self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._ended is not None:
+            self._ended.set()
+        peer = self.peer
+        if peer is not None and self._loop is not None:
+            self._loop.call_soon(peer.feed_raw, b"")
+
+    async def aclose(self) -> None:
+        self.close()
+
+    async def release(self) -> None:
+        self.close()
+
+
+def open_driver(
+    transport: Any,
+    cb: Callbacks,
+    *,
+    high: int,
+    client: bool,
+    ssl_context: ssl.SSLContext | None,
+    server_hostname: str | None,
+    handshake_timeout: float,
+) -> IO:
+    """The driver for ``transport`` (a connected socket, an anyio byte stream, or a ``MockIO``) on
+    the event loop this runs on."""
+    if isinstance(transport, MockIO):
+        transport.bind(cb, high)
+        return transport
+    try:
+        asyncio.get_running_loop()
+        on_asyncio = True
+    except RuntimeError:
+        on_asyncio = False  # another backend (trio): anyio streams
+    if on_asyncio and isinstance(transport, socket.socket):
+        if transport.family == socket.AF_UNIX:
+            return UnixIO(cb, transport, high)
+        return AsyncioIO(cb, transport, high, client, ssl_context, server_hostname, handshake_timeout)
+    return StreamIO(cb, transport, high, client, ssl_context, server_hostname)
+
+
+class Link:
+    """The write side of one connection, shared by its parts (calling, serving, streams).
+
+    Frames the core encodes go out through the driver: ``kick()`` makes sure they are written soon
+    (all frames encoded until then leave in one write), ``flush()`` writes them now.  Producers
+    wait in ``wait_drained()`` while the peer is behind (``out_full()``).  ``failure`` is why the
+    connection ended (or None), ``closing``/``closed`` its state.
+    """
+
+    __slots__ = ("core", "io", "fds", "high", "loop", "tg", "flush_scheduled", "failure", "closing", "closed")
+
+    def __init__(self, core: ProtocolCore, fds: FdTable, high: int) -> None:
+        self.core = core
+        self.io: IO | None = None  # set once the connection runs
+        self.fds = fds
+        self.high = high
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.tg: anyio.abc.TaskGroup | None = None
+        self.flush_scheduled = False
+        self.failure: BaseException | None = None
+        self.closing = False
+        self.closed = anyio.Event()
+
+    def kick(self) -> None:
+        """Write what the core has encoded soon (coalescing every frame encoded until then)."""
+        io = self.io
+        if io is None:
+            return  # written once the connection runs
+        if io.immediate:
+            if not self.flush_scheduled:
+                self.flush_scheduled = True
+                self.loop.call_soon(self.flush)  # type: ignore[union-attr]
+        else:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what the core has encoded, now."""
+        self.flush_scheduled = False
+        io = self.io
+        if io is None:
+            return
+        data = self.core.data_to_send()
+        if data:
+            io.write(data, self.fds.take_outgoing())
+
+    def send_now(self) -> None:
+        """What was just encoded leaves now if nothing could join it, else soon."""
+        io = self.io
+        if io is not None and io.immediate and not self.flush_scheduled and not self.fds.outgoing:
+            self.flush()
+        else:
+            self.kick()
+
+    def out_full(self) -> bool:
+        """Is what we owe the peer above the high-water mark (the peer does not read fast enough)?"""
+        io = self.io
+        return self.core.out_size > self.high or (io is not None and io.blocked())
+
+    def unsent(self) -> int:
+        """Bytes encoded for the peer and not yet taken by the kernel."""
+        io = self.io
+        return self.core.out_size + (io.buffered() if io is not None else 0)
+
+    async def wait_drained(self) -> None:
+        """Wait while the peer is behind; raise if the connection ends meanwhile."""
+        if self.closed.is_set():
+            raise self.failure or _invalidated()
+        self.flush()
+        io = self.io
+        if io is None:
+            return
+        await io.wait_writable()
+        if io.done():
+            raise self.failure or _interrupted()
+
+    def fail(self, exc: BaseException) -> None:
+        """End the connection with ``exc`` (unless it already failed)."""
+        if self.failure is None:
+            self.failure = exc
+        if self.tg is not None:
+            self.tg.cancel_scope.cancel()
+
+    def goodbye_now(self, reason: str, code: int) -> None:
+        """Tell the peer why we drop the connection (best effort), then let it end."""
+        try:
+            self.core.say_goodbye(reason[:200], code)
+        except Exception:
+            return
+        data = self.core.data_to_send()
+        if data and self.io is not None:
+            self.io.write_last(data)
+
+
+def _invalidated() -> BaseException:
+    return ConnectionInvalidated("the connection is closed")
+
+
+def _interrupted() -> BaseException:
+    return ConnectionInterrupted("the connection was lost")

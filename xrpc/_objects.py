@@ -1,0 +1,319 @@
+"""Exports and the table of objects passed by reference on one connection (no I/O).
+
+An ``Export`` is an object served under a name, with its interface description, bound methods and
+the requirement each method's callers must satisfy.  The ``ObjectTable`` is what the codec talks to
+while it encodes and decodes values (it implements the ``WireContext`` the codec expects): objects
+passed by reference are exported under ``#n`` with a count of the tokens sent and not yet released,
+references coming home resolve to the object, references to the peer's objects become proxies, and
+descriptors go to the connection's ``FdTable``.  While one frame is encoded, the references it
+hands out are journalled, so that they are taken back if the frame never leaves.  Results of the
+peer's calls that return objects are kept as ``IncomingPromise`` for calls pipelined on them.
+"""
+
+from __future__ import annotations
+
+import collections
+import dis
+import inspect
+from typing import Any, Callable, Iterable
+
+import anyio
+
+from ._errors import LimitExceeded, ValidationError
+from ._fds import FdTable
+from ._interface import InterfaceDescription, describe
+from ._protocol import ExportInfo, Ref
+from ._proxy import Caller, make_proxy, proxy_target
+from ._requirements import requirement as parse_requirement
+
+__all__ = ("Export", "IncomingPromise", "ObjectTable", "OneShotExport", "exports_from", "make_export", "never_suspends")
+
+
+class Export:
+    """An object exported under a name, with its interface description and bound methods."""
+
+    __slots__ = ("desc", "obj", "name", "methods", "is_async", "guards", "inline")
+
+    def __init__(self, desc: InterfaceDescription, obj: Any, name: str, requirement: Any = None) -> None:
+        self.desc = desc
+        self.obj = obj
+        self.name = name
+        self.methods: dict[str, Callable[..., Any]] = {}
+        self.is_async: dict[str, bool] = {}
+        self.guards: dict[str, Any] = {}  # method name -> the Requirement a caller must satisfy
+        self.inline: set[str] = set()  # methods that can run on the reader: plain functions, or coroutines that never await
+        if isinstance(requirement, str):
+            requirement = parse_requirement(requirement)
+        missing = []
+        for mname in desc.methods:
+            fn = getattr(obj, mname, None)
+            if fn is None or not callable(fn):
+                missing.append(mname)
+                continue
+            self.methods[mname] = fn
+            self.is_async[mname] = inspect.iscoroutinefunction(fn)
+            if not self.is_async[mname] or never_suspends(fn):
+                self.inline.add(mname)
+            parts = [r for r in (requirement, desc.methods[mname].requirement, getattr(fn, "__xrpc_requires__", None)) if r is not None]
+            if parts:
+                guard = parts[0]
+                for r in parts[1:]:
+                    guard = guard & r
+                self.guards[mname] = guard
+        if missing:
+            raise TypeError(f"{type(obj).__qualname__} does not implement {desc.name}: missing {', '.join(missing)}")
+
+    def info(self) -> ExportInfo:
+        return ExportInfo(self.name, self.desc.name, self.desc.fingerprint, {m.name: m.signature for m in self.desc.methods.values()})
+
+
+class OneShotExport(Export):
+    """An export whose one method is already running: ``fn()`` finishes it."""
+
+    def __init__(self, base: Export, name: str, fn: Callable[[], Any]) -> None:  # noqa: D107
+        self.desc = base.desc
+        self.obj = base.obj
+        self.name = base.name
+        self.methods = {name: fn}
+        self.is_async = {name: True}
+        self.guards = {}
+        self.inline = set()
+
+
+_SUSPENDING_OPS = frozenset({"YIELD_VALUE", "SEND", "GET_AWAITABLE", "BEFORE_ASYNC_WITH", "GET_AITER", "GET_ANEXT"})
+
+
+def never_suspends(fn: Callable[..., Any]) -> bool:
+    """Is ``fn`` an ``async def`` whose body has no ``await``, ``async with`` or ``async for``?
+
+    Such a coroutine finishes in one step, so it can run on the reader without a task of its own.
+    """
+    code = getattr(inspect.unwrap(getattr(fn, "__func__", fn)), "__code__", None)
+    if code is None:
+        return False
+    try:
+        return not any(ins.opname in _SUSPENDING_OPS for ins in dis.get_instructions(code))
+    except (TypeError, ValueError):
+        return False
+
+
+def make_export(iface: Any, obj: Any, name: str = "", requirement: Any = None) -> Export:
+    if name[:1] in ("#", "^"):  # those name references and pipelined results on the wire
+        raise ValueError(f"an export name may not start with {name[0]!r}: {name!r}")
+    desc = describe(iface)
+    return Export(desc, obj, name or desc.name, requirement)
+
+
+def exports_from(specs: Iterable[Any]) -> dict[str, Export]:
+    """Exports from ``Export`` objects or ``(Iface, obj)`` / ``(Iface, obj, name)`` tuples."""
+    out: dict[str, Export] = {}
+    for spec in specs:
+        if isinstance(spec, Export):
+            out[spec.name] = spec
+            continue
+        if len(spec) == 2:
+            e = make_export(spec[0], spec[1])
+        elif len(spec) == 3:
+            e = make_export(spec[0], spec[1], spec[2])
+        else:
+            raise TypeError("exports= takes (Iface, obj) or (Iface, obj, name) tuples")
+        out[e.name] = e
+    return out
+
+
+class IncomingPromise:
+    """The result of an incoming call that returns an object, for calls pipelined on it (``^id``)."""
+
+    __slots__ = ("desc", "obj", "error", "done", "event")
+
+    def __init__(self, desc: InterfaceDescription) -> None:
+        self.desc = desc
+        self.obj: Any = None
+        self.error: BaseException | None = None
+        self.done = False
+        self.event: anyio.Event | None = None
+
+    def settle(self, obj: Any = None, error: BaseException | None = None) -> None:
+        if self.done:
+            return
+        self.obj = obj
+        self.error = error
+        self.done = True
+        if self.event is not None:
+            self.event.set()
+
+    async def wait(self) -> None:
+        if not self.done:
+            if self.event is None:
+                self.event = anyio.Event()
+            await self.event.wait()
+
+
+_SETTLED_KEPT = 256  # results of the peer's last calls kept for pipelined calls still on their way
+
+
+class ObjectTable:
+    """Objects passed by reference on one connection, both ways, and the codec's wire context.
+
+    ``caller`` is what proxies to the peer's objects call through; ``release(oid)`` is called (from
+    any thread) when such a proxy is garbage-collected, to tell the peer.
+    """
+
+    def __init__(self, caller: Caller, max_objects: int, fds: FdTable, release: Callable[[str], None]) -> None:
+        self.caller = caller
+        self.max_objects = max_objects
+        self.fds = fds
+        self._release = release
+        self._refs: dict[str, list[Any]] = {}  # oid -> [Export, tokens sent and not yet released]
+        self._ref_ids: dict[tuple[int, str], str] = {}  # (id(obj), interface) -> oid
+        self._next_oid = 0
+        self._journal: list[str] | None = None  # references handed out while encoding one frame
+        self._promises: dict[int, IncomingPromise] = {}  # results of the peer's calls, for pipelined calls
+        self._promise_of: dict[str, int] = {}  # oid of a returned object -> the call that returned it
+        self._settled_ids: collections.deque[int] = collections.deque()
+        self.remote_refs = 0  # live proxies to objects the peer passed us by reference
+
+    def __len__(self) -> int:
+        """How many objects this side exports to the peer by reference."""
+        return len(self._refs)
+
+    # ---------------------------------------------------------------- the codec's wire context
+    def ref_out(self, desc: InterfaceDescription, value: Any) -> Ref:
+        """Export ``value`` (an implementation of ``desc``) for the peer; the token to send."""
+        target = proxy_target(value)
+        if target is not None:
+            # Only an object the peer passed us by reference ("#n") goes home as itself; a proxy to
+            # one of the peer's named exports is forwarded like a proxy from another connection,
+            # because the peer resolves a home reference only in the table of references it sent.
+            caller, obj, its = target
+            if caller is self.caller and obj[:1] == "#":
+                if its.name != desc.name:
+                    raise ValueError(f"a proxy of {its.name} is not a {desc.name}")
+                return Ref(True, obj, desc.name)
+            if not set(desc.methods) <= set(its.methods):
+                raise ValueError(f"a proxy of {its.name} is not a {desc.name}")
+        else:
+            missing = [m for m in desc.methods if not callable(getattr(value, m, None))]
+            if missing:
+                raise ValueError(f"{type(value).__qualname__} does not implement {desc.name} (missing {', '.join(missing)})")
+        key = (id(value), desc.name)
+        oid = self._ref_ids.get(key)
+        entry = self._refs.get(oid) if oid is not None else None
+        if entry is None or entry[0].obj is not value:
+            if len(self._refs) >= self.max_objects:
+                raise LimitExceeded(f"more than {self.max_objects} objects exported on this connection")
+            self._next_oid += 1
+            oid = f"#{self._next_oid}"
+            entry = [Export(desc, value, oid), 0]
+            self._refs[oid] = entry
+            self._ref_ids[key] = oid
+        entry[1] += 1
+        if self._journal is not None:
+            self._journal.append(entry[0].name)
+        return Ref(False, entry[0].name, desc.name)
+
+    def ref_in(self, desc: InterfaceDescription, token: Ref) -> Any:
+        """A received reference: a proxy to the peer's object, or our own object coming home."""
+        if token.interface != desc.name:
+            raise ValidationError(f"a reference to a {token.interface} arrived where a {desc.name} is declared")
+        if token.home:
+            # Only an object this side passed by reference on this connection, and still holds for
+            # the peer, may come home: never a named export (its requirement would be bypassed) and
+            # never an object of another connection.
+            entry = self._refs.get(token.oid)
+            if entry is None or entry[0].desc.name != desc.name:
+                raise ValidationError(f"a reference to {token.oid!r}, which this side did not pass to this peer as a {desc.name}")
+            return entry[0].obj
+        p = make_proxy(self.caller, desc, token.oid, None, release=self._proxy_gone)
+        self.remote_refs += 1
+        return p
+
+    def _proxy_gone(self, oid: str) -> None:
+        self.remote_refs -= 1
+        self._release(oid)
+
+    def fd_out(self, fd: int) -> int:
+        return self.fds.fd_out(fd)
+
+    def fd_in(self, seq: int) -> int:
+        return self.fds.fd_in(seq)
+
+    # ---------------------------------------------------------------- the table
+    def lookup(self, oid: str) -> Export | None:
+        """The export a ``#n`` name stands for, while the peer holds it."""
+        entry = self._refs.get(oid)
+        return entry[0] if entry is not None else None
+
+    def drop(self, oid: str, count: int) -> None:
+        """The peer released ``count`` tokens of ``oid`` (RELEASE), or a frame carrying them never left."""
+        entry = self._refs.get(oid)
+        if entry is None:
+            return
+        entry[1] -= count
+        if entry[1] <= 0:
+            del self._refs[oid]
+            export = entry[0]
+            key = (id(export.obj), export.desc.name)
+            if self._ref_ids.get(key) == oid:
+                del self._ref_ids[key]
+            # no pipelined call can name the call that returned it any more: frames are ordered
+            call_id = self._promise_of.pop(oid, None)
+            if call_id is not None:
+                self._promises.pop(call_id, None)
+
+    def begin(self) -> None:
+        """Start journalling the references handed out (one frame is being encoded)."""
+        self._journal = []
+
+    def commit(self) -> list[str] | None:
+        """The frame left: stop journalling; the references it handed out."""
+        journal, self._journal = self._journal, None
+        return journal
+
+    def rollback(self) -> None:
+        """The frame never left: take back the references handed out since ``begin``."""
+        journal, self._journal = self._journal, None
+        for oid in journal or ():
+            self.drop(oid, 1)
+
+    def clear(self) -> None:
+        self._refs.clear()
+        self._ref_ids.clear()
+
+    # ---------------------------------------------------------------- results for pipelined calls
+    def promise(self, call_id: int, desc: InterfaceDescription) -> IncomingPromise:
+        """Keep the result of the peer's call ``call_id`` for calls pipelined on it."""
+        p = self._promises[call_id] = IncomingPromise(desc)
+        return p
+
+    def promise_for(self, target: str) -> IncomingPromise | None:
+        """The result a pipelined call's target (``^id``) names, if it is still kept."""
+        try:
+            return self._promises.get(int(target[1:]))
+        except ValueError:
+            return None
+
+    def returned(self, oid: str, call_id: int) -> None:
+        """Call ``call_id`` returned our object ``oid``: the result is kept while the peer holds it."""
+        self._promise_of[oid] = call_id
+
+    def settled(self, call_id: int) -> None:
+        """Keep the results of the last few calls for pipelined calls still on their way."""
+        self._settled_ids.append(call_id)
+        while len(self._settled_ids) > _SETTLED_KEPT:
+            self._promises.pop(self._settled_ids.popleft(), None)
+
+    def resolved_export(self, promise: IncomingPromise, name: str) -> Export | None:
+        """The object a promise resolved to, as an export: the one it was passed by reference as
+        when it still is (its guards, and their cached verdicts, are reused), else a new one."""
+        obj = promise.obj
+        oid = self._ref_ids.get((id(obj), promise.desc.name))
+        entry = self._refs.get(oid) if oid is not None else None
+        if entry is not None and entry[0].obj is obj:
+            export: Export = entry[0]
+            return export
+        try:
+            return Export(promise.desc, obj, name)
+        except TypeError as exc:
+            promise.error = exc
+            return None

@@ -1,0 +1,657 @@
+"""The serving side of a connection: exports, the one authorization checkpoint, dispatch of the
+peer's calls (inline on the reader, or in a task of their own, in the order they arrived), and the
+answers.
+
+Every CALL goes through ``Serving.on_call``: find the target (an export name, a reference ``#n``,
+or the result of an earlier call ``^id``), find the method, pass ``authorize`` (the connection's
+requirement and the method's guards; a pipelined call passes it again once its target is known),
+check the limits, decode the arguments, then serve.  A plain function (or a coroutine that never
+awaits) without middleware runs inline, on the reader; everything else runs in a task, holding its
+arguments against the memory budget until it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+import logging
+import math
+import types
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
+
+import anyio
+import anyio.abc
+import msgspec
+
+from ._calls import CallHandler, push_item
+from ._codes import error_frame_args, refusal
+from ._errors import Error, LimitExceeded, LocalProtocolError, ObjectNotFound, ValidationError
+from ._interface import InterfaceDescription, MethodDescription, MethodKind, describe
+from ._io import Link
+from ._middleware import CallContext, Middleware, metadata, run_chain
+from ._objects import Export, IncomingPromise, ObjectTable, OneShotExport
+from ._peer import Peer
+from ._protocol import Call, CallFlags, CallRecord, ErrorCode, ExportInfo, ProtocolCore, Ref
+from ._streams import Credit, FlowControl, InStream, StreamQueue, StreamSender, resume
+
+if TYPE_CHECKING:
+    from ._connection import Connection, Limits
+
+__all__ = ("InCall", "Serving")
+
+log = logging.getLogger("xrpc")
+
+_GUARD_CACHE_SIZE = 256  # requirement verdicts cached per connection
+# Arguments of at most this many bytes are not drawn from the budget while their call runs (the
+# frame is let go once they are decoded): max_calls_in_flight of them hold at most 4 MiB.
+_SMALL_ARGS = 1024
+_NO_PAYLOAD = msgspec.Raw(b"")
+_force_setattr = msgspec.structs.force_setattr
+_size_encoder = msgspec.msgpack.Encoder()
+
+
+class InCall(CallHandler):
+    """Callee-side state of one incoming call served in a task.
+
+    Under anyio task groups the call runs in ``scope``; on the asyncio fast path it is the native
+    ``task``, cancelled directly, with ``deadline`` enforced by a scope inside the task.
+    """
+
+    __slots__ = ("scope", "task", "deadline", "queue", "credit", "promise", "held")
+
+    def __init__(self, scope: anyio.CancelScope | None) -> None:
+        self.held = 0  # bytes of arguments drawn from the connection's budget while the call runs
+        self.promise: IncomingPromise | None = None
+        self.scope = scope
+        self.task: asyncio.Task[None] | None = None
+        self.deadline = math.inf
+        self.queue: StreamQueue | None = None
+        self.credit: Credit | None = None
+
+    def on_item(self, msg: Any) -> bool:
+        if self.queue is None:
+            return False
+        push_item(self.queue, msg)
+        return True
+
+    def on_end(self) -> None:
+        if self.queue is not None:
+            self.queue.finish()
+
+    def on_credit(self) -> None:
+        if self.credit is not None:
+            self.credit.wake()
+
+    def on_cancel(self) -> None:
+        if self.scope is not None:
+            self.scope.cancel()
+        elif self.task is not None:
+            self.task.cancel()
+
+
+def _run_inline(fn: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+    """Call ``fn``; if it gives a coroutine that never awaits, run it to its end now."""
+    result = fn(*args, **kw)
+    if type(result) is types.CoroutineType:
+        cvar = _sniffio_cvar
+        token = cvar.set("asyncio") if cvar is not None else None
+        try:
+            yielded = result.send(None)
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            if cvar is not None and token is not None:
+                cvar.reset(token)
+        # it suspended after all (a wrapper hid its awaits): a task finishes what it started
+        return resume(result, yielded)  # pragma: no cover
+    return result
+
+
+_sniffio_cvar: contextvars.ContextVar[str | None] | None
+try:  # anyio finds its backend through sniffio; on the reader there is no current task to ask
+    from sniffio import current_async_library_cvar as _sniffio_cvar
+except ImportError:  # pragma: no cover
+    _sniffio_cvar = None
+
+
+def _refusal(exc: BaseException) -> str:
+    """What the log says about a refused value: where, never the value (it may be a secret)."""
+    arg = getattr(exc, "argument", "")
+    return f"argument {arg!r} does not fit its declared type" if arg else "a value does not fit its declared type"
+
+
+def _explain(requirement: Any, peer: Peer) -> str:
+    try:
+        return str(requirement.explain(peer))
+    except Exception as exc:  # a custom requirement that fails to explain itself still refuses
+        return f"{requirement} failed ({exc!r})"
+
+
+def _encoded_size(value: Any) -> int:
+    """About how many bytes ``value`` takes encoded (0 if it cannot be told without exporting
+    anything); used only while the peer is behind, to charge a held answer to the budget."""
+    try:
+        return len(_size_encoder.encode(value))
+    except Exception:
+        return 0
+
+
+class Serving:
+    """The calls one connection serves.
+
+    ``room_for(size)`` waits while the peer is behind, holding an answer of about ``size`` bytes
+    (False: the connection is over); ``answered(start)`` tells the connection a task sent an
+    answer (the core's ``emitted`` count before it), so that its reading keeps pace.
+    """
+
+    def __init__(
+        self,
+        connection: Connection,
+        core: ProtocolCore,
+        link: Link,
+        flow: FlowControl,
+        sender: StreamSender,
+        objects: ObjectTable,
+        limits: Limits,
+        exports: dict[str, Export],
+        shared: dict[str, Export],
+        requirement: Any,
+        middleware: Sequence[Middleware],
+        room_for: Callable[[int], Awaitable[bool]],
+        answered: Callable[[int], None],
+    ) -> None:
+        self.connection = connection
+        self.core = core
+        self.link = link
+        self.flow = flow
+        self.sender = sender
+        self.objects = objects
+        self.limits = limits
+        self.exports = exports
+        self.shared = shared
+        self.requirement = requirement
+        self.middleware = tuple(middleware)
+        self.room_for = room_for
+        self.answered = answered
+        self.serving = 0  # calls being served
+        self.streams = 0  # stream calls being served
+        self.tasks: set[asyncio.Task[None]] = set()  # calls served in asyncio tasks
+        self._guard_cache: dict[int, tuple[Any, bool]] = {}  # id(requirement) -> (requirement, verdict)
+        self._next_ticket = 0  # calls start in the order they arrived (non-asyncio backends)
+        self._started_ticket = 0
+        self._ticket_waiters: dict[int, anyio.Event] = {}
+
+    # ---------------------------------------------------------------- exports
+    def all_exports(self) -> list[Export]:
+        merged = dict(self.shared)
+        merged.update(self.exports)
+        return list(merged.values())
+
+    def lookup(self, name: str) -> Export | None:
+        e = self.exports.get(name)
+        if e is None:
+            e = self.shared.get(name)
+            if e is None and name[:1] == "#":
+                e = self.objects.lookup(name)
+        return e
+
+    def announced(self) -> list[ExportInfo]:
+        """What HELLO/WELCOME announces: the exports this peer may call, each with only the methods
+        it may call.  The fingerprint stays the whole interface's, so a peer with the same
+        interface still skips the compatibility check; an export none of whose methods the peer
+        may call is left out."""
+        out = []
+        for e in self.all_exports():
+            info = e.info()
+            if e.guards or self.requirement is not None:
+                allowed = [name for name, m in e.desc.methods.items() if self.authorize(e, m, quiet=True)]
+                if not allowed:
+                    continue
+                if len(allowed) != len(info.methods):
+                    info = ExportInfo(info.name, info.interface, info.fingerprint, {n: info.methods[n] for n in allowed})
+            out.append(info)
+        return out
+
+    # ---------------------------------------------------------------- the authorization checkpoint
+    def authorize(self, export: Export | None, m: MethodDescription, quiet: bool = False) -> bool:
+        """The one authorization checkpoint every incoming call passes, however it is addressed
+        (export name, reference ``#id``, pipelined result ``^id``) and however it is served
+        (inline or in a task; unary, one-way, stream or client stream).
+
+        It checks the connection's requirement (a server's ``requirement=``; on a client, what its
+        server must satisfy) and ``export.guards[m]``: the export's, the interface's and the
+        implementation's requirements for ``m`` combined.  ``export`` is None for a pipelined call
+        whose target is not known yet: then only the interface's requirement can be checked, and
+        the call comes back here with its export once the target is known.  A refusal is logged
+        (with the reason, which the peer never sees; not when ``quiet``: what is announced to the
+        peer is decided here too) and returns False.
+        """
+        requirement = self.requirement
+        if requirement is None or self.satisfies(requirement):
+            requirement = export.guards.get(m.name) if export is not None else m.requirement
+            if requirement is None or self.satisfies(requirement):
+                return True
+        if not quiet:
+            peer = self.connection.peer
+            log.warning("xrpc: refused call %s from %s: %s", m.qualname, peer.describe(), _explain(requirement, peer))
+        return False
+
+    def satisfies(self, requirement: Any) -> bool:
+        """Whether the peer satisfies ``requirement``, cached for the connection (the peer's facts
+        do not change).  The cache holds the requirement itself, so its id cannot be reused by
+        another object while the verdict is cached."""
+        key = id(requirement)
+        hit = self._guard_cache.get(key)
+        if hit is not None and hit[0] is requirement:
+            return hit[1]
+        try:
+            ok = requirement.check(self.connection.peer) is True
+        except Exception:
+            log.exception("xrpc: requirement %s failed to evaluate", requirement)
+            ok = False
+        if len(self._guard_cache) >= _GUARD_CACHE_SIZE:
+            self._guard_cache.clear()  # bounded: exports created and dropped in a loop cannot grow it
+        self._guard_cache[key] = (requirement, ok)
+        return ok
+
+    # ---------------------------------------------------------------- dispatch of a CALL
+    def _refuse(self, call_id: int, oneway: int, code: int, message: str) -> None:
+        if not oneway:
+            self.core.send_error(call_id, *refusal(code, message))
+
+    def on_call(self, msg: Call, rec: CallRecord | None) -> None:
+        core = self.core
+        call_id = msg.id
+        if rec is not None and core.incoming.get(call_id) is not rec:
+            return  # cancelled in the same read, before it started: nothing to run, nobody to answer
+        oneway = msg.flags & CallFlags.ONEWAY
+        promise: IncomingPromise | None = None
+        export: Export | None
+        desc: InterfaceDescription | None
+        if msg.obj[:1] == "^":
+            # pipelined: the target is the object an earlier call of the peer returns
+            promise = self.objects.promise_for(msg.obj)
+            export = None
+            desc = promise.desc if promise is not None else None
+        else:
+            export = self.lookup(msg.obj)
+            desc = export.desc if export is not None else None
+        peer_name = self.connection.peer.describe
+        if desc is None:
+            self._refuse(call_id, oneway, ErrorCode.OBJECT_NOT_FOUND, f"no object is exported as {msg.obj!r}")
+            log.info("xrpc: call to unknown object %r from %s", msg.obj, peer_name())
+            return
+        m = desc.methods.get(msg.method)
+        if m is None or m.flags != msg.flags:
+            what = "has no method" if m is None else "was called with the wrong kind for method"
+            self._refuse(call_id, oneway, ErrorCode.METHOD_NOT_FOUND, f"{desc.name} {what} {msg.method!r}")
+            log.info("xrpc: call to unknown method %s.%s from %s", desc.name, msg.method, peer_name())
+            return
+        # the authorization checkpoint (a pipelined call passes it again once its target is known)
+        if (export is None or export.guards or self.requirement is not None) and not self.authorize(export, m):
+            self._refuse(call_id, oneway, ErrorCode.PEER_REJECTED, f"{m.qualname}: refused")
+            return
+        limits = self.limits
+        if rec is not None and rec.flags & (CallFlags.STREAM_IN | CallFlags.STREAM_OUT):
+            if self.streams >= limits.max_streams:
+                self._refuse(call_id, 0, ErrorCode.LIMIT, f"more than {limits.max_streams} streams open")
+                return
+        if self.serving >= limits.max_calls_in_flight:
+            self._refuse(call_id, oneway, ErrorCode.LIMIT, f"more than {limits.max_calls_in_flight} calls in flight")
+            return
+        deadline = msg.deadline
+        loop = self.link.loop
+        # A plain-function implementation runs inline, on the reader, without a task: the quickest
+        # path, for methods that do not wait for anything.  Its arguments are gone when it returns.
+        inline = (
+            export is not None
+            and loop is not None
+            and m.name in export.inline
+            and m.kind in (MethodKind.UNARY, MethodKind.ONEWAY)
+            and not self.middleware
+            and not m.reply_refs
+            and deadline is None
+        )
+        # A call served in a task holds its decoded arguments until it ends: they are drawn from
+        # the memory budget.  Admitted only if the frame and its decoded arguments (both alive
+        # while they are decoded) fit beside what is held; small ones are not counted.
+        size = 0 if inline else len(msg.payload)
+        meta = msg.meta
+        if meta and not inline:  # metadata lives as long as the call too
+            size += sum(len(k) + len(v) for k, v in meta.items())
+        flow = self.flow
+        if size > _SMALL_ARGS and flow.held + 2 * size > limits.max_buffered:
+            reason = (
+                f"{m.qualname}: its {size} bytes of arguments do not fit in the memory budget of {limits.max_buffered} bytes"
+                f" beside the {flow.held} bytes held for this connection (calls in flight: {flow.calls_held})"
+            )
+            log.warning("xrpc: refused call from %s: %s", peer_name(), reason)
+            self._refuse(call_id, oneway, ErrorCode.LIMIT, reason)
+            return
+        # Arguments are decoded now, in frame order: a RELEASE read after this CALL cannot drop an
+        # object the arguments carry back before they are decoded.
+        try:
+            args = m.decode_args(msg.payload, self.objects)
+        except ValidationError as exc:
+            log.warning("xrpc: refused call %s from %s: %s", m.qualname, peer_name(), _refusal(exc))
+            if not oneway:
+                core.send_error(call_id, *error_frame_args(exc))
+            return
+        if inline:
+            assert export is not None
+            self._serve_inline(msg, m, export, args)
+            return
+        # the task keeps ``msg``: let go of the frame (or the whole read) its payload points into
+        _force_setattr(msg, "payload", _NO_PAYLOAD)
+        if loop is None:
+            scope = anyio.CancelScope(deadline=anyio.current_time() + deadline if deadline is not None else math.inf)
+            inc = InCall(scope)
+        else:
+            inc = InCall(None)
+        if rec is not None:
+            rec.handler = inc
+            if rec.flags & CallFlags.STREAM_IN:
+                inc.queue = StreamQueue(flow, self.objects, call_id)
+            if rec.flags & CallFlags.STREAM_OUT:
+                inc.credit = Credit()
+            if m.reply_iface is not None:
+                inc.promise = self.objects.promise(call_id, describe(m.reply_iface))
+        self.serving += 1
+        if inc.queue is not None or inc.credit is not None:
+            self.streams += 1
+        if size > _SMALL_ARGS:
+            inc.held = size
+            flow.hold_call(size)
+        if promise is None:
+            assert export is not None
+            coro = self._serve(msg, m, export, inc, args)
+        else:
+            coro = self._serve_pipelined(msg, m, promise, inc, args)
+        self._start(coro, inc, deadline)
+
+    def _start(self, coro: Any, inc: InCall, deadline: float | None) -> None:
+        loop = self.link.loop
+        if loop is None:
+            tg = self.link.tg
+            assert tg is not None
+            ticket = self._next_ticket
+            self._next_ticket = ticket + 1
+            tg.start_soon(self._start_in_order, ticket, coro)
+            return
+        task = loop.create_task(coro)
+        inc.task = task
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        if inc.held:
+            # a task cancelled before its first step never runs its ``finally``
+            task.add_done_callback(lambda _: self._release_call(inc))
+        if deadline is not None:
+            inc.deadline = loop.time() + deadline
+
+    def _release_call(self, inc: InCall) -> None:
+        """The call ended (reply, error, cancel, or the connection closed): its arguments' bytes
+        go back to the budget (once)."""
+        n = inc.held
+        if n:
+            inc.held = 0
+            self.flow.release_call(n)
+
+    async def _start_in_order(self, ticket: int, coro: Any) -> None:
+        """Run ``coro`` once every call received before it has started (the scheduler of a
+        non-asyncio backend may start new tasks in any order)."""
+        try:
+            if self._started_ticket != ticket:
+                event = self._ticket_waiters[ticket] = anyio.Event()
+                await event.wait()
+        except BaseException:
+            coro.close()
+            raise
+        self._started_ticket = ticket + 1
+        following = self._ticket_waiters.pop(ticket + 1, None)
+        if following is not None:
+            following.set()
+        await coro
+
+    # ---------------------------------------------------------------- serving
+    def _serve_inline(self, msg: Call, m: MethodDescription, export: Export, args: tuple[Any, ...]) -> None:
+        call_id = msg.id
+        fn = export.methods[m.name]
+        kw: dict[str, Any] = {}
+        if m.kwonly:
+            args, kw = m.call_args(args)
+        try:
+            if msg.meta:
+                ctx = contextvars.copy_context()
+                ctx.run(metadata.set, msg.meta)
+                result = ctx.run(_run_inline, fn, args, kw)
+            else:
+                result = _run_inline(fn, args, kw)
+        except Exception as exc:
+            if m.kind is MethodKind.ONEWAY:
+                log.warning("xrpc: one-way call %s raised %r", m.qualname, exc)
+            else:
+                self._send_exception(call_id, m, exc)
+            return
+        if inspect.isawaitable(result):
+            # it returned an awaitable after all: finish it in a task
+            async def finish() -> Any:
+                return await result
+
+            self._serve_later(msg, m, export, finish)
+            return
+        if m.kind is MethodKind.ONEWAY:
+            return
+        self._send_answer(call_id, m, result, None)
+        # the reader flushes once it has handled every frame of this read
+
+    def _serve_later(self, msg: Call, m: MethodDescription, export: Export, fn: Callable[[], Any]) -> None:
+        """Serve a call whose implementation turned out to need awaiting, in a task of its own."""
+        inc = InCall(None)
+        rec = self.core.incoming.get(msg.id)
+        if rec is not None:
+            rec.handler = inc  # a CANCEL reaches the task
+        self.serving += 1
+        size = len(msg.payload)
+        if size > _SMALL_ARGS:
+            # it holds its arguments from now on (it has started: it is not refused)
+            inc.held = size
+            self.flow.hold_call(size)
+        _force_setattr(msg, "payload", _NO_PAYLOAD)
+        self._start(self._serve(msg, m, OneShotExport(export, m.name, fn), inc, ()), inc, None)
+
+    async def _serve_pipelined(self, msg: Call, m: MethodDescription, promise: IncomingPromise, inc: InCall, args: tuple[Any, ...]) -> None:
+        """A call on the result of an earlier call: wait for that result, pass the authorization
+        checkpoint with it (its implementation may carry ``@xrpc.requires``), then serve as usual."""
+        await promise.wait()
+        export: Export | None = None
+        if promise.error is None:
+            export = self.objects.resolved_export(promise, msg.obj)
+        if export is None:
+            error = (ErrorCode.OBJECT_NOT_FOUND, f"{msg.obj}: the call it depends on failed ({promise.error!r})")
+        elif not self.authorize(export, m):
+            error = (ErrorCode.PEER_REJECTED, f"{m.qualname}: refused")
+        else:
+            await self._serve(msg, m, export, inc, args)
+            return
+        self.serving -= 1
+        if inc.held:
+            self._release_call(inc)
+        if inc.queue is not None or inc.credit is not None:
+            self.streams -= 1
+        if msg.id in self.core.incoming:
+            self.core.send_error(msg.id, *refusal(*error))
+            self.link.kick()
+        if inc.promise is not None:
+            inc.promise.settle(error=ObjectNotFound(f"{msg.obj} failed"))
+            self.objects.settled(msg.id)
+
+    async def _serve(self, msg: Call, m: MethodDescription, export: Export, inc: InCall, args: tuple[Any, ...]) -> None:
+        core = self.core
+        call_id = msg.id
+        scope = inc.scope
+        try:
+            if msg.meta:
+                metadata.set(msg.meta)
+            fn: Callable[..., Any]
+            if m.kwonly:
+                args, kw = m.call_args(args)
+                fn = functools.partial(export.methods[m.name], **kw)
+            else:
+                fn = export.methods[m.name]
+            if self.middleware:
+                fn = self._intercepted(m, fn)
+            if inc.queue is not None:
+                args = (*args, InStream(inc.queue, m))
+                if m.stream_param is not None:
+                    pos = m.params.index(m.stream_param)
+                    if pos != len(args) - 1:
+                        lst = list(args)
+                        lst.insert(pos, lst.pop())
+                        args = tuple(lst)
+            if scope is not None:
+                with scope:
+                    await self._invoke(call_id, m, export, fn, args, inc)
+                timed_out = scope.cancelled_caught and call_id in core.incoming
+            elif inc.deadline != math.inf:
+                with anyio.CancelScope(deadline=inc.deadline) as deadline_scope:
+                    await self._invoke(call_id, m, export, fn, args, inc)
+                timed_out = deadline_scope.cancelled_caught and call_id in core.incoming
+            else:
+                await self._invoke(call_id, m, export, fn, args, inc)
+                timed_out = False
+            if timed_out:
+                # the deadline passed (a CANCEL from the peer removes the call from the table)
+                core.send_error(call_id, *refusal(ErrorCode.TIMEOUT, f"{m.qualname} did not finish before its deadline"))
+                self.link.kick()
+        finally:
+            self.serving -= 1
+            if inc.held:
+                self._release_call(inc)
+            if inc.queue is not None or inc.credit is not None:
+                self.streams -= 1
+                if inc.queue is not None:
+                    inc.queue.discard()
+            core.forget_incoming(call_id)
+            if inc.promise is not None:
+                inc.promise.settle(error=ObjectNotFound(f"call {call_id} returned no object"))
+                self.objects.settled(call_id)
+
+    async def _invoke(self, call_id: int, m: MethodDescription, export: Export, fn: Callable[..., Any], args: tuple[Any, ...], inc: InCall) -> None:
+        kind = m.kind
+        try:
+            if kind.streams_out:
+                await self._serve_stream(call_id, m, fn, args, inc)
+                return
+            if export.is_async[m.name] and not m.kwonly:
+                result = await fn(*args)
+            else:
+                result = fn(*args)
+                if inspect.isawaitable(result):
+                    result = await result
+        except Exception as exc:
+            if kind is MethodKind.ONEWAY:
+                log.warning("xrpc: one-way call %s raised %r", m.qualname, exc)
+            elif await self.room_for(len(str(exc)) + 64):
+                start = self.core.emitted
+                self._send_exception(call_id, m, exc)
+                self.answered(start)
+            return
+        if inc.promise is not None:
+            inc.promise.settle(result)
+        if kind is not MethodKind.ONEWAY:
+            if self.link.out_full() and not await self.room_for(_encoded_size(result)):
+                return
+            start = self.core.emitted
+            self._send_answer(call_id, m, result, inc.promise)
+            del result
+            if self.serving == 1:
+                self.link.send_now()  # the last call being served: no other reply can join this write
+            else:
+                self.link.kick()  # left to the coalescing flush at the end of the loop iteration
+            self.answered(start)
+
+    def _send_answer(self, call_id: int, m: MethodDescription, result: Any, promise: IncomingPromise | None) -> None:
+        """Send REPLY for ``result``, or the ERROR that says why it cannot go (objects exported for a
+        reply that never leaves are taken back)."""
+        core = self.core
+        objects = self.objects
+        try:
+            if m.reply_refs:
+                objects.begin()
+            try:
+                payload = m.encode_reply(result, objects)
+                core.send_reply(call_id, payload)
+            except BaseException:
+                objects.rollback()
+                raise
+            if m.reply_refs:
+                objects.commit()
+                if promise is not None and type(payload) is Ref and not payload.home:
+                    objects.returned(payload.oid, call_id)
+        except (LimitExceeded, ValidationError) as exc:
+            log.warning("xrpc: reply of %s refused: %s", m.qualname, _refusal(exc))
+            code, type_name, message, args = error_frame_args(exc)
+            core.send_error(call_id, code, type_name, message, [""] if args is not None else None)
+        except (TypeError, msgspec.EncodeError, OverflowError) as exc:
+            log.warning("xrpc: reply of %s could not be sent: %s", m.qualname, type(exc).__name__)
+            core.send_error(call_id, ErrorCode.INTERNAL, type(exc).__name__, f"the reply of {m.qualname} could not be encoded: {exc}")
+        except LocalProtocolError as exc:
+            if call_id in core.incoming:  # else the call is gone (cancelled, or the connection closed): nobody to answer
+                core.send_error(call_id, *refusal(ErrorCode.LIMIT, f"the reply of {m.qualname} is too large: {exc}"))
+        except Exception as exc:  # pragma: no cover - never let a reply break the reader or the task
+            log.warning("xrpc: reply of %s could not be sent: %s", m.qualname, type(exc).__name__)
+            if call_id in core.incoming:
+                core.send_error(call_id, ErrorCode.INTERNAL, type(exc).__name__, f"the reply of {m.qualname} could not be sent")
+
+    def _intercepted(self, m: MethodDescription, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` run through the server middleware."""
+
+        async def run(*args: Any) -> Any:
+            ctx = CallContext(m, self.connection, args, {}, dict(metadata.get() or {}), "server")
+
+            async def last() -> Any:
+                result = fn(*args)
+                if inspect.isawaitable(result):
+                    result = await result
+                return result
+
+            return await run_chain(self.middleware, ctx, last)
+
+        return run
+
+    def _send_exception(self, call_id: int, m: MethodDescription, exc: Exception) -> None:
+        core = self.core
+        if call_id not in core.incoming:
+            return
+        code, type_name, message, args = error_frame_args(exc, m)
+        if code == ErrorCode.REMOTE:
+            log.debug("xrpc: %s raised %r", m.qualname, exc)
+        try:
+            core.send_error(call_id, code, type_name, message, args)
+        except (TypeError, msgspec.EncodeError, OverflowError, LocalProtocolError):
+            core.send_error(call_id, code, type_name, message, [message])  # declared arguments that do not encode
+        self.link.kick()
+
+    async def _serve_stream(self, call_id: int, m: MethodDescription, fn: Callable[..., Any], args: tuple[Any, ...], inc: InCall) -> None:
+        core = self.core
+        rec = core.incoming.get(call_id)
+        credit = inc.credit
+        assert credit is not None
+        result = fn(*args)
+        if inspect.isawaitable(result) and not hasattr(result, "__aiter__"):
+            result = await result
+        it = result.__aiter__()
+        try:
+            alive = lambda: core.incoming.get(call_id) is rec  # noqa: E731
+            # items of a plain slot go out as they are: no per-item call
+            wrap = functools.partial(m.encode_reply, conn=self.objects) if (m.reply_refs or m.reply_checked) else None
+            if rec is not None and await self.sender.send(rec, it, wrap, credit, alive, m):
+                core.send_end(call_id)
+                self.link.kick()
+        finally:
+            aclose = getattr(it, "aclose", None)
+            if aclose is not None:
+                with anyio.move_on_after(1.0, shield=True):
+                    await aclose()
