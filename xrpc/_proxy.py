@@ -50,7 +50,8 @@ def check_compat(compat: dict[str, Any], m: MethodDescription, args: tuple[Any, 
         raise type(verdict)(*verdict.args)
     for i in verdict:
         p = m.value_params[i]
-        given = args[i] if i < len(args) else kwargs.get(p.name, p.default)
+        pos = m.params.index(p)  # ``args`` hold a stream argument too, in its place
+        given = args[pos] if pos < len(args) else kwargs.get(p.name, p.default)
         if not is_default(given, p.default):
             raise ValidationError(
                 f"{m.qualname}: the peer's version has no parameter {p.name!r}; it cannot take the value passed",
@@ -182,6 +183,8 @@ class _PipelineView:
             raise AttributeError(f"{proxy._xrpc_desc.name} has no method {name!r}")
 
         def call(*args: Any, **kwargs: Any) -> Any:
+            if proxy._xrpc_compat is not None:
+                check_compat(proxy._xrpc_compat, m, args, kwargs)
             return proxy._xrpc_conn.call_pipelined(proxy._xrpc_obj, m, args, kwargs, proxy._xrpc_timeout)
 
         return call

@@ -71,9 +71,9 @@ import anyio.abc
 import anyio.lowlevel
 
 from ._api import Server, connect
-from ._connection import Connection, Limits
+from ._connection import Connection, Limits, Promise
 from ._errors import ConnectionInterrupted, ConnectionInvalidated, Error, PeerRejected, TransportError
-from ._interface import describe
+from ._interface import MethodDescription, MethodKind, describe
 from ._proxy import make_proxy
 from ._transports import ParsedURL, _owner
 
@@ -1037,7 +1037,7 @@ class ServiceConnection:
         cache_key = (id(desc), key, timeout)
         p = self._proxies.get(cache_key)
         if p is None:
-            p = make_proxy(self, desc, key, timeout)  # type: ignore[arg-type]
+            p = make_proxy(self, desc, key, timeout)
             self._proxies[cache_key] = p
         return p  # type: ignore[no-any-return]
 
@@ -1065,11 +1065,6 @@ class ServiceConnection:
             await hold.conn.aclose()
 
     # -------------------------------------------------------------- the calls proxies make
-    _middleware: tuple[Any, ...] = ()  # proxies check this; a ServiceConnection's middleware lives on its connections
-
-    async def _call_unary(self, obj: str, m: Any, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
-        return await self.call_unary(obj, m, args, kwargs, timeout)
-
     async def call_unary(self, obj: str, m: Any, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
         conn, remaining = await self._acquire_within(timeout)
         conn.check_call(m, obj, args, kwargs)  # against the version of the service running now
@@ -1095,6 +1090,11 @@ class ServiceConnection:
 
     def call_stream(self, obj: str, m: Any, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> _ServiceStream:
         return _ServiceStream(self, obj, m, args, kwargs, timeout)
+
+    def call_pipelined(
+        self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> _ServicePromise:
+        return _ServicePromise(self, None, m, (obj, args, kwargs), timeout)
 
     # -------------------------------------------------------------- getting a connection
     async def _acquire_within(self, timeout: float | None) -> tuple[Connection, float | None]:
@@ -1347,6 +1347,105 @@ class _ServiceStream:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.aclose()
+
+
+class _ServicePromise:
+    """The pending result of a call made through ``xrpc.pipeline(proxy)`` on a service connection.
+
+    It behaves as ``Promise`` does: await it for the result; a method called on it is a call
+    addressed to that result, sent without waiting for it.  The connection may not be there yet
+    (launch on demand, reconnect), so a promise keeps its place in its chain and the chain is sent
+    as soon as it can be: at once when connected, else on the first await of any of its promises,
+    which connects first (within the timeout; the call gets what is left of it).  Each call is sent
+    once, the first by the connection's ``call_pipelined`` and each next one as a method of the
+    ``Promise`` before it, so the chain still costs one round trip.  A call that could not be sent
+    fails every call chained on it with its error.
+    """
+
+    __slots__ = ("_sc", "_parent", "_m", "_call", "_timeout", "_sent", "_error")
+
+    def __init__(
+        self,
+        sc: ServiceConnection,
+        parent: _ServicePromise | None,
+        m: MethodDescription,
+        call: tuple[str, tuple[Any, ...], dict[str, Any]],
+        timeout: float | None,
+    ) -> None:
+        if m.kind is not MethodKind.UNARY:
+            raise TypeError(f"{m.qualname}: only unary calls can be pipelined")
+        self._sc = sc
+        self._parent = parent  # the promise whose result this call is addressed to (None: ``call[0]``)
+        self._m = m
+        self._call: tuple[str, tuple[Any, ...], dict[str, Any]] | None = call  # until sent
+        self._timeout = timeout
+        self._sent: Promise | None = None
+        self._error: BaseException | None = None  # why it could not be sent
+        conn = sc.connection
+        self._send(conn if conn is not None and not conn.closed else None)
+
+    def _send(self, conn: Connection | None) -> Promise | None:
+        """Send this call, after the calls it is chained on that are not sent yet (the first of the
+        chain on ``conn``; with None it waits for a connection).  Synchronous, so a chain is sent
+        whole and in order, each call once, whoever asks first."""
+        if self._sent is not None or self._error is not None:
+            return self._sent
+        assert self._call is not None
+        obj, args, kwargs = self._call
+        parent = self._parent
+        try:
+            if parent is None:
+                if conn is None:
+                    return None
+                conn.check_call(self._m, obj, args, kwargs)  # against the version of the service running now
+                self._sent = conn.call_pipelined(obj, self._m, args, kwargs, self._timeout)
+            else:
+                before = parent._send(conn)
+                if before is None:
+                    if parent._error is None:
+                        return None  # nothing of the chain is sent yet
+                    self._error = _clone(parent._error)
+                else:
+                    self._sent = getattr(before, self._m.name)(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - kept for whoever awaits the promise
+            self._error = exc
+        self._call = None
+        self._sc._last_activity = anyio.current_time()
+        return self._sent
+
+    def __await__(self) -> Any:
+        return self._get().__await__()
+
+    async def _get(self) -> Any:
+        sc = self._sc
+        limit: float | None = None
+        if self._sent is None and self._error is None:
+            conn, limit = await sc._acquire_within(self._timeout)
+            self._send(conn)
+        if self._error is not None:
+            raise self._error
+        sent = self._sent
+        assert sent is not None
+        try:
+            if limit is None:
+                return await sent
+            with anyio.fail_after(limit):  # what is left of the timeout after connecting
+                return await sent
+        finally:
+            sc._last_activity = anyio.current_time()
+
+    def __getattr__(self, name: str) -> Callable[..., _ServicePromise]:
+        iface = self._m.reply_iface
+        if iface is None:
+            raise AttributeError(f"{self._m.qualname} does not return an object: there is nothing to pipeline on")
+        m = describe(iface).methods.get(name)
+        if m is None:
+            raise AttributeError(f"{describe(iface).name} has no method {name!r}")
+
+        def call(*args: Any, **kwargs: Any) -> _ServicePromise:
+            return _ServicePromise(self._sc, self, m, ("", args, kwargs), self._timeout)
+
+        return call
 
 
 @contextlib.asynccontextmanager
