@@ -82,6 +82,11 @@ class Server:
     def unexport(self, name: str) -> None:
         self._exports.pop(name, None)
 
+    @property
+    def export_names(self) -> list[str]:
+        """The names this server exports under (``__introspect__`` included)."""
+        return list(self._exports)
+
     @contextlib.asynccontextmanager
     async def listen(
         self, url: str, *, socket_mode: int = 0o600, ssl_context: ssl.SSLContext | None = None

@@ -763,11 +763,11 @@ def discover_services() -> list[tuple[str, str, BaseException | Any]]:
 
 
 async def _probe(name: str, timeout: float) -> tuple[str, str]:
-    from ._services import UntrustedPath, _check_dir, socket_path
+    from ._services import UntrustedPath, check_dir, socket_path
 
     try:
         path = socket_path(name)
-        fd = _check_dir(path.parent, create=False)  # never talk to a socket another user could have put there
+        fd = check_dir(path.parent, create=False)  # never talk to a socket another user could have put there
     except (ValueError, UntrustedPath) as exc:
         return "invalid", str(exc)
     if fd is not None:
@@ -883,7 +883,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         try:
             async with server.listen(args.url) as listener:
                 _write(listener.url)
-                names = ", ".join(n for n in server._exports if n != INTROSPECT_NAME)
+                names = ", ".join(n for n in server.export_names if n != INTROSPECT_NAME)
                 print(f"xrpc serve: serving {names} on {listener.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
                 async for _ in signals:
                     break

@@ -75,7 +75,7 @@ from ._connection import Connection, Limits, Promise
 from ._errors import ConnectionInterrupted, ConnectionInvalidated, Error, PeerRejected, TransportError
 from ._interface import MethodDescription, MethodKind, describe
 from ._proxy import make_proxy
-from ._transports import ParsedURL, _owner
+from ._transports import ParsedURL, owner_name
 
 if sys.version_info >= (3, 11):
     import tomllib as _toml
@@ -221,7 +221,7 @@ def _writers(mode: int) -> str:
 def _check_owner_and_mode(st: os.stat_result, path: str, role: str, hint: str) -> None:
     if not _trusted_owner(st.st_uid):
         raise _untrusted(
-            path, f"it belongs to {_owner(st.st_uid)}, not to you ({_owner(os.geteuid())}) or root, so that user controls it", hint
+            path, f"it belongs to {owner_name(st.st_uid)}, not to you ({owner_name(os.geteuid())}) or root, so that user controls it", hint
         )
     mode = st.st_mode
     if mode & 0o022 and not (role == _ANCESTOR and stat.S_ISDIR(mode) and mode & stat.S_ISVTX):
@@ -280,10 +280,10 @@ def _open_dir(path: str | os.PathLike[str], *, own: int = 0, create: bool = Fals
                     return None
                 if role == _OWN:
                     raise _untrusted(
-                        child, f"it is a symbolic link (owned by {_owner(st.st_uid)}), and xrpc's own directories must be real directories", hint
+                        child, f"it is a symbolic link (owned by {owner_name(st.st_uid)}), and xrpc's own directories must be real directories", hint
                     ) from None
                 if not _trusted_owner(st.st_uid):
-                    raise _untrusted(child, f"it is a symbolic link that belongs to {_owner(st.st_uid)}", hint) from None
+                    raise _untrusted(child, f"it is a symbolic link that belongs to {owner_name(st.st_uid)}", hint) from None
                 links += 1
                 if links > _MAX_LINKS:
                     raise _untrusted(child, "too many levels of symbolic links", hint) from None
@@ -321,7 +321,7 @@ def _is_runtime_subdir(path: Path) -> bool:
     return path.parent == runtime_dir()
 
 
-def _check_dir(path: Path, *, create: bool) -> int | None:
+def check_dir(path: Path, *, create: bool) -> int | None:
     """``_open_dir`` for a directory xrpc uses: ``<runtime>/X`` (services, sockets, locks) is xrpc's
     own, as is the runtime directory itself; any other directory only has to be private."""
     if _is_runtime_subdir(path):
@@ -332,7 +332,7 @@ def _check_dir(path: Path, *, create: bool) -> int | None:
 def _private_dir(path: Path) -> Path:
     """Create ``path`` (mode 0700) if needed; refuse it if anyone else could tamper with it or with
     any directory above it (``UntrustedPath``)."""
-    fd = _check_dir(path, create=True)
+    fd = check_dir(path, create=True)
     assert fd is not None
     os.close(fd)
     return path
@@ -356,7 +356,7 @@ def _read_trusted(dir_fd: int, directory: Path, filename: str, links: int = 0) -
         except OSError:
             return None  # gone meanwhile
         if not _trusted_owner(st.st_uid):
-            raise _untrusted(str(path), f"it is a symbolic link that belongs to {_owner(st.st_uid)}") from None
+            raise _untrusted(str(path), f"it is a symbolic link that belongs to {owner_name(st.st_uid)}") from None
         if links >= _MAX_LINKS:
             raise _untrusted(str(path), "too many levels of symbolic links") from None
         target = directory / link
@@ -440,7 +440,7 @@ def _extensions() -> tuple[str, ...]:
 def load_description(path: str | os.PathLike[str]) -> ServiceDescription:
     """Read and check one description file (``.toml`` or ``.json``)."""
     path = Path(path)
-    dir_fd = _check_dir(path.parent, create=False)
+    dir_fd = check_dir(path.parent, create=False)
     raw = None
     if dir_fd is not None:
         try:
@@ -564,7 +564,7 @@ def find_service(name: str, search_path: Sequence[str | os.PathLike[str]] | None
     exts = _extensions()
     notes: list[str] = []
     for d in dirs:
-        dir_fd = _check_dir(d, create=False)
+        dir_fd = check_dir(d, create=False)
         if dir_fd is None:
             continue  # no such directory
         try:
@@ -1541,7 +1541,7 @@ class _ConnectionSet(set):  # type: ignore[type-arg]
 
 
 def _busy(conns: set[Connection]) -> bool:
-    return any(c._serving or c._core.outgoing for c in conns)
+    return any(c.in_flight for c in conns)
 
 
 def _signal_ready(fd: int | None) -> None:

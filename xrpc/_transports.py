@@ -387,7 +387,7 @@ def _check_socket_directory(url: str, directory: str) -> None:
         )
 
 
-def _owner(uid: int) -> str:
+def owner_name(uid: int) -> str:
     try:
         return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
     except KeyError:
@@ -413,7 +413,7 @@ def _remove_stale_socket(url: str, path: str) -> None:
     except OSError as exc:
         if st.st_uid != os.geteuid():
             raise TransportError(
-                f"{url}: {path} is a socket file of {_owner(st.st_uid)} that this process may not remove "
+                f"{url}: {path} is a socket file of {owner_name(st.st_uid)} that this process may not remove "
                 f"(left by a server of theirs, or in use by one): remove it as that user, or listen elsewhere"
             ) from exc
         raise TransportError(f"{url}: cannot remove the stale socket file {path}: {exc.strerror or exc}") from exc
@@ -442,7 +442,7 @@ def _bind_unix(sock: socket.socket, url: str, path: str, mode: int) -> tuple[int
         if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
             what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a file"
             raise TransportError(
-                f"{url}: {path} was replaced right after it was created (it is now {what} of {_owner(st.st_uid)}): "
+                f"{url}: {path} was replaced right after it was created (it is now {what} of {owner_name(st.st_uid)}): "
                 "someone else can write to its directory; put the socket in a private directory"
             )
         if stat.S_IMODE(st.st_mode) != mode:  # e.g. a default ACL on the directory ignores the umask
