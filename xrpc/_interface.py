@@ -39,7 +39,7 @@ from typing_extensions import Annotated, get_args, get_origin
 
 from ._errors import InterfaceError, ValidationError
 from ._fds import FileDescriptor, SharedBuffer
-from ._protocol import CallFlags, Ref
+from ._protocol import CallFlags, MethodSig, Ref
 
 __all__ = (
     "MethodKind",
@@ -531,6 +531,12 @@ class MethodDescription:
         )
         self.stream_param: ParamDescription | None = next((p for p in params if p.stream), None)
         self.value_params = [p for p in params if not p.stream]
+        self._signature = MethodSig(
+            kind.value,
+            tuple(p.name for p in params),
+            tuple(i for i, p in enumerate(params) if p.has_default),
+            next((i for i, p in enumerate(params) if p.stream), None),
+        )
         self._build()
 
     def _build(self) -> None:
@@ -750,12 +756,12 @@ class MethodDescription:
         return f"{self.interface.name}.{self.name}"
 
     @property
-    def signature(self) -> str:
-        """The compact form announced in the handshake: ``kind:a,b?,c*``."""
-        params = ",".join(p.name + ("*" if p.stream else "?" if p.has_default else "") for p in self.params)
-        return f"{self.kind.value}:{params}"
+    def signature(self) -> MethodSig:
+        """What the handshake announces of this method: its kind, its parameter names, which of
+        them have a default, which one is the stream."""
+        return self._signature
 
-    def compat_with(self, remote: str, where: str) -> Any:
+    def compat_with(self, remote: MethodSig, where: str) -> Any:
         """How a call of this method fares against the peer's signature ``remote``.
 
         Returns None (same signature), a string (every call fails: the reason), or a tuple of
@@ -763,20 +769,17 @@ class MethodDescription:
         """
         if remote == self.signature:
             return None
-        kind, _, plist = remote.partition(":")
-        if kind != self.kind.value:
-            return f"{where} is a {kind.replace('_', ' ')} call there, a {self.kind.value.replace('_', ' ')} call here"
-        theirs = [p for p in plist.split(",") if p]
-        their_names = [p.rstrip("?*") for p in theirs]
+        if remote.kind != self.kind.value:
+            return f"{where} is a {remote.kind.replace('_', ' ')} call there, a {self.kind.value.replace('_', ' ')} call here"
         mine = [p.name for p in self.params]
-        for i, name in enumerate(their_names):
+        for i, name in enumerate(remote.params):
             if i >= len(mine):
-                if not theirs[i].endswith("?"):
+                if i not in remote.optional:
                     return f"{where} requires parameter {name!r} there, which this side's interface lacks"
                 continue
             if mine[i] != name:
                 return f"{where}: parameter {i + 1} is {name!r} there, {mine[i]!r} here"
-        extra = tuple(i for i, p in enumerate(self.value_params) if p.name not in their_names)
+        extra = tuple(i for i, p in enumerate(self.value_params) if p.name not in remote.params)
         return extra or None
 
     def describe(self) -> dict[str, Any]:
