@@ -1464,6 +1464,19 @@ class Connection:
         _fd_budget.give(1)
         return fd
 
+    # the codec's WireContext
+    def ref_out(self, desc: InterfaceDescription, value: Any) -> Ref:
+        return self._ref_out(desc, value)
+
+    def ref_in(self, desc: InterfaceDescription, token: Ref) -> Any:
+        return self._ref_in(desc, token)
+
+    def fd_out(self, fd: int) -> int:
+        return self._fd_out(fd)
+
+    def fd_in(self, seq: int) -> int:
+        return self._fd_in(seq)
+
     @property
     def exported_objects(self) -> int:
         """How many objects this side currently exports to the peer by reference."""
@@ -2643,7 +2656,7 @@ class Connection:
         try:
             alive = lambda: core.incoming.get(call_id) is rec  # noqa: E731
             # items of a plain slot go out as they are: no per-item call
-            wrap = functools.partial(m.encode_reply, conn=self) if (m.reply_refs or m.reply_checked) else None
+            wrap = functools.partial(m.encode_reply, ctx=self) if (m.reply_refs or m.reply_checked) else None
             if rec is not None and await self._send_stream(rec, it, wrap, credit, alive, m):
                 core.send_end(call_id)
                 self._kick()
