@@ -33,7 +33,7 @@ import msgspec
 import msgspec.inspect as mi
 
 import xrpc
-from xrpc._interface import InterfaceDescription, Slot, is_interface
+from xrpc._interface import InterfaceDescription, RefPlan, Slot, is_interface
 
 from ._document import REF_PREFIX, SCHEMA_VERSION, X_CLASS, X_INTERFACE, X_KEYS, X_PYTHON, X_TZ
 from ._errors import CodegenError
@@ -125,21 +125,17 @@ def _schema_hook(tp: Any) -> dict[str, Any]:
 
 
 def _referenced(desc: InterfaceDescription) -> list[type]:
-    """Interfaces whose objects ``desc`` passes by reference (a slot's plan names them)."""
-    found: list[type] = []
-    stack: list[Any] = []
+    """Interfaces whose objects ``desc`` passes by reference (a slot's plan names them), the last
+    named first (the order schemas have always listed them in, so that they stay the same)."""
+    named: list[type] = []
     for m in desc.methods.values():
         for slot in [m.reply, *(p.slot for p in m.params)]:
-            if slot is not None:
-                stack.append(getattr(slot, "plan", None))
-    while stack:
-        plan = stack.pop()
-        if isinstance(plan, (tuple, list)):
-            if len(plan) == 2 and plan[0] == "ref" and is_interface(plan[1]):
-                if plan[1] not in found:
-                    found.append(plan[1])
-            else:
-                stack.extend(plan)
+            if slot is not None and slot.plan is not None:
+                named.extend(plan.iface for plan in slot.plan.walk() if isinstance(plan, RefPlan))
+    found: list[type] = []
+    for iface in reversed(named):
+        if iface not in found:
+            found.append(iface)
     return found
 
 

@@ -1,11 +1,12 @@
 """Interface validation at decoration time, ``xrpc.describe``, and a round-trip property test."""
 
+import dataclasses
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import Annotated, Any, AsyncIterator, Callable, Optional, Protocol, Union
 
 import anyio
 import anyio.from_thread
@@ -16,6 +17,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import xrpc
+from xrpc._interface import (
+    BufferPlan,
+    DictPlan,
+    FdPlan,
+    InterfaceDescription,
+    OptionalPlan,
+    Plan,
+    RefPlan,
+    SeqPlan,
+    TuplePlan,
+    WireContext,
+    plan_of,
+)
+from xrpc._protocol import Ref
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -391,3 +406,128 @@ async def test_plain_values_round_trip_through_any() -> None:
             await anyio.to_thread.run_sync(check)
     assert examples >= 50
     assert impl.calls == examples
+
+
+# --------------------------------------------------------------------------- reference plans and the wire context
+@xrpc.interface(name="test.Cell")
+class Cell(Protocol):
+    async def get(self) -> int: ...
+
+
+@xrpc.interface(name="test.Grid")
+class Grid(Protocol):
+    async def fill(self, cells: list[Cell], named: dict[str, tuple[Cell, int]], spare: Optional[Cell] = None) -> frozenset[Cell]: ...
+    async def pipe(self, fd: xrpc.FileDescriptor, label: str) -> xrpc.SharedBuffer: ...
+
+
+class RecordingContext:
+    """A ``WireContext`` without a connection: objects go out as numbered references and come back
+    as themselves; descriptor numbers are shifted by 100 on the way out."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, Any] = {}
+        self.calls: list[tuple[str, Any]] = []
+
+    def ref_out(self, desc: InterfaceDescription, value: Any) -> Ref:
+        oid = f"o{len(self.objects)}"
+        self.objects[oid] = value
+        self.calls.append(("ref_out", desc.name))
+        return Ref(False, oid, desc.name)
+
+    def ref_in(self, desc: InterfaceDescription, token: Ref) -> Any:
+        self.calls.append(("ref_in", desc.name))
+        return self.objects[token.oid]
+
+    def fd_out(self, fd: int) -> int:
+        self.calls.append(("fd_out", fd))
+        return fd + 100
+
+    def fd_in(self, seq: int) -> int:
+        self.calls.append(("fd_in", seq))
+        return seq - 100
+
+
+def test_slots_hold_typed_plans() -> None:
+    fill = xrpc.describe(Grid).methods["fill"]
+    cells, named, spare = (p.slot.plan for p in fill.params)  # type: ignore[union-attr]
+    assert cells == SeqPlan(RefPlan(Cell), list)
+    assert named == DictPlan(str, TuplePlan((RefPlan(Cell), None), (Cell, int)))
+    assert spare == OptionalPlan(RefPlan(Cell))
+    assert fill.reply is not None and fill.reply.plan == SeqPlan(RefPlan(Cell), frozenset)
+    assert [type(p).__name__ for p in named.walk()] == ["DictPlan", "TuplePlan", "RefPlan"]
+    pipe = xrpc.describe(Grid).methods["pipe"]
+    assert [p.slot.plan for p in pipe.params] == [FdPlan(), None]  # type: ignore[union-attr]
+    assert pipe.reply is not None and pipe.reply.plan == BufferPlan()
+    assert plan_of(list[int]) is None and plan_of(dict[str, Point]) is None
+    assert plan_of(tuple[Cell, ...]) == SeqPlan(RefPlan(Cell), tuple)
+    assert plan_of(Annotated[set[Cell], "doc"]) == SeqPlan(RefPlan(Cell), set)
+    with pytest.raises(xrpc.InterfaceError, match="only as Optional"):
+        plan_of(Union[Cell, int])
+
+
+def test_the_codec_passes_references_through_a_wire_context() -> None:
+    ctx = RecordingContext()
+    a, b, c = object(), object(), object()
+    fill = xrpc.describe(Grid).methods["fill"]
+    payload = msgspec.msgpack.encode(fill.encode_args(([a, b], {"x": (c, 3)}), {}, ctx))
+    ref = lambda oid: [False, oid, "test.Cell"]  # noqa: E731
+    assert msgspec.msgpack.decode(payload) == [[ref("o0"), ref("o1")], {"x": [ref("o2"), 3]}]  # spare, at its default, is not sent
+    assert fill.decode_args(payload, ctx) == ([a, b], {"x": (c, 3)}, None)
+    reply = msgspec.msgpack.encode(fill.encode_reply(frozenset({a}), ctx))
+    assert fill.decode_reply(reply, ctx) == frozenset({a})
+    assert ctx.calls == [("ref_out", "test.Cell")] * 3 + [("ref_in", "test.Cell")] * 3 + [("ref_out", "test.Cell"), ("ref_in", "test.Cell")]
+    # a slot with references needs a context; plain slots do not
+    with pytest.raises(xrpc.ValidationError, match="argument 'cells' .* travel only on a connection"):
+        fill.encode_args(([a], {}), {})
+    with pytest.raises(xrpc.ValidationError, match="argument 'cells' .* travel only on a connection"):
+        fill.decode_args(payload)
+    distance = xrpc.describe(Geometry).methods["distance"]
+    assert distance.decode_args(msgspec.msgpack.encode(distance.encode_args((Point(0, 0), Point(3, 4)), {}))) == (Point(0, 0), Point(3, 4), 1.0)
+
+
+class Ticket:
+    """A value of a kind xrpc does not know: it travels as a number the wire context hands out."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Ticket) and other.n == self.n
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def test_a_new_kind_of_plan_is_one_class() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class TicketPlan(Plan):
+        @classmethod
+        def match(cls, tp: Any) -> Plan | None:
+            return cls() if tp is Ticket else None
+
+        @property
+        def wire_type(self) -> Any:
+            return int
+
+        def to_wire(self, ctx: WireContext, value: Any) -> Any:
+            return ctx.fd_out(value.n)
+
+        def from_wire(self, ctx: WireContext, value: Any) -> Any:
+            return Ticket(ctx.fd_in(value))
+
+    try:
+
+        @xrpc.interface(name="test.Booth")
+        class Booth(Protocol):
+            async def swap(self, tickets: list[Ticket], label: str) -> Optional[Ticket]: ...
+
+        swap = xrpc.describe(Booth).methods["swap"]
+        assert swap.params[0].slot is not None and swap.params[0].slot.plan == SeqPlan(TicketPlan(), list)
+        ctx = RecordingContext()
+        payload = msgspec.msgpack.encode(swap.encode_args(([Ticket(1), Ticket(2)], "x"), {}, ctx))
+        assert msgspec.msgpack.decode(payload) == [[101, 102], "x"]
+        assert swap.decode_args(payload, ctx) == ([Ticket(1), Ticket(2)], "x")
+        assert swap.decode_reply(msgspec.msgpack.encode(swap.encode_reply(Ticket(5), ctx)), ctx) == Ticket(5)
+        assert swap.decode_reply(msgspec.msgpack.encode(swap.encode_reply(None, ctx)), ctx) is None
+    finally:
+        Plan.kinds.remove(TicketPlan)
+    assert plan_of(Ticket) is None

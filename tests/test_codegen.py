@@ -15,13 +15,14 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Annotated, Any, AsyncIterator, Callable, Iterator, Protocol
+from typing import Annotated, Any, AsyncIterator, Callable, Iterator, Optional, Protocol
 
 import anyio
 import msgspec
 import pytest
 
 import xrpc
+from xrpc._interface import DictPlan, RefPlan, SeqPlan, TuplePlan
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -442,6 +443,51 @@ def test_stubs_for_descriptors_shared_memory_and_parameter_kinds(tmp_path: Path)
         assert _json_round(codegen.build_schema([mod.Files]))["interfaces"] == doc["interfaces"]
     finally:
         sys.modules.pop("xrpc_codegen_generated_files", None)
+
+
+def test_schema_and_stubs_follow_references_inside_containers(tmp_path: Path) -> None:
+    """Codegen finds the interfaces a method passes by reference from the slots' plans, however
+    deep in a container they sit, and the stubs declare them with the same plans."""
+
+    @xrpc.interface(name="test.Leaf")
+    class Leaf(Protocol):
+        async def name(self) -> str: ...
+
+    @xrpc.interface(name="test.Twig")
+    class Twig(Protocol):
+        async def length(self) -> float: ...
+
+    @xrpc.interface(name="test.Tree")
+    class Tree(Protocol):
+        async def graft(self, leaves: list[Leaf], where: dict[str, tuple[Twig, int]]) -> int: ...
+        async def first(self) -> Optional[Leaf]: ...
+        def twigs(self, stop: int) -> AsyncIterator[tuple[Twig, ...]]: ...
+
+    doc = _json_round(codegen.build_schema([Tree]))
+    assert [i["name"] for i in doc["interfaces"]] == ["test.Tree", "test.Twig", "test.Leaf"]
+    graft = doc["interfaces"][0]["methods"][0]
+    assert graft["params"][0]["type"] == {"type": "array", "items": {"x-xrpc-interface": "test.Leaf"}}
+    text = codegen.render_stubs(doc)
+    assert "async def graft(self, leaves: list[Leaf], where: dict[str, tuple[Twig, int]]) -> int: ..." in text
+    assert "async def first(self) -> Leaf | None: ..." in text
+    assert "def twigs(self, stop: int) -> AsyncIterator[tuple[Twig, ...]]: ..." in text
+    path = tmp_path / "tree_stubs.py"
+    path.write_text(text, encoding="utf-8")
+    mod = _import_file(path, "xrpc_codegen_generated_tree")
+    try:
+        # (Tree's fingerprint is not compared: a slot holding a reference enters it by the Python
+        # name of its type, which differs between the original module and the stubs)
+        for orig, made in ((Twig, mod.Twig), (Leaf, mod.Leaf)):
+            assert xrpc.describe(made).fingerprint == xrpc.describe(orig).fingerprint
+        made_graft = xrpc.describe(mod.Tree).methods["graft"]
+        assert [p.slot.plan for p in made_graft.params] == [  # type: ignore[union-attr]
+            SeqPlan(RefPlan(mod.Leaf), list),
+            DictPlan(str, TuplePlan((RefPlan(mod.Twig), None), (mod.Twig, int))),
+        ]
+        again = _json_round(codegen.build_schema([mod.Tree]))["interfaces"]
+        assert [(i["name"], i["methods"]) for i in again] == [(i["name"], i["methods"]) for i in doc["interfaces"]]
+    finally:
+        sys.modules.pop("xrpc_codegen_generated_tree", None)
 
 
 @pytest.mark.parametrize(

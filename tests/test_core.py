@@ -37,6 +37,7 @@ from xrpc._protocol import (
     Hello,
     Item,
     Message,
+    MethodSig,
     Ping,
     Pong,
     ProtocolCore,
@@ -329,6 +330,41 @@ def test_client_refuses_welcome_with_other_version() -> None:
     c.send_hello()
     with pytest.raises(RemoteProtocolError):
         c.receive_data(frame(Welcome(PROTOCOL_VERSION + 1, 1 << 20)))
+
+
+def test_signatures_travel_as_typed_values() -> None:
+    sig = MethodSig("client_stream", ("label", "chunks", "level"), (2,), 1)
+    c, s = pair(client_exports=[ExportInfo("up", "Sink", "ab" * 8, {"upload": sig})])
+    c.send_hello()
+    data = c.data_to_send()
+    assert msgspec.msgpack.decode(data[4:])[3] == [["up", "Sink", "ab" * 8, {"upload": ["client_stream", ["label", "chunks", "level"], [2], 1]}]]
+    s.receive_data(data)
+    assert s.peer_exports[0].methods == {"upload": sig}
+
+
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        ("unary:a,b?", "Expected `array`, got `str`"),
+        (["unary", ["a", "a"]], "parameter names must be non-empty and distinct"),
+        (["unary", ["a", "b"], [0, 2]], "optional parameter indexes must be ascending and in range"),
+        (["client_stream", ["a", "xs"], [1], 1], "the stream parameter index must be in range and not optional"),
+    ],
+)
+def test_a_malformed_signature_is_a_protocol_error(bad: Any, why: str) -> None:
+    """On either side of the handshake: the error names the frame and the export."""
+    exports = [["a", "A", "0" * 16, {}], ["b", "B", "1" * 16, {"m": ["unary", []], "n": bad}]]
+    s = ProtocolCore(client=False)
+    with pytest.raises(RemoteProtocolError) as info:
+        s.receive_data(body_frame(msgspec.msgpack.encode([0, PROTOCOL_VERSION, 1 << 20, exports])))
+    assert str(info.value).startswith("undecodable HELLO: a method signature of export 1 is malformed: " + why)
+    assert s.state == State.ERROR and s.peer_exports == []
+    c = ProtocolCore(client=True)
+    c.send_hello()
+    with pytest.raises(RemoteProtocolError) as info:
+        c.receive_data(body_frame(msgspec.msgpack.encode([1, PROTOCOL_VERSION, 1 << 20, exports])))
+    assert str(info.value).startswith("undecodable WELCOME: a method signature of export 1 is malformed: " + why)
+    assert c.state == State.ERROR
 
 
 # --------------------------------------------------------------------------- calls and ids
@@ -726,7 +762,7 @@ def test_max_frame_applies_from_hello_on_even_within_one_read() -> None:
 def test_a_hello_with_a_large_export_list_fits_the_handshake_limit() -> None:
     """A client with 500 exports of 20 methods each (10,000 signatures) sends a HELLO well under
     the handshake limit."""
-    methods = {f"method_number_{i}": "unary:int,str,bytes?,list" for i in range(20)}
+    methods = {f"method_number_{i}": MethodSig("unary", ("int", "str", "bytes", "list"), (2,)) for i in range(20)}
     exports = [ExportInfo(f"service.export_{i}", f"pkg.module.Interface{i}", "f" * 32, methods) for i in range(500)]
     c, s = pair(client_exports=exports)
     c.send_hello()

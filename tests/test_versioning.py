@@ -1,18 +1,23 @@
 """Version negotiation: an old client meets a new server and the other way round.
 
-The handshake announces each export's fingerprint and a compact description (method kinds and
+The handshake announces each export's fingerprint and a typed signature per method (its kind and
 parameter names).  A compatible difference works; a call the other side cannot take fails at once
-with an error that names the method and the difference, never silently.
+with an error that names the method and the difference, never silently.  A signature that does not
+decode is a protocol error.
 """
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Protocol
 
 import anyio
+import msgspec
 import pytest
 
 import xrpc
+from xrpc._protocol import PROTOCOL_VERSION, ErrorCode, Hello, MethodSig
+
+from _wire import body_frame, decode_frames, frame, read_to_end
 
 T = 10.0
 
@@ -239,6 +244,103 @@ async def test_server_calling_an_older_client() -> None:
         async with xrpc.testing.connect(server, exports=[(SvcV1, V1(), "svc")]):
             pass
     assert seen == ["hello server", "MethodNotFound"]
+
+
+# --------------------------------------------------------------------------- typed signatures
+WELCOME_TAG, GOODBYE_TAG = 1, 10
+
+
+@xrpc.interface(name="Sink")
+class Sink(Protocol):
+    async def upload(self, label: str, chunks: AsyncIterator[bytes], *, level: int = 0) -> int: ...
+
+
+def test_signatures_are_typed_values() -> None:
+    assert xrpc.describe(SvcV2).methods["add"].signature == MethodSig("unary", ("a", "b", "scale"), (2,), None)
+    assert xrpc.describe(Sink).methods["upload"].signature == MethodSig("client_stream", ("label", "chunks", "level"), (2,), 1)
+    assert xrpc.describe(SvcKindChanged).methods["add"].signature == MethodSig("server_stream", ("a", "b"))
+
+
+def test_compat_with_compares_typed_signatures() -> None:
+    add = xrpc.describe(SvcV2).methods["add"]
+    where = "Svc.add"
+    assert add.compat_with(MethodSig("unary", ("a", "b", "scale"), (2,)), where) is None
+    assert add.compat_with(MethodSig("unary", ("a", "b")), where) == (2,)  # a call passing scale fails
+    assert add.compat_with(MethodSig("unary", ("a", "b", "scale", "extra"), (2, 3)), where) is None
+    assert add.compat_with(MethodSig("unary", ("a", "b", "scale", "extra"), (2,)), where) == (
+        "Svc.add requires parameter 'extra' there, which this side's interface lacks"
+    )
+    assert add.compat_with(MethodSig("unary", ("a", "c")), where) == "Svc.add: parameter 2 is 'c' there, 'b' here"
+    assert add.compat_with(MethodSig("server_stream", ("a", "b", "scale"), (2,)), where) == (
+        "Svc.add is a server stream call there, a unary call here"
+    )
+    assert add.compat_with(MethodSig("teleport", ()), where) == "Svc.add is a teleport call there, a unary call here"
+
+
+async def test_welcome_carries_typed_signatures(sock_dir: str) -> None:
+    server = xrpc.Server()
+    server.export(SvcV2, V2(), name="svc")
+    server.export(Sink, object.__new__(type("S", (), {"upload": lambda *a: 0})), name="sink")
+    path = f"{sock_dir}/s.sock"
+    with anyio.fail_after(T):
+        async with server.listen(f"unix://{path}"):
+            async with await anyio.connect_unix(path) as stream:
+                await stream.send(frame(Hello(PROTOCOL_VERSION, 1 << 20)))
+                received = bytearray()
+                while not decode_frames(received):
+                    received += await stream.receive()
+    welcome = decode_frames(received)[0]
+    assert welcome[0] == WELCOME_TAG
+    exports = {e[0]: e for e in welcome[3]}
+    # [kind, parameter names, indexes of the optional ones, index of the stream parameter or nil]
+    assert exports["svc"][3] == {
+        "add": ["unary", ["a", "b", "scale"], [2], None],
+        "greet": ["unary", ["name"], [], None],
+        "shout": ["unary", ["text"], [], None],
+    }
+    assert exports["sink"][3] == {"upload": ["client_stream", ["label", "chunks", "level"], [2], 1]}
+
+
+MALFORMED_SIGNATURES = [
+    pytest.param("unary:a,b?", id="the-old-string-form"),
+    pytest.param([], id="no-kind"),
+    pytest.param([7, ["a"]], id="kind-not-a-string"),
+    pytest.param(["unary", "a,b"], id="names-not-an-array"),
+    pytest.param(["unary", [1, 2]], id="names-not-strings"),
+    pytest.param(["unary", ["a", "a"]], id="repeated-name"),
+    pytest.param(["unary", [""]], id="empty-name"),
+    pytest.param(["unary", ["a", "b"], [2]], id="optional-index-out-of-range"),
+    pytest.param(["unary", ["a", "b"], [-1]], id="optional-index-negative"),
+    pytest.param(["unary", ["a", "b"], [1, 0]], id="optional-indexes-unordered"),
+    pytest.param(["unary", ["a", "b"], [True]], id="optional-index-a-bool"),
+    pytest.param(["client_stream", ["a", "xs"], [], 2], id="stream-index-out-of-range"),
+    pytest.param(["client_stream", ["a", "xs"], [1], 1], id="stream-parameter-optional"),
+]
+
+
+@pytest.mark.parametrize("bad", MALFORMED_SIGNATURES)
+async def test_a_malformed_signature_in_hello_is_refused(sock_dir: str, bad: Any) -> None:
+    """A HELLO whose export announces a signature that does not decode is a protocol error: the
+    server says which export in a GOODBYE (code 3), closes, and goes on serving other clients."""
+    impl = V1()
+    path = f"{sock_dir}/s.sock"
+    hello = [
+        0,
+        PROTOCOL_VERSION,
+        1 << 20,
+        [["cb", "Callback", "0" * 16, {"ping": ["unary", ["x"]]}], ["svc", "Svc", "1" * 16, {"add": bad}]],
+    ]
+    with anyio.fail_after(T):
+        async with serve(SvcV1, impl).listen(f"unix://{path}"):
+            async with await anyio.connect_unix(path) as stream:
+                await stream.send(body_frame(msgspec.msgpack.encode(hello)))
+                data, how = await read_to_end(stream, T)
+            ((tag, reason, code),) = decode_frames(data)
+            assert (tag, code) == (GOODBYE_TAG, ErrorCode.VALIDATION)
+            assert reason.startswith("undecodable HELLO: a method signature of export 1 is malformed: "), reason
+            async with xrpc.connect(f"unix://{path}", timeout=T) as conn:
+                assert await conn.proxy(SvcV1, name="svc").add(2, 3) == 5
+    assert impl.calls == 1
 
 
 # --------------------------------------------------------------------------- plain-function implementations

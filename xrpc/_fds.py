@@ -29,7 +29,7 @@ from typing import IO, Any
 
 from ._errors import ValidationError
 
-__all__ = ("FdBudget", "FdTable", "FileDescriptor", "SharedBuffer", "close_all", "fd_budget")
+__all__ = ("FdBudget", "FdTable", "FileDescriptor", "SharedBuffer", "adopt_fd", "close_all", "fd_budget", "received_buffer", "sealed_fd")
 
 
 class FileDescriptor:
@@ -207,6 +207,21 @@ class SharedBuffer:
 
     def __repr__(self) -> str:
         return f"<xrpc.SharedBuffer {self.size} bytes fd={self._fd}>"
+
+
+def adopt_fd(fd: int) -> FileDescriptor:
+    """A received descriptor as the ``FileDescriptor`` that owns it."""
+    return FileDescriptor._adopt(fd)
+
+
+def received_buffer(fd: int, size: int) -> SharedBuffer:
+    """A received memfd as a ``SharedBuffer`` of ``size`` bytes, checked before it is mapped."""
+    return SharedBuffer._receive(fd, size)
+
+
+def sealed_fd(buf: SharedBuffer) -> int:
+    """The descriptor of ``buf`` to send, sealed against resizing first."""
+    return buf._sealed_fd()
 
 
 def close_all(fds: list[int] | None) -> None:

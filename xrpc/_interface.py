@@ -38,8 +38,8 @@ import msgspec
 from typing_extensions import Annotated, get_args, get_origin
 
 from ._errors import InterfaceError, ValidationError
-from ._fds import FileDescriptor, SharedBuffer
-from ._protocol import CallFlags, Ref
+from ._fds import FileDescriptor, SharedBuffer, adopt_fd, received_buffer, sealed_fd
+from ._protocol import CallFlags, MethodSig, Ref
 
 __all__ = (
     "MethodKind",
@@ -54,6 +54,16 @@ __all__ = (
     "MethodDescription",
     "ParamDescription",
     "Slot",
+    "WireContext",
+    "Plan",
+    "plan_of",
+    "RefPlan",
+    "FdPlan",
+    "BufferPlan",
+    "SeqPlan",
+    "TuplePlan",
+    "DictPlan",
+    "OptionalPlan",
 )
 
 _T = TypeVar("_T")
@@ -177,6 +187,9 @@ def _is_any(tp: Any) -> bool:
     return tp is Any or tp is object
 
 
+_NO_CONTEXT = "objects passed by reference and descriptors travel only on a connection"
+
+
 class Slot:
     """How one value position (an argument, the reply, a stream item) travels.
 
@@ -192,11 +205,12 @@ class Slot:
         self.classes: dict[str, type] | None = None
         self._decoders: dict[str, Any] = {}
         self.any_plain = False
-        self.plan = _plan(annotation)  # where objects passed by reference sit in the value, if anywhere
+        # where objects passed by reference (and descriptors) sit in the value, if anywhere
+        self.plan: Plan | None = plan_of(annotation)
         if self.plan is not None:
             if classes is not None:
                 raise InterfaceError("xrpc.allow() cannot widen a slot that carries objects by reference")
-            self.wire_type = _wire_type(annotation, self.plan)
+            self.wire_type = self.plan.wire_type
             self.decoder = _decoder(self.wire_type)
         elif classes is None:
             self.wire_type = annotation
@@ -261,29 +275,35 @@ class Slot:
             value = self.unwrap(value)
         return value
 
-    def decode_batch(self, data: Any, conn: Any = None) -> list[Any]:
+    def decode_batch(self, data: Any, ctx: WireContext | None = None) -> list[Any]:
         """Decode an ITEM payload (an array of values); raise ``msgspec.ValidationError``."""
         values: list[Any] = self.batch_decoder.decode(data)
         if self.classes is not None:
             values = [self.unwrap(v) for v in values]
         elif self.plan is not None:
-            values = [self.from_wire(conn, v) for v in values]
+            values = [self.from_wire(ctx, v) for v in values]
         return values
 
-    def to_wire(self, conn: Any, value: Any) -> Any:
+    def to_wire(self, ctx: WireContext | None, value: Any) -> Any:
         """Sending side of a slot with references: export objects, raise ``ValueError``."""
-        if self.plan is None:
+        plan = self.plan
+        if plan is None:
             return value
+        if ctx is None:
+            raise ValueError(_NO_CONTEXT)
         try:
-            return _to_wire(self.plan, conn, value)
+            return plan.to_wire(ctx, value)
         except (TypeError, AttributeError) as exc:
             raise ValueError(f"expected {_type_name(self.annotation)}: {exc}") from None
 
-    def from_wire(self, conn: Any, value: Any) -> Any:
+    def from_wire(self, ctx: WireContext | None, value: Any) -> Any:
         """Receiving side of a slot with references: references become proxies (or the original object)."""
-        if self.plan is None:
+        plan = self.plan
+        if plan is None:
             return value
-        return _from_wire(self.plan, conn, value)
+        if ctx is None:
+            raise ValidationError(_NO_CONTEXT)
+        return plan.from_wire(ctx, value)
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"type": _type_name(_strip_annotated(self.annotation))}
@@ -293,104 +313,279 @@ class Slot:
 
 
 # --------------------------------------------------------------------------- references
-# A plan says where in a value of some type the objects passed by reference are:
-# ("ref", Iface) | ("seq", plan, container) | ("tuple", [plan | None, ...]) | ("dict", plan) | ("opt", plan)
+class WireContext(typing.Protocol):
+    """What the codec needs from the connection a value travels on: objects passed by reference
+    and kernel descriptors go in and out through it (plain values need nothing)."""
+
+    def ref_out(self, desc: InterfaceDescription, value: Any) -> Ref:
+        """Export ``value`` (an object implementing ``desc``) to the peer; the reference to send."""
+        ...
+
+    def ref_in(self, desc: InterfaceDescription, token: Ref) -> Any:
+        """A reference received for a ``desc`` slot: a proxy (or this side's own object)."""
+        ...
+
+    def fd_out(self, fd: int) -> int:
+        """Send a duplicate of descriptor ``fd`` with the frame being encoded; its number on the wire."""
+        ...
+
+    def fd_in(self, seq: int) -> int:
+        """Take the descriptor numbered ``seq`` that arrived with the frame being decoded (owned)."""
+        ...
+
+
 _SEQUENCES = (list, set, frozenset, collections.abc.Sequence, collections.abc.Set, collections.abc.MutableSequence)
+_MAPPINGS = (dict, collections.abc.Mapping, collections.abc.MutableMapping)
 
 
-def _plan(tp: Any) -> Any:
+class Plan:
+    """Where, in a value of some type, the parts that do not travel as plain data sit (objects
+    passed by reference, file descriptors, shared buffers), and how they go out and come in.
+
+    ``plan_of(annotation)`` builds the plan of a type (None when the type has no such part); a
+    ``Slot`` holds it as ``slot.plan``, and codegen reads it.  There is one subclass per kind of
+    plan, and each subclass is registered when it is defined: adding a kind is writing one class
+    with ``match`` (recognise an annotation), ``wire_type`` (what msgspec decodes on the wire),
+    ``to_wire`` and ``from_wire``.  Plans nest: the fields of a plan that hold plans (or tuples of
+    plans) are its parts, which ``walk()`` visits.
+    """
+
+    __slots__ = ()
+    kinds: typing.ClassVar[list[type[Plan]]] = []  # every kind, in the order they are tried
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        Plan.kinds.append(cls)
+
+    @classmethod
+    def match(cls, tp: Any) -> Plan | None:
+        """The plan of this kind for annotation ``tp`` (without ``Annotated``), or None."""
+        raise NotImplementedError
+
+    @property
+    def wire_type(self) -> Any:
+        """The type the value has on the wire (what the slot's decoder decodes)."""
+        raise NotImplementedError
+
+    def to_wire(self, ctx: WireContext, value: Any) -> Any:
+        """Sending side: ``value`` as it goes on the wire; raise ``ValueError``/``TypeError``."""
+        raise NotImplementedError
+
+    def from_wire(self, ctx: WireContext, value: Any) -> Any:
+        """Receiving side: the value for the application; raise ``ValidationError``."""
+        raise NotImplementedError
+
+    def parts(self) -> typing.Iterator[Plan]:
+        """The plans directly inside this one."""
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            if isinstance(v, Plan):
+                yield v
+            elif isinstance(v, tuple):
+                yield from (p for p in v if isinstance(p, Plan))
+
+    def walk(self) -> typing.Iterator[Plan]:
+        """This plan and every plan inside it, depth first."""
+        yield self
+        for p in self.parts():
+            yield from p.walk()
+
+
+def plan_of(tp: Any) -> Plan | None:
+    """The plan of annotation ``tp``, or None if its values are plain data throughout."""
     tp = _strip_annotated(tp)
-    if is_interface(tp):
-        return ("ref", tp)
-    if tp is FileDescriptor:
-        return ("fd",)
-    if tp is SharedBuffer:
-        return ("shm",)
-    origin = get_origin(tp)
-    args = get_args(tp)
-    if origin in _SEQUENCES and args:
-        child = _plan(args[0])
-        return ("seq", child, set if origin in (set, collections.abc.Set) else frozenset if origin is frozenset else list) if child else None
-    if origin is tuple and args:
-        if len(args) == 2 and args[1] is Ellipsis:
-            child = _plan(args[0])
-            return ("seq", child, tuple) if child else None
-        plans = [_plan(a) for a in args]
-        return ("tuple", plans) if any(plans) else None
-    if origin in (dict, collections.abc.Mapping, collections.abc.MutableMapping) and len(args) == 2:
-        child = _plan(args[1])
-        return ("dict", child) if child else None
-    if origin in (Union, types.UnionType):
-        members = [a for a in args if a is not type(None)]
-        plans = [_plan(m) for m in members]
-        if len(members) == 1 and len(args) == 2 and plans[0]:
-            return ("opt", plans[0])
-        if any(plans):
-            raise InterfaceError(f"{_type_name(tp)}: a union may hold a reference only as Optional[...]")
+    for kind in Plan.kinds:
+        plan = kind.match(tp)
+        if plan is not None:
+            return plan
     return None
 
 
-def _wire_type(tp: Any, plan: Any) -> Any:
-    tp = _strip_annotated(tp)
-    kind = plan[0]
-    if kind == "ref":
+@dataclasses.dataclass(frozen=True)
+class RefPlan(Plan):
+    """An object passed by reference, of ``@xrpc.interface`` class ``iface``."""
+
+    iface: type
+
+    @classmethod
+    def match(cls, tp: Any) -> Plan | None:
+        return cls(tp) if is_interface(tp) else None
+
+    @property
+    def wire_type(self) -> Any:
         return Ref
-    if kind == "fd":
+
+    def to_wire(self, ctx: WireContext, value: Any) -> Any:
+        return ctx.ref_out(describe(self.iface), value)
+
+    def from_wire(self, ctx: WireContext, value: Any) -> Any:
+        return ctx.ref_in(describe(self.iface), value)
+
+
+@dataclasses.dataclass(frozen=True)
+class FdPlan(Plan):
+    """An ``xrpc.FileDescriptor``: a number on the wire, the descriptor beside the frame."""
+
+    @classmethod
+    def match(cls, tp: Any) -> Plan | None:
+        return cls() if tp is FileDescriptor else None
+
+    @property
+    def wire_type(self) -> Any:
         return int
-    if kind == "shm":
-        return tuple[int, int]
-    args = get_args(tp)
-    if kind == "seq":
-        return list[_wire_type(args[0], plan[1])]  # type: ignore[misc]
-    if kind == "tuple":
-        return tuple[tuple(_wire_type(a, p) if p else a for a, p in zip(args, plan[1]))]  # type: ignore[misc]
-    if kind == "dict":
-        return dict[args[0], _wire_type(args[1], plan[1])]  # type: ignore[misc, valid-type]
-    member = next(a for a in args if a is not type(None))
-    return Union[_wire_type(member, plan[1]), None]
 
-
-def _to_wire(plan: Any, conn: Any, value: Any) -> Any:
-    kind = plan[0]
-    if kind == "ref":
-        return conn.ref_out(describe(plan[1]), value)
-    if kind == "fd":
+    def to_wire(self, ctx: WireContext, value: Any) -> Any:
         if not isinstance(value, FileDescriptor):
             raise ValueError(f"expected an xrpc.FileDescriptor, got {type(value).__qualname__}")
-        return conn.fd_out(value.fileno())
-    if kind == "shm":
+        return ctx.fd_out(value.fileno())
+
+    def from_wire(self, ctx: WireContext, value: Any) -> Any:
+        return adopt_fd(ctx.fd_in(value))
+
+
+@dataclasses.dataclass(frozen=True)
+class BufferPlan(Plan):
+    """An ``xrpc.SharedBuffer``: ``[descriptor number, size]`` on the wire, the sealed memfd beside
+    the frame."""
+
+    @classmethod
+    def match(cls, tp: Any) -> Plan | None:
+        return cls() if tp is SharedBuffer else None
+
+    @property
+    def wire_type(self) -> Any:
+        return tuple[int, int]
+
+    def to_wire(self, ctx: WireContext, value: Any) -> Any:
         if not isinstance(value, SharedBuffer):
             raise ValueError(f"expected an xrpc.SharedBuffer, got {type(value).__qualname__}")
-        return (conn.fd_out(value._sealed_fd()), value.size)
-    if kind == "seq":
-        return [_to_wire(plan[1], conn, v) for v in value]
-    if kind == "tuple":
-        return [_to_wire(p, conn, v) if p else v for p, v in zip(plan[1], value)]
-    if kind == "dict":
-        return {k: _to_wire(plan[1], conn, v) for k, v in value.items()}
-    return None if value is None else _to_wire(plan[1], conn, value)
+        return (ctx.fd_out(sealed_fd(value)), value.size)
 
-
-def _from_wire(plan: Any, conn: Any, value: Any) -> Any:
-    kind = plan[0]
-    if kind == "ref":
-        return conn.ref_in(describe(plan[1]), value)
-    if kind == "fd":
-        return FileDescriptor._adopt(conn.fd_in(value))
-    if kind == "shm":
-        fd = conn.fd_in(value[0])
+    def from_wire(self, ctx: WireContext, value: Any) -> Any:
+        fd = ctx.fd_in(value[0])
         try:
-            return SharedBuffer._receive(fd, value[1])
+            return received_buffer(fd, value[1])
         except (OSError, ValueError, OverflowError) as exc:
             os.close(fd)
             raise ValidationError(f"the shared buffer was refused: {exc}") from None
-    if kind == "seq":
-        return plan[2](_from_wire(plan[1], conn, v) for v in value)
-    if kind == "tuple":
-        return tuple(_from_wire(p, conn, v) if p else v for p, v in zip(plan[1], value))
-    if kind == "dict":
-        return {k: _from_wire(plan[1], conn, v) for k, v in value.items()}
-    return None if value is None else _from_wire(plan[1], conn, value)
+
+
+@dataclasses.dataclass(frozen=True)
+class SeqPlan(Plan):
+    """A homogeneous collection (``list[T]``, ``set[T]``, ``tuple[T, ...]``, ...) whose items have
+    plan ``item``; an array on the wire, a ``container`` on the receiving side."""
+
+    item: Plan
+    container: type  # list, tuple, set or frozenset
+
+    @classmethod
+    def match(cls, tp: Any) -> Plan | None:
+        origin, args = get_origin(tp), get_args(tp)
+        if origin in _SEQUENCES and args:
+            container: type = set if origin in (set, collections.abc.Set) else frozenset if origin is frozenset else list
+        elif origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            container = tuple
+        else:
+            return None
+        item = plan_of(args[0])
+        return cls(item, container) if item is not None else None
+
+    @property
+    def wire_type(self) -> Any:
+        return list[self.item.wire_type]  # type: ignore[name-defined]
+
+    def to_wire(self, ctx: WireContext, value: Any) -> Any:
+        item = self.item
+        return [item.to_wire(ctx, v) for v in value]
+
+    def from_wire(self, ctx: WireContext, value: Any) -> Any:
+        item = self.item
+        return self.container(item.from_wire(ctx, v) for v in value)
+
+
+@dataclasses.dataclass(frozen=True)
+class TuplePlan(Plan):
+    """A fixed-length tuple; ``items[i]`` is the plan of position ``i`` (None: plain data of
+    annotation ``types[i]``)."""
+
+    items: tuple[Plan | None, ...]
+    types: tuple[Any, ...]
+
+    @classmethod
+    def match(cls, tp: Any) -> Plan | None:
+        args = get_args(tp)
+        if get_origin(tp) is not tuple or not args or (len(args) == 2 and args[1] is Ellipsis):
+            return None
+        items = tuple(plan_of(a) for a in args)
+        return cls(items, args) if any(p is not None for p in items) else None
+
+    @property
+    def wire_type(self) -> Any:
+        return tuple[tuple(p.wire_type if p is not None else a for a, p in zip(self.types, self.items))]  # type: ignore[misc]
+
+    def to_wire(self, ctx: WireContext, value: Any) -> Any:
+        return [p.to_wire(ctx, v) if p is not None else v for p, v in zip(self.items, value)]
+
+    def from_wire(self, ctx: WireContext, value: Any) -> Any:
+        return tuple(p.from_wire(ctx, v) if p is not None else v for p, v in zip(self.items, value))
+
+
+@dataclasses.dataclass(frozen=True)
+class DictPlan(Plan):
+    """A mapping whose values have plan ``value`` (keys of annotation ``key`` are plain data)."""
+
+    key: Any
+    value: Plan
+
+    @classmethod
+    def match(cls, tp: Any) -> Plan | None:
+        args = get_args(tp)
+        if get_origin(tp) not in _MAPPINGS or len(args) != 2:
+            return None
+        value = plan_of(args[1])
+        return cls(args[0], value) if value is not None else None
+
+    @property
+    def wire_type(self) -> Any:
+        return dict[self.key, self.value.wire_type]  # type: ignore[name-defined]
+
+    def to_wire(self, ctx: WireContext, value: Any) -> Any:
+        plan = self.value
+        return {k: plan.to_wire(ctx, v) for k, v in value.items()}
+
+    def from_wire(self, ctx: WireContext, value: Any) -> Any:
+        plan = self.value
+        return {k: plan.from_wire(ctx, v) for k, v in value.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionalPlan(Plan):
+    """``Optional[T]`` where ``T`` has plan ``inner``.  Other unions may not hold references."""
+
+    inner: Plan
+
+    @classmethod
+    def match(cls, tp: Any) -> Plan | None:
+        if get_origin(tp) not in (Union, types.UnionType):
+            return None
+        args = get_args(tp)
+        members = [a for a in args if a is not type(None)]
+        plans = [plan_of(m) for m in members]
+        if len(members) == 1 and len(args) == 2 and plans[0] is not None:
+            return cls(plans[0])
+        if any(p is not None for p in plans):
+            raise InterfaceError(f"{_type_name(tp)}: a union may hold a reference only as Optional[...]")
+        return None
+
+    @property
+    def wire_type(self) -> Any:
+        return Union[self.inner.wire_type, None]
+
+    def to_wire(self, ctx: WireContext, value: Any) -> Any:
+        return None if value is None else self.inner.to_wire(ctx, value)
+
+    def from_wire(self, ctx: WireContext, value: Any) -> Any:
+        return None if value is None else self.inner.from_wire(ctx, value)
 
 
 def _type_name(tp: Any) -> str:
@@ -531,6 +726,12 @@ class MethodDescription:
         )
         self.stream_param: ParamDescription | None = next((p for p in params if p.stream), None)
         self.value_params = [p for p in params if not p.stream]
+        self._signature = MethodSig(
+            kind.value,
+            tuple(p.name for p in params),
+            tuple(i for i, p in enumerate(params) if p.has_default),
+            next((i for i, p in enumerate(params) if p.stream), None),
+        )
         self._build()
 
     def _build(self) -> None:
@@ -576,8 +777,8 @@ class MethodDescription:
         self.reply_refs = self.reply is not None and self.reply.plan is not None
         # a unary method whose reply is one object by reference: calls on that result can be pipelined
         self.reply_iface: Any = (
-            self.reply.plan[1]
-            if self.reply is not None and self.reply.plan is not None and self.reply.plan[0] == "ref" and self.kind is MethodKind.UNARY
+            self.reply.plan.iface
+            if self.reply is not None and isinstance(self.reply.plan, RefPlan) and self.kind is MethodKind.UNARY
             else None
         )
         self.stream_item: Slot | None = self.stream_param.slot if self.stream_param is not None else None
@@ -591,7 +792,7 @@ class MethodDescription:
         self.default_tail = tuple(tail)
 
     # -------------------------------------------------------------- used by the runtime
-    def encode_args(self, args: tuple[Any, ...], kwargs: dict[str, Any], conn: Any = None) -> Any:
+    def encode_args(self, args: tuple[Any, ...], kwargs: dict[str, Any], ctx: WireContext | None = None) -> Any:
         """Bind call arguments to the args Struct (caller side); raise ``ValidationError``."""
         try:
             if self.bind_by_name:
@@ -613,7 +814,7 @@ class MethodDescription:
                 if i >= sent:
                     continue  # not sent
                 try:
-                    values[i] = p.slot.wrap(values[i]) if p.slot.plan is None else p.slot.to_wire(conn, values[i])  # type: ignore[union-attr]
+                    values[i] = p.slot.wrap(values[i]) if p.slot.plan is None else p.slot.to_wire(ctx, values[i])  # type: ignore[union-attr]
                 except ValueError as exc:
                     raise ValidationError(
                         f"argument {p.name!r} of {self.qualname}: {exc}", method=self.name, argument=p.name
@@ -639,7 +840,7 @@ class MethodDescription:
             bound[k] = v
         return bound
 
-    def decode_args(self, payload: Any, conn: Any = None) -> tuple[Any, ...]:
+    def decode_args(self, payload: Any, ctx: WireContext | None = None) -> tuple[Any, ...]:
         """Decode and check the arguments (callee side); raise ``ValidationError`` naming the argument."""
         try:
             value = self.args_decoder.decode(payload)
@@ -657,7 +858,7 @@ class MethodDescription:
                 raise ValidationError(f"argument {p.name!r} of {self.qualname} refused: {exc}", method=self.name, argument=p.name) from None
         for i, p in self.ref_args:
             try:
-                values[i] = p.slot.from_wire(conn, values[i])  # type: ignore[union-attr]
+                values[i] = p.slot.from_wire(ctx, values[i])  # type: ignore[union-attr]
             except ValidationError as exc:
                 raise ValidationError(f"argument {p.name!r} of {self.qualname} refused: {exc}", method=self.name, argument=p.name) from None
         return tuple(values)
@@ -717,13 +918,13 @@ class MethodDescription:
                 pass
         return ""
 
-    def encode_reply(self, value: Any, conn: Any = None) -> Any:
+    def encode_reply(self, value: Any, ctx: WireContext | None = None) -> Any:
         """Callee side: what goes into REPLY/ITEM for ``value``; raise ``ValidationError``."""
         if self.reply is None:
             return None
         if self.reply_refs:
             try:
-                return self.reply.to_wire(conn, value)
+                return self.reply.to_wire(ctx, value)
             except ValueError as exc:
                 raise ValidationError(f"reply of {self.qualname}: {exc}", method=self.name) from None
         if self.reply_checked:
@@ -733,14 +934,14 @@ class MethodDescription:
                 raise ValidationError(f"reply of {self.qualname}: {exc}", method=self.name) from None
         return value
 
-    def decode_reply(self, payload: Any, conn: Any = None) -> Any:
+    def decode_reply(self, payload: Any, ctx: WireContext | None = None) -> Any:
         """Caller side: decode and check a reply or a reply-stream item."""
         if self.reply is None:
             return None
         try:
             value = self.reply.decode(payload)
             if self.reply_refs:
-                value = self.reply.from_wire(conn, value)
+                value = self.reply.from_wire(ctx, value)
             return value
         except (msgspec.DecodeError, RecursionError, UnicodeDecodeError, ValueError) as exc:
             raise ValidationError(f"reply of {self.qualname} refused: {exc}", method=self.name) from None
@@ -750,12 +951,12 @@ class MethodDescription:
         return f"{self.interface.name}.{self.name}"
 
     @property
-    def signature(self) -> str:
-        """The compact form announced in the handshake: ``kind:a,b?,c*``."""
-        params = ",".join(p.name + ("*" if p.stream else "?" if p.has_default else "") for p in self.params)
-        return f"{self.kind.value}:{params}"
+    def signature(self) -> MethodSig:
+        """What the handshake announces of this method: its kind, its parameter names, which of
+        them have a default, which one is the stream."""
+        return self._signature
 
-    def compat_with(self, remote: str, where: str) -> Any:
+    def compat_with(self, remote: MethodSig, where: str) -> Any:
         """How a call of this method fares against the peer's signature ``remote``.
 
         Returns None (same signature), a string (every call fails: the reason), or a tuple of
@@ -763,20 +964,17 @@ class MethodDescription:
         """
         if remote == self.signature:
             return None
-        kind, _, plist = remote.partition(":")
-        if kind != self.kind.value:
-            return f"{where} is a {kind.replace('_', ' ')} call there, a {self.kind.value.replace('_', ' ')} call here"
-        theirs = [p for p in plist.split(",") if p]
-        their_names = [p.rstrip("?*") for p in theirs]
+        if remote.kind != self.kind.value:
+            return f"{where} is a {remote.kind.replace('_', ' ')} call there, a {self.kind.value.replace('_', ' ')} call here"
         mine = [p.name for p in self.params]
-        for i, name in enumerate(their_names):
+        for i, name in enumerate(remote.params):
             if i >= len(mine):
-                if not theirs[i].endswith("?"):
+                if i not in remote.optional:
                     return f"{where} requires parameter {name!r} there, which this side's interface lacks"
                 continue
             if mine[i] != name:
                 return f"{where}: parameter {i + 1} is {name!r} there, {mine[i]!r} here"
-        extra = tuple(i for i, p in enumerate(self.value_params) if p.name not in their_names)
+        extra = tuple(i for i, p in enumerate(self.value_params) if p.name not in remote.params)
         return extra or None
 
     def describe(self) -> dict[str, Any]:

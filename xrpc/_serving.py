@@ -646,7 +646,7 @@ class Serving:
         try:
             alive = lambda: core.incoming.get(call_id) is rec  # noqa: E731
             # items of a plain slot go out as they are: no per-item call
-            wrap = functools.partial(m.encode_reply, conn=self.objects) if (m.reply_refs or m.reply_checked) else None
+            wrap = functools.partial(m.encode_reply, ctx=self.objects) if (m.reply_refs or m.reply_checked) else None
             if rec is not None and await self.sender.send(rec, it, wrap, credit, alive, m):
                 core.send_end(call_id)
                 self.link.kick()

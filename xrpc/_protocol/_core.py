@@ -141,6 +141,24 @@ _pack_len = int.to_bytes
 _DROP: Any = object()
 _BIG_FRAME = 64 * 1024  # frames at least this large are assembled in a buffer of their own
 _SENDABLE = (State.HANDSHAKE, State.OPEN)
+_HANDSHAKE_NAMES = {0: "HELLO", 1: "WELCOME"}  # the tags of Hello and Welcome
+_METHODS_AT = "`$[3]["  # where msgspec's error path enters HELLO/WELCOME's exports ...
+_METHODS_FIELD = "[3]["  # ... and then an ExportInfo's methods
+
+
+def _undecodable(body: memoryview, exc: BaseException) -> str:
+    """Why a frame was refused.  A HELLO or WELCOME is named, and so is the export whose method
+    signatures are malformed (the usual culprit when a peer's handshake does not decode)."""
+    name = _HANDSHAKE_NAMES.get(body[1]) if len(body) >= 2 and 0x90 <= body[0] <= 0x9F else None
+    if name is None:
+        return f"undecodable frame: {exc}"
+    text = str(exc)
+    at = text.find(_METHODS_AT)
+    if at >= 0:
+        index, _, rest = text[at + len(_METHODS_AT) :].partition("]")
+        if index.isdigit() and rest.startswith(_METHODS_FIELD):
+            return f"undecodable {name}: a method signature of export {index} is malformed: {text}"
+    return f"undecodable {name}: {text}"
 
 
 class ProtocolCore:
@@ -503,7 +521,7 @@ class ProtocolCore:
             try:
                 msg = _decoder.decode(mv[pos + _HEADER : end])
             except (msgspec.DecodeError, RecursionError, UnicodeDecodeError, ValueError, OverflowError) as exc:
-                self._fail(f"undecodable frame: {exc}")
+                self._fail(_undecodable(mv[pos + _HEADER : end], exc))
             pos = end
             rec = self._accept(msg, size)
             if rec is not _DROP:
@@ -545,7 +563,7 @@ class ProtocolCore:
         try:
             msg = _decoder.decode(memoryview(big)[_HEADER:])
         except (msgspec.DecodeError, RecursionError, UnicodeDecodeError, ValueError, OverflowError) as exc:
-            self._fail(f"undecodable frame: {exc}")
+            self._fail(_undecodable(memoryview(big)[_HEADER:], exc))
         rec = self._accept(msg, self._big_size - _HEADER)
         return [] if rec is _DROP else [(msg, rec)]
 

@@ -36,6 +36,7 @@ __all__ = (
     "ErrorCode",
     "CallFlags",
     "ExportInfo",
+    "MethodSig",
     "Ref",
 )
 
@@ -65,14 +66,45 @@ class CallFlags:
     STREAM_OUT = 4  # the callee answers with ITEM frames then END (server stream)
 
 
+class MethodSig(msgspec.Struct, array_like=True, frozen=True):
+    """How one exported method is called, as HELLO/WELCOME announce it.
+
+    ``kind`` is the method's kind (``"unary"``, ``"oneway"``, ``"server_stream"``,
+    ``"client_stream"``, ``"bidi_stream"``; another string is a kind this side does not know, not an
+    error).  ``params`` names the parameters in declaration order, the client-stream parameter
+    included; ``optional`` holds the indexes (in ``params``) of those with a default, ascending;
+    ``stream`` is the index of the client-stream parameter, or None.
+
+    Decoding checks the shape: a signature whose indexes are out of range, repeated or unordered,
+    whose names are empty or repeated, or whose stream parameter is optional is refused (the frame
+    that carries it is then a protocol error).
+    """
+
+    kind: str
+    params: tuple[str, ...] = ()
+    optional: tuple[int, ...] = ()
+    stream: Union[int, None] = None
+
+    def __post_init__(self) -> None:
+        n = len(self.params)
+        if any(not p for p in self.params) or len(set(self.params)) != n:
+            raise ValueError("parameter names must be non-empty and distinct")
+        prev = -1
+        for i in self.optional:
+            if not prev < i < n:
+                raise ValueError("optional parameter indexes must be ascending and in range")
+            prev = i
+        if self.stream is not None and (not 0 <= self.stream < n or self.stream in self.optional):
+            raise ValueError("the stream parameter index must be in range and not optional")
+
+
 class ExportInfo(msgspec.Struct, array_like=True, frozen=True):
     """One object exported by the side that sends HELLO/WELCOME."""
 
     name: str
     interface: str
     fingerprint: str
-    # compact description: method name -> "kind:param,param?,param*" ("?" optional, "*" the stream)
-    methods: dict[str, str] = {}
+    methods: dict[str, MethodSig] = {}  # method name -> how it is called
 
 
 class Hello(msgspec.Struct, array_like=True, frozen=True, tag=0):
