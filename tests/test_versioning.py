@@ -420,7 +420,7 @@ async def test_coroutines_that_never_await_run_inline(transport: str) -> None:
             with pytest.raises(xrpc.RemoteError):
                 await p.add(-1, 0)
             assert await p.greet("ada") == "hello ada"
-            export = next(iter(server.connections))._lookup("svc")
+            export = next(iter(server.connections))._serving.lookup("svc")
             assert export is not None and "add" in export.inline and "greet" not in export.inline
     kind = transport.split(":")[0]
     assert [s[0] for s in impl.seen] == [kind] * 3
