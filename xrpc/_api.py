@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-import inspect
 import logging
 import os
 import shutil
@@ -28,9 +27,8 @@ import anyio.abc
 
 from ._connection import Connection, Limits, Middleware
 from ._objects import Export, exports_from, make_export
-from ._errors import LocalProtocolError, PeerRejected, TransportError
+from ._errors import PeerRejected, TransportError
 from ._peer import Peer
-from ._protocol import ErrorCode, State
 from ._introspect import INTROSPECT_NAME, ExportDescription, Introspection, describe_export
 from ._requirements import Requirement, requirement_of
 from ._transports import Endpoint, Listener, ParsedURL, connect_stream, open_listener

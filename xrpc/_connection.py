@@ -31,7 +31,6 @@ import contextlib
 import contextvars
 import inspect
 import logging
-import math
 import os
 import ssl
 import threading
@@ -43,16 +42,12 @@ import anyio.abc
 import msgspec
 
 from ._calls import Calls, CallStream, Promise
-from ._codes import failure_from_goodbye
 from ._errors import (
     ConnectionInterrupted,
     ConnectionInvalidated,
-    Error,
-    LimitExceeded,
     LocalProtocolError,
     MethodNotFound,
     PeerRejected,
-    RemoteProtocolError,
     TransportError,
     ValidationError,
 )
@@ -62,27 +57,9 @@ from ._io import Callbacks, Link, open_driver
 from ._middleware import CallContext, Middleware, call_metadata, current_metadata
 from ._objects import Export, ObjectTable, make_export
 from ._peer import Peer
-from ._protocol import (
-    ITEM_OVERHEAD,
-    Call,
-    Cancel,
-    Credit,
-    End,
-    ErrorCode,
-    ExportInfo,
-    Goodbye,
-    Hello,
-    Item,
-    Pong,
-    ProtocolCore,
-    Release,
-    Reply,
-    State,
-    Welcome,
-    conn_window_for,
-)
-from ._protocol import Error as ErrorFrame
+from ._protocol import ErrorCode, ExportInfo, ProtocolCore, State, conn_window_for
 from ._proxy import check_compat, make_proxy
+from ._reading import Reader
 from ._serving import Serving
 from ._streams import FlowControl, StreamSender
 from ._tls import peer_with_certificate
@@ -204,24 +181,16 @@ class Connection:
         calls.objects = objects
         # what the peer must satisfy to be served at all: on a server its requirement, on a client
         # what the server must satisfy; checked at the handshake and again by Serving.authorize
-        self._serving = Serving(
+        reader = self._reader = Reader(self, core, link, flow, objects, self._fds, limits, client)
+        reader.serving = self._serving = Serving(
             self, core, link, flow, sender, objects, limits, dict(exports or {}),
-            shared_exports if shared_exports is not None else {}, requirement, middleware, self._room_for, self._answered,
+            shared_exports if shared_exports is not None else {}, requirement, middleware, reader.room_for, reader.answered,
         )
         core.exports = [e.info() for e in self._serving.all_exports()]
         self._requirement = requirement
-        # reading: frames behind the gate, frames read but held back while the peer does not read
-        # our answers, bytes of answers owed since the peer last caught up (see _peer_behind)
-        self._gate: list[tuple[Any, Any]] | None = None if client else []
-        self._gate_held = 0
-        self._backlog: list[tuple[Any, Any]] | None = None
-        self._owed = 0
-        self._handshake = anyio.Event()
-        self._last_rx = 0.0
         self._loop_thread = threading.get_ident()
         self._proxies: dict[tuple[int, str, float | None], Any] = {}
         self._compat_cache: dict[tuple[int, str], Any] = {}
-        self._pings: dict[int, anyio.Event] = {}
         self._ping_nonce = 0
 
     # -------------------------------------------------------------- public surface
@@ -316,7 +285,8 @@ class Connection:
         self._calls.check_open()
         self._ping_nonce += 1
         nonce = self._ping_nonce
-        event = self._pings[nonce] = anyio.Event()
+        pings = self._reader.pings
+        event = pings[nonce] = anyio.Event()
         start = anyio.current_time()
         self._core.send_ping(nonce)
         self._link.kick()
@@ -324,7 +294,7 @@ class Connection:
             with anyio.fail_after(timeout) if timeout is not None else contextlib.nullcontext():
                 await event.wait()
         finally:
-            self._pings.pop(nonce, None)
+            pings.pop(nonce, None)
         failure = self._link.failure
         if self._link.closed.is_set() and failure is not None:
             raise type(failure)(*failure.args)
@@ -392,7 +362,7 @@ class Connection:
         core = self._core
         name = self.peer.describe()
         with anyio.move_on_after(self.limits.handshake_timeout):
-            await self._handshake.wait()
+            await self._reader.handshake.wait()
         if not core.peer_version or core.state != State.HANDSHAKE:
             if not self.closed:
                 log.info("xrpc: no handshake from %s within %.1fs; closing", name, self.limits.handshake_timeout)
@@ -429,7 +399,7 @@ class Connection:
             core.send_goodbye(f"the WELCOME does not fit the peer's max_frame: {exc}", ErrorCode.LIMIT)
             await self.aclose()
             return
-        self._open_gate()
+        self._reader.open_gate()
         self._link.kick()
 
     async def handshake(self, limit: float) -> BaseException | None:
@@ -437,7 +407,7 @@ class Connection:
         once the connection is open (it is handed out), else why it failed."""
         try:
             with anyio.fail_after(limit):
-                await self._handshake.wait()
+                await self._reader.handshake.wait()
         except TimeoutError:
             return TimeoutError(f"{self.url}: no answer to the handshake within {limit:.1f}s")
         if self._core.state != State.OPEN:
@@ -454,6 +424,7 @@ class Connection:
         _current.set(self)
         link = self._link
         core = self._core
+        reader = self._reader
         try:
             try:
                 link.loop = asyncio.get_running_loop()
@@ -461,7 +432,7 @@ class Connection:
                 link.loop = None  # another backend (trio)
             io = open_driver(
                 self._transport,
-                Callbacks(self._feed, self._feed_big, core.big_target, self._fds_received, self._lost, self._resume_input),
+                Callbacks(reader.feed, reader.feed_big, core.big_target, reader.fds_received, reader.lost, reader.resume_input),
                 high=self.limits.write_buffer_high,
                 client=self.client,
                 ssl_context=self._ssl,
@@ -510,10 +481,11 @@ class Connection:
 
     async def _idle_watch(self, idle: float) -> None:
         """Close the connection once nothing has been received for ``idle`` seconds and nothing is in flight."""
-        self._last_rx = time.monotonic()
+        reader = self._reader
+        reader.last_rx = time.monotonic()
         while True:
             await anyio.sleep(idle / 4)
-            quiet = time.monotonic() - self._last_rx
+            quiet = time.monotonic() - reader.last_rx
             if quiet >= idle and not self.in_flight:
                 log.info("xrpc: closing %s after %.1fs without traffic", self.peer.describe(), quiet)
                 self._core.send_goodbye("idle timeout", ErrorCode.LIMIT)
@@ -541,11 +513,12 @@ class Connection:
                 os.close(self.peer.pidfd)  # valid while the connection is open
             except OSError:
                 pass
-        if self._gate:
-            self._gate.clear()
+        reader = self._reader
+        if reader.gate:
+            reader.gate.clear()
         link.closed.set()
-        self._handshake.set()
-        for event in self._pings.values():
+        reader.handshake.set()
+        for event in reader.pings.values():
             event.set()
         if not self._handed_out:
             return  # connect() raised: the caller never had this connection
@@ -584,306 +557,3 @@ class Connection:
             return
         self._core.send_release(oid, 1)
         link.kick()
-
-    # -------------------------------------------------------------- the driver's callbacks
-    def _lost(self, exc: BaseException | None) -> None:
-        if self._link.failure is None:
-            self._link.failure = ConnectionInterrupted(f"the connection was lost: {exc!r}" if exc else "the peer closed the connection")
-
-    def _fds_received(self, fds: list[int], truncated: bool) -> bool:
-        """Descriptors arrived (SCM_RIGHTS); see ``FdTable.received``.  Refused: GOODBYE, False."""
-        refused = self._fds.received(fds, truncated)
-        if refused is None:
-            return True
-        why, violation = refused
-        log.warning("xrpc: %s from %s; closing the connection", why, self.peer.describe())
-        if self._link.failure is None:
-            self._link.failure = ConnectionInterrupted(f"the connection was closed: {why}")
-        self._link.goodbye_now(why, ErrorCode.VALIDATION if violation else ErrorCode.LIMIT)
-        return False
-
-    def _feed_big(self, n: int) -> bool:
-        """``n`` bytes were read straight into the core's large-frame buffer."""
-        core = self._core
-        size = core.big_size
-        start = core.emitted
-        try:
-            events = core.big_received(n)
-        except RemoteProtocolError as exc:
-            return self._protocol_error(exc)
-        self._owed += core.emitted - start
-        return self._dispatch(events, size)
-
-    def _protocol_error(self, exc: RemoteProtocolError) -> bool:
-        log.warning("xrpc: protocol error from %s: %s", self.peer.describe(), exc)
-        if self._link.failure is None:
-            self._link.failure = ConnectionInterrupted(f"protocol error: {exc}")
-        self._link.goodbye_now(str(exc), ErrorCode.VALIDATION)
-        return False
-
-    def _feed(self, data: bytes) -> bool:
-        """Process received bytes (``b""``: the peer closed).  False once the connection is over."""
-        core = self._core
-        self._last_rx = time.monotonic()
-        start = core.emitted
-        try:
-            events = core.receive_data(data)
-        except RemoteProtocolError as exc:
-            return self._protocol_error(exc)
-        self._owed += core.emitted - start  # PONGs and answers the core gave itself
-        return self._dispatch(events, len(data))
-
-    # -------------------------------------------------------------- dispatch and back-pressure
-    def _dispatch(self, events: list[Any], nbytes: int) -> bool:
-        """Handle the messages of one read of ``nbytes`` bytes (0: the peer closed)."""
-        core = self._core
-        link = self._link
-        gate = self._gate
-        if gate is not None and events and any(self._gated(msg) for msg, _ in events):
-            # held behind the gate, they keep what was read alive: all of it counts
-            self._gate_held += nbytes
-            self._flow.held += nbytes
-        if self._backlog is not None:
-            self._backlog += events  # keep the order
-        elif len(events) == 1 and gate is None:  # the common case, without _handle's bookkeeping
-            msg, rec = events[0]
-            start = core.emitted
-            _HANDLERS[type(msg)](self, msg, rec)
-            self._owed += core.emitted - start
-        elif events:
-            self._handle(events)
-        if core.has_data_to_send():
-            link.send_now()  # answers produced while reading leave in one write
-        if not nbytes:
-            if link.failure is None:
-                link.failure = ConnectionInterrupted("the peer closed the connection")
-            return False
-        if core.state == State.CLOSED:
-            backlog = self._backlog
-            if backlog is not None:
-                # the peer said goodbye: what it sent before still counts (one read at most)
-                self._backlog = None
-                self._handle(backlog, math.inf)
-                if core.has_data_to_send():
-                    link.kick()
-            if link.failure is None:
-                link.failure = failure_from_goodbye(core.close_code, core.close_reason or "closed by the peer")
-            return False
-        if (self._flow.held or core.receiving_big or gate is not None) and not self._within_budget():
-            return self._over_budget()
-        high = self.limits.write_buffer_high
-        if self._backlog is not None or self._gate_held > high or (self._owed > high and self._peer_behind()):
-            link.io.pause_reading()  # type: ignore[union-attr]
-            self._resume_input()
-        return True
-
-    def _handle(self, events: list[Any], high: float = 0) -> None:
-        """Run the handlers of ``events``; once the answers they produced pass the high-water mark,
-        keep the rest for later (``_backlog``): a peer that does not read is not served more."""
-        gate = self._gate
-        core = self._core
-        high = (high or self.limits.write_buffer_high) - self._owed
-        start = core.emitted
-        i = 0
-        for msg, rec in events:
-            i += 1
-            if gate is not None and self._gated(msg):
-                gate.append((msg, rec))
-                continue
-            _HANDLERS[type(msg)](self, msg, rec)
-            if core.emitted - start > high and i < len(events):
-                self._backlog = events[i:]
-                break
-        self._owed += core.emitted - start
-
-    def _peer_behind(self) -> bool:
-        """Has reading produced more than ``write_buffer_high`` bytes of answers (replies, errors,
-        PONGs) since the peer last caught up with what we send?  Then it is sending requests without
-        reading the answers, and is not read until it does.  Our own streams' data does not count:
-        their producers wait for the writer themselves, and counting it would make two peers that
-        stream to each other both stop reading, each waiting for the other."""
-        if self._owed <= self.limits.write_buffer_high:
-            return False
-        if self._link.out_full():
-            return True
-        self._owed = 0  # the peer has caught up
-        return False
-
-    def _resume_input(self) -> None:
-        """Serve what was held back while the peer catches up, then read again (the driver calls
-        this once what was buffered for writing has gone out)."""
-        link = self._link
-        io = link.io
-        if io is None or io.done():
-            return
-        while self._backlog is not None:
-            link.flush()
-            if link.out_full():
-                return  # the driver calls again once the peer has read
-            self._owed = 0  # the peer has caught up
-            backlog = self._backlog
-            self._backlog = None
-            self._handle(backlog)
-            if not self._within_budget():
-                self._cut_off()
-                return
-        link.flush()
-        if not self._peer_behind() and self._gate_held <= self.limits.write_buffer_high:
-            io.resume_reading()
-
-    def _within_budget(self) -> bool:
-        """Does what the peer makes us hold (queued stream items, calls behind the gate, the
-        arguments of calls in flight, a large frame being received) fit in the connection's
-        memory budget?"""
-        flow = self._flow
-        held = flow.held
-        core = self._core
-        if core.receiving_big and held - flow.calls_held + core.big_size > self.limits.max_buffered:
-            # (a frame being received may be a CALL: one that does not fit beside the calls in
-            # flight is refused once it is complete, and the connection lives on)
-            return False
-        gate = self._gate
-        return held <= self.limits.max_buffered and (gate is None or len(gate) <= self.limits.max_calls_in_flight)
-
-    def _over_budget(self) -> bool:
-        gate = self._gate
-        if gate is not None and len(gate) > self.limits.max_calls_in_flight:
-            reason = f"more than {self.limits.max_calls_in_flight} calls sent before on_connect finished"
-        else:
-            reason = f"the peer made this side hold more than its memory budget of {self.limits.max_buffered} bytes"
-        log.warning("xrpc: closing the connection of %s: %s", self.peer.describe(), reason)
-        if self._link.failure is None:
-            self._link.failure = LimitExceeded(reason)
-        self._link.goodbye_now(reason, ErrorCode.LIMIT)
-        return False
-
-    def _cut_off(self) -> None:
-        """End a connection whose peer made us hold more than the budget, outside the reader."""
-        self._over_budget()
-        io = self._link.io
-        if io is not None:
-            io.close()
-
-    async def _room_for(self, size: int) -> bool:
-        """Wait while the peer is behind with what we send, holding an answer of about ``size``
-        bytes: held answers draw from the memory budget, and a peer that makes us hold more than
-        it is cut off.  False if the connection is over."""
-        link = self._link
-        if not link.out_full():
-            return True
-        flow = self._flow
-        flow.held += size
-        try:
-            if not self._within_budget():
-                self._cut_off()
-                return False
-            await link.wait_drained()  # a peer that does not read gets no more answers meanwhile
-        except Error:
-            return False  # the connection is over
-        finally:
-            flow.held -= size
-        return True
-
-    def _answered(self, start: int) -> None:
-        """A call served in a task has sent its answer (reply or error) since ``start``.  It is owed
-        to the peer like the answers reading produces: past ``write_buffer_high`` unread, reading
-        stops; past the memory budget unread, the peer is cut off.  (An answer is sent at once
-        rather than held until the peer reads: a held result would be memory no budget sees.)"""
-        self._owed += self._core.emitted - start
-        if self._owed <= self.limits.write_buffer_high:
-            return
-        link = self._link
-        if link.unsent() > self.limits.max_buffered:
-            self._cut_off()
-        elif link.io is not None and self._peer_behind():
-            link.io.pause_reading()
-            self._resume_input()  # flushes, and reads on at once if that was all; else the driver calls it again
-
-    # -------------------------------------------------------------- the on_connect gate
-    def _gated(self, msg: Any) -> bool:
-        """Does ``msg`` start or concern work the peer asked of us (held until the gate opens)?"""
-        call_id = getattr(msg, "id", None)
-        if call_id is None:
-            return type(msg) is Release
-        return not self._core.is_local_id(call_id)
-
-    def _open_gate(self) -> None:
-        gate = self._gate
-        self._gate = None
-        self._flow.release(self._gate_held)
-        self._gate_held = 0
-        if gate:
-            if self._backlog is not None:
-                gate += self._backlog  # read after the gated frames
-                self._backlog = None
-            self._handle(gate)
-            self._link.kick()
-        self._resume_input()
-
-    # -------------------------------------------------------------- frame handlers (synchronous, as read)
-    def _on_call(self, msg: Call, rec: Any) -> None:
-        self._serving.on_call(msg, rec)
-
-    def _on_reply(self, msg: Reply, rec: Any) -> None:
-        h = rec.handler
-        if h is not None:
-            h.on_reply(msg)
-
-    def _on_error(self, msg: ErrorFrame, rec: Any) -> None:
-        h = rec.handler
-        if h is not None:
-            h.fail(msg)  # the ERROR frame is raised to the caller as its error
-
-    def _on_item(self, msg: Item, rec: Any) -> None:
-        h = rec.handler
-        if h is None or not h.on_item(msg):
-            self._flow.conn_freed(len(msg.payload) + ITEM_OVERHEAD)
-
-    def _on_end(self, msg: End, rec: Any) -> None:
-        h = rec.handler
-        if h is not None:
-            h.on_end()
-
-    def _on_credit(self, msg: Credit, rec: Any) -> None:
-        if msg.conn:
-            self._flow.wake_conn_waiter()
-        if rec is not None and rec.handler is not None:
-            rec.handler.on_credit()
-
-    def _on_cancel(self, msg: Cancel, rec: Any) -> None:
-        h = rec.handler
-        if h is not None:
-            h.on_cancel()
-
-    def _on_release(self, msg: Release, rec: Any) -> None:
-        self._objects.drop(msg.obj, msg.count)
-
-    def _on_pong(self, msg: Pong, rec: Any) -> None:
-        waiter = self._pings.pop(msg.nonce, None)
-        if waiter is not None:
-            waiter.set()
-
-    def _on_hello(self, msg: Any, rec: Any) -> None:
-        self._handshake.set()
-
-    def _on_welcome(self, msg: Any, rec: Any) -> None:
-        self._handshake.set()
-        self._flow.wake_conn_waiter()  # the server's connection window is known now
-
-    _on_goodbye = _on_hello
-
-
-_HANDLERS: dict[type, Callable[[Connection, Any, Any], None]] = {
-    Call: Connection._on_call,
-    Reply: Connection._on_reply,
-    ErrorFrame: Connection._on_error,
-    Item: Connection._on_item,
-    End: Connection._on_end,
-    Credit: Connection._on_credit,
-    Cancel: Connection._on_cancel,
-    Release: Connection._on_release,
-    Goodbye: Connection._on_goodbye,
-    Hello: Connection._on_hello,
-    Welcome: Connection._on_welcome,
-    Pong: Connection._on_pong,
-}

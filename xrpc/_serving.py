@@ -27,7 +27,7 @@ import msgspec
 
 from ._calls import CallHandler, push_item
 from ._codes import error_frame_args, refusal
-from ._errors import Error, LimitExceeded, LocalProtocolError, ObjectNotFound, ValidationError
+from ._errors import LimitExceeded, LocalProtocolError, ObjectNotFound, ValidationError
 from ._interface import InterfaceDescription, MethodDescription, MethodKind, describe
 from ._io import Link
 from ._middleware import CallContext, Middleware, metadata, run_chain
