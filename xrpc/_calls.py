@@ -23,19 +23,19 @@ import msgspec
 
 from ._codes import exception_from_error
 from ._errors import ConnectionInvalidated, LimitExceeded, LocalProtocolError, ValidationError
-from ._interface import MethodDescription, MethodKind, describe
+from ._interface import MethodDescription, MethodKind
 from ._io import Link
 from ._middleware import Middleware, metadata, run_client_chain
 from ._objects import ObjectTable
 from ._protocol import ITEM_OVERHEAD, CallRecord, ProtocolCore, Reply
 from ._protocol import Error as ErrorFrame
-from ._proxy import proxy_target
+from ._proxy import pipelined_method, proxy_target
 from ._streams import EMPTY, BatchReader, Credit, FlowControl, StreamQueue, StreamSender, split_stream_arg
 
 if TYPE_CHECKING:
     from ._connection import Connection
 
-__all__ = ("CallHandler", "CallStream", "Calls", "EagerPending", "OutCall", "Pending", "Promise", "push_item")
+__all__ = ("CallHandler", "CallStream", "Calls", "EagerPending", "OutCall", "Pending", "Promise", "StreamHandler", "push_item")
 
 log = logging.getLogger("xrpc")
 _T = TypeVar("_T")
@@ -138,15 +138,38 @@ class EagerPending(Pending):
     fail = deliver
 
 
-class OutCall(CallHandler):
+class StreamHandler(CallHandler):
+    """A call with streams: ``queue`` receives the peer's items, ``credit`` paces the items sent."""
+
+    __slots__ = ("queue", "credit")
+
+    def __init__(self, queue: StreamQueue | None, credit: Credit | None) -> None:
+        self.queue = queue
+        self.credit = credit
+
+    def on_item(self, msg: Any) -> bool:
+        if self.queue is None:
+            return False
+        push_item(self.queue, msg)
+        return True
+
+    def on_credit(self) -> None:
+        if self.credit is not None:
+            self.credit.wake()
+
+    def on_end(self) -> None:
+        if self.queue is not None:
+            self.queue.finish()
+
+
+class OutCall(StreamHandler):
     """Caller-side state of a stream call: the queue of items received (server and two-way
     streams), the credit of items sent (client and two-way streams), the reply (client streams)."""
 
-    __slots__ = ("queue", "credit", "pending")
+    __slots__ = ("pending",)
 
     def __init__(self, queue: StreamQueue | None, credit: Credit | None, pending: Pending | None) -> None:
-        self.queue = queue
-        self.credit = credit
+        super().__init__(queue, credit)
         self.pending = pending
 
     def on_reply(self, msg: Reply) -> None:
@@ -155,21 +178,10 @@ class OutCall(CallHandler):
         if self.credit is not None:
             self.credit.close()
 
-    def on_item(self, msg: Any) -> bool:
-        if self.queue is None:
-            return False
-        push_item(self.queue, msg)
-        return True
-
     def on_end(self) -> None:
-        if self.queue is not None:
-            self.queue.finish()
+        super().on_end()
         if self.credit is not None:
-            self.credit.close()
-
-    def on_credit(self) -> None:
-        if self.credit is not None:
-            self.credit.wake()
+            self.credit.close()  # the call is over: nothing more goes out
 
     def fail(self, error: Any) -> None:
         if self.queue is not None:
@@ -264,9 +276,11 @@ class Calls:
         return await run_client_chain(self.middleware, self.connection, m, args, kwargs, last)
 
     # ---------------------------------------------------------------- the Caller contract
-    async def call_unary(self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
-        if self.middleware:
-            return await self.intercept(m, args, kwargs, lambda: self._unary(obj, m, args, kwargs, timeout))
+    async def call_unary(
+        self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None, intercepted: bool = False
+    ) -> Any:
+        if self.middleware and not intercepted:
+            return await self.intercept(m, args, kwargs, lambda: self.call_unary(obj, m, args, kwargs, timeout, True))
         rec = self.send(obj, m, args, kwargs, timeout)
         pending = Pending(self.link.loop)
         rec.handler = pending
@@ -288,22 +302,6 @@ class Calls:
         if type(res) is Reply:
             return m.decode_reply(res.payload, self.objects)
         return self.result(m, res)
-
-    async def _unary(self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> Any:
-        rec = self.send(obj, m, args, kwargs, timeout)
-        pending = Pending(self.link.loop)
-        rec.handler = pending
-        try:
-            if timeout is None:
-                await pending.wait()
-            else:
-                with anyio.fail_after(timeout):
-                    await pending.wait()
-        except BaseException:
-            if pending.result is None:
-                self.cancel(rec.id)
-            raise
-        return self.result(m, pending.result)
 
     async def call_oneway(self, obj: str, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self.middleware:
@@ -591,12 +589,7 @@ class Promise:
         return p.value
 
     def __getattr__(self, name: str) -> Callable[..., Promise]:
-        iface = self._m.reply_iface
-        if iface is None:
-            raise AttributeError(f"{self._m.qualname} does not return an object: there is nothing to pipeline on")
-        m = describe(iface).methods.get(name)
-        if m is None:
-            raise AttributeError(f"{describe(iface).name} has no method {name!r}")
+        m = pipelined_method(self._m, name)
         calls = self._calls
 
         def call(*args: Any, **kwargs: Any) -> Promise:

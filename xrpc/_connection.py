@@ -52,13 +52,13 @@ from ._errors import (
     ValidationError,
 )
 from ._fds import FdTable
-from ._interface import InterfaceDescription, MethodDescription, describe
+from ._interface import InterfaceDescription, MethodDescription
 from ._io import Callbacks, Link, open_driver
 from ._middleware import CallContext, Middleware, call_metadata, current_metadata
 from ._objects import Export, ObjectTable, make_export
 from ._peer import Peer
 from ._protocol import ErrorCode, ExportInfo, ProtocolCore, State, conn_window_for
-from ._proxy import check_compat, make_proxy
+from ._proxy import cached_proxy, check_compat
 from ._reading import Reader
 from ._serving import Serving
 from ._streams import FlowControl, StreamSender
@@ -80,6 +80,17 @@ log = logging.getLogger("xrpc")
 _T = TypeVar("_T")
 
 _current: contextvars.ContextVar[Connection] = contextvars.ContextVar("xrpc_connection")
+
+
+def event_callback(fn: Callable[[], Any], where: str) -> None:
+    """Call an ``on_interrupted``/``on_invalidated`` callback: a plain function; what it raises is logged."""
+    try:
+        res = fn()
+        if inspect.isawaitable(res):
+            res.close()  # type: ignore[attr-defined]
+            log.warning("xrpc: connection callbacks must be plain functions; %r returned an awaitable", fn)
+    except Exception:
+        log.exception("xrpc: %s: callback %r failed", where, fn)
 
 
 def current_connection() -> Connection:
@@ -196,14 +207,7 @@ class Connection:
     # -------------------------------------------------------------- public surface
     def proxy(self, iface: Callable[..., _T], name: str = "", timeout: float | None = None) -> _T:
         """A proxy typed as ``iface`` for the object the peer exports under ``name``."""
-        desc = describe(iface)
-        key = name or desc.name
-        cache_key = (id(desc), key, timeout)
-        p = self._proxies.get(cache_key)
-        if p is None:
-            p = make_proxy(self._calls, desc, key, timeout, self._compat(desc, key))
-            self._proxies[cache_key] = p
-        return p  # type: ignore[no-any-return]
+        return cached_proxy(self._proxies, self._calls, iface, name, timeout, self._compat)  # type: ignore[no-any-return]
 
     def _compat(self, desc: InterfaceDescription, key: str) -> dict[str, Any] | None:
         """Compare ``desc`` with what the peer announced for ``key``: None when they agree (or the
@@ -523,18 +527,9 @@ class Connection:
         if not self._handed_out:
             return  # connect() raised: the caller never had this connection
         if interrupted and self._on_interrupted is not None:
-            self._callback(self._on_interrupted)
+            event_callback(self._on_interrupted, "connection")
         if self._on_invalidated is not None:
-            self._callback(self._on_invalidated)
-
-    def _callback(self, fn: Callable[[], Any]) -> None:
-        try:
-            res = fn()
-            if inspect.isawaitable(res):
-                res.close()  # type: ignore[attr-defined]
-                log.warning("xrpc: connection callbacks must be plain functions; %r returned an awaitable", fn)
-        except Exception:
-            log.exception("xrpc: connection event callback %r failed", fn)
+            event_callback(self._on_invalidated, "connection")
 
     def _release_remote(self, oid: str) -> None:
         """A proxy to the peer's object ``oid`` is gone: tell the exporter (from any thread)."""

@@ -361,10 +361,7 @@ class UnixIO(_LoopDriver):
             self._queue(memoryview(data), fds or [])
             return
         try:
-            if fds:
-                sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-            else:
-                sent = self.sock.send(data)
+            sent = self._send(data, fds)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
@@ -382,6 +379,11 @@ class UnixIO(_LoopDriver):
         if sent < len(data):
             self._queue(memoryview(data)[sent:], fds or [])
             self._loop.add_writer(self.fd, self._writable)
+
+    def _send(self, data: bytes | bytearray | memoryview, fds: list[int] | None) -> int:
+        if fds:
+            return self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        return self.sock.send(data)
 
     def _queue(self, data: memoryview, fds: list[int]) -> None:
         self._pending.append((data, fds))
@@ -407,10 +409,7 @@ class UnixIO(_LoopDriver):
         while self._pending:
             data, fds = self._pending[0]
             try:
-                if fds:
-                    sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-                else:
-                    sent = self.sock.send(data)
+                sent = self._send(data, fds)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:

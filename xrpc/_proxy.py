@@ -14,9 +14,9 @@ import weakref
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 from ._errors import ValidationError
-from ._interface import InterfaceDescription, MethodDescription, MethodKind, is_default
+from ._interface import InterfaceDescription, MethodDescription, MethodKind, describe, is_default
 
-__all__ = ("Caller", "ProxyBase", "check_compat", "make_proxy", "pipeline", "proxy_target")
+__all__ = ("Caller", "ProxyBase", "cached_proxy", "check_compat", "make_proxy", "pipeline", "pipelined_method", "proxy_target")
 
 
 class Caller(Protocol):
@@ -159,6 +159,36 @@ def make_proxy(
     if release is not None:
         p._xrpc_ref = weakref.finalize(p, release, obj)
     return p
+
+
+def cached_proxy(
+    cache: dict[tuple[int, str, float | None], Any],
+    caller: Caller,
+    iface: Any,
+    name: str,
+    timeout: float | None,
+    compat: Callable[[InterfaceDescription, str], dict[str, Any] | None] | None = None,
+) -> Any:
+    """The proxy of ``iface`` for ``name`` through ``caller``, made once per (interface, name,
+    timeout) and kept in ``cache``; ``compat`` works out what the peer announced differently."""
+    desc = describe(iface)
+    key = name or desc.name
+    cache_key = (id(desc), key, timeout)
+    p = cache.get(cache_key)
+    if p is None:
+        p = cache[cache_key] = make_proxy(caller, desc, key, timeout, compat(desc, key) if compat is not None else None)
+    return p
+
+
+def pipelined_method(m: MethodDescription, name: str) -> MethodDescription:
+    """The method ``name`` of the object ``m`` returns, for a call pipelined on its result."""
+    iface = m.reply_iface
+    if iface is None:
+        raise AttributeError(f"{m.qualname} does not return an object: there is nothing to pipeline on")
+    found = describe(iface).methods.get(name)
+    if found is None:
+        raise AttributeError(f"{describe(iface).name} has no method {name!r}")
+    return found
 
 
 def proxy_target(value: Any) -> tuple[Caller, str, InterfaceDescription] | None:

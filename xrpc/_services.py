@@ -71,10 +71,10 @@ import anyio.abc
 import anyio.lowlevel
 
 from ._api import Server, connect
-from ._connection import Connection, Limits, Promise
+from ._connection import Connection, Limits, Promise, event_callback
 from ._errors import ConnectionInterrupted, ConnectionInvalidated, Error, PeerRejected, TransportError
-from ._interface import MethodDescription, MethodKind, describe
-from ._proxy import make_proxy
+from ._interface import MethodDescription, MethodKind
+from ._proxy import cached_proxy, pipelined_method
 from ._transports import ParsedURL, owner_name
 
 if sys.version_info >= (3, 11):
@@ -1032,14 +1032,7 @@ class ServiceConnection:
 
     def proxy(self, iface: Callable[..., _T], name: str = "", timeout: float | None = None) -> _T:
         """A proxy typed as ``iface`` for the object the service exports under ``name``."""
-        desc = describe(iface)
-        key = name or desc.name
-        cache_key = (id(desc), key, timeout)
-        p = self._proxies.get(cache_key)
-        if p is None:
-            p = make_proxy(self, desc, key, timeout)
-            self._proxies[cache_key] = p
-        return p  # type: ignore[no-any-return]
+        return cached_proxy(self._proxies, self, iface, name, timeout)  # type: ignore[no-any-return]
 
     def export(self, iface: Any, obj: Any, name: str = "") -> None:
         """Serve ``obj`` to the service, on the current connection and every later one."""
@@ -1261,13 +1254,7 @@ class ServiceConnection:
         self._state = new
         callback = self._on_interrupted if new == INTERRUPTED else self._on_invalidated if new == INVALIDATED else None
         if callback is not None:
-            try:
-                res = callback()
-                if inspect.isawaitable(res):
-                    res.close()  # type: ignore[attr-defined]
-                    log.warning("xrpc: connection callbacks must be plain functions; %r returned an awaitable", callback)
-            except Exception:
-                log.exception("xrpc: service %s: callback %r failed", self.name, callback)
+            event_callback(callback, f"service {self.name}")
         return True
 
     # -------------------------------------------------------------- keeping watch
@@ -1435,12 +1422,7 @@ class _ServicePromise:
             sc._last_activity = anyio.current_time()
 
     def __getattr__(self, name: str) -> Callable[..., _ServicePromise]:
-        iface = self._m.reply_iface
-        if iface is None:
-            raise AttributeError(f"{self._m.qualname} does not return an object: there is nothing to pipeline on")
-        m = describe(iface).methods.get(name)
-        if m is None:
-            raise AttributeError(f"{describe(iface).name} has no method {name!r}")
+        m = pipelined_method(self._m, name)
 
         def call(*args: Any, **kwargs: Any) -> _ServicePromise:
             return _ServicePromise(self._sc, self, m, ("", args, kwargs), self._timeout)

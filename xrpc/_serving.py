@@ -25,7 +25,7 @@ import anyio
 import anyio.abc
 import msgspec
 
-from ._calls import CallHandler, push_item
+from ._calls import StreamHandler
 from ._codes import error_frame_args, refusal
 from ._errors import LimitExceeded, LocalProtocolError, ObjectNotFound, ValidationError
 from ._interface import InterfaceDescription, MethodDescription, MethodKind, describe
@@ -52,37 +52,22 @@ _force_setattr = msgspec.structs.force_setattr
 _size_encoder = msgspec.msgpack.Encoder()
 
 
-class InCall(CallHandler):
+class InCall(StreamHandler):
     """Callee-side state of one incoming call served in a task.
 
     Under anyio task groups the call runs in ``scope``; on the asyncio fast path it is the native
     ``task``, cancelled directly, with ``deadline`` enforced by a scope inside the task.
     """
 
-    __slots__ = ("scope", "task", "deadline", "queue", "credit", "promise", "held")
+    __slots__ = ("scope", "task", "deadline", "promise", "held")
 
     def __init__(self, scope: anyio.CancelScope | None) -> None:
+        super().__init__(None, None)
         self.held = 0  # bytes of arguments drawn from the connection's budget while the call runs
         self.promise: IncomingPromise | None = None
         self.scope = scope
         self.task: asyncio.Task[None] | None = None
         self.deadline = math.inf
-        self.queue: StreamQueue | None = None
-        self.credit: Credit | None = None
-
-    def on_item(self, msg: Any) -> bool:
-        if self.queue is None:
-            return False
-        push_item(self.queue, msg)
-        return True
-
-    def on_end(self) -> None:
-        if self.queue is not None:
-            self.queue.finish()
-
-    def on_credit(self) -> None:
-        if self.credit is not None:
-            self.credit.wake()
 
     def on_cancel(self) -> None:
         if self.scope is not None:
