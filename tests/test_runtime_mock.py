@@ -25,7 +25,6 @@ import pytest
 import xrpc
 from _wire import decode_frames, frame
 from xrpc._io import Callbacks, MockIO
-from xrpc._objects import exports_from
 from xrpc._peer import Peer
 from xrpc._protocol import ErrorCode
 
@@ -200,7 +199,6 @@ async def mock_pair(
     impl: SvcImpl | None = None,
     *,
     limits: xrpc.Limits | None = None,
-    client_exports: Any = (),
     keep_written: bool = False,
     on_interrupted: Callable[[], Any] | None = None,
     on_invalidated: Callable[[], Any] | None = None,
@@ -216,7 +214,6 @@ async def mock_pair(
         client_io,
         client=True,
         peer=Peer("mock", "server"),
-        exports=exports_from(client_exports),
         limits=limits,
         on_interrupted=on_interrupted,
         on_invalidated=on_invalidated,
