@@ -52,6 +52,8 @@ class Svc(Protocol):
 
     async def total(self, xs: AsyncIterator[int]) -> int: ...
 
+    def tagged(self, prefix: str, xs: AsyncIterator[int], step: int = 1) -> AsyncIterator[str]: ...
+
     @xrpc.oneway
     async def note(self, text: str) -> None: ...
 
@@ -109,6 +111,10 @@ class SvcImpl:
     async def total(self, xs: AsyncIterator[int]) -> int:
         self.ran.append("total")
         return sum([x async for x in xs])
+
+    async def tagged(self, prefix: str, xs: AsyncIterator[int], step: int = 1) -> AsyncIterator[str]:
+        async for x in xs:
+            yield f"{prefix}:{x * step}"
 
     async def note(self, text: str) -> None:
         self._notes.append(text)
@@ -507,6 +513,34 @@ async def test_client_middleware_sees_server_stream_calls() -> None:
         async with serve_and_connect(server, xrpc.testing.memory_url(), middleware=[stamp]) as conn:
             assert [x async for x in conn.proxy(Svc).count(2)] == [0, 1]
     assert server_rec.seen[0]["metadata"] == {"stamped": "yes"}
+
+
+async def test_client_middleware_sees_the_real_arguments_of_stream_calls(transport: str) -> None:
+    """Client middleware on a server stream and a two-way stream sees the arguments as the caller
+    passed them (positional and keyword, the stream argument itself included), once per call."""
+    rec = Recorder()
+    server = xrpc.Server()
+    server.export(Svc, SvcImpl())
+
+    async def numbers(*xs: int) -> AsyncIterator[int]:
+        for x in xs:
+            yield x
+
+    first, second = numbers(1, 2), numbers(3)
+    with anyio.fail_after(T):
+        async with serve_and_connect(server, transport, middleware=[rec]) as conn:
+            svc = conn.proxy(Svc)
+            assert [x async for x in svc.count(3)] == [0, 1, 2]
+            assert [x async for x in svc.count(n=2)] == [0, 1]
+            assert [x async for x in svc.tagged("p", first, step=10)] == ["p:10", "p:20"]
+            assert [x async for x in svc.tagged(prefix="q", xs=second)] == ["q:3"]
+    seen = [(s["qualname"], s["kind"], s["args"], s["kwargs"]) for s in rec.seen]
+    assert seen == [
+        ("Svc.count", xrpc.MethodKind.SERVER_STREAM, (3,), {}),
+        ("Svc.count", xrpc.MethodKind.SERVER_STREAM, (), {"n": 2}),
+        ("Svc.tagged", xrpc.MethodKind.BIDI_STREAM, ("p", first), {"step": 10}),
+        ("Svc.tagged", xrpc.MethodKind.BIDI_STREAM, (), {"prefix": "q", "xs": second}),
+    ]
 
 
 # --------------------------------------------------------------------------- a metrics middleware

@@ -655,9 +655,14 @@ class MockIO:
     """A driver without a socket: what one side writes is fed to its peer on the next turn of the
     event loop (asyncio), in order.  ``MockIO.pair()`` gives the two ends of one connection.
 
-    For runtime tests: ``written`` keeps what this side wrote, ``feed_raw(data)`` feeds bytes as
-    if the peer had sent them, ``sever()`` loses the connection, and reading can be paused like a
-    socket's (what arrives meanwhile waits).
+    It behaves like a socket with a send buffer: what this end wrote and the peer has not taken yet
+    (in flight, or waiting while the peer's reading is paused) is ``buffered()``; above the
+    high-water mark the writer is ``blocked()`` and producers wait in ``wait_writable()``, until the
+    peer has taken enough (then the connection is told ``writable()``).
+
+    For runtime tests: ``written`` keeps what this side wrote (with ``keep_written``),
+    ``feed_raw(data)`` feeds bytes as if the peer had sent them, ``sever()`` loses the connection,
+    and reading can be paused like a socket's (``reading``; what arrives meanwhile waits, in order).
     """
 
     passes_fds = False
@@ -669,8 +674,10 @@ class MockIO:
         self.high = high
         self.written: list[bytes] = []
         self.keep_written = False
-        self._inbox: collections.deque[bytes] = collections.deque()
-        self._reading = True
+        self.reading = True  # False while the connection has paused reading
+        self._inbox: collections.deque[tuple[bytes, bool]] = collections.deque()  # (data, written by the peer)
+        self._unread = 0  # bytes this end wrote that the peer has not taken yet
+        self._drained: anyio.Event | None = None
         self._closed = False
         self._ended: anyio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -701,37 +708,78 @@ class MockIO:
             self.written.append(data)
         peer = self.peer
         if peer is not None and self._loop is not None:
-            self._loop.call_soon(peer.feed_raw, data)
+            self._unread += len(data)
+            self._loop.call_soon(peer._receive, data, True)
 
     def write_last(self, data: bytes | bytearray) -> None:
         self.write(data)
 
     def feed_raw(self, data: bytes) -> None:
-        """Bytes from the peer (``b""``: it closed)."""
+        """Bytes as if the peer had sent them (``b""``: it closed); they wait while reading is paused."""
+        self._receive(bytes(data), False)
+
+    def _receive(self, data: bytes, from_peer: bool) -> None:
         if self._closed or self.cb is None:
+            self._taken_by_peer(data, from_peer)  # dropped, as a closed socket's would be
             return
-        if not self._reading:
-            self._inbox.append(data)
+        if not self.reading or self._inbox:
+            self._inbox.append((data, from_peer))  # after what arrived before it
             return
-        if not self.cb.feed(data) or not data:
+        self._take(data, from_peer)
+
+    def _take(self, data: bytes, from_peer: bool) -> None:
+        assert self.cb is not None
+        ok = self.cb.feed(data)
+        self._taken_by_peer(data, from_peer)
+        if not ok or not data:
             self.close()
 
+    def _taken_by_peer(self, data: bytes, from_peer: bool) -> None:
+        """``data``, written by the peer, is no longer in its send buffer."""
+        peer = self.peer
+        if from_peer and peer is not None:
+            peer._taken(len(data))
+
+    def _taken(self, n: int) -> None:
+        was_blocked = self.blocked()
+        self._unread -= n
+        if was_blocked and not self.blocked():
+            self._wake_writers()
+            if self.cb is not None and not self._closed:
+                self.cb.writable()
+
+    def _wake_writers(self) -> None:
+        if self._drained is not None:
+            self._drained.set()
+            self._drained = None
+
     def blocked(self) -> bool:
-        return False
+        return self._unread > self.high
 
     def buffered(self) -> int:
-        return 0
+        return self._unread
 
     async def wait_writable(self) -> None:
-        return
+        while self.blocked() and not self._closed:
+            if self._drained is None:
+                self._drained = anyio.Event()
+            await self._drained.wait()
 
     def pause_reading(self) -> None:
-        self._reading = False
+        self.reading = False
 
     def resume_reading(self) -> None:
-        self._reading = True
-        while self._inbox and self._reading and not self._closed:
-            self.feed_raw(self._inbox.popleft())
+        """Read again; what waited is fed on the next turn of the loop (as a socket becomes readable)."""
+        if self.reading:
+            return
+        self.reading = True
+        if self._inbox and self._loop is not None:
+            self._loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        while self._inbox and self.reading and not self._closed:
+            data, from_peer = self._inbox.popleft()
+            self._take(data, from_peer)
 
     async def run(self, tg: anyio.abc.TaskGroup) -> None:
         assert self._ended is not None
@@ -752,9 +800,14 @@ class MockIO:
         self._closed = True
         if self._ended is not None:
             self._ended.set()
+        self._wake_writers()
+        inbox = list(self._inbox)
+        self._inbox.clear()
+        for data, from_peer in inbox:
+            self._taken_by_peer(data, from_peer)
         peer = self.peer
         if peer is not None and self._loop is not None:
-            self._loop.call_soon(peer.feed_raw, b"")
+            self._loop.call_soon(peer._receive, b"", False)
 
     async def aclose(self) -> None:
         self.close()
