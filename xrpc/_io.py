@@ -500,6 +500,7 @@ class StreamIO:
         self._scope: anyio.CancelScope | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._done = False
+        self._sending = anyio.Lock()  # one send at a time: the writer's, or the last one (GOODBYE)
 
     async def open(self) -> None:
         sock = self._sock
@@ -539,10 +540,11 @@ class StreamIO:
 
         async def send_last() -> None:
             with anyio.move_on_after(1.0, shield=True):
-                try:
-                    await stream.send(bytes(data))
-                except Exception:
-                    pass
+                async with self._sending:  # after the writer's send in progress, if any
+                    try:
+                        await stream.send(bytes(data))
+                    except Exception:
+                        pass
 
         try:
             tg.start_soon(send_last)
@@ -613,7 +615,8 @@ class StreamIO:
                     data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                     self._size -= len(data)
                     self._in_send = len(data)
-                    await stream.send(data if type(data) is bytes else bytes(data))
+                    async with self._sending:
+                        await stream.send(data if type(data) is bytes else bytes(data))
                     self._in_send = 0
                     if self._drained is not None and not self.blocked():
                         self._drained.set()
@@ -633,10 +636,11 @@ class StreamIO:
         with anyio.move_on_after(1.0, shield=True):
             if self._chunks and not self._in_send and self.stream is not None:
                 chunks, self._chunks = self._chunks, []
-                try:
-                    await self.stream.send(b"".join(chunks))
-                except Exception:
-                    pass
+                async with self._sending:
+                    try:
+                        await self.stream.send(b"".join(chunks))
+                    except Exception:
+                        pass
             await self.release()
         self.close()
 
