@@ -367,9 +367,6 @@ class ProtocolCore:
             raise LocalProtocolError(f"no open stream {call_id}")
         return rec
 
-    def send_item(self, call_id: int, payload: Any) -> None:
-        self.send_items(call_id, [payload])
-
     def send_items(self, call_id: int, payloads: list[Any]) -> bool:
         """Send a batch of stream items as one ITEM frame (within the credit held).
 
@@ -448,10 +445,6 @@ class ProtocolCore:
     def send_ping(self, nonce: int) -> None:
         if self.state in _SENDABLE:
             self._emit(Ping(nonce))
-
-    def send_raw_message(self, msg: Any) -> None:
-        """Encode a message without bookkeeping (tests and fuzzers use it to misbehave)."""
-        self._emit(msg)
 
     # ------------------------------------------------------------------ receiving
     def receive_data(self, data: bytes) -> list[tuple[Message, CallRecord | None]]:
