@@ -44,6 +44,9 @@ import msgspec
 
 from .._errors import LocalProtocolError, RemoteProtocolError
 from ._frames import (
+    DEFAULT_MAX_FRAME,
+    DEFAULT_WINDOW,
+    DEFAULT_WINDOW_BYTES,
     PROTOCOL_VERSION,
     Call,
     CallFlags,
@@ -68,23 +71,20 @@ __all__ = (
     "ProtocolCore",
     "CallRecord",
     "State",
-    "DEFAULT_MAX_FRAME",
     "DEFAULT_HANDSHAKE_MAX_FRAME",
-    "DEFAULT_WINDOW",
-    "DEFAULT_WINDOW_BYTES",
+    "DEFAULT_MAX_BUFFERED",
     "DEFAULT_CONN_WINDOW",
     "MIN_CONN_WINDOW",
     "ITEM_OVERHEAD",
     "conn_window_for",
 )
 
-DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 # The largest frame the accepting side takes before HELLO has arrived (HELLO itself, or anything a
 # peer sends instead): a peer not yet admitted makes the server buffer at most this much.
 DEFAULT_HANDSHAKE_MAX_FRAME = 1024 * 1024
-DEFAULT_WINDOW = 1024
+# The bytes a peer may make a side hold for it (its memory budget); the connection window follows.
+DEFAULT_MAX_BUFFERED = 32 * 1024 * 1024
 MIN_MAX_FRAME = 1024  # a peer must accept frames at least this large
-DEFAULT_WINDOW_BYTES = 4 * 1024 * 1024
 _HEADER = 4
 ITEM_OVERHEAD = 16  # added to an ITEM payload's length to give its connection cost
 MIN_CONN_WINDOW = 64 * 1024  # the least connection window; assumed until the peer's is known
@@ -98,7 +98,7 @@ def conn_window_for(max_buffered: int, max_frame: int) -> int:
     return max(MIN_CONN_WINDOW, min(_MAX_CONN_WINDOW, max_buffered - max_frame - _HEADER))
 
 
-DEFAULT_CONN_WINDOW = conn_window_for(32 * 1024 * 1024, DEFAULT_MAX_FRAME)
+DEFAULT_CONN_WINDOW = conn_window_for(DEFAULT_MAX_BUFFERED, DEFAULT_MAX_FRAME)
 
 
 def _uint_len(n: int) -> int:
