@@ -1319,3 +1319,29 @@ def test_release_of_fewer_than_one_reference_is_a_protocol_error(count: int) -> 
     c, s = open_pair()
     with pytest.raises(RemoteProtocolError, match="RELEASE"):
         transfer(c, s, Release("obj-7", count))
+
+
+def test_the_core_reports_what_it_buffers() -> None:
+    """``out_size`` counts what is encoded and not yet taken; ``receiving_big`` and ``big_size``
+    describe a large frame while it is assembled in its own buffer."""
+    c, s = open_pair()
+    assert c.out_size == 0
+    rec = c.send_call("o", "m", raw(["x" * 100_000]))
+    data = c.data_to_send()
+    assert c.out_size == 0 and len(data) > 100_000
+    c.send_ping(1)
+    assert c.out_size == len(frame(Ping(1)))
+    assert not s.receiving_big and s.big_size == 0
+    assert s.receive_data(data[:1000]) == []
+    assert s.receiving_big and s.big_size == len(data)
+    rest = data[1000:]
+    while rest:
+        target = s.big_target()
+        assert target is not None
+        n = min(len(target), len(rest))
+        target[:n] = rest[:n]
+        target.release()  # the buffer may grow for the next read
+        rest = rest[n:]
+        events = s.big_received(n)
+    assert [(type(m), r.id if r else None) for m, r in events] == [(Call, rec.id)]
+    assert not s.receiving_big and s.big_size == 0

@@ -242,18 +242,19 @@ class ProtocolCore:
 
     @property
     def out_size(self) -> int:
-        """Bytes encoded and not yet taken by ``data_to_send``."""
+        """Bytes encoded and not yet taken by ``data_to_send`` (what the next write would carry)."""
         return len(self._out)
 
     @property
     def receiving_big(self) -> bool:
-        """Is a large frame being received into a buffer of its own?"""
+        """True while a large frame is being received into its own buffer (see ``big_target``)."""
         return self._big is not None
 
     @property
     def big_size(self) -> int:
-        """The size of the large frame being received (header included), while ``receiving_big``."""
-        return self._big_size
+        """The whole size (length prefix included) of the large frame being received, which the
+        runtime counts against its memory budget while it arrives; 0 when none is."""
+        return self._big_size if self._big is not None else 0
 
     def _emit(self, msg: Any) -> int:
         """Encode ``msg`` as one frame at the end of the outgoing buffer; return its size."""
