@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import grp
 import os
+import pwd
 from collections.abc import Mapping
 from typing import Callable, ClassVar, Generic, NamedTuple, NoReturn, TypeVar
 
@@ -114,19 +116,15 @@ def _is_identifier(text: str) -> bool:
 
 def _uid_of(name: str) -> int | None:
     try:
-        import pwd
-
         return pwd.getpwnam(name).pw_uid
-    except (ImportError, KeyError, ValueError, OSError):
+    except (KeyError, ValueError, OSError):
         return None
 
 
 def _gid_of(name: str) -> int | None:
     try:
-        import grp
-
         return grp.getgrnam(name).gr_gid
-    except (ImportError, KeyError, ValueError, OSError):
+    except (KeyError, ValueError, OSError):
         return None
 
 
