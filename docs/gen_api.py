@@ -199,7 +199,7 @@ def _attributes(cls: type) -> list[str]:
 
 def _class_section(qualname: str, cls: type, level: str = "###") -> list[str]:
     out = [f"{level} `{qualname}`", ""]
-    bases = [b for b in cls.__bases__ if b is not object]
+    bases = [b for b in cls.__bases__ if b is not object and not b.__name__.startswith("_")]  # private bases are not API
     init_sig = "" if issubclass(cls, enum.Enum) else signature(cls)
     if init_sig in ("()", "(...)"):
         init_sig = ""

@@ -300,13 +300,11 @@ def test_core_receiver_refuses_items_beyond_the_connection_credit() -> None:
     rec = c.send_call("o", "up", msgspec.Raw(b"\x90"), CallFlags.STREAM_IN)
     s.receive_data(c.data_to_send())
     payload = msgspec.msgpack.encode([blob(20_000)])
-    for _ in range(3):  # 3 x 20 KiB: within the 64 KiB window
-        c.send_raw_message(Item(rec.id, 1, msgspec.Raw(payload)))
-    s.receive_data(c.data_to_send())
+    item = frame(Item(rec.id, 1, msgspec.Raw(payload)))  # framed by hand: the peer ignores its credit
+    s.receive_data(item * 3)  # 3 x 20 KiB: within the 64 KiB window
     assert s.conn_recv == MIN_CONN_WINDOW - 3 * (len(payload) + ITEM_OVERHEAD)
-    c.send_raw_message(Item(rec.id, 1, msgspec.Raw(payload)))  # a fourth does not fit
     with pytest.raises(RemoteProtocolError, match="connection credit"):
-        s.receive_data(c.data_to_send())
+        s.receive_data(item)  # a fourth does not fit
 
 
 def test_core_items_dropped_on_arrival_give_their_credit_back() -> None:
@@ -342,13 +340,11 @@ def test_core_a_frame_larger_than_the_window_allows_is_refused_locally() -> None
 
 def test_core_credit_beyond_what_was_used_is_a_protocol_error() -> None:
     c, s = open_pair()
-    s.send_raw_message(Credit(0, 0, 0, 1))  # nothing was sent yet: nothing to return
     with pytest.raises(RemoteProtocolError, match="more than was used"):
-        c.receive_data(s.data_to_send())
+        c.receive_data(frame(Credit(0, 0, 0, 1)))  # nothing was sent yet: nothing to return
     c, s = open_pair()
-    s.send_raw_message(Credit(0, 5, 0, 0))  # the connection has no stream credit
     with pytest.raises(RemoteProtocolError):
-        c.receive_data(s.data_to_send())
+        c.receive_data(frame(Credit(0, 5, 0, 0)))  # the connection has no stream credit
 
 
 def test_core_an_older_peer_is_neither_limited_nor_sent_connection_credit() -> None:

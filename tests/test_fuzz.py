@@ -594,7 +594,8 @@ async def test_hello_with_unusable_max_frame_is_refused_cleanly(
 
 # --------------------------------------------------------------------------- a misbehaving server
 def _fake_server(answer: Any) -> Any:
-    """A connection handler speaking the protocol through a bare core: WELCOME, then ``answer(call)``."""
+    """A connection handler speaking the protocol through a bare core: WELCOME, then ``answer(call)``
+    framed by hand (a frame no well-behaved core sends)."""
     from xrpc._protocol import ProtocolCore
 
     async def handle(stream: Any) -> None:
@@ -605,12 +606,13 @@ def _fake_server(answer: Any) -> Any:
                     data = await stream.receive()
                 except (anyio.EndOfStream, anyio.BrokenResourceError):
                     return
+                forged = b""
                 for msg, _ in core.receive_data(data):
                     if type(msg) is Hello:
                         core.send_welcome()
                     elif type(msg) is Call:
-                        core.send_raw_message(answer(msg))
-                out = core.data_to_send()
+                        forged += frame(answer(msg))
+                out = core.data_to_send() + forged
                 if out:
                     await stream.send(out)
 

@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 import anyio
 import anyio.abc
 
-from ._connection import Connection, Limits, Middleware
+from ._connection import Connection, Limits, Middleware, current_connection
 from ._objects import Export, exports_from, make_export
 from ._errors import PeerRejected, TransportError
 from ._peer import Peer
@@ -180,8 +180,6 @@ class Server:
 
 class _IntrospectionService:
     async def exports(self) -> list[ExportDescription]:
-        from ._connection import current_connection
-
         conn = current_connection()
         # only what this peer may call: an export it may not call is left out, and so is a method
         return [describe_export(e.name, e.desc, set(info.methods)) for e, info in conn.visible_exports() if e.name != INTROSPECT_NAME]

@@ -49,6 +49,7 @@ from typing import Any, AsyncIterator, Callable, Collection, Mapping, Sequence
 import anyio
 import msgspec
 
+from . import __version__
 from . import _errors as errors
 from ._api import Server, connect
 from ._interface import MethodKind, describe, interface, is_interface
@@ -1069,8 +1070,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
-
     return __version__
 
 

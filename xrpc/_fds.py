@@ -27,12 +27,35 @@ import stat
 import threading
 from typing import IO, Any
 
+from typing_extensions import Self
+
 from ._errors import ValidationError
 
 __all__ = ("FdBudget", "FdTable", "FileDescriptor", "SharedBuffer", "adopt_fd", "close_all", "fd_budget", "received_buffer", "sealed_fd")
 
 
-class FileDescriptor:
+class _Closing:
+    """What owns a kernel object: ``with`` closes it, and so does the garbage collector."""
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except (OSError, BufferError, ValueError):
+            pass  # a shared buffer still viewed somewhere: the mapping goes when the last view does
+
+
+class FileDescriptor(_Closing):
     """An open file descriptor to pass to the peer.
 
     Built from an ``int`` or anything with ``fileno()``; the sender keeps its own descriptor (a
@@ -70,18 +93,6 @@ class FileDescriptor:
         if self._owned and self._fd >= 0:
             os.close(self._fd)
         self._fd = -1
-
-    def __enter__(self) -> FileDescriptor:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except OSError:
-            pass
 
     def __repr__(self) -> str:
         return f"<xrpc.FileDescriptor {self._fd}{' owned' if self._owned else ''}>"
@@ -126,7 +137,7 @@ def _check_sealed(fd: int, size: int) -> None:
         raise ValueError(f"the memfd's size is {st.st_size} bytes, not the {size} announced")
 
 
-class SharedBuffer:
+class SharedBuffer(_Closing):
     """A shared memory region (a memfd) mapped in this process; pass it and the peer maps the same pages.
 
     ``SharedBuffer.create(size)`` makes one; ``buffer`` is a writable ``memoryview`` over it.  Writes
@@ -192,18 +203,6 @@ class SharedBuffer:
             self._map.close()
         os.close(self._fd)
         self._fd = -1
-
-    def __enter__(self) -> SharedBuffer:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except (OSError, BufferError, ValueError):
-            pass  # still viewed somewhere: the mapping goes when the last view does
 
     def __repr__(self) -> str:
         return f"<xrpc.SharedBuffer {self.size} bytes fd={self._fd}>"

@@ -40,6 +40,8 @@ from typing_extensions import Annotated, get_args, get_origin
 from ._errors import InterfaceError, ValidationError
 from ._fds import FileDescriptor, SharedBuffer, adopt_fd, received_buffer, sealed_fd
 from ._protocol import CallFlags, MethodSig, Ref
+from ._requirements import Requirement
+from ._requirements import requirement as parse_requirement
 
 __all__ = (
     "MethodKind",
@@ -109,9 +111,7 @@ def requires(requirement: Any) -> Callable[[_F], _F]:
     ``requirement`` is an ``xrpc.Requirement`` or an expression string for ``xrpc.requirement()``.
     A peer that does not satisfy it gets ``xrpc.PeerRejected``; the method does not run.
     """
-    from ._requirements import Requirement, requirement as parse
-
-    req = parse(requirement) if isinstance(requirement, str) else requirement
+    req = parse_requirement(requirement) if isinstance(requirement, str) else requirement
     if not isinstance(req, Requirement):
         raise InterfaceError(f"xrpc.requires() takes a Requirement or an expression, got {requirement!r}")
 

@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import grp
 import os
+import pwd
 from collections.abc import Mapping
 from typing import Callable, ClassVar, Generic, NamedTuple, NoReturn, TypeVar
 
@@ -114,19 +116,15 @@ def _is_identifier(text: str) -> bool:
 
 def _uid_of(name: str) -> int | None:
     try:
-        import pwd
-
         return pwd.getpwnam(name).pw_uid
-    except (ImportError, KeyError, ValueError, OSError):
+    except (KeyError, ValueError, OSError):
         return None
 
 
 def _gid_of(name: str) -> int | None:
     try:
-        import grp
-
         return grp.getgrnam(name).gr_gid
-    except (ImportError, KeyError, ValueError, OSError):
+    except (KeyError, ValueError, OSError):
         return None
 
 
@@ -344,7 +342,7 @@ def _sentence(req: Requirement, verdict: bool | None, detail: str) -> str:
     return f"{req} {word}: {detail}" if detail else f"{req} {word}"
 
 
-def _flatten(kind: type[And] | type[Or], children: tuple[Requirement, ...]) -> tuple[Requirement, ...]:
+def _flatten(kind: type[_Junction], children: tuple[Requirement, ...]) -> tuple[Requirement, ...]:
     flat: list[Requirement] = []
     for child in children:
         if not isinstance(child, Requirement):
@@ -375,23 +373,39 @@ def _kleene(children: tuple[Requirement, ...], peer: Peer, decisive: bool) -> bo
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class And(Requirement):
-    """Every child holds.  Checked left to right, stopping at the first that is False; Unknown if
-    none is False and one is Unknown."""
+class _Junction(Requirement):
+    """``And`` or ``Or``: at least two children (nested ones of the same kind flattened), evaluated
+    left to right in Kleene's logic."""
 
     children: tuple[Requirement, ...]
+    _DECISIVE: ClassVar[bool]  # a child with this verdict decides the whole
+    _WORD: ClassVar[str]  # how the expression language joins the children
+    _BINDING: ClassVar[int]  # precedence in that language
 
     def __post_init__(self) -> None:
-        children = _flatten(And, tuple(self.children))
+        children = _flatten(type(self), tuple(self.children))
         if len(children) < 2:
-            raise ValueError("And needs at least two children")
+            raise ValueError(f"{type(self).__name__} needs at least two children")
         object.__setattr__(self, "children", children)
 
     def _binding(self) -> int:
-        return 2
+        return self._BINDING
 
     def evaluate(self, peer: Peer) -> bool | None:
-        return _kleene(self.children, peer, False)
+        return _kleene(self.children, peer, self._DECISIVE)
+
+    def __str__(self) -> str:
+        return f" {self._WORD} ".join(_wrap(child, self._BINDING) for child in self.children)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class And(_Junction):
+    """Every child holds.  Checked left to right, stopping at the first that is False; Unknown if
+    none is False and one is Unknown."""
+
+    _DECISIVE = False
+    _WORD = "and"
+    _BINDING = 2
 
     def explain(self, peer: Peer) -> str:
         unknown: Requirement | None = None
@@ -405,37 +419,21 @@ class And(Requirement):
             return unknown.explain(peer)
         return "; ".join(child.explain(peer) for child in self.children)
 
-    def __str__(self) -> str:
-        return " and ".join(_wrap(child, 2) for child in self.children)
-
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class Or(Requirement):
+class Or(_Junction):
     """At least one child holds.  Checked left to right, stopping at the first that is True;
     Unknown if none is True and one is Unknown."""
 
-    children: tuple[Requirement, ...]
-
-    def __post_init__(self) -> None:
-        children = _flatten(Or, tuple(self.children))
-        if len(children) < 2:
-            raise ValueError("Or needs at least two children")
-        object.__setattr__(self, "children", children)
-
-    def _binding(self) -> int:
-        return 1
-
-    def evaluate(self, peer: Peer) -> bool | None:
-        return _kleene(self.children, peer, True)
+    _DECISIVE = True
+    _WORD = "or"
+    _BINDING = 1
 
     def explain(self, peer: Peer) -> str:
         for child in self.children:
             if child.evaluate(peer) is True:
                 return child.explain(peer)
         return "no alternative held: " + "; ".join(child.explain(peer) for child in self.children)
-
-    def __str__(self) -> str:
-        return " or ".join(_wrap(child, 1) for child in self.children)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)

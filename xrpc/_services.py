@@ -64,11 +64,12 @@ import sys
 import threading
 import traceback
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Mapping, Sequence, TypeVar
+from typing import Any, AsyncIterator, Callable, Mapping, Sequence, TypedDict, TypeVar
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
+from typing_extensions import Unpack
 
 from ._api import Server, connect
 from ._connection import Connection, Limits, Promise, event_callback
@@ -1430,54 +1431,46 @@ class _ServicePromise:
         return call
 
 
+class ServiceOptions(TypedDict, total=False):
+    """The keywords of ``connect_service``: those of ``ServiceConnection``, which has their defaults."""
+
+    search_path: Sequence[str | os.PathLike[str]] | None
+    exports: Sequence[Any]
+    timeout: float | None
+    on_interrupted: Callable[[], Any] | None
+    on_invalidated: Callable[[], Any] | None
+    heartbeat: float | None
+    disconnect_when_idle: float | None
+    limits: Limits | None
+    requirement: Any
+    ssl_context: Any
+    server_hostname: str | None
+
+
 @contextlib.asynccontextmanager
-async def connect_service(
-    name: str,
-    *,
-    exports: Sequence[Any] = (),
-    timeout: float | None = None,
-    on_interrupted: Callable[[], Any] | None = None,
-    on_invalidated: Callable[[], Any] | None = None,
-    heartbeat: float | None = None,
-    disconnect_when_idle: float | None = None,
-    search_path: Sequence[str | os.PathLike[str]] | None = None,
-    limits: Limits | None = None,
-    requirement: Any = None,
-    ssl_context: Any = None,
-    server_hostname: str | None = None,
-) -> AsyncIterator[ServiceConnection]:
+async def connect_service(name: str, **options: Unpack[ServiceOptions]) -> AsyncIterator[ServiceConnection]:
     """Yield a ``ServiceConnection`` to the service ``name`` for the block.
 
-    The description is looked up now (``ServiceNotFound`` otherwise); the service is connected to,
-    and launched if nothing listens, on the first call.  ``exports`` are in place before every
-    handshake, so a service whose ``on_connect`` calls back loses nothing.  ``timeout`` bounds
-    connecting, launching included (default: the description's ``launch_timeout`` plus the
-    handshake timeout).  ``on_interrupted`` fires once per lost connection (the next call
-    reconnects); ``on_invalidated`` once, when the connection is closed for good.  ``heartbeat``
-    (seconds) PINGs the service on that interval and treats a missing answer as an interruption.
+    ``options`` are the keywords of ``ServiceConnection`` (all optional).  The description is
+    looked up now (``ServiceNotFound`` otherwise); the service is connected to, and launched if
+    nothing listens, on the first call.  ``exports`` are in place before every handshake, so a
+    service whose ``on_connect`` calls back loses nothing.  ``timeout`` bounds connecting,
+    launching included (default: the description's ``launch_timeout`` plus the handshake
+    timeout).  ``on_interrupted`` fires once per lost connection (the next call reconnects);
+    ``on_invalidated`` once, when the connection is closed for good.  ``heartbeat`` (seconds) PINGs
+    the service on that interval and treats a missing answer as an interruption.
     ``disconnect_when_idle`` (seconds) closes the underlying connection when nothing was in flight
     for that long, so that the service may exit when idle.  ``search_path`` replaces the default
     search path.  A description with a ``url`` names a service on another host (``tls://``): it is
     connected to (with ``ssl_context``/``server_hostname``) and reconnected, never launched.
     """
-    description = find_service(name, search_path)
+    unknown = sorted(options.keys() - ServiceOptions.__optional_keys__)
+    if unknown:
+        raise TypeError(f"connect_service() got an unexpected keyword argument {unknown[0]!r}")
+    description = find_service(name, options.get("search_path"))
     body_exc: BaseException | None = None
     async with anyio.create_task_group() as tg:
-        sc = ServiceConnection(
-            description,
-            tg,
-            search_path=search_path,
-            exports=exports,
-            timeout=timeout,
-            on_interrupted=on_interrupted,
-            on_invalidated=on_invalidated,
-            heartbeat=heartbeat,
-            disconnect_when_idle=disconnect_when_idle,
-            limits=limits,
-            requirement=requirement,
-            ssl_context=ssl_context,
-            server_hostname=server_hostname,
-        )
+        sc = ServiceConnection(description, tg, **options)
         try:
             yield sc
         except BaseException as exc:  # re-raised below, outside the task group

@@ -19,6 +19,7 @@ import ipaddress
 import logging
 import os
 import pwd
+import signal
 import socket
 import stat
 import struct
@@ -353,8 +354,6 @@ def _peer_pidfd(sock: socket.socket) -> int | None:
 
 
 def _pidfd_alive(pidfd: int) -> bool:
-    import signal
-
     try:
         signal.pidfd_send_signal(pidfd, 0)
     except ProcessLookupError:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
@@ -65,11 +65,6 @@ async def _export(conn: Connection, iface: Any, obj: Any, name: str) -> None:
     conn.export(iface, obj, name)
 
 
-async def _aiter_of(iterable: Iterable[Any]) -> AsyncIterator[Any]:
-    for item in iterable:
-        yield item
-
-
 class _BlockingProxy:
     def __init__(self, inner: Any, desc: Any, portal: BlockingPortal) -> None:
         self._inner = inner
@@ -85,31 +80,16 @@ class _BlockingProxy:
             raise AttributeError(f"{self._desc.name} has no method {name!r}")
         method = getattr(self._inner, name)
         portal = self._portal
-
-        def convert(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-            sp = m.stream_param
-            if sp is None:
-                return args, kwargs
-            if sp.name in kwargs and not hasattr(kwargs[sp.name], "__aiter__"):
-                kwargs = {**kwargs, sp.name: _aiter_of(kwargs[sp.name])}
-            else:
-                pos = m.params.index(sp)
-                if pos < len(args) and not hasattr(args[pos], "__aiter__"):
-                    args = (*args[:pos], _aiter_of(args[pos]), *args[pos + 1 :])
-            return args, kwargs
-
         if m.kind.streams_out:
 
             def stream(*args: Any, **kwargs: Any) -> Iterator[Any]:
                 _refuse_inside_event_loop()
-                args, kwargs = convert(args, kwargs)
                 return _BlockingStream(portal, method, args, kwargs)
 
             return stream
 
         def call(*args: Any, **kwargs: Any) -> Any:
             _refuse_inside_event_loop()
-            args, kwargs = convert(args, kwargs)
             return portal.call(lambda: method(*args, **kwargs))
 
         return call

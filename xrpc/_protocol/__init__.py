@@ -1,69 +1,9 @@
 """The sans-IO core of xrpc: wire messages and the protocol state machine (no I/O here)."""
 
-from ._core import (
-    DEFAULT_CONN_WINDOW,
-    DEFAULT_MAX_FRAME,
-    DEFAULT_WINDOW,
-    DEFAULT_WINDOW_BYTES,
-    ITEM_OVERHEAD,
-    MIN_CONN_WINDOW,
-    CallRecord,
-    ProtocolCore,
-    State,
-    conn_window_for,
-)
-from ._frames import (
-    PROTOCOL_VERSION,
-    Call,
-    CallFlags,
-    Cancel,
-    Credit,
-    End,
-    Error,
-    ErrorCode,
-    ExportInfo,
-    Goodbye,
-    Hello,
-    Item,
-    Message,
-    MethodSig,
-    Ping,
-    Pong,
-    Ref,
-    Release,
-    Reply,
-    Welcome,
-)
+from . import _core, _frames
+from ._core import *  # noqa: F403
+from ._frames import *  # noqa: F403
 
-__all__ = (
-    "DEFAULT_CONN_WINDOW",
-    "ITEM_OVERHEAD",
-    "MIN_CONN_WINDOW",
-    "conn_window_for",
-    "DEFAULT_MAX_FRAME",
-    "DEFAULT_WINDOW",
-    "DEFAULT_WINDOW_BYTES",
-    "PROTOCOL_VERSION",
-    "CallRecord",
-    "ProtocolCore",
-    "State",
-    "Call",
-    "CallFlags",
-    "Cancel",
-    "Credit",
-    "End",
-    "Error",
-    "ErrorCode",
-    "ExportInfo",
-    "Goodbye",
-    "Hello",
-    "Item",
-    "Message",
-    "MethodSig",
-    "Ping",
-    "Pong",
-    "Ref",
-    "Release",
-    "Reply",
-    "Welcome",
-)
+__all__: list[str] = []
+__all__ += _core.__all__
+__all__ += _frames.__all__

@@ -44,6 +44,9 @@ import msgspec
 
 from .._errors import LocalProtocolError, RemoteProtocolError
 from ._frames import (
+    DEFAULT_MAX_FRAME,
+    DEFAULT_WINDOW,
+    DEFAULT_WINDOW_BYTES,
     PROTOCOL_VERSION,
     Call,
     CallFlags,
@@ -68,23 +71,20 @@ __all__ = (
     "ProtocolCore",
     "CallRecord",
     "State",
-    "DEFAULT_MAX_FRAME",
     "DEFAULT_HANDSHAKE_MAX_FRAME",
-    "DEFAULT_WINDOW",
-    "DEFAULT_WINDOW_BYTES",
+    "DEFAULT_MAX_BUFFERED",
     "DEFAULT_CONN_WINDOW",
     "MIN_CONN_WINDOW",
     "ITEM_OVERHEAD",
     "conn_window_for",
 )
 
-DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 # The largest frame the accepting side takes before HELLO has arrived (HELLO itself, or anything a
 # peer sends instead): a peer not yet admitted makes the server buffer at most this much.
 DEFAULT_HANDSHAKE_MAX_FRAME = 1024 * 1024
-DEFAULT_WINDOW = 1024
+# The bytes a peer may make a side hold for it (its memory budget); the connection window follows.
+DEFAULT_MAX_BUFFERED = 32 * 1024 * 1024
 MIN_MAX_FRAME = 1024  # a peer must accept frames at least this large
-DEFAULT_WINDOW_BYTES = 4 * 1024 * 1024
 _HEADER = 4
 ITEM_OVERHEAD = 16  # added to an ITEM payload's length to give its connection cost
 MIN_CONN_WINDOW = 64 * 1024  # the least connection window; assumed until the peer's is known
@@ -98,7 +98,7 @@ def conn_window_for(max_buffered: int, max_frame: int) -> int:
     return max(MIN_CONN_WINDOW, min(_MAX_CONN_WINDOW, max_buffered - max_frame - _HEADER))
 
 
-DEFAULT_CONN_WINDOW = conn_window_for(32 * 1024 * 1024, DEFAULT_MAX_FRAME)
+DEFAULT_CONN_WINDOW = conn_window_for(DEFAULT_MAX_BUFFERED, DEFAULT_MAX_FRAME)
 
 
 def _uint_len(n: int) -> int:
@@ -242,18 +242,19 @@ class ProtocolCore:
 
     @property
     def out_size(self) -> int:
-        """Bytes encoded and not yet taken by ``data_to_send``."""
+        """Bytes encoded and not yet taken by ``data_to_send`` (what the next write would carry)."""
         return len(self._out)
 
     @property
     def receiving_big(self) -> bool:
-        """Is a large frame being received into a buffer of its own?"""
+        """True while a large frame is being received into its own buffer (see ``big_target``)."""
         return self._big is not None
 
     @property
     def big_size(self) -> int:
-        """The size of the large frame being received (header included), while ``receiving_big``."""
-        return self._big_size
+        """The whole size (length prefix included) of the large frame being received, which the
+        runtime counts against its memory budget while it arrives; 0 when none is."""
+        return self._big_size if self._big is not None else 0
 
     def _emit(self, msg: Any) -> int:
         """Encode ``msg`` as one frame at the end of the outgoing buffer; return its size."""
@@ -367,9 +368,6 @@ class ProtocolCore:
             raise LocalProtocolError(f"no open stream {call_id}")
         return rec
 
-    def send_item(self, call_id: int, payload: Any) -> None:
-        self.send_items(call_id, [payload])
-
     def send_items(self, call_id: int, payloads: list[Any]) -> bool:
         """Send a batch of stream items as one ITEM frame (within the credit held).
 
@@ -448,10 +446,6 @@ class ProtocolCore:
     def send_ping(self, nonce: int) -> None:
         if self.state in _SENDABLE:
             self._emit(Ping(nonce))
-
-    def send_raw_message(self, msg: Any) -> None:
-        """Encode a message without bookkeeping (tests and fuzzers use it to misbehave)."""
-        self._emit(msg)
 
     # ------------------------------------------------------------------ receiving
     def receive_data(self, data: bytes) -> list[tuple[Message, CallRecord | None]]:

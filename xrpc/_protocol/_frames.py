@@ -19,6 +19,9 @@ import msgspec
 
 __all__ = (
     "PROTOCOL_VERSION",
+    "DEFAULT_MAX_FRAME",
+    "DEFAULT_WINDOW",
+    "DEFAULT_WINDOW_BYTES",
     "Hello",
     "Welcome",
     "Call",
@@ -41,6 +44,12 @@ __all__ = (
 )
 
 PROTOCOL_VERSION = 1
+
+# What a side announces unless configured otherwise (``Limits`` and ``ProtocolCore`` take them as
+# defaults), and what a HELLO or WELCOME that leaves out its windows means.
+DEFAULT_MAX_FRAME = 16 * 1024 * 1024  # the largest frame a side accepts, in bytes
+DEFAULT_WINDOW = 1024  # stream credit, in items, granted to every stream a side receives
+DEFAULT_WINDOW_BYTES = 4 * 1024 * 1024  # ... and in bytes of ITEM frames
 
 
 class ErrorCode:
@@ -113,8 +122,8 @@ class Hello(msgspec.Struct, array_like=True, frozen=True, tag=0):
     version: int
     max_frame: int
     exports: list[ExportInfo] = []
-    window: int = 1024  # stream credit (items) this side grants to every stream it receives
-    window_bytes: int = 4 * 1024 * 1024  # ... and in bytes of ITEM frames
+    window: int = DEFAULT_WINDOW  # stream credit (items) this side grants to every stream it receives
+    window_bytes: int = DEFAULT_WINDOW_BYTES  # ... and in bytes of ITEM frames
     # connection credit (bytes of ITEM cost, all streams together) this side grants; 0: none
     # announced (a peer that predates connection flow control)
     conn_window: int = 0
@@ -126,8 +135,8 @@ class Welcome(msgspec.Struct, array_like=True, frozen=True, tag=1):
     version: int
     max_frame: int
     exports: list[ExportInfo] = []
-    window: int = 1024
-    window_bytes: int = 4 * 1024 * 1024
+    window: int = DEFAULT_WINDOW
+    window_bytes: int = DEFAULT_WINDOW_BYTES
     conn_window: int = 0
 
 
