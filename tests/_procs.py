@@ -21,6 +21,7 @@ from pathlib import Path
 
 import anyio
 import anyio.to_thread
+from _timeouts import T
 
 TESTS_DIR = str(Path(__file__).parent)
 
@@ -100,7 +101,7 @@ class ChildProcess:
                 stderr=err,
             )
         assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
+        ready, _, _ = select.select([self.proc.stdout], [], [], 3 * T)
         line = self.proc.stdout.readline().decode() if ready else ""
         if not line.startswith("READY "):
             self.stop()
@@ -138,10 +139,10 @@ class ChildProcess:
             if self.proc.stdin is not None:
                 self.proc.stdin.close()
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=2 * T)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=2 * T)
                 if self.strict:
                     raise AssertionError(f"{self.what} did not stop when asked")
         finally:

@@ -15,8 +15,8 @@ import pytest
 
 import xrpc
 from conftest import serve_and_connect
+from _timeouts import T
 
-T = 10.0  # upper bound for any single wait in these tests (they normally take milliseconds)
 
 
 # --------------------------------------------------------------------------- data types

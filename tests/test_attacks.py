@@ -47,10 +47,10 @@ from xrpc._protocol import Error as ErrorFrame
 import _wire
 from _procs import ChildProcess, errors_in, fd_count, log_to, serve_until_stdin_closes, short_dir
 from _wire import HELLO, body_frame, frame, read_to_end
+from _timeouts import T
 
 MiB = 1024 * 1024
 MEMORY_BUDGET = 64 * MiB  # the most an attack may add to the server's peak RSS
-T = 10.0
 GOODBYE_TAG, ERROR_TAG, REPLY_TAG, WELCOME_TAG = 10, 4, 3, 1
 
 
@@ -266,7 +266,7 @@ async def good_client(url: str, *, min_calls: int = 20, seed: int = 1) -> AsyncI
                 tg.start_soon(loop, random.Random(rng.getrandbits(64)))
             try:
                 yield report
-                with anyio.fail_after(30):
+                with anyio.fail_after(3 * T):
                     await enough.wait()
             finally:
                 stop.set()
@@ -326,7 +326,7 @@ async def test_a_length_prefix_alone_allocates_nothing(server_process: Any) -> N
     size = xrpc.Limits().max_frame  # the largest frame the server accepts
     sp = server_process()
     mem = Memory(sp, f"{n} connections announcing {size}-byte frames")
-    with anyio.fail_after(60):
+    with anyio.fail_after(6 * T):
         async with good_client(sp.url), contextlib.AsyncExitStack() as stack:
             for _ in range(n):
                 stream = await stack.enter_async_context(await anyio.connect_unix(sp.path))
@@ -347,7 +347,7 @@ async def test_a_frame_over_the_handshake_limit_before_hello_is_refused() -> Non
     server, connections = make_server()
     d = short_dir()
     try:
-        with anyio.fail_after(30):
+        with anyio.fail_after(3 * T):
             async with server.listen(f"unix://{d}/s.sock") as listener:
                 async with good_client(listener.url):
                     async with await anyio.connect_unix(f"{d}/s.sock") as stream:
@@ -371,7 +371,7 @@ async def test_slow_loris_is_closed_after_the_handshake_timeout(caplog: pytest.L
     d = short_dir()
     sent = 0
     try:
-        with anyio.fail_after(30):
+        with anyio.fail_after(3 * T):
             async with server.listen(f"unix://{d}/s.sock") as listener:
                 async with good_client(listener.url, min_calls=50):
                     async with await anyio.connect_unix(f"{d}/s.sock") as stream:
@@ -409,7 +409,7 @@ async def test_idle_unauthenticated_connections_are_closed() -> None:
     path = f"{d}/s.sock"
     outcomes: list[tuple[str, float]] = []
     try:
-        with anyio.fail_after(60):
+        with anyio.fail_after(6 * T):
             async with server.listen(f"unix://{path}") as listener:
                 async with good_client(listener.url, min_calls=50):
                     async with contextlib.AsyncExitStack() as stack:
@@ -446,7 +446,7 @@ async def test_idle_unauthenticated_connections_cost_little_memory(server_proces
     # a long handshake timeout, so that all of them are open at the moment of measuring
     sp = server_process({"handshake_timeout": 60.0})
     mem = Memory(sp, f"{n} idle connections before HELLO")
-    with anyio.fail_after(60):
+    with anyio.fail_after(6 * T):
         async with contextlib.AsyncExitStack() as stack:
             for _ in range(n):
                 stream = await stack.enter_async_context(await anyio.connect_unix(sp.path))
@@ -467,7 +467,7 @@ async def test_descriptor_flood_is_bounded(server_process: Any) -> None:
     sp = server_process()
     per_message, messages = 16, 60
     max_fds = xrpc.Limits().max_fds
-    with anyio.fail_after(60):
+    with anyio.fail_after(6 * T):
         async with good_client(sp.url), xrpc.connect(sp.url, timeout=T) as admin:
             baseline = fd_count(sp.proc.pid)
             peak = baseline
@@ -504,7 +504,7 @@ async def test_ten_thousand_calls_in_flight(server_process: Any) -> None:
     results = {"ok": 0, "limited": 0}
     others: list[str] = []
     all_refused = anyio.Event()
-    with anyio.fail_after(120):
+    with anyio.fail_after(12 * T):
         async with xrpc.connect(sp.url, timeout=T) as admin, good_client(sp.url, min_calls=100) as report:
             async with xrpc.connect(sp.url, timeout=T) as attacker:
                 svc = attacker.proxy(Svc)
@@ -566,7 +566,7 @@ async def test_deep_but_legal_nesting_through_the_api() -> None:
     server, _ = make_server()
     d = short_dir()
     try:
-        with anyio.fail_after(30):
+        with anyio.fail_after(3 * T):
             async with server.listen(f"unix://{d}/s.sock") as listener:
                 async with xrpc.connect(listener.url, timeout=T) as conn:
                     value: Any = None
@@ -584,7 +584,7 @@ async def test_max_connections(caplog: pytest.LogCaptureFixture) -> None:
     server, connections = make_server(max_connections=limit)
     d = short_dir()
     try:
-        with anyio.fail_after(60):
+        with anyio.fail_after(6 * T):
             async with server.listen(f"unix://{d}/s.sock") as listener:
                 async with contextlib.AsyncExitStack() as stack:
                     conns = [await stack.enter_async_context(xrpc.connect(listener.url, timeout=T)) for _ in range(limit)]
@@ -626,7 +626,7 @@ def _kernel_has_peer_pidfd() -> bool:
 async def test_refused_connections_leak_no_descriptors(server_process: Any) -> None:
     limit, attempts = 2, 50
     sp = server_process(max_connections=limit)
-    with anyio.fail_after(60):
+    with anyio.fail_after(6 * T):
         async with contextlib.AsyncExitStack() as stack:
             for _ in range(limit):
                 await stack.enter_async_context(xrpc.connect(sp.url, timeout=T))
@@ -850,7 +850,7 @@ async def test_a_hundred_thousand_malformed_inputs(server_process: Any) -> None:
             plan, r = jobs.pop()
             outcomes.append(await _bad_connection(sp.path, plan, r))
 
-    with anyio.fail_after(200):
+    with anyio.fail_after(20 * T):
         async with good_client(sp.url, min_calls=200) as report:
             async with anyio.create_task_group() as tg:
                 for _ in range(PARALLEL):
@@ -883,7 +883,7 @@ async def test_requesting_100000_objects_is_bounded(server_process: Any) -> None
     sp = server_process()
     held: list[Any] = []
     refused = 0
-    with anyio.fail_after(180):
+    with anyio.fail_after(18 * T):
         async with xrpc.connect(sp.url, timeout=T) as attacker, xrpc.connect(sp.url, timeout=T) as other:
             mem = Memory(sp, "100,000 objects requested")
             svc = attacker.proxy(Svc)

@@ -36,8 +36,8 @@ from xrpc._requirements import Requirement, requirement
 from _trust import make_ca, make_leaf, write_pem, xrpc_warnings
 from _trust import name as _name
 from _wire import decode_frames, frame
+from _timeouts import T
 
-T = 10.0  # upper bound for one exchange (they take milliseconds)
 BACKENDS = ("asyncio", "trio")
 R = Requirement
 OTHER_UID = os.getuid() + 12345  # nobody on this host runs as this uid

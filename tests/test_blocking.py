@@ -24,6 +24,7 @@ import msgspec
 import pytest
 
 import xrpc
+from _timeouts import T
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -31,7 +32,6 @@ if sys.version_info < (3, 11):  # pragma: no cover
 pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parent.parent
-T = 10.0  # upper bound for any single wait (they normally take milliseconds)
 
 
 class Point(msgspec.Struct):

@@ -27,11 +27,11 @@ from xrpc._protocol import PROTOCOL_VERSION, Call, CallFlags, Cancel, ErrorCode,
 
 from _procs import ChildProcess, errors_in, log_to, own_rss, serve_until_stdin_closes, short_dir
 from _wire import decode_frames, frame
+from _timeouts import T
 
 MiB = 1024 * 1024
 SLACK = 16 * MiB  # what an attack may add to the server's peak RSS beyond the budget
 BUDGET = getattr(xrpc.Limits(), "max_buffered", 32 * MiB)
-T = 10.0
 GOODBYE_TAG = 10
 BLOB = 1024 * 1024
 
@@ -440,7 +440,7 @@ async def test_concurrent_uploads_to_slow_consumers_stay_within_the_budget() -> 
             async def one() -> None:
                 results.append(await up.total(source()))
 
-            with anyio.fail_after(90):
+            with anyio.fail_after(9 * T):
                 async with anyio.create_task_group() as tg:
                     for _ in range(streams):
                         tg.start_soon(one)
@@ -687,9 +687,9 @@ async def test_large_replies_of_concurrent_task_calls_never_stall_a_reading_peer
     server.export(Big, BigImpl())
     if url == "unix":
         url = f"unix://{tmp_path}/s.sock"
-    async with server.listen(url) as listener, xrpc.connect(listener.url, timeout=10) as conn:
+    async with server.listen(url) as listener, xrpc.connect(listener.url, timeout=T) as conn:
         big = conn.proxy(Big)
-        with anyio.fail_after(30):
+        with anyio.fail_after(3 * T):
             for _ in range(20):
                 async with anyio.create_task_group() as tg:
                     for _ in range(4):

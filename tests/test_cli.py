@@ -1,6 +1,6 @@
 """The ``xrpc`` command line, run as a real program: ``python -m xrpc inspect | call | list | serve``.
 
-Every command runs in a subprocess (bounded by ``T``) against servers started with ``xrpc serve``;
+Every command runs in a subprocess (bounded by ``SUBPROCESS_T``) against servers started with ``xrpc serve``;
 the tests wait for a server by reading the URL line it prints once it listens.  The fixtures'
 interface is ``tests/cli_fixtures/geometry.py``.  A few in-process tests check the dynamic
 interface ``xrpc call`` builds from a remote description.
@@ -28,10 +28,11 @@ from xrpc._cli import CLIError, DeclaredError, Exit, dynamic_interface
 from xrpc._introspect import ExportDescription, MethodInfo, ParamInfo, describe_export
 
 from cli_fixtures.geometry import Counter, Geometry, GeometryImpl
+from _timeouts import T
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
-T = 30.0  # the bound on every subprocess and every wait for output
+SUBPROCESS_T = 3 * T  # the bound on every subprocess and every wait for output (each starts an interpreter)
 GEOMETRY = "cli_fixtures.geometry:Geometry"
 SERVICE = "com.example.clitest"
 
@@ -61,12 +62,12 @@ def xrpc_cli(env: dict[str, str], *args: str, input: str | None = None) -> subpr
         capture_output=True,
         text=True,
         env=env,
-        timeout=T,
+        timeout=SUBPROCESS_T,
         cwd=str(HERE),
     )
 
 
-def read_line(proc: subprocess.Popen[bytes], timeout: float = T) -> str:
+def read_line(proc: subprocess.Popen[bytes], timeout: float = SUBPROCESS_T) -> str:
     """One line of ``proc``'s stdout, waiting at most ``timeout`` seconds for it."""
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
@@ -104,17 +105,17 @@ def served(env: dict[str, str], *args: str, stop: int = signal.SIGTERM) -> Itera
             url = read_line(proc)
         except AssertionError:
             proc.kill()
-            _, err = proc.communicate(timeout=T)
+            _, err = proc.communicate(timeout=SUBPROCESS_T)
             raise AssertionError(f"xrpc serve did not print its URL: {err.decode()}") from None
         yield proc, url
         if proc.poll() is None:
             proc.send_signal(stop)
-        _, err = proc.communicate(timeout=T)
+        _, err = proc.communicate(timeout=SUBPROCESS_T)
         assert proc.returncode == 0, err.decode()
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate(timeout=T)
+            proc.communicate(timeout=SUBPROCESS_T)
 
 
 def lines(text: str) -> list[Any]:
@@ -298,11 +299,11 @@ def test_call_bidi_stream_answers_each_line_as_it_arrives(env: dict[str, str], s
         proc.stdin.write(b'"hello"\n')
         proc.stdin.flush()
         assert read_line(proc) == '"HELLO"'  # printed while stdin is still open
-        out, err = proc.communicate(b'"again"\n', timeout=T)
+        out, err = proc.communicate(b'"again"\n', timeout=SUBPROCESS_T)
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate(timeout=T)
+            proc.communicate(timeout=SUBPROCESS_T)
     assert proc.returncode == 0, err.decode()
     assert out.decode().splitlines() == ['"AGAIN"']
 

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import xrpc
+from _timeouts import T
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -320,7 +321,7 @@ def test_fingerprint_is_stable_across_processes() -> None:
     outs = set()
     for seed in ("1", "2"):
         env = dict(os.environ, PYTHONHASHSEED=seed)
-        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=6 * T)
         assert r.returncode == 0, r.stderr
         outs.add(r.stdout.strip())
     assert outs == {xrpc.describe(Geometry).fingerprint}
@@ -377,7 +378,7 @@ async def test_plain_values_round_trip_through_any() -> None:
     server.export(Echo, impl)
     examples = 0
 
-    with anyio.fail_after(60):
+    with anyio.fail_after(6 * T):
         async with xrpc.testing.connect(server) as conn:
             proxy = conn.proxy(Echo)
 

@@ -21,12 +21,12 @@ from xrpc._protocol import PROTOCOL_VERSION, Call, CallFlags, ErrorCode, Hello, 
 
 from _procs import ChildProcess, own_rss, serve_until_stdin_closes, short_dir
 from _wire import decode_frames, frame
+from _timeouts import T
 
 MiB = 1024 * 1024
 SLACK = 16 * MiB
 BUDGET = xrpc.Limits().max_buffered
 CHUNK = 64 * 1024
-T = 10.0
 GOODBYE_TAG = 10
 
 
@@ -127,7 +127,7 @@ async def test_many_uploads_to_slow_consumers_complete(server_process: ServerPro
         async def one(k: int) -> None:
             results[k] = await bulk.upload(k, source(k))
 
-        with anyio.fail_after(240):
+        with anyio.fail_after(24 * T):
             async with anyio.create_task_group() as tg:
                 for k in range(streams):
                     tg.start_soon(one, k)
@@ -167,7 +167,7 @@ async def test_many_downloads_to_a_slow_consumer_complete(server_process: Server
                     await anyio.lowlevel.checkpoint()
             got[k] = (n, bad)
 
-        with anyio.fail_after(240):
+        with anyio.fail_after(24 * T):
             async with anyio.create_task_group() as tg:
                 for k in range(streams):
                     tg.start_soon(one, k)
@@ -436,7 +436,7 @@ async def test_an_older_client_and_a_newer_server_still_stream(monkeypatch: pyte
                     n += 1
                 assert n == count
 
-            with anyio.fail_after(60):
+            with anyio.fail_after(6 * T):
                 for direction in (up, down):
                     async with anyio.create_task_group() as tg:
                         for k in range(6):
@@ -472,7 +472,7 @@ async def test_an_older_client_cut_off_by_the_budget_learns_why(monkeypatch: pyt
                 except xrpc.Error as exc:
                     errors.append(exc)
 
-            with anyio.fail_after(60):
+            with anyio.fail_after(6 * T):
                 async with anyio.create_task_group() as tg:
                     for k in range(12):
                         tg.start_soon(up, k)
@@ -507,7 +507,7 @@ async def test_uploads_and_downloads_at_once_on_one_connection_complete(server_p
                 n += 1
             down[k] = n
 
-        with anyio.fail_after(60):
+        with anyio.fail_after(6 * T):
             async with anyio.create_task_group() as tg:
                 for k in range(pairs):
                     tg.start_soon(upload, k)

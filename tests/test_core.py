@@ -45,6 +45,7 @@ from xrpc._protocol import (
     State,
     Welcome,
 )
+from _timeouts import T
 
 PROTOCOL_DIR = pathlib.Path(__file__).resolve().parent.parent / "xrpc" / "_protocol"
 
@@ -1305,7 +1306,7 @@ def test_protocol_package_loads_without_event_loop_modules() -> None:
         "print(','.join(sorted(m for m in ('anyio', 'asyncio', 'trio', 'socket', 'sniffio') if m in sys.modules)))\n"
     )
     res = subprocess.run(
-        [sys.executable, "-c", code, str(PROTOCOL_DIR.parent)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", code, str(PROTOCOL_DIR.parent)], capture_output=True, text=True, timeout=6 * T
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == ""

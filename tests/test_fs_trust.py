@@ -31,8 +31,8 @@ from xrpc._services import ServiceUnavailable, connect_service, find_service, lo
 
 import _trust
 from _trust import TEST_USER
+from _timeouts import T
 
-T = 10.0  # bound on one exchange
 NAME = "com.example.planted"
 
 
@@ -78,7 +78,7 @@ def as_user(user: pwd.struct_passwd, script: str) -> None:
     result = subprocess.run(
         ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", "/bin/sh", "-euc", script],
         capture_output=True,
-        timeout=60,
+        timeout=6 * T,
     )
     assert result.returncode == 0, result.stderr.decode()
 
@@ -360,7 +360,7 @@ async def test_stale_socket_of_another_user_gives_a_transport_error(other_user: 
         stale.close()  # a server of root's that died without cleaning up
         os.chmod(path, stale_mode)
         inode = os.lstat(path).st_ino
-        with anyio.fail_after(30):
+        with anyio.fail_after(3 * T):
             result = await anyio.run_process(
                 [sys.executable, "-c", LISTEN_AS, f"unix://{path}", str(other_user.pw_uid), str(other_user.pw_gid)], check=False
             )

@@ -20,13 +20,14 @@ import pytest
 
 import xrpc
 from xrpc._protocol import PROTOCOL_VERSION, Call, Cancel, Credit, End, Error, Goodbye, Hello, Item, Ping, Pong, Release, Reply, Welcome
+from _timeouts import T
 
 SEED = 0x5EED_F022
 CONNECTIONS = 200
 FRAMES_PER_CONNECTION = 50
 PARALLEL = 8
-READ_TIMEOUT = 5.0  # a bad connection must be closed within this (well before the 10 s handshake timeout)
-ATTACK_TIMEOUT = 120.0
+READ_TIMEOUT = T / 2  # a bad connection must be closed within this (well before the 10 s handshake timeout)
+ATTACK_TIMEOUT = 12 * T
 
 GOODBYE_TAG = 10
 
@@ -342,14 +343,14 @@ async def _attacker(path: str, rng: random.Random, outcomes: list[BadOutcome]) -
 
 
 async def _good_client(url: str, rng: random.Random, done: anyio.Event, report: dict[str, Any]) -> None:
-    async with xrpc.connect(url, timeout=10) as conn:
+    async with xrpc.connect(url, timeout=T) as conn:
         calc = conn.proxy(Calc)
 
         async def caller(r: random.Random) -> None:
             while not done.is_set():
                 a, b = r.randint(-(10**9), 10**9), r.randint(-(10**9), 10**9)
                 try:
-                    with anyio.fail_after(10):
+                    with anyio.fail_after(T):
                         got = await calc.add(a, b)
                         text = f"{a}:{b}"
                         echoed = await calc.echo(text)
@@ -389,7 +390,7 @@ async def _run_fuzz() -> FuzzReport:
                     done.set()
                 # the listener still accepts a new, well-behaved connection
                 final = []
-                async with xrpc.connect(listener.url, timeout=10) as conn:
+                async with xrpc.connect(listener.url, timeout=T) as conn:
                     calc = conn.proxy(Calc)
                     for i in range(10):
                         final.append(await calc.add(i, 1000))
@@ -506,8 +507,8 @@ async def _exchange(url: str, path: str, data: bytes, *, eof: bool) -> tuple[byt
 
 
 async def _check_server_after(url: str) -> None:
-    with anyio.fail_after(10):
-        async with xrpc.connect(url, timeout=10) as conn:
+    with anyio.fail_after(T):
+        async with xrpc.connect(url, timeout=T) as conn:
             assert await conn.proxy(Calc).add(2, 3) == 5
 
 
@@ -633,10 +634,10 @@ async def test_stream_frames_for_a_call_without_that_stream_fail_the_call(
     outcome: BaseException | None = None
     async with anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, _fake_server(answer))
-        async with xrpc.connect(f"unix://{path}", timeout=10) as conn:
+        async with xrpc.connect(f"unix://{path}", timeout=T) as conn:
             calc = conn.proxy(Calc)
             try:
-                with anyio.fail_after(3):  # the call must end, one way or the other
+                with anyio.fail_after(T):  # the call must end, one way or the other
                     await (calc.add(1, 2) if method == "add" else calc.total([1, 2, 3]))
             except Exception as exc:
                 outcome = exc

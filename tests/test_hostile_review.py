@@ -25,6 +25,7 @@ from typing import Any, Iterator
 
 import msgspec
 import pytest
+from _timeouts import T
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux-only: memfd, SO_PEERCRED, /proc")
 
@@ -181,7 +182,7 @@ class Server:
 
     def stderr_after_stop(self) -> str:
         self.proc.send_signal(signal.SIGKILL)
-        _, err = self.proc.communicate(timeout=10)
+        _, err = self.proc.communicate(timeout=T)
         self.stderr = err.decode(errors="replace")
         return self.stderr
 
@@ -217,7 +218,7 @@ def server(env: dict[str, str] | None = None) -> Iterator[Server]:
         if proc.poll() is None:
             proc.kill()
         with contextlib.suppress(ValueError):
-            proc.communicate(timeout=10)
+            proc.communicate(timeout=T)
         for f in (proc.stdout, proc.stderr):
             if f is not None:
                 f.close()
@@ -265,7 +266,7 @@ def test_unadmitted_peer_cannot_make_server_buffer_a_huge_hello() -> None:
         try:
             for _ in range(8):
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                s.settimeout(5)
+                s.settimeout(T)
                 s.connect(srv.path)
                 socks.append(s)
                 try:
@@ -324,7 +325,7 @@ def test_calls_in_flight_do_not_pin_their_frames_beyond_the_memory_budget() -> N
     with server() as srv, RawPeer(srv.path) as p:
         base = rss_mib(srv.pid)
         blob = b"x" * (15 << 20)
-        p.s.settimeout(20)
+        p.s.settimeout(2 * T)
         try:
             for i in range(20):
                 p.send(2, 1 + 2 * i, "relay", "slow", [blob])
@@ -365,7 +366,7 @@ def test_large_window_bytes_does_not_break_server_streams() -> None:
             anyio.run(main)
             """
         )
-        out = subprocess.run([sys.executable, "-c", code, srv.path], capture_output=True, text=True, timeout=60)
+        out = subprocess.run([sys.executable, "-c", code, srv.path], capture_output=True, text=True, timeout=6 * T)
         assert out.stdout.strip() == "OK 40", out.stdout + out.stderr[-2000:]
 
 
@@ -396,7 +397,7 @@ def test_large_server_window_bytes_does_not_break_client_streams() -> None:
             anyio.run(main)
             """
         )
-        out = subprocess.run([sys.executable, "-c", code, srv.path], capture_output=True, text=True, timeout=60)
+        out = subprocess.run([sys.executable, "-c", code, srv.path], capture_output=True, text=True, timeout=6 * T)
         assert out.stdout.strip() == "OK 40", out.stdout + out.stderr[-2000:]
 
 
@@ -465,7 +466,7 @@ def test_guard_descriptors_before_admission_end_the_connection() -> None:
     with server({"SRV_REQ": "uid == 4242"}) as srv:
         base = len(os.listdir(f"/proc/{srv.pid}/fd"))
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(10)
+        s.settimeout(T)
         s.connect(srv.path)
         fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(32)]
         try:
@@ -482,7 +483,7 @@ def test_guard_descriptors_before_admission_end_the_connection() -> None:
             s.close()
         assert msgspec.msgpack.decode(data[4:])[0] == 10, data  # GOODBYE
         assert srv.neighbour_ping()[0] == 10  # refused by requirement: the server still answers
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + T
         while len(os.listdir(f"/proc/{srv.pid}/fd")) > base and time.monotonic() < deadline:
             time.sleep(0.02)  # polling for the server to finish closing the refused connections
         assert len(os.listdir(f"/proc/{srv.pid}/fd")) <= base
@@ -509,7 +510,7 @@ def test_guard_peer_killed_mid_stream_is_connection_interrupted(tmp_path: Any) -
             anyio.run(main)
             """
         )
-        out = subprocess.run([sys.executable, "-c", code, srv.path, str(srv.pid)], capture_output=True, text=True, timeout=60)
+        out = subprocess.run([sys.executable, "-c", code, srv.path, str(srv.pid)], capture_output=True, text=True, timeout=6 * T)
         assert out.stdout.strip() == "xrpc._errors ConnectionInterrupted", out.stdout + out.stderr[-2000:]
 
 
@@ -539,7 +540,7 @@ def test_guard_planted_tmp_runtime_dir_is_refused(plant: str) -> None:
     def as_user(uid: int, *argv: str, **kw: Any) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv],
-            capture_output=True, text=True, timeout=40, cwd="/tmp", **kw,
+            capture_output=True, text=True, timeout=4 * T, cwd="/tmp", **kw,
         )
 
     for p in (runtime, other, pwned):

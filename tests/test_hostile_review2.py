@@ -22,6 +22,7 @@ import msgspec
 import pytest
 
 import xrpc
+from _timeouts import T
 
 SERVER = r'''
 import logging, os, sys
@@ -513,7 +514,7 @@ def test_concurrent_calls_each_passing_one_shared_buffer_are_served(server, back
                     r = f"{type(exc).__name__}: {exc}"
                 results[r] = results.get(r, 0) + 1
 
-            with anyio.fail_after(30):
+            with anyio.fail_after(3 * T):
                 async with anyio.create_task_group() as tg:
                     for _ in range(100):
                         tg.start_soon(one)

@@ -16,8 +16,8 @@ import pytest
 
 import xrpc
 from conftest import serve_and_connect
+from _timeouts import T
 
-T = 10.0  # upper bound for any single wait in these tests (they normally take milliseconds)
 SECRET = "hunter2-Sup3rS3cret"
 
 CallNext = Callable[[], Awaitable[Any]]

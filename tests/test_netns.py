@@ -42,6 +42,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from _timeouts import T
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "geteuid") or os.geteuid() != 0,
@@ -73,7 +74,7 @@ _serial = itertools.count(1)
 
 # --------------------------------------------------------------------------- namespaces
 def _ip(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=15, stdin=subprocess.DEVNULL)
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=T, stdin=subprocess.DEVNULL)
 
 
 def _ip_ok(*args: str) -> None:
@@ -228,7 +229,7 @@ class Child:
         try:
             line = await self._out.receive_until(b"\n", 1 << 20)
         except (anyio.EndOfStream, anyio.IncompleteRead):
-            with anyio.move_on_after(5):
+            with anyio.move_on_after(T):
                 await self.proc.wait()
             raise AssertionError(f"{self.name} ended its output\n{self._describe()}") from None
         event = json.loads(line)
@@ -350,15 +351,15 @@ async def test_heartbeat_primitives_notice_a_cut_link(link: Link, pki: PKI, tmp_
 
             t_cut = time.monotonic()
             await link.cut()
-            missed = await client.wait_for("heartbeat_missed", timeout=5)
-            failed = await client.wait_for("result", "error", id="held", timeout=5)
-            interrupted = await client.wait_for("interrupted", timeout=5)
+            missed = await client.wait_for("heartbeat_missed", timeout=T)
+            failed = await client.wait_for("result", "error", id="held", timeout=T)
+            interrupted = await client.wait_for("interrupted", timeout=T)
             assert failed["event"] == "error" and "ConnectionInterrupted" in failed["mro"], failed
             assert "heartbeat" in failed["message"], failed
             for name, e in (("heartbeat missed", missed), ("in-flight call failed", failed), ("on_interrupted", interrupted)):
                 _report(f"cut to {name}", e["t"] - t_cut)
                 assert e["t"] - t_cut < DETECT_LIMIT, f"{name} {e['t'] - t_cut:.3f}s after the cut\n{client._describe()}"
-            await client.wait_for("invalidated", timeout=5)
+            await client.wait_for("invalidated", timeout=T)
 
             # The link works again once restored (a fresh connection: plumbing, not the library's reconnect).
             t_restore = time.monotonic()
@@ -419,8 +420,8 @@ async def test_service_heartbeat_notices_a_cut_link(link: Link, pki: PKI, tmp_pa
 
             t_cut = time.monotonic()
             await link.cut()
-            failed = await client.wait_for("result", "error", id="held", timeout=5)
-            interrupted = await client.wait_for("interrupted", timeout=5)
+            failed = await client.wait_for("result", "error", id="held", timeout=T)
+            interrupted = await client.wait_for("interrupted", timeout=T)
             assert failed["event"] == "error" and "ConnectionInterrupted" in failed["mro"], failed
             assert "heartbeat" in failed["message"], failed
             for name, e in (("in-flight call failed", failed), ("on_interrupted", interrupted)):
@@ -437,7 +438,7 @@ async def test_service_reconnects_after_the_link_is_restored(link: Link, pki: PK
             assert first["event"] == "result" and first["value"] == 1, first
 
             await link.cut()
-            await client.wait_for("interrupted", timeout=5)
+            await client.wait_for("interrupted", timeout=T)
 
             t_restore = time.monotonic()
             await link.restore()

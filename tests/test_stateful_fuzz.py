@@ -73,12 +73,12 @@ from xrpc._protocol import (
 )
 from xrpc._protocol import Error as ErrorFrame
 from _procs import ChildProcess, errors_in, log_to, serve_until_stdin_closes, short_dir
+from _timeouts import T
 from _wire import body_frame, frame
 from test_attacks import _mutate, nested
 
 MiB = 1024 * 1024
 RSS_BUDGET = 64 * MiB
-IO_TIMEOUT = 10.0  # the longest anything owed may take to arrive (a hang otherwise)
 SERVER_WINDOW = 8  # the server grants 8 items per client stream: its CREDIT frames are exercised
 MAX_RAW = 3  # raw connections open at once in one example
 # a longer run: XRPC_FUZZ_EXAMPLES=500 XRPC_FUZZ_STEPS=50 pytest tests/test_stateful_fuzz.py
@@ -396,7 +396,7 @@ class RawConn:
     def settle(self) -> None:
         """Read until everything owed has arrived (open connections), or until the server has
         closed the connection (the others); check every frame on the way."""
-        deadline = time.monotonic() + IO_TIMEOUT
+        deadline = time.monotonic() + T
         while True:
             if self.state in ("open", "new", "maybe") and self.owed() is None:
                 return
@@ -404,8 +404,8 @@ class RawConn:
                 data = self._read(deadline)
             except TimeoutError:
                 if self.state in ("open", "new", "maybe"):
-                    raise ServerFault(f"{self.name}: hang: still waiting for {self.owed()} after {IO_TIMEOUT} s; sent: {self.history()}") from None
-                raise ServerFault(f"{self.name}: hang: the server did not close the connection ({self.state}: {self.fatal_why}) within {IO_TIMEOUT} s; sent: {self.history()}") from None
+                    raise ServerFault(f"{self.name}: hang: still waiting for {self.owed()} after {T} s; sent: {self.history()}") from None
+                raise ServerFault(f"{self.name}: hang: the server did not close the connection ({self.state}: {self.fatal_why}) within {T} s; sent: {self.history()}") from None
             if not data:
                 self._closed(data is None)
                 return
@@ -642,10 +642,10 @@ class WireMachine(RuleBasedStateMachine):
     def _connect(self, kind: str, window: int, max_frame: int) -> RawConn:
         if kind == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(IO_TIMEOUT)
+            sock.settimeout(T)
             sock.connect(self.server.path)
         else:
-            sock = socket.create_connection(("127.0.0.1", self.server.tcp_port), timeout=IO_TIMEOUT)
+            sock = socket.create_connection(("127.0.0.1", self.server.tcp_port), timeout=T)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = RawConn(f"raw#{next(self.names)}({kind})", sock, kind, window, max_frame, _key("note"), self._count)
         self.conns.append(conn)
@@ -1265,10 +1265,10 @@ class WireMachine(RuleBasedStateMachine):
             conn.close()
         self.conns = []
         # every raw connection is gone from the server's table: only the neighbour is left
-        held = self.neighbour.settle(1, IO_TIMEOUT)
+        held = self.neighbour.settle(1, T)
         assert held == 1, f"the server still holds {held - 1} raw connections after they closed"
         # and no call of theirs is left running (a wait nobody woke is cancelled with its connection)
-        left = self.neighbour.waiting(IO_TIMEOUT)
+        left = self.neighbour.waiting(T)
         assert left == 0, f"{left} calls of closed connections are still running on the server"
         assert self.neighbour.echo("still here") == "still here"
         assert [x for x in self.neighbour.count(5)] == list(range(5))
@@ -1291,8 +1291,8 @@ def fuzz_server(request: pytest.FixtureRequest) -> Iterator[FuzzServer]:
 @pytest.mark.timeout(600)  # a failure is shrunk, which takes a while
 def test_stateful_wire_fuzz(fuzz_server: FuzzServer) -> None:
     stats: dict[str, int] = {}
-    with xrpc.blocking.connect(fuzz_server.unix_url, timeout=IO_TIMEOUT) as conn:
-        neighbour = conn.proxy(Fz, timeout=IO_TIMEOUT)
+    with xrpc.blocking.connect(fuzz_server.unix_url, timeout=T) as conn:
+        neighbour = conn.proxy(Fz, timeout=T)
         assert neighbour.add(1, 2) == 3
         rss_before, peak_before = fuzz_server.rss(), fuzz_server.peak()
 
@@ -1339,11 +1339,11 @@ def test_stateful_wire_fuzz(fuzz_server: FuzzServer) -> None:
 def _raw_exchange(path: str, data: bytes) -> tuple[list[list[Any]], str]:
     """Send ``data`` on a new raw Unix connection; every frame until the server closes, and how."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(IO_TIMEOUT)
+        sock.settimeout(T)
         sock.connect(path)
         sock.sendall(data)
         received = bytearray()
-        deadline = time.monotonic() + IO_TIMEOUT
+        deadline = time.monotonic() + T
         how = ""
         while not how:
             sock.settimeout(max(0.01, deadline - time.monotonic()))
@@ -1386,7 +1386,7 @@ def test_unsupported_protocol_version_gets_exactly_one_goodbye(unix_server: Fuzz
     assert code == ErrorCode.VALIDATION
     assert f"unsupported protocol version {version}" in reason and f"speaks {PROTOCOL_VERSION}" in reason
     # the server is unaffected
-    with xrpc.blocking.connect(unix_server.unix_url, timeout=IO_TIMEOUT) as conn:
+    with xrpc.blocking.connect(unix_server.unix_url, timeout=T) as conn:
         assert conn.proxy(Fz).add(2, 3) == 5
 
 
@@ -1418,7 +1418,7 @@ def _raw_exchange_until(path: str, data: bytes, done: Any) -> tuple[list[list[An
         sock.sendall(data)
         received = bytearray()
         frames: list[list[Any]] = []
-        deadline = time.monotonic() + IO_TIMEOUT
+        deadline = time.monotonic() + T
         while not done(frames):
             sock.settimeout(max(0.01, deadline - time.monotonic()))
             try:
@@ -1462,7 +1462,7 @@ async def test_a_welcome_larger_than_the_clients_max_frame_is_refused_cleanly(ca
     server.export(wide, Impl())
     d = short_dir()
     try:
-        with anyio.fail_after(20):
+        with anyio.fail_after(2 * T):
             async with server.listen(f"unix://{d}/s.sock") as listener:
                 with pytest.raises(xrpc.Error) as refused:
                     async with xrpc.connect(listener.url, limits=xrpc.Limits(max_frame=1024)):

@@ -39,8 +39,8 @@ from hypothesis import strategies as st
 import xrpc
 from conftest import serve_and_connect
 from stream_service import StreamService, pattern
+from _timeouts import T
 
-T = 20.0  # upper bound for any single wait (they normally take milliseconds)
 SLACK = 2  # items a producer may hold beyond its credit: the one it yielded and waits to send, plus one
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -361,7 +361,7 @@ async def test_empty_streams(transport: str) -> None:
 async def test_million_items_intact_and_in_order(transport: str) -> None:
     n = 1_000_000
     server, _ = _server()
-    with anyio.fail_after(60):
+    with anyio.fail_after(6 * T):
         async with serve_and_connect(server, transport) as conn:
             expected = 0
             async for x in conn.proxy(Streams).count(n):
@@ -819,7 +819,7 @@ async def test_unary_calls_complete_during_a_million_item_stream(transport: str)
             latencies.append(time.perf_counter() - t0)
             during += not stream_done
 
-    with anyio.fail_after(60):
+    with anyio.fail_after(6 * T):
         async with serve_and_connect(server, transport) as conn:
             p = conn.proxy(Streams)
             async with anyio.create_task_group() as tg:
@@ -935,7 +935,7 @@ async def test_peer_killed_during_a_stream() -> None:
             assert await p.pid() == proc.pid
             got = 0
             killed_at = math.nan
-            with anyio.fail_after(5):
+            with anyio.fail_after(T):
                 with pytest.raises(xrpc.ConnectionInterrupted):
                     async for x in p.ticks():
                         assert x == got
@@ -964,7 +964,7 @@ async def test_peer_killed_during_a_unary_call() -> None:
                     outcome.append(exc)
                 failed.set()
 
-            with anyio.fail_after(5):
+            with anyio.fail_after(T):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(call)
                     assert (await out.receive_until(b"\n", 100)) == b"hang"  # in flight on the server
@@ -1055,7 +1055,7 @@ async def test_one_gib_stream_in_bounded_memory() -> None:
             server_base = server_peak = _rss_kib(proc.pid)
             got = 0
             t0 = time.monotonic()
-            with anyio.fail_after(240):
+            with anyio.fail_after(24 * T):
                 async for blob in p.blobs(count, size):
                     if blob != expected:
                         raise AssertionError(f"item {got} is corrupt")
@@ -1107,7 +1107,7 @@ def test_progress_example_runs() -> None:
         [sys.executable, str(ROOT / "examples" / "progress.py")],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=6 * T,
         cwd=ROOT,
     )
     assert res.returncode == 0, res.stderr

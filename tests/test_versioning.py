@@ -13,8 +13,8 @@ import anyio
 import pytest
 
 import xrpc
+from _timeouts import T
 
-T = 10.0
 
 
 # --------------------------------------------------------------------------- two versions of "Svc"
