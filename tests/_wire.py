@@ -57,3 +57,8 @@ async def read_to_end(stream: anyio.abc.ByteStream, timeout: float) -> tuple[byt
         return bytes(received), "eof"
     except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
         return bytes(received), "reset"
+
+
+def raw(value: Any) -> msgspec.Raw:
+    """``value`` encoded as MessagePack, for a payload field (CALL arguments, REPLY, ITEM)."""
+    return msgspec.Raw(msgspec.msgpack.encode(value))

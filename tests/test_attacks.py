@@ -46,8 +46,9 @@ from xrpc._protocol import Error as ErrorFrame
 
 import _wire
 from _procs import ChildProcess, errors_in, fd_count, log_to, serve_until_stdin_closes, short_dir
-from _wire import HELLO, body_frame, frame, read_to_end
+from _wire import HELLO, frame, raw, read_to_end
 from _timeouts import T
+from _fuzz import Plans, cut_anywhere, mutate, nested, run_jobs, send_and_read_to_end, shuffled_jobs
 
 MiB = 1024 * 1024
 MEMORY_BUDGET = 64 * MiB  # the most an attack may add to the server's peak RSS
@@ -278,15 +279,6 @@ async def good_client(url: str, *, min_calls: int = 20, seed: int = 1) -> AsyncI
 def decode_frames(data: bytes) -> list[Any]:
     """The frames at the start of ``data``, up to an empty or undecodable one."""
     return _wire.decode_frames(data, stop_at_empty=True, stop_at_garbage=True)
-
-
-def nested(depth: int, kind: str) -> bytes:
-    """``depth`` nested msgpack containers around a nil (arrays, maps, or both in turn)."""
-    if kind == "array":
-        return b"\x91" * depth + b"\xc0"
-    if kind == "map":
-        return b"\x81\xa1k" * depth + b"\xc0"
-    return b"\x91\x81\xa1k" * (depth // 2) + b"\xc0"
 
 
 # --------------------------------------------------------------------------- 4 GiB length prefix
@@ -650,40 +642,24 @@ PARALLEL = 16
 def _call(call_id: int, rng: random.Random) -> bytes:
     r = rng.random()
     if r < 0.5:
-        return frame(Call(call_id, "Svc", "add", msgspec.Raw(msgspec.msgpack.encode([rng.randint(-99, 99), rng.randint(-99, 99)]))))
+        return frame(Call(call_id, "Svc", "add", raw([rng.randint(-99, 99), rng.randint(-99, 99)])))
     if r < 0.8:
         text = "".join(rng.choice("abcxyz é€\x00") for _ in range(rng.randint(0, 12)))
-        return frame(Call(call_id, "Svc", "echo", msgspec.Raw(msgspec.msgpack.encode([text]))))
-    return frame(Call(call_id, "Svc", "take", msgspec.Raw(msgspec.msgpack.encode([{"k": [1, 2.5, "x", None, b"\x00"]}]))))
-
-
-def _mutate(data: bytes, rng: random.Random) -> bytes:
-    buf = bytearray(data)
-    for _ in range(rng.randint(1, 4)):
-        i = rng.randrange(len(buf))
-        op = rng.random()
-        if op < 0.5:
-            buf[i] = rng.randrange(256)
-        elif op < 0.7:
-            buf[i] ^= 1 << rng.randrange(8)
-        elif op < 0.85 and len(buf) > 5:
-            del buf[i]
-        else:
-            buf.insert(i, rng.randrange(256))
-    return bytes(buf)
+        return frame(Call(call_id, "Svc", "echo", raw([text])))
+    return frame(Call(call_id, "Svc", "take", raw([{"k": [1, 2.5, "x", None, b"\x00"]}])))
 
 
 def _any_frame(rng: random.Random, call_id: int) -> bytes:
     """A well-formed frame of any type, with ids that may or may not make sense."""
     some_id = rng.choice([call_id, call_id + 1, 0, -1, 2, 2**63 - 1, rng.randint(-(2**31), 2**31)])
-    raw = msgspec.Raw(msgspec.msgpack.encode(rng.choice([None, 1, "x", [1, 2], {"a": 1}])))
+    payload = raw(rng.choice([None, 1, "x", [1, 2], {"a": 1}]))
     msg = rng.choice(
         [
-            Call(call_id, "Svc", rng.choice(["add", "echo", "take", "nope", ""]), raw, rng.choice([0, 1, 2, 4, 6, 7, 255, -1])),
-            Call(call_id, rng.choice(["Svc", "Nope", "", "x" * 300]), "add", raw, 0, rng.choice([None, 0.0, -1.0, 1e308, float("nan")])),
-            Reply(some_id, raw),
+            Call(call_id, "Svc", rng.choice(["add", "echo", "take", "nope", ""]), payload, rng.choice([0, 1, 2, 4, 6, 7, 255, -1])),
+            Call(call_id, rng.choice(["Svc", "Nope", "", "x" * 300]), "add", payload, 0, rng.choice([None, 0.0, -1.0, 1e308, float("nan")])),
+            Reply(some_id, payload),
             ErrorFrame(some_id, rng.randint(-5, 20), "X", "y", None),
-            Item(some_id, rng.choice([0, 1, 2**31, -1]), raw),
+            Item(some_id, rng.choice([0, 1, 2**31, -1]), payload),
             End(some_id),
             Credit(some_id, rng.choice([0, 1, -1, 2**40, 2**62]), rng.choice([0, -1, 2**62])),
             Cancel(some_id),
@@ -697,32 +673,15 @@ def _any_frame(rng: random.Random, call_id: int) -> bytes:
     return frame(msg)
 
 
-def plan_random_bytes(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
-    return [rng.randbytes(rng.randint(1, 64)) for _ in range(n)], False
-
-
-def plan_random_bodies(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
-    return [body_frame(rng.randbytes(rng.randint(1, 64))) for _ in range(n)], False
-
-
-def plan_hello_then_random_bodies(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
-    return [HELLO, *(body_frame(rng.randbytes(rng.randint(1, 64))) for _ in range(n - 1))], False
-
-
-def plan_hello_then_mutated_calls(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
-    frames = [HELLO]
-    for k in range(n - 1):
-        f = _call(2 * k + 1, rng)
-        frames.append(_mutate(f, rng) if rng.random() < 0.3 else f)
-    return frames, False
-
-
 def plan_hello_then_any_frames(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
     frames = [HELLO]
     for k in range(n - 1):
         f = _any_frame(rng, 2 * k + 1)
-        frames.append(_mutate(f, rng) if rng.random() < 0.2 else f)
+        frames.append(mutate(f, rng) if rng.random() < 0.2 else f)
     return frames, False
+
+
+PLAN = Plans(_call, mutated_share=0.3)
 
 
 def _wrong_value(rng: random.Random) -> Any:
@@ -735,34 +694,8 @@ def plan_hello_then_bad_arguments(rng: random.Random, n: int) -> tuple[list[byte
     for k in range(n - 1):
         args = [_wrong_value(rng) for _ in range(rng.randint(0, 4))]
         method = rng.choice(["add", "echo", "settle"])
-        frames.append(frame(Call(2 * k + 1, "Svc", method, msgspec.Raw(msgspec.msgpack.encode(args)))))
+        frames.append(frame(Call(2 * k + 1, "Svc", method, raw(args))))
     return frames, False
-
-
-def plan_mutated_hello(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
-    return [_mutate(HELLO, rng), *(_call(2 * k + 1, rng) for k in range(n - 1))], False
-
-
-def plan_huge_prefix(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
-    head = [HELLO] if rng.random() < 0.5 else []
-    size = rng.choice([0xFFFFFFFF, 0x80000000, xrpc.Limits().max_frame + 1])
-    return [*head, size.to_bytes(4, "big"), *(rng.randbytes(16) for _ in range(n - 1 - len(head)))], True
-
-
-def plan_zero_length(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
-    head = [HELLO] if rng.random() < 0.5 else []
-    return [*head, b"\x00\x00\x00\x00", *(rng.randbytes(8) for _ in range(n - 1 - len(head)))], True
-
-
-def plan_truncated(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
-    frames = [HELLO, *(_call(2 * k + 1, rng) for k in range(n - 2))]
-    last = _call(2 * n + 1, rng)
-    frames.append(last[: rng.randint(1, len(last) - 1)])
-    return frames, False
-
-
-def plan_call_before_hello(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
-    return [_call(2 * k + 1, rng) for k in range(n)], True
 
 
 def plan_deep_nesting(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
@@ -785,19 +718,19 @@ def plan_bad_utf8(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
 
 
 PLANS = [
-    plan_random_bytes,
-    plan_random_bodies,
-    plan_hello_then_random_bodies,
-    plan_hello_then_mutated_calls,
-    plan_hello_then_mutated_calls,
+    PLAN.plan_random_bytes,
+    PLAN.plan_random_bodies,
+    PLAN.plan_hello_then_random_bodies,
+    PLAN.plan_hello_then_mutated_calls,
+    PLAN.plan_hello_then_mutated_calls,
     plan_hello_then_any_frames,
     plan_hello_then_any_frames,
     plan_hello_then_bad_arguments,
-    plan_mutated_hello,
-    plan_huge_prefix,
-    plan_zero_length,
-    plan_truncated,
-    plan_call_before_hello,
+    PLAN.plan_mutated_hello,
+    PLAN.plan_huge_prefix,
+    PLAN.plan_zero_length,
+    PLAN.plan_truncated,
+    PLAN.plan_call_before_hello,
     plan_deep_nesting,
     plan_bad_utf8,
 ]
@@ -812,24 +745,9 @@ class Outcome:
 
 async def _bad_connection(path: str, plan: Any, rng: random.Random) -> Outcome:
     chunks, closes_by_itself = plan(rng, INPUTS_PER_CONNECTION)
-    if rng.random() < 0.5:  # sometimes glue everything together and cut it anywhere
-        data = b"".join(chunks)
-        cuts = sorted(rng.randrange(len(data)) for _ in range(rng.randint(0, 4)))
-        to_send = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)]) if b > a]
-    else:
-        to_send = chunks
-    async with await anyio.connect_unix(path) as stream:
-        try:
-            for chunk in to_send:
-                await stream.send(chunk)
-            if not closes_by_itself:
-                await stream.send_eof()
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            pass  # the server already hung up
-        try:
-            _, how = await read_to_end(stream, T)
-        except TimeoutError:
-            how = "timeout"
+    # sometimes glue everything together and cut it anywhere
+    to_send = cut_anywhere(b"".join(chunks), rng) if rng.random() < 0.5 else chunks
+    _, how = await send_and_read_to_end(path, to_send, eof=not closes_by_itself, timeout=T)
     return Outcome(plan.__name__, len(chunks), how)
 
 
@@ -839,22 +757,16 @@ async def test_a_hundred_thousand_malformed_inputs(server_process: Any) -> None:
     # length prefixes happen to be pending at once (that cost is test_a_length_prefix_alone_allocates_nothing's)
     sp = server_process({"max_frame": 1 << 20})
     mem = Memory(sp, f"{CONNECTIONS * INPUTS_PER_CONNECTION} malformed inputs")
-    rng = random.Random(SEED)
-    jobs = [(PLANS[i % len(PLANS)], random.Random(rng.getrandbits(64))) for i in range(CONNECTIONS)]
-    rng.shuffle(jobs)
+    jobs = shuffled_jobs(PLANS, CONNECTIONS, random.Random(SEED))
     outcomes: list[Outcome] = []
     start = time.monotonic()
 
-    async def worker() -> None:
-        while jobs:
-            plan, r = jobs.pop()
-            outcomes.append(await _bad_connection(sp.path, plan, r))
+    async def one(plan: Any, r: random.Random) -> None:
+        outcomes.append(await _bad_connection(sp.path, plan, r))
 
     with anyio.fail_after(20 * T):
         async with good_client(sp.url, min_calls=200) as report:
-            async with anyio.create_task_group() as tg:
-                for _ in range(PARALLEL):
-                    tg.start_soon(worker)
+            await run_jobs(jobs, PARALLEL, one)
             assert sp.alive()
         elapsed = time.monotonic() - start
         # every attacking connection is gone: the server settles at one (the final check's)

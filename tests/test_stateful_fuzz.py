@@ -72,10 +72,10 @@ from xrpc._protocol import (
     Welcome,
 )
 from xrpc._protocol import Error as ErrorFrame
+from _fuzz import mutate, nested
 from _procs import ChildProcess, errors_in, log_to, serve_until_stdin_closes, short_dir
 from _timeouts import T
-from _wire import body_frame, frame
-from test_attacks import _mutate, nested
+from _wire import HELLO, body_frame, frame, raw
 
 MiB = 1024 * 1024
 RSS_BUDGET = 64 * MiB
@@ -235,10 +235,6 @@ class FuzzServer(ChildProcess):
 # --------------------------------------------------------------------------- the model of one raw connection
 class ServerFault(AssertionError):
     """The server broke a rule the model checks."""
-
-
-def raw(value: Any) -> msgspec.Raw:
-    return msgspec.Raw(msgspec.msgpack.encode(value))
 
 
 ANY = object()  # an outcome whose value is not checked
@@ -1104,7 +1100,7 @@ class WireMachine(RuleBasedStateMachine):
             "cancel-unknown": lambda: frame(Cancel(future)),
             "cancel-even": lambda: frame(Cancel([0, 2, -2, 2**40][x % 4])),
             "item-even": lambda: frame(Item([2, 0, -4][x % 3], 1, raw([1]))),
-            "second-hello": lambda: frame(Hello(PROTOCOL_VERSION, 1 << 20)),
+            "second-hello": lambda: HELLO,
             "welcome": lambda: frame(Welcome(PROTOCOL_VERSION, 1 << 20)),
             "reply": lambda: frame(Reply([1, 2, max(1, last), future][x % 4], raw(1))),
             "error": lambda: frame(ErrorFrame([1, 2, future][x % 3], 1, "E", "m")),
@@ -1215,10 +1211,10 @@ class WireMachine(RuleBasedStateMachine):
         elif kind == "random-body":
             data = body_frame(seed)
         elif kind == "mutated-call":
-            data = _mutate(frame(Call(conn.next_id, "Fz", "add", raw([n, 1]))), rng)
+            data = mutate(frame(Call(conn.next_id, "Fz", "add", raw([n, 1]))), rng)
             conn.next_id += 2
         else:
-            data = _mutate(self._hello(conn) if conn.state == "new" else frame(Hello(PROTOCOL_VERSION, 1 << 20)), rng)
+            data = mutate(self._hello(conn) if conn.state == "new" else HELLO, rng)
         conn.state = "loose"
         conn.fatal_why = kind
         for call in conn.calls.values():
