@@ -13,18 +13,19 @@ import contextlib
 import fcntl
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from typing import Any, Iterator
 
 import msgspec
 import pytest
+
+import _wire
+from _procs import ChildProcess, fd_count, status
 from _timeouts import T
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux-only: memfd, SO_PEERCRED, /proc")
@@ -100,8 +101,8 @@ SERVER = textwrap.dedent(
 
 # --------------------------------------------------------------------------- raw peer helpers
 def frame(*fields: Any) -> bytes:
-    body = msgspec.msgpack.encode(list(fields))
-    return struct.pack(">I", len(body)) + body
+    """A frame of the message with these fields."""
+    return _wire.frame(list(fields))
 
 
 class RawPeer:
@@ -155,11 +156,7 @@ class RawPeer:
 
 
 def rss_mib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) // 1024
-    raise AssertionError("no VmRSS")
+    return status(pid)["VmRSS"] >> 20
 
 
 def max_rss_over(pid: int, seconds: float) -> int:
@@ -172,19 +169,17 @@ def max_rss_over(pid: int, seconds: float) -> int:
     return peak
 
 
-class Server:
-    def __init__(self, proc: subprocess.Popen[bytes], url: str) -> None:
-        self.proc = proc
-        self.url = url
+class Server(ChildProcess):
+    """The server above in a child process (``env`` set for it), logging to its stderr."""
+
+    def __init__(self, env: dict[str, str] | None) -> None:
+        super().__init__(what="the hostile-review server", log=False, strict=False)
+        self.start_script(SERVER, self.path, env=env)
         # what RawPeer connects to: a Unix socket path, or tcp://host:port
-        self.path = url[len("unix://") :] if url.startswith("unix://") else url
-        self.pid = proc.pid
+        self.path = self.url[len("unix://") :] if self.url.startswith("unix://") else self.url
 
     def stderr_after_stop(self) -> str:
-        self.proc.send_signal(signal.SIGKILL)
-        _, err = self.proc.communicate(timeout=T)
-        self.stderr = err.decode(errors="replace")
-        return self.stderr
+        return "\n".join(self.stop(kill=True))
 
     def neighbour_ping(self) -> Any:
         """A well-behaved neighbour's round trip (a refusing server answers HELLO with GOODBYE)."""
@@ -198,31 +193,11 @@ class Server:
 
 @contextlib.contextmanager
 def server(env: dict[str, str] | None = None) -> Iterator[Server]:
-    d = tempfile.mkdtemp(prefix="xh", dir="/tmp")
-    script = os.path.join(d, "srv.py")
-    with open(script, "w") as f:
-        f.write(SERVER)
-    path = os.path.join(d, "s.sock")
-    proc = subprocess.Popen(
-        [sys.executable, script, path],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
+    srv = Server(env)
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().decode().split()
-        assert line[:1] == ["READY"], (line, proc.stderr.read() if proc.poll() is not None else b"")  # type: ignore[union-attr]
-        yield Server(proc, line[1])
+        yield srv
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        with contextlib.suppress(ValueError):
-            proc.communicate(timeout=T)
-        for f in (proc.stdout, proc.stderr):
-            if f is not None:
-                f.close()
-        shutil.rmtree(d, ignore_errors=True)
+        srv.stop(kill=True)
 
 
 def send_with_fd(peer: RawPeer, data: bytes, fd: int) -> None:
@@ -464,7 +439,7 @@ def test_guard_extension_nan_deadline_and_unsealed_buffer_are_typed_errors() -> 
 @pytest.mark.timeout(60)
 def test_guard_descriptors_before_admission_end_the_connection() -> None:
     with server({"SRV_REQ": "uid == 4242"}) as srv:
-        base = len(os.listdir(f"/proc/{srv.pid}/fd"))
+        base = fd_count(srv.pid)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(T)
         s.connect(srv.path)
@@ -484,9 +459,9 @@ def test_guard_descriptors_before_admission_end_the_connection() -> None:
         assert msgspec.msgpack.decode(data[4:])[0] == 10, data  # GOODBYE
         assert srv.neighbour_ping()[0] == 10  # refused by requirement: the server still answers
         deadline = time.monotonic() + T
-        while len(os.listdir(f"/proc/{srv.pid}/fd")) > base and time.monotonic() < deadline:
+        while fd_count(srv.pid) > base and time.monotonic() < deadline:
             time.sleep(0.02)  # polling for the server to finish closing the refused connections
-        assert len(os.listdir(f"/proc/{srv.pid}/fd")) <= base
+        assert fd_count(srv.pid) <= base
 
 
 @pytest.mark.timeout(60)

@@ -11,8 +11,6 @@ import os
 import select
 import socket
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Protocol
@@ -22,6 +20,9 @@ import msgspec
 import pytest
 
 import xrpc
+
+import _wire
+from _procs import ChildProcess, status
 from _timeouts import T
 
 SERVER = r'''
@@ -88,7 +89,7 @@ async def main(url):
     if url.startswith("tls:"):
         kw["ssl_context"] = xrpc.server_ssl_context(os.environ["XRPC_TEST_CERT"], os.environ["XRPC_TEST_KEY"])
     async with server.listen(url, **kw) as listener:
-        print(listener.url, os.getpid(), flush=True)
+        print("READY", listener.url, flush=True)
         await anyio.sleep(100)
 
 anyio.run(main, sys.argv[1], backend=sys.argv[2])
@@ -98,29 +99,22 @@ BUDGET_MIB = 32
 ALLOWED_GROWTH_MIB = BUDGET_MIB + 16
 STOP_AT_MIB = 200  # an attack stops once the server has grown this much: the point is made
 
-_enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder()
 
 
 def frame(*fields: object) -> bytes:
-    body = _enc.encode(list(fields))
-    return struct.pack(">I", len(body)) + body
-
-
-def _status(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) // 1024
-    raise KeyError(key)
+    """A frame of the message with these fields."""
+    return _wire.frame(list(fields))
 
 
 def rss(pid: int) -> int:
-    return _status(pid, "VmRSS")
+    """RSS of process ``pid`` in MiB."""
+    return status(pid)["VmRSS"] >> 20
 
 
 def peak(pid: int) -> int:
-    return _status(pid, "VmHWM")
+    """Peak RSS of process ``pid`` in MiB."""
+    return status(pid)["VmHWM"] >> 20
 
 
 class RawPeer:
@@ -137,7 +131,7 @@ class RawPeer:
     def send(self, *fields: object) -> None:
         self.s.sendall(frame(*fields))
 
-    def recv(self, timeout: float = 10.0) -> list:
+    def recv(self, timeout: float = T) -> list:
         deadline = time.monotonic() + timeout
         while True:
             if len(self.buf) >= 4:
@@ -158,16 +152,24 @@ class RawPeer:
         self.s.close()
 
 
-class Srv:
-    def __init__(self, proc: subprocess.Popen, path: str, pid: int, log: Path) -> None:
-        self.proc, self.path, self.pid, self.log = proc, path, pid, log
+class Srv(ChildProcess):
+    """The server above in a child process, at ``url`` (``env`` set for it), logging to its stderr."""
+
+    def __init__(self, url: str | None, backend: str, env: dict[str, str] | None = None) -> None:
+        super().__init__(what="the hostile-review server", log=False, strict=False)
+        self.start_script(SERVER, url or f"unix://{self.path}", backend, env=env)
+
+    def stop_and_check(self) -> None:
+        """Stop the server; it must have logged no ERROR and no traceback."""
+        text = "\n".join(self.stop(kill=True))
+        assert "ERROR" not in text and "Traceback" not in text, text[-3000:]
 
     def neighbour_works(self) -> bool:
         n = RawPeer(self.path)
         try:
             assert n.recv()[0] == 1  # WELCOME
             n.send(2, 1, "svc", "echo", [7])
-            return n.recv(20) == [3, 1, 7]
+            return n.recv(2 * T) == [3, 1, 7]
         finally:
             n.close()
 
@@ -180,27 +182,15 @@ def backend(request):
 
 
 @pytest.fixture
-def server(tmp_path, backend):
-    script = tmp_path / "server.py"
-    script.write_text(SERVER)
-    path = str(tmp_path / "s.sock")
-    log = tmp_path / "server.log"
-    with open(log, "w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, str(script), f"unix://{path}", backend], stdout=subprocess.PIPE, stderr=err, text=True
-        )
+def server(backend):
+    srv = Srv(None, backend)
     try:
-        line = proc.stdout.readline().split()
-        assert line, "server did not start"
-        srv = Srv(proc, path, int(line[1]), log)
         yield srv
-        assert proc.poll() is None, "the server died"
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
-    text = log.read_text()
-    assert "ERROR" not in text and "Traceback" not in text, text[-3000:]
+        assert srv.alive(), "the server died"
+    except BaseException:
+        srv.stop(kill=True)
+        raise
+    srv.stop_and_check()
 
 
 def _welcome(peer: RawPeer) -> None:
@@ -586,15 +576,9 @@ def test_answers_of_task_served_calls_over_tls_are_bounded_for_a_peer_that_never
 
     pytest.importorskip("cryptography")
     certfile, keyfile = _self_signed(tmp_path)
-    script = tmp_path / "server.py"
-    script.write_text(SERVER)
-    log = tmp_path / "server.log"
-    env = dict(os.environ, XRPC_TEST_CERT=certfile, XRPC_TEST_KEY=keyfile)
-    with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, str(script), "tls://127.0.0.1:0", "asyncio"], stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    srv = Srv("tls://127.0.0.1:0", "asyncio", env={"XRPC_TEST_CERT": certfile, "XRPC_TEST_KEY": keyfile})
     try:
-        url, pid = proc.stdout.readline().split()
-        pid = int(pid)
+        url, pid = srv.url, srv.pid
         host, port = url.split("://")[1].rsplit(":", 1)
         ctx = ssl.create_default_context(cafile=certfile)
         raw = socket.socket()
@@ -626,11 +610,9 @@ def test_answers_of_task_served_calls_over_tls_are_bounded_for_a_peer_that_never
             grown = peak(pid) - base
         finally:
             s.close()
-        assert proc.poll() is None
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
-    text = log.read_text()
-    assert "ERROR" not in text and "Traceback" not in text, text[-3000:]
+        assert srv.alive()
+    except BaseException:
+        srv.stop(kill=True)
+        raise
+    srv.stop_and_check()
     assert grown < 2 * BUDGET_MIB + 16, f"the server grew by {grown} MiB"
