@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Protocol
@@ -29,6 +28,7 @@ from xrpc._introspect import ExportDescription, MethodInfo, ParamInfo, describe_
 
 from cli_fixtures.geometry import Counter, Geometry, GeometryImpl
 from _timeouts import T
+from _procs import short_dir
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -41,7 +41,7 @@ SERVICE = "com.example.clitest"
 @pytest.fixture(scope="module")
 def env() -> Iterator[dict[str, str]]:
     """The environment of every CLI process: the fixtures importable, a private runtime dir."""
-    runtime = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    runtime = short_dir()
     e = dict(os.environ)
     e["PYTHONPATH"] = os.pathsep.join([str(HERE), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     e["XRPC_RUNTIME_DIR"] = runtime
@@ -134,7 +134,7 @@ def error_of(result: subprocess.CompletedProcess[str]) -> str:
 @pytest.fixture(scope="module")
 def server(env: dict[str, str]) -> Iterator[str]:
     """One ``xrpc serve`` process exporting ``GeometryImpl`` as ``Geometry`` on a Unix socket."""
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    d = short_dir()
     try:
         with served(env, "cli_fixtures.geometry:make_geometry", "--iface", GEOMETRY, f"unix://{d}/s.sock") as (_, url):
             yield url
@@ -244,7 +244,7 @@ def _builtins(value: Any) -> Any:
 
 
 def test_inspect_of_a_dead_url_cannot_connect(env: dict[str, str]) -> None:
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    d = short_dir()
     try:
         r = xrpc_cli(env, "inspect", f"unix://{d}/nobody.sock")
     finally:
@@ -402,7 +402,7 @@ def test_call_with_bad_json_on_stdin_exits_2(env: dict[str, str], server: str) -
 
 
 def test_call_cannot_connect_exits_3(env: dict[str, str]) -> None:
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    d = short_dir()
     try:
         r = xrpc_cli(env, "call", f"unix://{d}/nobody.sock", "distance")
     finally:
@@ -435,7 +435,7 @@ def test_serve_prints_its_url_serves_and_exits_0_on_signal(env: dict[str, str], 
 
 
 def test_serve_an_instance_on_a_unix_socket_removes_it_on_exit(env: dict[str, str]) -> None:
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    d = short_dir()
     try:
         sock = Path(d) / "s.sock"
         with served(env, "cli_fixtures.geometry:instance", "--iface", GEOMETRY, f"unix://{sock}") as (_, url):
@@ -481,7 +481,7 @@ def test_serve_usage_errors_exit_2(env: dict[str, str], args: list[str], message
 @pytest.fixture
 def service_env(env: dict[str, str]) -> Iterator[tuple[dict[str, str], Path]]:
     """A private runtime dir and search path holding one description, of SERVICE (restart manual)."""
-    runtime = Path(tempfile.mkdtemp(prefix="xr", dir="/tmp"))
+    runtime = Path(short_dir())
     services = runtime / "descriptions"
     services.mkdir()
     (services / f"{SERVICE}.json").write_text(

@@ -17,13 +17,13 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from _timeouts import T
+from _procs import short_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -267,7 +267,7 @@ class Session:
 
 @pytest.fixture
 def session() -> Iterator[Session]:
-    directory = tempfile.mkdtemp(prefix="xg", dir="/tmp")  # short: Unix socket paths are limited
+    directory = short_dir()
     s = Session(directory)
     try:
         yield s

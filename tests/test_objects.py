@@ -38,6 +38,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 import xrpc
 from objects_fixtures.nodes import Broker, Files, Greeter, Relay, Tables, Vault
+from _procs import fd_count, own_rss, short_dir
 from _timeouts import T
 
 HERE = Path(__file__).resolve().parent
@@ -63,7 +64,7 @@ def load_example(name: str) -> types.ModuleType:
 
 @contextlib.contextmanager
 def unix_url(name: str = "s.sock") -> Any:
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")  # AF_UNIX paths are short
+    d = short_dir()
     try:
         yield f"unix://{d}/{name}"
     finally:
@@ -101,15 +102,7 @@ def collect() -> None:
 
 
 def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    return fd_count(os.getpid())
 
 
 @contextlib.asynccontextmanager
@@ -697,11 +690,11 @@ async def test_100k_objects_created_and_dropped_without_leak() -> None:
                 if i == cycles // batch // 2 - 1:
                     collect()
                     await store.ping()
-                    rss_half = rss_bytes()
+                    rss_half = own_rss()
             elapsed = time.perf_counter() - started
             collect()
             await until(lambda: server_conn.exported_objects == 0, store.ping)
-            rss_end = rss_bytes()
+            rss_end = own_rss()
             assert server_conn.exported_objects == 0
             assert conn.remote_refs == 0
             assert store_impl.calls == cycles // batch

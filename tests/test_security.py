@@ -21,7 +21,6 @@ import socket
 import ssl
 import stat
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Protocol
 
@@ -34,12 +33,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 import xrpc
-from xrpc._protocol import PROTOCOL_VERSION, Call, ErrorCode, Hello
+from xrpc._protocol import Call, ErrorCode
 
 import _trust
 from _trust import write_pem, xrpc_warnings
-from _wire import decode_frames, frame
+from _wire import HELLO, decode_frames, frame
 from _timeouts import T
+from _procs import short_dir
 
 BACKENDS = ("asyncio", "trio")
 XRPC_SRC = Path(__file__).resolve().parent.parent / "xrpc"
@@ -269,7 +269,7 @@ async def test_refused_peer_calls_sent_early_never_run(sock_dir: str) -> None:
     server.export(Calc, impl)
     path = f"{sock_dir}/s.sock"
     payload = msgspec.Raw(msgspec.msgpack.encode([1, 2]))
-    data = frame(Hello(PROTOCOL_VERSION, 1 << 20)) + b"".join(frame(Call(i, "Calc", "add", payload)) for i in (1, 3, 5))
+    data = HELLO + b"".join(frame(Call(i, "Calc", "add", payload)) for i in (1, 3, 5))
     received = bytearray()
     with anyio.fail_after(T):
         async with server.listen(f"unix://{path}"):
@@ -513,7 +513,7 @@ def other_user() -> pwd.struct_passwd:
 
 @pytest.fixture
 def shared_dir() -> Iterator[str]:
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    d = short_dir()
     os.chmod(d, 0o755)
     try:
         yield d

@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Protocol, cast
@@ -47,6 +46,7 @@ from xrpc._services import (
 
 from services_fixtures.probe import Client, Probe
 from _timeouts import T
+from _procs import short_dir
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -126,7 +126,7 @@ def _kill_if_ours(pid: int, root: Path) -> None:
 @pytest.fixture
 def env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     # AF_UNIX paths are limited to ~108 bytes: keep the runtime directory short.
-    root = Path(tempfile.mkdtemp(prefix="xr", dir="/tmp"))
+    root = Path(short_dir())
     monkeypatch.setenv("XRPC_RUNTIME_DIR", str(root))
     monkeypatch.delenv("XRPC_SERVICE_PATH", raising=False)
     services = root / "services"

@@ -25,7 +25,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, AsyncIterator, Protocol, TypeVar, cast
 
@@ -39,6 +38,7 @@ from hypothesis import strategies as st
 import xrpc
 from conftest import serve_and_connect
 from stream_service import StreamService, pattern
+from _procs import own_rss, short_dir, status
 from _timeouts import T
 
 SLACK = 2  # items a producer may hold beyond its credit: the one it yielded and waits to send, plus one
@@ -293,12 +293,8 @@ def closable(stream: AsyncIterator[_T]) -> xrpc.CallStream[_T]:
     return cast("xrpc.CallStream[_T]", stream)
 
 
-def _rss_kib(pid: int | str = "self") -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
+def _rss_kib(pid: int | None = None) -> int:
+    return (own_rss() if pid is None else status(pid)["VmRSS"]) // 1024
 
 
 # --------------------------------------------------------------------------- kinds of streams
@@ -902,7 +898,7 @@ async def test_cancelled_consumer_stops_within_a_few_items(transport: str) -> No
 @contextlib.asynccontextmanager
 async def stream_service() -> AsyncIterator[tuple[anyio.abc.Process, str, BufferedByteReceiveStream]]:
     """Start ``tests/stream_service.py`` on a Unix socket; yield (process, url, its stdout)."""
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    d = short_dir()
     try:
         proc = await anyio.open_process(
             [sys.executable, str(HERE / "stream_service.py"), f"unix://{d}/s.sock"],
