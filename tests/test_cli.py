@@ -86,20 +86,27 @@ def read_line(proc: subprocess.Popen[bytes], timeout: float = SUBPROCESS_T) -> s
     return buf.decode().rstrip("\n")
 
 
+def xrpc_popen(env: dict[str, str], *args: str, stdin: int) -> subprocess.Popen[bytes]:
+    """Start ``python -m xrpc ARGS`` with pipes for its output."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "xrpc", *args], stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(HERE)
+    )
+
+
+def kill(proc: subprocess.Popen[bytes]) -> None:
+    """Kill ``proc`` unless it has ended, and reap it."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate(timeout=SUBPROCESS_T)
+
+
 @contextlib.contextmanager
 def served(env: dict[str, str], *args: str, stop: int = signal.SIGTERM) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """Run ``xrpc serve ARGS``; yield the process and the URL it printed; stop it with ``stop``.
 
     On the way out the exit code must be 0 (unless the body already ended the process).
     """
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "xrpc", "serve", *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        cwd=str(HERE),
-    )
+    proc = xrpc_popen(env, "serve", *args, stdin=subprocess.DEVNULL)
     try:
         try:
             url = read_line(proc)
@@ -113,9 +120,7 @@ def served(env: dict[str, str], *args: str, stop: int = signal.SIGTERM) -> Itera
         _, err = proc.communicate(timeout=SUBPROCESS_T)
         assert proc.returncode == 0, err.decode()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=SUBPROCESS_T)
+        kill(proc)
 
 
 def lines(text: str) -> list[Any]:
@@ -286,14 +291,7 @@ def test_call_client_stream_reads_json_lines_from_stdin(env: dict[str, str], ser
 
 
 def test_call_bidi_stream_answers_each_line_as_it_arrives(env: dict[str, str], server: str) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "xrpc", "call", server, "chat"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        cwd=str(HERE),
-    )
+    proc = xrpc_popen(env, "call", server, "chat", stdin=subprocess.PIPE)
     try:
         assert proc.stdin is not None
         proc.stdin.write(b'"hello"\n')
@@ -301,9 +299,7 @@ def test_call_bidi_stream_answers_each_line_as_it_arrives(env: dict[str, str], s
         assert read_line(proc) == '"HELLO"'  # printed while stdin is still open
         out, err = proc.communicate(b'"again"\n', timeout=SUBPROCESS_T)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=SUBPROCESS_T)
+        kill(proc)
     assert proc.returncode == 0, err.decode()
     assert out.decode().splitlines() == ['"AGAIN"']
 

@@ -693,14 +693,7 @@ async def test_heartbeat_detects_a_silent_service(env: Env) -> None:
             outcome: list[BaseException] = []
             with anyio.fail_after(T):
                 async with anyio.create_task_group() as tg:
-
-                    async def call() -> None:
-                        try:
-                            await p.hang()
-                        except Exception as exc:
-                            outcome.append(exc)
-
-                    tg.start_soon(call)
+                    tg.start_soon(failure_of, p.hang, outcome)
                     await started.wait()
                     os.kill(pid, signal.SIGSTOP)  # alive, connected, and silent
                     stopped_at = time.monotonic()
@@ -717,6 +710,14 @@ async def test_heartbeat_detects_a_silent_service(env: Env) -> None:
     print(f"\nheartbeat 0.2s: silent service detected after {detected * 1000:.0f} ms")
 
 
+async def failure_of(fn: Any, outcome: list[BaseException]) -> None:
+    """Await ``fn()``; what it raises is appended to ``outcome``."""
+    try:
+        await fn()
+    except Exception as exc:
+        outcome.append(exc)
+
+
 # --------------------------------------------------------------------------- invalidation
 async def test_aclose_invalidates_once(env: Env) -> None:
     env.describe()
@@ -729,14 +730,7 @@ async def test_aclose_invalidates_once(env: Env) -> None:
             await p.pid()
             started = client.expect_start()
             async with anyio.create_task_group() as tg:
-
-                async def call() -> None:
-                    try:
-                        await p.hang()
-                    except Exception as exc:
-                        outcome.append(exc)
-
-                tg.start_soon(call)
+                tg.start_soon(failure_of, p.hang, outcome)
                 await started.wait()
                 await sc.aclose()
         await sc.aclose()

@@ -55,22 +55,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import xrpc
 import xrpc.blocking
-from xrpc._protocol import (
-    PROTOCOL_VERSION,
-    Call,
-    Cancel,
-    Credit,
-    End,
-    ErrorCode,
-    Goodbye,
-    Hello,
-    Item,
-    Ping,
-    Pong,
-    Release,
-    Reply,
-    Welcome,
-)
+from xrpc._protocol import PROTOCOL_VERSION, Call, Cancel, Credit, End, ErrorCode, Goodbye, Hello, Item, Ping, Pong, Release, Reply, Welcome
 from xrpc._protocol import Error as ErrorFrame
 from _fuzz import mutate, nested
 from _procs import ChildProcess, errors_in, log_to, serve_until_stdin_closes, short_dir
