@@ -200,6 +200,14 @@ def server(env: dict[str, str] | None = None) -> Iterator[Server]:
         srv.stop(kill=True)
 
 
+def relay_client(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a client program in a child process with ``args``; its output.  ``code`` goes on from
+    the body of ``class Relay(Protocol)`` (the methods it uses), after ``os``, ``signal``, ``sys``,
+    ``anyio`` and ``xrpc`` are imported."""
+    header = "import os, signal, sys, anyio, xrpc\nfrom typing import AsyncIterator, Protocol\n@xrpc.interface(name='Relay')\nclass Relay(Protocol):\n"
+    return subprocess.run([sys.executable, "-c", header + textwrap.dedent(code), *args], capture_output=True, text=True, timeout=6 * T)
+
+
 def send_with_fd(peer: RawPeer, data: bytes, fd: int) -> None:
     peer.s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
 
@@ -321,12 +329,8 @@ def test_large_window_bytes_does_not_break_server_streams() -> None:
     frame first; a hostile peer opening such streams makes it do so over and over (CPU and memory
     amplification that starved other connections past their 10 s handshake in a run)."""
     with server() as srv:
-        code = textwrap.dedent(
+        out = relay_client(
             """
-            import sys, anyio, xrpc
-            from typing import AsyncIterator, Protocol
-            @xrpc.interface(name="Relay")
-            class Relay(Protocol):
                 def numbers(self, n: int, size: int) -> AsyncIterator[bytes]: ...
             async def main():
                 limits = xrpc.Limits(window_bytes=1 << 30)
@@ -339,9 +343,9 @@ def test_large_window_bytes_does_not_break_server_streams() -> None:
                     except Exception as e:
                         print("FAILED", n, type(e).__name__, e)
             anyio.run(main)
-            """
+            """,
+            srv.path,
         )
-        out = subprocess.run([sys.executable, "-c", code, srv.path], capture_output=True, text=True, timeout=6 * T)
         assert out.stdout.strip() == "OK 40", out.stdout + out.stderr[-2000:]
 
 
@@ -353,12 +357,8 @@ def test_large_server_window_bytes_does_not_break_client_streams() -> None:
     built a 40 MiB frame.  A hostile server can use this to make clients build frames of up to
     256 items each."""
     with server({"SRV_WINDOW_BYTES": str(1 << 30)}) as srv:
-        code = textwrap.dedent(
+        out = relay_client(
             """
-            import sys, anyio, xrpc
-            from typing import AsyncIterator, Protocol
-            @xrpc.interface(name="Relay")
-            class Relay(Protocol):
                 async def take(self, xs: AsyncIterator[bytes]) -> int: ...
             async def gen():
                 for i in range(40):
@@ -370,9 +370,9 @@ def test_large_server_window_bytes_does_not_break_client_streams() -> None:
                     except Exception as e:
                         print("FAILED", type(e).__name__, e)
             anyio.run(main)
-            """
+            """,
+            srv.path,
         )
-        out = subprocess.run([sys.executable, "-c", code, srv.path], capture_output=True, text=True, timeout=6 * T)
         assert out.stdout.strip() == "OK 40", out.stdout + out.stderr[-2000:]
 
 
@@ -468,12 +468,8 @@ def test_guard_descriptors_before_admission_end_the_connection() -> None:
 def test_guard_peer_killed_mid_stream_is_connection_interrupted(tmp_path: Any) -> None:
     """A server killed with SIGKILL while a client is inside a stream: exactly ConnectionInterrupted."""
     with server() as srv:
-        code = textwrap.dedent(
+        out = relay_client(
             """
-            import os, signal, sys, anyio, xrpc
-            from typing import AsyncIterator, Protocol
-            @xrpc.interface(name="Relay")
-            class Relay(Protocol):
                 def numbers(self, n: int, size: int) -> AsyncIterator[bytes]: ...
             async def main():
                 async with xrpc.connect("unix://" + sys.argv[1], timeout=10) as c:
@@ -483,9 +479,9 @@ def test_guard_peer_killed_mid_stream_is_connection_interrupted(tmp_path: Any) -
                     except BaseException as e:
                         print(type(e).__module__, type(e).__name__)
             anyio.run(main)
-            """
+            """,
+            srv.path, str(srv.pid),
         )
-        out = subprocess.run([sys.executable, "-c", code, srv.path, str(srv.pid)], capture_output=True, text=True, timeout=6 * T)
         assert out.stdout.strip() == "xrpc._errors ConnectionInterrupted", out.stdout + out.stderr[-2000:]
 
 
