@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, AsyncIterator, Iterator, Protocol
 
 import pytest
 
@@ -559,12 +559,19 @@ def test_dynamic_interface_mirrors_the_remote_one() -> None:
     assert all(issubclass(e, DeclaredError) for e in d.errors)
 
 
-async def test_dynamic_proxy_calls_a_real_server_in_memory() -> None:
+@contextlib.asynccontextmanager
+async def dynamic_proxy(iface: type, impl: object, name: str) -> AsyncIterator[Any]:
+    """A proxy, of the interface ``dynamic_interface`` builds from ``iface``'s description, to
+    ``impl`` exported as ``name`` over an in-memory connection."""
     server = xrpc.Server()
-    server.export(Geometry, GeometryImpl())
-    dyn = dynamic_interface(describe_export("Geometry", xrpc.describe(Geometry)))
+    server.export(iface, impl)
+    dyn = dynamic_interface(describe_export(name, xrpc.describe(iface)))
     async with xrpc.testing.connect(server) as conn:
-        geo: Any = conn.proxy(dyn, "Geometry")
+        yield conn.proxy(dyn, name)
+
+
+async def test_dynamic_proxy_calls_a_real_server_in_memory() -> None:
+    async with dynamic_proxy(Geometry, GeometryImpl(), "Geometry") as geo:
         assert await geo.distance({"x": 0, "y": 0}, {"x": 0, "y": 2}) == 2.0
         assert [p async for p in geo.walk({"x": 0, "y": 0}, 2)] == [{"x": 1.0, "y": 0.0}, {"x": 2.0, "y": 0.0}]
         assert await geo.scale(2, 1.5, "y") == "y*2.0+1.5"
@@ -600,11 +607,7 @@ class KeywordOnlyImpl:
 
 
 async def test_dynamic_interface_handles_a_required_argument_after_an_optional_one() -> None:
-    server = xrpc.Server()
-    server.export(KeywordOnly, KeywordOnlyImpl())
-    dyn = dynamic_interface(describe_export("KeywordOnly", xrpc.describe(KeywordOnly)))
-    async with xrpc.testing.connect(server) as conn:
-        k: Any = conn.proxy(dyn, "KeywordOnly")
+    async with dynamic_proxy(KeywordOnly, KeywordOnlyImpl(), "KeywordOnly") as k:
         assert await k.f(a=4, b=2) == 42
 
 

@@ -798,11 +798,17 @@ def _install(code: Path, version: str) -> None:
     (code / "upgradable.py").write_text(UPGRADABLE.format(version=version))
 
 
-async def test_upgrade_then_kill_reaches_the_new_version(env: Env) -> None:
+def _upgradable(env: Env) -> Path:
+    """Describe the service as ``upgradable``, installed at version 1.0; the directory of its code."""
     code = env.root / "code"
     code.mkdir()
     env.describe(module="upgradable:make_server", environment={"PYTHONPATH": f"{code}{os.pathsep}{HERE}"})
     _install(code, "1.0")
+    return code
+
+
+async def test_upgrade_then_kill_reaches_the_new_version(env: Env) -> None:
+    code = _upgradable(env)
     events = Events()
     async with connect_service(NAME, search_path=env.search_path, **events.kwargs()) as sc:
         p = sc.proxy(Probe)
@@ -823,10 +829,7 @@ async def test_upgrade_then_kill_reaches_the_new_version(env: Env) -> None:
 
 
 async def test_graceful_restart_finishes_calls_in_flight_then_upgrades(env: Env) -> None:
-    code = env.root / "code"
-    code.mkdir()
-    env.describe(module="upgradable:make_server", environment={"PYTHONPATH": f"{code}{os.pathsep}{HERE}"})
-    _install(code, "1.0")
+    code = _upgradable(env)
     events = Events()
     client = ClientImpl()
     async with connect_service(NAME, exports=[(Client, client)], search_path=env.search_path, **events.kwargs()) as sc:
