@@ -269,6 +269,14 @@ def _server(impl: Any = None, limits: xrpc.Limits | None = None) -> tuple[xrpc.S
     return server, impl
 
 
+@contextlib.asynccontextmanager
+async def streams_proxy(server: xrpc.Server, transport: str) -> AsyncIterator[Any]:
+    """A ``Streams`` proxy to ``server`` listening on ``transport``; the whole block bounded by ``T``."""
+    with anyio.fail_after(T):
+        async with serve_and_connect(server, transport) as conn:
+            yield conn.proxy(Streams)
+
+
 async def agen(items: Any) -> AsyncIterator[Any]:
     for x in items:
         yield x
@@ -300,10 +308,8 @@ def _rss_kib(pid: int | None = None) -> int:
 # --------------------------------------------------------------------------- kinds of streams
 async def test_server_stream_typed_items(transport: str) -> None:
     server, _ = _server()
-    with anyio.fail_after(T):
-        async with serve_and_connect(server, transport) as conn:
-            p = conn.proxy(Streams)
-            got = [pt async for pt in p.walk(Point(1.5, -2.0), 50)]
+    async with streams_proxy(server, transport) as p:
+        got = [pt async for pt in p.walk(Point(1.5, -2.0), 50)]
     assert all(type(pt) is Point for pt in got)
     assert got == [Point(1.5 + i, -2.0 - i) for i in range(50)]
 
@@ -311,13 +317,11 @@ async def test_server_stream_typed_items(transport: str) -> None:
 async def test_client_stream_typed_items(transport: str) -> None:
     server, _ = _server()
     pts = [Point(float(i), float(2 * i)) for i in range(1, 101)]
-    with anyio.fail_after(T):
-        async with serve_and_connect(server, transport) as conn:
-            p = conn.proxy(Streams)
-            from_gen = await p.centroid(agen(pts))
-            from_iterable = await p.centroid(AsyncIterableOf(pts[:3]))
-            by_keyword = await p.centroid(points=agen(pts[:2]))
-            from_list = await p.centroid(pts[:4])  # a plain iterable works too
+    async with streams_proxy(server, transport) as p:
+        from_gen = await p.centroid(agen(pts))
+        from_iterable = await p.centroid(AsyncIterableOf(pts[:3]))
+        by_keyword = await p.centroid(points=agen(pts[:2]))
+        from_list = await p.centroid(pts[:4])  # a plain iterable works too
     assert type(from_gen) is Point
     assert from_gen == Point(sum(q.x for q in pts) / 100, sum(q.y for q in pts) / 100)
     assert from_iterable == Point(2.0, 4.0)
@@ -328,11 +332,9 @@ async def test_client_stream_typed_items(transport: str) -> None:
 async def test_two_way_stream_typed_items(transport: str) -> None:
     server, _ = _server()
     pts = [Point(float(i), -float(i)) for i in range(200)]
-    with anyio.fail_after(T):
-        async with serve_and_connect(server, transport) as conn:
-            p = conn.proxy(Streams)
-            got = [q async for q in p.scale(2.5, agen(pts))]
-            words = [w async for w in p.chat(agen(["a", "b", "c"]))]
+    async with streams_proxy(server, transport) as p:
+        got = [q async for q in p.scale(2.5, agen(pts))]
+        words = [w async for w in p.chat(agen(["a", "b", "c"]))]
     assert all(type(q) is Point for q in got)
     assert got == [Point(q.x * 2.5, q.y * 2.5) for q in pts]
     assert words == ["echo a", "echo b", "echo c"]
@@ -340,16 +342,14 @@ async def test_two_way_stream_typed_items(transport: str) -> None:
 
 async def test_empty_streams(transport: str) -> None:
     server, _ = _server()
-    with anyio.fail_after(T):
-        async with serve_and_connect(server, transport) as conn:
-            p = conn.proxy(Streams)
-            assert [x async for x in p.empty()] == []
-            assert [x async for x in p.count(0)] == []
-            assert await p.tally(agen([])) == 0
-            assert await p.tally(AsyncIterableOf([])) == 0
-            assert [x async for x in p.chat(agen([]))] == []
-            # the connection is still good afterwards
-            assert await p.tally(agen([Point(0, 0)] * 3)) == 3
+    async with streams_proxy(server, transport) as p:
+        assert [x async for x in p.empty()] == []
+        assert [x async for x in p.count(0)] == []
+        assert await p.tally(agen([])) == 0
+        assert await p.tally(AsyncIterableOf([])) == 0
+        assert [x async for x in p.chat(agen([]))] == []
+        # the connection is still good afterwards
+        assert await p.tally(agen([Point(0, 0)] * 3)) == 3
 
 
 @pytest.mark.timeout(120)
@@ -370,15 +370,13 @@ async def test_million_items_intact_and_in_order(transport: str) -> None:
 async def test_stream_is_lazy_and_restartable_per_call(transport: str) -> None:
     """Nothing is sent until the first iteration; each call is its own stream."""
     server, impl = _server()
-    with anyio.fail_after(T):
-        async with serve_and_connect(server, transport) as conn:
-            p = conn.proxy(Streams)
-            s = closable(p.endless("lazy"))
-            assert await p.echo(1) == 1  # a round trip: a CALL sent by p.endless() would have arrived
-            assert "lazy" not in impl.flows
-            assert [x async for x in p.count(3)] == [0, 1, 2]
-            assert [x async for x in p.count(3)] == [0, 1, 2]
-            await s.aclose()
+    async with streams_proxy(server, transport) as p:
+        s = closable(p.endless("lazy"))
+        assert await p.echo(1) == 1  # a round trip: a CALL sent by p.endless() would have arrived
+        assert "lazy" not in impl.flows
+        assert [x async for x in p.count(3)] == [0, 1, 2]
+        assert [x async for x in p.count(3)] == [0, 1, 2]
+        await s.aclose()
 
 
 # --------------------------------------------------------------------------- errors
@@ -406,14 +404,12 @@ async def test_declared_error_after_items(transport: str, pause: bool) -> None:
 async def test_undeclared_error_after_items(transport: str, pause: bool) -> None:
     server, _ = _server()
     got: list[int] = []
-    with anyio.fail_after(T):
-        async with serve_and_connect(server, transport) as conn:
-            p = conn.proxy(Streams)
-            with pytest.raises(xrpc.RemoteError) as info:
-                async for x in p.fail_after(5, False, pause):
-                    got.append(x)
-            # an error ends one stream, not the connection
-            assert await p.echo(9) == 9
+    async with streams_proxy(server, transport) as p:
+        with pytest.raises(xrpc.RemoteError) as info:
+            async for x in p.fail_after(5, False, pause):
+                got.append(x)
+        # an error ends one stream, not the connection
+        assert await p.echo(9) == 9
     assert info.value.type_name == "ValueError"
     assert "boom after 5" in info.value.message
     assert got == list(range(5))
@@ -433,15 +429,13 @@ async def test_wrong_item_type_is_refused_by_the_caller(transport: str) -> None:
     server, impl = _server()
     good = [Point(0, 0), Point(1, 1), Point(2, 2)]
     got: list[Point] = []
-    with anyio.fail_after(T):
-        async with serve_and_connect(server, transport) as conn:
-            p = conn.proxy(Streams)
-            with pytest.raises(xrpc.ValidationError) as info:
-                async for q in p.bad_item("bad", len(good)):
-                    got.append(q)
-            # refusing the item stops the producer, and only this stream
-            await impl.flow("bad").finished.wait()
-            assert await p.echo(1) == 1
+    async with streams_proxy(server, transport) as p:
+        with pytest.raises(xrpc.ValidationError) as info:
+            async for q in p.bad_item("bad", len(good)):
+                got.append(q)
+        # refusing the item stops the producer, and only this stream
+        await impl.flow("bad").finished.wait()
+        assert await p.echo(1) == 1
     assert info.value.method == "bad_item"
     assert got == good[: len(got)]
 
@@ -461,23 +455,19 @@ async def test_items_before_a_wrong_item_are_delivered(transport: str) -> None:
 
 async def test_unencodable_client_stream_item(transport: str) -> None:
     server, _ = _server()
-    with anyio.fail_after(T):
-        async with serve_and_connect(server, transport) as conn:
-            p = conn.proxy(Streams)
-            with pytest.raises(xrpc.ValidationError):
-                await p.tally(agen([Point(0, 0), object()]))
-            assert await p.echo(2) == 2
+    async with streams_proxy(server, transport) as p:
+        with pytest.raises(xrpc.ValidationError):
+            await p.tally(agen([Point(0, 0), object()]))
+        assert await p.echo(2) == 2
 
 
 async def test_wrong_client_stream_item_type(transport: str) -> None:
     server, _ = _server()
-    with anyio.fail_after(T):
-        async with serve_and_connect(server, transport) as conn:
-            p = conn.proxy(Streams)
-            with pytest.raises(xrpc.ValidationError) as info:
-                await p.tally(agen([Point(0, 0), Other("not a point")]))
-            assert info.value.method == "tally"
-            assert await p.echo(3) == 3
+    async with streams_proxy(server, transport) as p:
+        with pytest.raises(xrpc.ValidationError) as info:
+            await p.tally(agen([Point(0, 0), Other("not a point")]))
+        assert info.value.method == "tally"
+        assert await p.echo(3) == 3
 
 
 # --------------------------------------------------------------------------- cancellation
@@ -579,14 +569,12 @@ async def test_cancelling_a_two_way_stream_stops_both_sides(transport: str) -> N
         finally:
             source_done.set()
 
-    with anyio.fail_after(T):
-        async with serve_and_connect(server, transport) as conn:
-            p = conn.proxy(Streams)
-            stream = closable(p.chat(source()))
-            assert await stream.__anext__() == "echo line 1"
-            await stream.aclose()
-            await source_done.wait()
-            assert await p.echo(6) == 6
+    async with streams_proxy(server, transport) as p:
+        stream = closable(p.chat(source()))
+        assert await stream.__anext__() == "echo line 1"
+        await stream.aclose()
+        await source_done.wait()
+        assert await p.echo(6) == 6
     assert sent >= 1
 
 
@@ -774,13 +762,11 @@ async def test_hundreds_of_concurrent_streams(transport: str) -> None:
             lines = [f"{i}:{k}" for k in range(n)]
             results[i] = [w async for w in p.chat(agen(lines))] == [f"echo {s}" for s in lines]
 
-    with anyio.fail_after(T):
-        async with serve_and_connect(server, transport) as conn:
-            p = conn.proxy(Streams)
-            async with anyio.create_task_group() as tg:
-                for i in range(n_streams):
-                    tg.start_soon(one, p, i)
-            assert await p.echo(7) == 7
+    async with streams_proxy(server, transport) as p:
+        async with anyio.create_task_group() as tg:
+            for i in range(n_streams):
+                tg.start_soon(one, p, i)
+        assert await p.echo(7) == 7
     assert len(results) == n_streams
     assert [i for i, ok in results.items() if not ok] == []
 
@@ -883,14 +869,12 @@ async def test_cancelled_consumer_stops_within_a_few_items(transport: str) -> No
     every 16 items (a checkpoint per item would cost more than the item itself)."""
     server, _ = _server()
     taken = 0
-    with anyio.fail_after(T):
-        async with serve_and_connect(server, transport) as conn:
-            p = conn.proxy(Streams)
-            with anyio.CancelScope() as scope:
-                async for _ in p.count(200):
-                    taken += 1
-                    scope.cancel()  # the next iteration is a checkpoint: it must raise
-            assert scope.cancelled_caught
+    async with streams_proxy(server, transport) as p:
+        with anyio.CancelScope() as scope:
+            async for _ in p.count(200):
+                taken += 1
+                scope.cancel()  # the next iteration is a checkpoint: it must raise
+        assert scope.cancelled_caught
     assert 1 <= taken <= 16
 
 
