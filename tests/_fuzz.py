@@ -14,9 +14,8 @@ from typing import Any, Callable
 import anyio
 import xrpc
 
-from _wire import HELLO, body_frame, decode_frames, read_to_end
+from _wire import GOODBYE_TAG, HELLO, body_frame, decode_frames, read_to_end
 
-GOODBYE_TAG = 10
 
 Plan = Callable[[random.Random, int], "tuple[list[bytes], bool]"]
 

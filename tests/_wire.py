@@ -11,6 +11,11 @@ import msgspec
 from xrpc._protocol import PROTOCOL_VERSION, Hello
 
 
+# the message type each frame starts with (docs/wire.md), to read frames decoded as plain lists
+(HELLO_TAG, WELCOME_TAG, CALL_TAG, REPLY_TAG, ERROR_TAG, ITEM_TAG, END_TAG, CREDIT_TAG, CANCEL_TAG, RELEASE_TAG, GOODBYE_TAG,
+ PING_TAG, PONG_TAG) = range(13)
+
+
 def body_frame(body: bytes) -> bytes:
     """``body`` behind its 4-byte big-endian length prefix."""
     return len(body).to_bytes(4, "big") + body

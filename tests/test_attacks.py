@@ -46,13 +46,12 @@ from xrpc._protocol import Error as ErrorFrame
 
 import _wire
 from _procs import ChildProcess, errors_in, fd_count, log_to, serve_until_stdin_closes, short_dir
-from _wire import HELLO, frame, raw, read_to_end
+from _wire import ERROR_TAG, GOODBYE_TAG, HELLO, REPLY_TAG, WELCOME_TAG, frame, raw, read_to_end
 from _timeouts import T
 from _fuzz import Plans, cut_anywhere, mutate, nested, run_jobs, send_and_read_to_end, shuffled_jobs
 
 MiB = 1024 * 1024
 MEMORY_BUDGET = 64 * MiB  # the most an attack may add to the server's peak RSS
-GOODBYE_TAG, ERROR_TAG, REPLY_TAG, WELCOME_TAG = 10, 4, 3, 1
 
 
 # --------------------------------------------------------------------------- the service

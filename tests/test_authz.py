@@ -35,7 +35,7 @@ from xrpc._requirements import Requirement, requirement
 
 from _trust import make_ca, make_leaf, write_pem, xrpc_warnings
 from _trust import name as _name
-from _wire import HELLO, decode_frames
+from _wire import GOODBYE_TAG, HELLO, WELCOME_TAG, decode_frames
 from _timeouts import T
 
 BACKENDS = ("asyncio", "trio")
@@ -45,7 +45,6 @@ DENY = f"uid == {OTHER_UID}"
 ALLOW = f"uid == {os.getuid()}"
 SELF_EXE = os.path.realpath(sys.executable)
 OTHER_EXE = os.path.realpath(shutil.which("sh") or "/bin/sh")
-WELCOME_TAG, GOODBYE_TAG = 1, 10
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -25,14 +25,13 @@ import xrpc
 from xrpc._protocol import PROTOCOL_VERSION, Call, CallFlags, Cancel, ErrorCode, Hello, Item, Ping
 
 from _procs import ChildProcess, errors_in, log_to, own_rss, serve_until_stdin_closes
-from _wire import decode_frames, frame
+from _wire import ERROR_TAG, GOODBYE_TAG, REPLY_TAG, decode_frames, frame
 from _timeouts import T
 from conftest import serve_and_connect
 
 MiB = 1024 * 1024
 SLACK = 16 * MiB  # what an attack may add to the server's peak RSS beyond the budget
 BUDGET = getattr(xrpc.Limits(), "max_buffered", 32 * MiB)
-GOODBYE_TAG = 10
 BLOB = 1024 * 1024
 
 
@@ -426,7 +425,6 @@ async def test_concurrent_uploads_to_slow_consumers_stay_within_the_budget(sock_
 
 
 # --------------------------------------------------------------------------- calls in flight
-ERROR_TAG, REPLY_TAG = 4, 3
 
 
 def read_frames(s: socket.socket, until: Any, timeout: float = T) -> list[Any]:

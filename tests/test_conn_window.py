@@ -19,7 +19,7 @@ import xrpc
 from xrpc._protocol import PROTOCOL_VERSION, Call, CallFlags, ErrorCode, Hello, Item
 
 from _procs import ChildProcess, own_rss, serve_until_stdin_closes
-from _wire import decode_frames, frame
+from _wire import GOODBYE_TAG, decode_frames, frame
 from _timeouts import T
 from conftest import serve_and_connect
 
@@ -27,7 +27,6 @@ MiB = 1024 * 1024
 SLACK = 16 * MiB
 BUDGET = xrpc.Limits().max_buffered
 CHUNK = 64 * 1024
-GOODBYE_TAG = 10
 
 
 def chunk(stream: int, i: int) -> bytes:

@@ -35,10 +35,9 @@ from xrpc._protocol import ErrorCode, Ping
 
 import _wire
 from _procs import TESTS_DIR, ChildProcess, child_main, errors_in, log_to, serve_until_stdin_closes, short_dir
-from _wire import HELLO, frame
+from _wire import GOODBYE_TAG, HELLO, PONG_TAG, WELCOME_TAG, frame
 from _timeouts import T
 
-GOODBYE_TAG, WELCOME_TAG, PONG_TAG = 10, 1, 12
 
 
 # --------------------------------------------------------------------------- interfaces

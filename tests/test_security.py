@@ -37,7 +37,7 @@ from xrpc._protocol import Call, ErrorCode
 
 import _trust
 from _trust import write_pem, xrpc_warnings
-from _wire import HELLO, decode_frames, frame
+from _wire import GOODBYE_TAG, HELLO, decode_frames, frame
 from _timeouts import T
 from _procs import short_dir
 
@@ -163,7 +163,6 @@ def sock_url(sock_dir: str) -> str:
     return f"unix://{sock_dir}/s.sock"
 
 
-GOODBYE_TAG = 10
 SELF_EXE = os.path.realpath(sys.executable)
 SELF_USER = pwd.getpwuid(os.getuid()).pw_name
 SELF_GROUP = grp.getgrgid(os.getgid()).gr_name
@@ -497,7 +496,7 @@ async def main():
         else:
             raise SystemExit("could regain root")
     try:
-        async with xrpc.connect(url, timeout=T) as conn:
+        async with xrpc.connect(url, timeout=10) as conn:
             print("OK", os.getuid(), await conn.proxy(Calc).add(1, 2))
     except xrpc.Error as exc:
         print(type(exc).__name__, os.getuid(), exc)

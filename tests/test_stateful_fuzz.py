@@ -60,7 +60,7 @@ from xrpc._protocol import Error as ErrorFrame
 from _fuzz import mutate, nested
 from _procs import ChildProcess, errors_in, log_to, serve_until_stdin_closes, short_dir
 from _timeouts import T
-from _wire import HELLO, body_frame, frame, raw
+from _wire import CREDIT_TAG, END_TAG, ERROR_TAG, GOODBYE_TAG, HELLO, ITEM_TAG, PONG_TAG, REPLY_TAG, WELCOME_TAG, body_frame, frame, raw
 
 MiB = 1024 * 1024
 RSS_BUDGET = 64 * MiB
@@ -70,7 +70,6 @@ MAX_RAW = 3  # raw connections open at once in one example
 EXAMPLES = int(os.environ.get("XRPC_FUZZ_EXAMPLES", "40"))
 STEPS = int(os.environ.get("XRPC_FUZZ_STEPS", "40"))
 
-WELCOME_T, REPLY_T, ERROR_T, ITEM_T, END_T, CREDIT_T, GOODBYE_T, PING_T, PONG_T = 1, 3, 4, 5, 6, 7, 10, 11, 12
 DOCUMENTED_GOODBYE_CODES = {0, *range(1, 11)}  # 0: normal close; otherwise an ErrorCode (docs/wire.md)
 STREAM_IN, STREAM_OUT, ONEWAY = 2, 4, 1
 
@@ -415,7 +414,7 @@ class RawConn:
         tag = msg[0]
         if self.goodbyes:
             raise ServerFault(f"{self.name}: a frame after GOODBYE: {msg!r}")
-        if tag == GOODBYE_T:
+        if tag == GOODBYE_TAG:
             self.goodbyes.append(msg)
             reason, code = (msg + ["", 0])[1:3]
             if code not in DOCUMENTED_GOODBYE_CODES or not isinstance(reason, str):
@@ -432,21 +431,21 @@ class RawConn:
             if not 1 <= tag <= 12:
                 raise ServerFault(f"{self.name}: an unknown frame from the server: {msg!r}")
             return
-        if tag == WELCOME_T:
+        if tag == WELCOME_TAG:
             if not self.welcome_due:
                 raise ServerFault(f"{self.name}: an unexpected WELCOME {msg!r}")
             self.welcome_due = False
             if msg[1] != PROTOCOL_VERSION or not any(e[0] == "Fz" for e in msg[3]):
                 raise ServerFault(f"{self.name}: a wrong WELCOME {msg!r}")
             return
-        if tag == PONG_T:
+        if tag == PONG_TAG:
             if self.pongs[msg[1]] <= 0:
                 raise ServerFault(f"{self.name}: a PONG {msg[1]!r} for no PING of ours (owed {sorted(self.pongs)})")
             self.pongs[msg[1]] -= 1
             if not self.pongs[msg[1]]:
                 del self.pongs[msg[1]]
             return
-        if tag not in (REPLY_T, ERROR_T, ITEM_T, END_T, CREDIT_T):
+        if tag not in (REPLY_TAG, ERROR_TAG, ITEM_TAG, END_TAG, CREDIT_TAG):
             raise ServerFault(f"{self.name}: an unexpected frame from the server: {msg!r}")
         call_id = msg[1]
         c = self.calls.get(call_id)
@@ -454,21 +453,21 @@ class RawConn:
             raise ServerFault(f"{self.name}: {msg!r} is about call {call_id!r}, which we never made (or that was one-way/refused)")
         if c.cancelled and self.state != "open":
             return
-        if tag == CREDIT_T:
+        if tag == CREDIT_TAG:
             self._on_credit(c, msg)
             return
         if c.done:
             raise ServerFault(f"{self.name}: {msg!r} after call {call_id} was complete")
         if c.cancelled:
             # a race with our CANCEL: what was on its way may still come, and must be well formed
-            if tag == ITEM_T and (not isinstance(msg[3], list) or len(msg[3]) != msg[2]):
+            if tag == ITEM_TAG and (not isinstance(msg[3], list) or len(msg[3]) != msg[2]):
                 raise ServerFault(f"{self.name}: a malformed ITEM {msg!r}")
-            if tag != ITEM_T:
+            if tag != ITEM_TAG:
                 c.done = True
             return
-        if tag == ITEM_T:
+        if tag == ITEM_TAG:
             self._on_item(c, msg)
-        elif tag == END_T:
+        elif tag == END_TAG:
             self._on_end(c, msg)
         else:
             self._on_answer(c, msg)
@@ -512,7 +511,7 @@ class RawConn:
     def _on_answer(self, c: CallM, msg: list[Any]) -> None:
         tag = msg[0]
         if c.kind in ("count", "double"):
-            if tag == REPLY_T:
+            if tag == REPLY_TAG:
                 raise ServerFault(f"{self.name}: REPLY {msg!r} on stream {c.id}")
             # an ERROR ends a stream: a refused item on a two-way stream, after the items before it
             if not (c.kind == "double" and c.bad and msg[2] == ErrorCode.VALIDATION and len(c.received) == len(c.sent)):
@@ -527,7 +526,7 @@ class RawConn:
                 want.append(("e", ErrorCode.TIMEOUT))
         else:
             want = c.accept
-        got: tuple[str, Any] = ("r", msg[2]) if tag == REPLY_T else ("e", msg[2])
+        got: tuple[str, Any] = ("r", msg[2]) if tag == REPLY_TAG else ("e", msg[2])
         ok = False
         for kind, value in want:
             if kind != got[0]:
@@ -1362,7 +1361,7 @@ def test_unsupported_protocol_version_gets_exactly_one_goodbye(unix_server: Fuzz
     code 3 (VALIDATION) saying which versions, as the last frame, then the server closes."""
     frames, how = _raw_exchange(unix_server.path, frame(Hello(version, 1 << 20)) + frame(Ping(1)))
     assert how == "eof"
-    assert [f[0] for f in frames] == [GOODBYE_T], frames
+    assert [f[0] for f in frames] == [GOODBYE_TAG], frames
     (_, reason, code), = frames
     assert code == ErrorCode.VALIDATION
     assert f"unsupported protocol version {version}" in reason and f"speaks {PROTOCOL_VERSION}" in reason
@@ -1384,7 +1383,7 @@ def test_an_error_larger_than_the_peers_max_frame_is_still_answered(unix_server:
     never answered.)"""
     data = frame(Hello(PROTOCOL_VERSION, 1024)) + frame(Call(1, obj, method, raw([1, 2]))) + frame(Call(3, "Fz", "add", raw([2, 3])))
     frames, how = _raw_exchange_until(unix_server.path, data, lambda got: [3, 3, 5] in got)
-    errors = [f for f in frames if f[0] == ERROR_T]
+    errors = [f for f in frames if f[0] == ERROR_TAG]
     assert len(errors) == 1 and errors[0][1] == 1, frames
     assert errors[0][2] in (ErrorCode.OBJECT_NOT_FOUND, ErrorCode.METHOD_NOT_FOUND)
     assert len(frame(ErrorFrame(*errors[0][1:]))) <= 4 + 1024

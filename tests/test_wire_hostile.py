@@ -31,11 +31,10 @@ from xrpc._protocol import PROTOCOL_VERSION, Call, CallFlags, End, ErrorCode, He
 from xrpc._protocol import Error as ErrorFrame
 
 from _procs import ChildProcess, errors_in, log_to, serve_until_stdin_closes, short_dir
-from _wire import frame
+from _wire import CALL_TAG, ERROR_TAG, REPLY_TAG, WELCOME_TAG, frame
 from _timeouts import T
 
 Ext = msgspec.msgpack.Ext
-WELCOME_TAG, CALL_TAG, REPLY_TAG, ERROR_TAG, ITEM_TAG, END_TAG, CREDIT_TAG = 1, 2, 3, 4, 5, 6, 7
 
 # extension values a hostile peer may send: application codes, reserved negative codes, an empty
 # body, and a timestamp code whose body is not a timestamp
