@@ -67,3 +67,15 @@ async def read_to_end(stream: anyio.abc.ByteStream, timeout: float) -> tuple[byt
 def raw(value: Any) -> msgspec.Raw:
     """``value`` encoded as MessagePack, for a payload field (CALL arguments, REPLY, ITEM)."""
     return msgspec.Raw(msgspec.msgpack.encode(value))
+
+
+def pop_frames(buf: bytearray, at_most: int | None = None) -> list[Any]:
+    """The whole frames at the start of ``buf`` (``at_most`` of them), decoded and removed from it."""
+    out: list[Any] = []
+    while len(buf) >= 4 and (at_most is None or len(out) < at_most):
+        size = int.from_bytes(buf[:4], "big")
+        if len(buf) - 4 < size:
+            break
+        out.append(msgspec.msgpack.decode(bytes(buf[4 : 4 + size])))
+        del buf[: 4 + size]
+    return out

@@ -25,7 +25,7 @@ import xrpc
 from xrpc._protocol import PROTOCOL_VERSION, Call, CallFlags, Cancel, ErrorCode, Hello, Item, Ping
 
 from _procs import ChildProcess, errors_in, log_to, own_rss, serve_until_stdin_closes
-from _wire import ERROR_TAG, GOODBYE_TAG, REPLY_TAG, decode_frames, frame
+from _wire import ERROR_TAG, GOODBYE_TAG, REPLY_TAG, decode_frames, frame, pop_frames
 from _timeouts import T
 from conftest import serve_and_connect
 
@@ -434,11 +434,9 @@ def read_frames(s: socket.socket, until: Any, timeout: float = T) -> list[Any]:
     buf = bytearray()
     out: list[Any] = []
     while True:
-        while len(buf) >= 4 and len(buf) - 4 >= int.from_bytes(buf[:4], "big"):
-            size = int.from_bytes(buf[:4], "big")
-            out.append(msgspec.msgpack.decode(bytes(buf[4 : 4 + size])))
-            del buf[: 4 + size]
-            if until(out[-1]):
+        for f in pop_frames(buf):
+            out.append(f)
+            if until(f):
                 return out
         chunk = s.recv(1 << 20)
         if not chunk:

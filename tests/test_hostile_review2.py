@@ -283,6 +283,132 @@ def test_lists_of_small_ints_are_held_to_the_budget(server):
     assert grown < ALLOWED_GROWTH_MIB, f"the server grew by {grown} MiB"
 
 
+# --- back-pressure: answers produced by calls served in tasks ---
+
+
+def test_errors_of_task_served_calls_stop_reading_a_peer_that_never_reads(server, backend):
+    """Calls to an ``async`` method that raises with a 100 KB message, from a peer that never reads:
+    before the fix the server kept reading and queued every ERROR (10 MiB of calls, +2.2 GiB in
+    25 s on asyncio).  Answers sent by tasks now count as owed to the peer: reading stops, and past
+    the budget the peer is cut off.  (The anyio writer holds a copy of the chunk it sends, so the
+    trio figure may reach about twice the budget.)"""
+    grown = flood_without_reading(server, lambda cid: frame(2, cid, "svc", "fail", [100_000]))
+    bound = ALLOWED_GROWTH_MIB if backend == "asyncio" else 2 * BUDGET_MIB + 16
+    assert grown < bound, f"the server grew by {grown} MiB"
+
+
+def test_replies_of_task_served_calls_are_bounded_for_a_peer_that_never_reads(server, backend):
+    """400 calls to an ``async`` method returning 1 MiB, from a peer that never reads (under 1 MiB
+    sent): before the fix +431 MiB (asyncio) and +437 MiB (trio), every result held waiting for
+    room.  Now a task's answer is sent at once and counted as owed; past the budget the peer is
+    cut off.  (trio: the anyio writer's copy of the chunk it sends, about twice the budget.)"""
+    grown = flood_without_reading(server, lambda cid: frame(2, cid, "svc", "big", [1 << 20]), max_calls=400)
+    bound = ALLOWED_GROWTH_MIB if backend == "asyncio" else 2 * BUDGET_MIB + 16
+    assert grown < bound, f"the server grew by {grown} MiB"
+
+
+# --- memory budget: call metadata ---
+
+
+def test_call_metadata_is_held_to_the_budget(server):
+    """A CALL's ``meta`` (string keys and values, the field after ``deadline``) stays alive with
+    the call's task, but only the arguments are drawn from the budget.  20 calls with one-int
+    arguments and 8 MiB of metadata each: measured +174 MiB against a 32 MiB budget (up to
+    ``max_calls_in_flight`` such calls are admitted)."""
+    peer = RawPeer(server.path)
+    _welcome(peer)
+    base = rss(server.pid)
+    meta = {"k": "x" * (8 << 20)}
+    for i in range(20):
+        peer.send(2, 1 + 2 * i, "svc", "hold_ints", [[1]], 0, None, meta)
+    peer.send(11, 99)
+    answers = []
+    while (msg := peer.recv(3 * T))[0] != 12:
+        answers.append(msg[:4])
+    grown = peak(server.pid) - base
+    assert server.neighbour_works()
+    peer.close()
+    assert grown < ALLOWED_GROWTH_MIB, f"the server grew by {grown} MiB (answers: {answers})"
+
+
+# --- connection and frame limits on stream items ---
+
+
+def test_conn_window_and_credit_abuse_is_a_protocol_error(server):
+    """Guard: absurd connection windows and connection credit end the connection with GOODBYE
+    code 3 and a reason; the server and a neighbour carry on."""
+    cases = [
+        ([0, 1, 16 << 20, [], 1024, 4 << 20, -1], [], "invalid connection window"),
+        ([0, 1, 16 << 20, [], 1024, 4 << 20, (1 << 40) + 1], [], "invalid connection window"),
+        ([0, 1, 16 << 20, [], 1024, 4 << 20, 2**64 - 1], [], "invalid connection window"),
+        ([0, 1, 16 << 20, [], 1024, 4 << 20, 1 << 20], [[7, 0, 5, 0, 0]], "grants no stream credit"),
+        ([0, 1, 16 << 20, [], 1024, 4 << 20, 1 << 20], [[7, 0, 0, 0, 1]], "more than was used"),
+        ([0, 1, 16 << 20, [], 1024, 4 << 20, 1 << 20], [[7, 0, 0, 0, -5]], "more than was used"),
+        ([0, 1, 16 << 20, [], 1024, 4 << 20], [[7, 0, 5, 0, 0]], "grants no stream credit"),  # older peer
+        ([0, 1, 16 << 20, [], 1024, 4 << 20, 1 << 20], [[2, 1, "svc", "ticks", [2, 10], 4], [7, 1, 1, 1, 5]], "more than was used"),
+    ]
+    for hello, frames, reason in cases:
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(server.path)
+        peer = RawPeer.__new__(RawPeer)
+        peer.s, peer.buf = s, b""
+        try:
+            peer.send(*hello)
+            for f in frames:
+                peer.send(*f)
+            while (msg := peer.recv())[0] != 10:
+                assert msg[0] in (1, 5), msg
+            assert msg[2] == 3 and reason in msg[1], msg
+        finally:
+            peer.close()
+    assert server.neighbour_works()
+
+
+def test_producers_waiting_for_connection_credit_hold_little(server):
+    """Guard: 300 server streams of 1 MiB items towards a peer that announces the largest
+    connection window, grants one byte per stream and never reads: the producers wait."""
+    base = rss(server.pid)
+    peer = RawPeer.__new__(RawPeer)
+    peer.s, peer.buf = socket.socket(socket.AF_UNIX), b""
+    peer.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    peer.s.connect(server.path)
+    try:
+        peer.send(0, 1, 16 << 20, [], 1, 1, 1 << 40)
+        for i in range(300):
+            peer.send(2, 1 + 2 * i, "svc", "ticks", [1000, 1 << 20], 4)
+        assert server.neighbour_works()
+        settle = time.monotonic() + 5
+        while peak(server.pid) - base < ALLOWED_GROWTH_MIB and time.monotonic() < settle:
+            select.select([], [], [], 0.05)
+        grown = peak(server.pid) - base
+    finally:
+        peer.close()
+    assert grown < ALLOWED_GROWTH_MIB, f"the server grew by {grown} MiB"
+
+
+def test_a_stream_item_over_the_peers_limits_is_answered_with_code_limit(server):
+    """A reply over the peer's max_frame is ERROR code 9 (``LimitExceeded`` on the caller), but a
+    stream item over the peer's max_frame or connection window is ERROR code 1, so the caller gets
+    ``RemoteError('LimitExceeded', ...)`` instead of ``xrpc.LimitExceeded``."""
+    peer = RawPeer.__new__(RawPeer)
+    peer.s, peer.buf = socket.socket(socket.AF_UNIX), b""
+    peer.s.connect(server.path)
+    try:
+        peer.send(0, 1, 1024, [], 1024, 4 << 20, 1 << 20)  # max_frame 1024
+        _welcome(peer)
+        peer.send(2, 1, "svc", "big", [5000])
+        unary = peer.recv()
+        peer.send(2, 3, "svc", "ticks", [1, 5000], 4)
+        stream = peer.recv()
+    finally:
+        peer.close()
+    assert unary[:4] == [4, 1, 9, "LimitExceeded"], unary
+    assert stream[:4] == [4, 3, 9, "LimitExceeded"], stream
+
+
+# --- before admission ---
+
+
 @pytest.mark.xfail(strict=True, reason="open finding of the second hostile review")
 def test_unadmitted_connections_with_partial_frames_cost_little(server):
     """Each connection that has not sent HELLO may make the server buffer a frame of up to

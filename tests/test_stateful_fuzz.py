@@ -60,7 +60,7 @@ from xrpc._protocol import Error as ErrorFrame
 from _fuzz import mutate, nested
 from _procs import ChildProcess, errors_in, log_to, serve_until_stdin_closes, short_dir
 from _timeouts import T
-from _wire import CREDIT_TAG, END_TAG, ERROR_TAG, GOODBYE_TAG, HELLO, ITEM_TAG, PONG_TAG, REPLY_TAG, WELCOME_TAG, body_frame, frame, raw
+from _wire import CREDIT_TAG, END_TAG, ERROR_TAG, GOODBYE_TAG, HELLO, ITEM_TAG, PONG_TAG, REPLY_TAG, WELCOME_TAG, body_frame, frame, pop_frames, raw
 
 MiB = 1024 * 1024
 RSS_BUDGET = 64 * MiB
@@ -1408,10 +1408,7 @@ def _raw_exchange_until(path: str, data: bytes, done: Any) -> tuple[list[list[An
             if not chunk:
                 return frames, "eof"
             received += chunk
-            while len(received) >= 4 and len(received) >= 4 + int.from_bytes(received[:4], "big"):
-                size = int.from_bytes(received[:4], "big")
-                frames.append(msgspec.msgpack.decode(received[4 : 4 + size]))
-                del received[: 4 + size]
+            frames += pop_frames(received)
     return frames, "open"
 
 

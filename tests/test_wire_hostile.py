@@ -31,7 +31,7 @@ from xrpc._protocol import PROTOCOL_VERSION, Call, CallFlags, End, ErrorCode, He
 from xrpc._protocol import Error as ErrorFrame
 
 from _procs import ChildProcess, errors_in, log_to, serve_until_stdin_closes, short_dir
-from _wire import CALL_TAG, ERROR_TAG, REPLY_TAG, WELCOME_TAG, frame
+from _wire import CALL_TAG, ERROR_TAG, REPLY_TAG, WELCOME_TAG, frame, pop_frames
 from _timeouts import T
 
 Ext = msgspec.msgpack.Ext
@@ -168,14 +168,9 @@ class RawPeer:
 
     async def recv(self) -> list[Any]:
         """The next frame, as a plain msgpack array (tag first); EndOfStream once the peer closes."""
-        while True:
-            if len(self.buf) >= 4:
-                size = int.from_bytes(self.buf[:4], "big")
-                if len(self.buf) >= 4 + size:
-                    body = bytes(self.buf[4 : 4 + size])
-                    del self.buf[: 4 + size]
-                    return msgspec.msgpack.decode(body)  # type: ignore[no-any-return]
+        while not (got := pop_frames(self.buf, at_most=1)):
             self.buf += await self.stream.receive()
+        return got[0]  # type: ignore[no-any-return]
 
     async def answer(self, call_id: int) -> list[Any]:
         """The REPLY or ERROR for ``call_id`` (other frames are skipped)."""
