@@ -117,6 +117,15 @@ def peak(pid: int) -> int:
     return status(pid)["VmHWM"] >> 20
 
 
+def growth_within(pid: int, base: int, seconds: float) -> int:
+    """The peak RSS growth of process ``pid`` over ``base`` (MiB), once it has passed the allowance
+    or ``seconds`` have passed (polled: a server that holds to its budget costs the full time)."""
+    settle = time.monotonic() + seconds
+    while peak(pid) - base < ALLOWED_GROWTH_MIB and time.monotonic() < settle:
+        select.select([], [], [], 0.05)
+    return peak(pid) - base
+
+
 class RawPeer:
     """A peer that speaks raw frames over a Unix socket."""
 
@@ -225,10 +234,7 @@ def flood_without_reading(srv: Srv, make_frame, *, seconds: float = 20.0, max_ca
             pending = pending[sent:]
         # what was sent is still being read and served: give the server until it has grown past
         # the allowance, or 10 s (polled, so a server that holds to its budget costs the full 10 s)
-        settle = time.monotonic() + 10
-        while peak(srv.pid) - base < ALLOWED_GROWTH_MIB and time.monotonic() < settle:
-            select.select([], [], [], 0.05)
-        grown = peak(srv.pid) - base
+        grown = growth_within(srv.pid, base, 10)
         assert srv.neighbour_works()
         return grown
     finally:
@@ -377,10 +383,7 @@ def test_producers_waiting_for_connection_credit_hold_little(server):
         for i in range(300):
             peer.send(2, 1 + 2 * i, "svc", "ticks", [1000, 1 << 20], 4)
         assert server.neighbour_works()
-        settle = time.monotonic() + 5
-        while peak(server.pid) - base < ALLOWED_GROWTH_MIB and time.monotonic() < settle:
-            select.select([], [], [], 0.05)
-        grown = peak(server.pid) - base
+        grown = growth_within(server.pid, base, 5)
     finally:
         peer.close()
     assert grown < ALLOWED_GROWTH_MIB, f"the server grew by {grown} MiB"
@@ -427,10 +430,7 @@ def test_unadmitted_connections_with_partial_frames_cost_little(server):
             s.sendall(chunk)
             socks.append(s)
         assert server.neighbour_works()
-        settle = time.monotonic() + 5
-        while peak(server.pid) - base < ALLOWED_GROWTH_MIB and time.monotonic() < settle:
-            select.select([], [], [], 0.05)
-        grown = peak(server.pid) - base
+        grown = growth_within(server.pid, base, 5)
     finally:
         for s in socks:
             s.close()
@@ -589,10 +589,7 @@ def test_answers_of_task_served_calls_over_tls_are_bounded_for_a_peer_that_never
                     continue
                 except (ssl.SSLEOFError, BrokenPipeError, ConnectionResetError):
                     break  # the server cut this peer off (over its memory budget): allowed
-            settle = time.monotonic() + 10
-            while peak(pid) - base < ALLOWED_GROWTH_MIB and time.monotonic() < settle:
-                select.select([], [], [], 0.05)
-            grown = peak(pid) - base
+            grown = growth_within(pid, base, 10)
         finally:
             s.close()
         assert srv.alive()
