@@ -21,6 +21,7 @@ from pathlib import Path
 
 import anyio
 import anyio.to_thread
+from _timeouts import T
 
 TESTS_DIR = str(Path(__file__).parent)
 
@@ -75,9 +76,10 @@ class ChildProcess:
     """A child process on a Unix socket in a fresh short directory, logging to files in it.
 
     ``self.path`` is the socket path and ``self.log_path`` the log file to pass to the child;
-    ``start`` spawns it and waits (30 s at most) for its ``READY`` line.  ``stop`` closes its
-    stdin, waits for it to exit (20 s), and returns the lines of its log and of its stderr.
-    ``strict`` makes a child that has to be killed an ``AssertionError``.
+    ``start`` spawns it and waits (``3 * T`` at most) for its ``READY`` line.  ``stop`` closes its
+    stdin, waits for it to exit (``2 * T``), and returns the lines of its log and of its stderr.
+    ``strict`` makes a child that has to be killed an ``AssertionError``.  ``start`` runs a function of
+    a test module, ``start_script`` a whole program given as text.
     """
 
     def __init__(self, *, name: str = "server", what: str = "the server process", log: bool = True, strict: bool = True) -> None:
@@ -91,16 +93,28 @@ class ChildProcess:
         self.ready: list[str] = []
         self.url = ""
 
-    def start(self, module: str, *args: str, entry: str = "_server_main") -> None:
+    def start(self, module: str, *args: str, entry: str = "_server_main", env: dict[str, str] | None = None) -> None:
+        """Run ``module.entry(*args)`` (see ``child_main``) as the child."""
+        self.spawn([sys.executable, "-c", child_main(module, entry), TESTS_DIR, *args], env=env)
+
+    def start_script(self, source: str, *args: str, env: dict[str, str] | None = None) -> None:
+        """Run the program ``source``, written to a file in ``self.dir``, with ``args``."""
+        script = f"{self.dir}/child.py"
+        Path(script).write_text(source)
+        self.spawn([sys.executable, script, *args], env=env)
+
+    def spawn(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        """Start ``argv`` (``env`` added to ours) and wait for its ``READY`` line."""
         with open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", child_main(module, entry), TESTS_DIR, *args],
+                argv,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=err,
+                env=None if env is None else {**os.environ, **env},
             )
         assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
+        ready, _, _ = select.select([self.proc.stdout], [], [], 3 * T)
         line = self.proc.stdout.readline().decode() if ready else ""
         if not line.startswith("READY "):
             self.stop()
@@ -132,16 +146,19 @@ class ChildProcess:
                 text += Path(p).read_text()
         return text
 
-    def stop(self) -> list[str]:
-        """Stop the child; return its log lines (and whatever it wrote to stderr)."""
+    def stop(self, *, kill: bool = False) -> list[str]:
+        """Stop the child (``kill``: with SIGKILL, not by closing its stdin); return its log lines
+        (and whatever it wrote to stderr)."""
         try:
+            if kill:
+                self.proc.kill()
             if self.proc.stdin is not None:
                 self.proc.stdin.close()
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=2 * T)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=2 * T)
                 if self.strict:
                     raise AssertionError(f"{self.what} did not stop when asked")
         finally:

@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from _timeouts import T
 
 TEST_USER = "xrpctest"
 
@@ -37,7 +38,7 @@ def other_user(why: str) -> pwd.struct_passwd:
         [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
         check=False,
         capture_output=True,
-        timeout=60,
+        timeout=6 * T,
     )
     try:
         return pwd.getpwnam(TEST_USER)

@@ -11,6 +11,11 @@ import msgspec
 from xrpc._protocol import PROTOCOL_VERSION, Hello
 
 
+# the message type each frame starts with (docs/wire.md), to read frames decoded as plain lists
+(HELLO_TAG, WELCOME_TAG, CALL_TAG, REPLY_TAG, ERROR_TAG, ITEM_TAG, END_TAG, CREDIT_TAG, CANCEL_TAG, RELEASE_TAG, GOODBYE_TAG,
+ PING_TAG, PONG_TAG) = range(13)
+
+
 def body_frame(body: bytes) -> bytes:
     """``body`` behind its 4-byte big-endian length prefix."""
     return len(body).to_bytes(4, "big") + body
@@ -57,3 +62,20 @@ async def read_to_end(stream: anyio.abc.ByteStream, timeout: float) -> tuple[byt
         return bytes(received), "eof"
     except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
         return bytes(received), "reset"
+
+
+def raw(value: Any) -> msgspec.Raw:
+    """``value`` encoded as MessagePack, for a payload field (CALL arguments, REPLY, ITEM)."""
+    return msgspec.Raw(msgspec.msgpack.encode(value))
+
+
+def pop_frames(buf: bytearray, at_most: int | None = None) -> list[Any]:
+    """The whole frames at the start of ``buf`` (``at_most`` of them), decoded and removed from it."""
+    out: list[Any] = []
+    while len(buf) >= 4 and (at_most is None or len(out) < at_most):
+        size = int.from_bytes(buf[:4], "big")
+        if len(buf) - 4 < size:
+            break
+        out.append(msgspec.msgpack.decode(bytes(buf[4 : 4 + size])))
+        del buf[: 4 + size]
+    return out

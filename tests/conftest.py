@@ -6,12 +6,12 @@ import contextlib
 import itertools
 import os
 import shutil
-import tempfile
 from typing import Any, AsyncIterator, Iterator
 
 import pytest
 
 import xrpc
+from _procs import short_dir
 
 _memory_names = itertools.count(1)
 
@@ -26,7 +26,7 @@ def transport(request: pytest.FixtureRequest) -> Iterator[str]:
         yield f"memory://xrpc-tests-{os.getpid()}-{next(_memory_names)}"
     elif kind == "unix":
         # AF_UNIX paths are limited to ~108 bytes: keep the directory short.
-        d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+        d = short_dir()
         try:
             yield f"unix://{d}/s.sock"
         finally:
@@ -38,7 +38,7 @@ def transport(request: pytest.FixtureRequest) -> Iterator[str]:
 @pytest.fixture
 def sock_dir() -> Iterator[str]:
     """A short, fresh directory for Unix sockets (AF_UNIX paths are limited to ~108 bytes)."""
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    d = short_dir()
     try:
         yield d
     finally:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import random
 import sys
-from typing import Any
 
 try:
     import atheris  # type: ignore[import-untyped]
@@ -30,19 +29,15 @@ except ImportError:  # replay and random modes work without it
 import msgspec
 
 from xrpc._errors import RemoteProtocolError
-from xrpc._protocol import PROTOCOL_VERSION, Call, Hello, Message, ProtocolCore, Welcome
+from xrpc._protocol import PROTOCOL_VERSION, Call, Message, ProtocolCore, Welcome
+
+from _wire import HELLO, frame
 
 MAX_FRAME = 64 * 1024
 _MESSAGE_TYPES = tuple(getattr(Message, "__args__", ()))
 
 
-def _frame(msg: Any) -> bytes:
-    body = msgspec.msgpack.encode(msg)
-    return len(body).to_bytes(4, "big") + body
-
-
-HELLO = _frame(Hello(PROTOCOL_VERSION, 1 << 20))
-WELCOME = _frame(Welcome(PROTOCOL_VERSION, 1 << 20))
+WELCOME = frame(Welcome(PROTOCOL_VERSION, 1 << 20))
 
 
 def feed(data: bytes) -> None:
@@ -86,7 +81,7 @@ def _random_input(rng: random.Random, mutate: bool = True) -> bytes:
     frames = [HELLO, WELCOME]
     for k in range(rng.randint(0, 6)):
         args = msgspec.msgpack.encode([rng.randint(-5, 5), "x" * rng.randint(0, 5)])
-        frames.append(_frame(Call(2 * k + 1, "Svc", "add", msgspec.Raw(args), rng.choice([0, 1, 2, 4]))))
+        frames.append(frame(Call(2 * k + 1, "Svc", "add", msgspec.Raw(args), rng.choice([0, 1, 2, 4]))))
     data = bytearray(b"".join(rng.sample(frames, rng.randint(0, len(frames)))))
     for _ in range(rng.randint(0, 8) if mutate else 0):
         if data and rng.random() < 0.7:

@@ -54,6 +54,16 @@ def pattern(size: int) -> bytes:
     return (ramp * (size // 256 + 1))[:size]
 
 
+async def _flowing(items: AsyncIterator[int]) -> AsyncIterator[int]:
+    """``items``, announcing "flowing" on stdout once 100 have passed (the test kills us then)."""
+    n = 0
+    async for x in items:
+        n += 1
+        if n == 100:
+            print("flowing", flush=True)
+        yield x
+
+
 class StreamServiceImpl:
     async def ticks(self) -> AsyncIterator[int]:
         i = 0
@@ -77,18 +87,12 @@ class StreamServiceImpl:
 
     async def sink(self, items: AsyncIterator[int]) -> int:
         n = 0
-        async for _ in items:
+        async for _ in _flowing(items):
             n += 1
-            if n == 100:
-                print("flowing", flush=True)
         return n
 
     async def relay(self, items: AsyncIterator[int]) -> AsyncIterator[int]:
-        n = 0
-        async for x in items:
-            n += 1
-            if n == 100:
-                print("flowing", flush=True)
+        async for x in _flowing(items):
             yield x
 
 

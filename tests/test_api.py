@@ -15,8 +15,8 @@ import pytest
 
 import xrpc
 from conftest import serve_and_connect
+from _timeouts import T
 
-T = 10.0  # upper bound for any single wait in these tests (they normally take milliseconds)
 
 
 # --------------------------------------------------------------------------- data types
@@ -129,14 +129,14 @@ class Session(Protocol):
     async def ident(self) -> int: ...
 
 
-@xrpc.interface
-class RegistryByName(Protocol):
-    async def put(self, item: Shape) -> str: ...
+def fresh_registry() -> Any:
+    """A new interface with ``put(item: Shape)``, on every call (``set_classes`` changes it)."""
 
+    @xrpc.interface
+    class Registry(Protocol):
+        async def put(self, item: Shape) -> str: ...
 
-@xrpc.interface
-class RegistryByIndex(Protocol):
-    async def put(self, item: Shape) -> str: ...
+    return Registry
 
 
 @xrpc.interface
@@ -516,8 +516,9 @@ async def test_allow_annotation_widens_to_exactly_those_classes(transport: str) 
             assert len(impl.stored) == 2
 
 
-@pytest.mark.parametrize(("iface", "argument"), [(RegistryByName, "item"), (RegistryByIndex, 0)])
-async def test_set_classes_widens_programmatically(iface: Any, argument: str | int) -> None:
+@pytest.mark.parametrize("argument", ["item", 0], ids=["by-name", "by-index"])
+async def test_set_classes_widens_programmatically(argument: str | int) -> None:
+    iface = fresh_registry()
     xrpc.describe(iface).set_classes("put", argument, [Circle, Square])
     server = xrpc.Server()
     server.export(iface, RegistryImpl())
@@ -773,12 +774,32 @@ async def test_bidirectional_callback_during_a_call(transport: str) -> None:
 
 
 # --------------------------------------------------------------------------- peer goes away
+async def failure_of_a_blocked_call(p: Any, impl: Any, cut: Any) -> BaseException:
+    """Call ``p.block()`` in a task and, once the server runs it, ``await cut()``: what the call
+    raised (it must raise)."""
+    outcome: list[BaseException] = []
+    done = anyio.Event()
+
+    async def call() -> None:
+        try:
+            await p.block()
+        except Exception as exc:
+            outcome.append(exc)
+        done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        await impl.started.wait()
+        await cut()
+        await done.wait()
+    assert len(outcome) == 1, outcome
+    return outcome[0]
+
+
 @pytest.mark.parametrize("how", ["server_conn_aclose", "listener_exits"])
 async def test_peer_vanishes_fails_outstanding_call(transport: str, how: str) -> None:
     server, impl = make_server()
     events: list[str] = []
-    outcome: list[BaseException] = []
-    done = anyio.Event()
     stop_listener = anyio.Event()
 
     async def run_listener(*, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
@@ -796,25 +817,16 @@ async def test_peer_vanishes_fails_outstanding_call(transport: str, how: str) ->
             ) as conn:
                 p = conn.proxy(Svc)
 
-                async def call() -> None:
-                    try:
-                        await p.block()
-                    except Exception as exc:
-                        outcome.append(exc)
-                    done.set()
-
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(call)
-                    await impl.started.wait()
+                async def cut() -> None:
                     if how == "server_conn_aclose":
                         (sc,) = server.connections
                         await sc.aclose()
                     else:
                         stop_listener.set()  # the listener block exits: its connections are torn down
-                    await done.wait()
-                assert len(outcome) == 1
-                assert isinstance(outcome[0], xrpc.ConnectionInterrupted), repr(outcome[0])
-                assert outcome[0].can_retry
+
+                failure = await failure_of_a_blocked_call(p, impl, cut)
+                assert isinstance(failure, xrpc.ConnectionInterrupted), repr(failure)
+                assert failure.can_retry
                 await impl.finally_ran.wait()  # the server-side method was cancelled too
                 assert impl.cancelled
                 with pytest.raises(xrpc.ConnectionInvalidated):
@@ -828,8 +840,6 @@ async def test_peer_vanishes_fails_outstanding_call(transport: str, how: str) ->
 async def test_client_aclose_fails_outstanding_call_and_later_calls(transport: str) -> None:
     server, impl = make_server()
     events: list[str] = []
-    outcome: list[BaseException] = []
-    done = anyio.Event()
     with anyio.fail_after(T):
         async with serve_and_connect(
             server,
@@ -838,22 +848,9 @@ async def test_client_aclose_fails_outstanding_call_and_later_calls(transport: s
             on_invalidated=lambda: events.append("invalidated"),
         ) as conn:
             p = conn.proxy(Svc)
-
-            async def call() -> None:
-                try:
-                    await p.block()
-                except Exception as exc:
-                    outcome.append(exc)
-                done.set()
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(call)
-                await impl.started.wait()
-                await conn.aclose()
-                await done.wait()
-            assert len(outcome) == 1
-            assert isinstance(outcome[0], xrpc.ConnectionInvalidated), repr(outcome[0])
-            assert not isinstance(outcome[0], xrpc.ConnectionInterrupted)
+            failure = await failure_of_a_blocked_call(p, impl, conn.aclose)
+            assert isinstance(failure, xrpc.ConnectionInvalidated), repr(failure)
+            assert not isinstance(failure, xrpc.ConnectionInterrupted)
             await conn.aclose()  # twice is fine
             with pytest.raises(xrpc.ConnectionInvalidated):
                 await p.add(1, 2)

@@ -46,12 +46,12 @@ from xrpc._protocol import Error as ErrorFrame
 
 import _wire
 from _procs import ChildProcess, errors_in, fd_count, log_to, serve_until_stdin_closes, short_dir
-from _wire import HELLO, body_frame, frame, read_to_end
+from _wire import ERROR_TAG, GOODBYE_TAG, HELLO, REPLY_TAG, WELCOME_TAG, frame, raw, read_to_end
+from _timeouts import T
+from _fuzz import Plans, cut_anywhere, mutate, nested, run_jobs, send_and_read_to_end, shuffled_jobs
 
 MiB = 1024 * 1024
 MEMORY_BUDGET = 64 * MiB  # the most an attack may add to the server's peak RSS
-T = 10.0
-GOODBYE_TAG, ERROR_TAG, REPLY_TAG, WELCOME_TAG = 10, 4, 3, 1
 
 
 # --------------------------------------------------------------------------- the service
@@ -266,7 +266,7 @@ async def good_client(url: str, *, min_calls: int = 20, seed: int = 1) -> AsyncI
                 tg.start_soon(loop, random.Random(rng.getrandbits(64)))
             try:
                 yield report
-                with anyio.fail_after(30):
+                with anyio.fail_after(3 * T):
                     await enough.wait()
             finally:
                 stop.set()
@@ -278,15 +278,6 @@ async def good_client(url: str, *, min_calls: int = 20, seed: int = 1) -> AsyncI
 def decode_frames(data: bytes) -> list[Any]:
     """The frames at the start of ``data``, up to an empty or undecodable one."""
     return _wire.decode_frames(data, stop_at_empty=True, stop_at_garbage=True)
-
-
-def nested(depth: int, kind: str) -> bytes:
-    """``depth`` nested msgpack containers around a nil (arrays, maps, or both in turn)."""
-    if kind == "array":
-        return b"\x91" * depth + b"\xc0"
-    if kind == "map":
-        return b"\x81\xa1k" * depth + b"\xc0"
-    return b"\x91\x81\xa1k" * (depth // 2) + b"\xc0"
 
 
 # --------------------------------------------------------------------------- 4 GiB length prefix
@@ -326,7 +317,7 @@ async def test_a_length_prefix_alone_allocates_nothing(server_process: Any) -> N
     size = xrpc.Limits().max_frame  # the largest frame the server accepts
     sp = server_process()
     mem = Memory(sp, f"{n} connections announcing {size}-byte frames")
-    with anyio.fail_after(60):
+    with anyio.fail_after(6 * T):
         async with good_client(sp.url), contextlib.AsyncExitStack() as stack:
             for _ in range(n):
                 stream = await stack.enter_async_context(await anyio.connect_unix(sp.path))
@@ -347,7 +338,7 @@ async def test_a_frame_over_the_handshake_limit_before_hello_is_refused() -> Non
     server, connections = make_server()
     d = short_dir()
     try:
-        with anyio.fail_after(30):
+        with anyio.fail_after(3 * T):
             async with server.listen(f"unix://{d}/s.sock") as listener:
                 async with good_client(listener.url):
                     async with await anyio.connect_unix(f"{d}/s.sock") as stream:
@@ -371,7 +362,7 @@ async def test_slow_loris_is_closed_after_the_handshake_timeout(caplog: pytest.L
     d = short_dir()
     sent = 0
     try:
-        with anyio.fail_after(30):
+        with anyio.fail_after(3 * T):
             async with server.listen(f"unix://{d}/s.sock") as listener:
                 async with good_client(listener.url, min_calls=50):
                     async with await anyio.connect_unix(f"{d}/s.sock") as stream:
@@ -409,7 +400,7 @@ async def test_idle_unauthenticated_connections_are_closed() -> None:
     path = f"{d}/s.sock"
     outcomes: list[tuple[str, float]] = []
     try:
-        with anyio.fail_after(60):
+        with anyio.fail_after(6 * T):
             async with server.listen(f"unix://{path}") as listener:
                 async with good_client(listener.url, min_calls=50):
                     async with contextlib.AsyncExitStack() as stack:
@@ -446,7 +437,7 @@ async def test_idle_unauthenticated_connections_cost_little_memory(server_proces
     # a long handshake timeout, so that all of them are open at the moment of measuring
     sp = server_process({"handshake_timeout": 60.0})
     mem = Memory(sp, f"{n} idle connections before HELLO")
-    with anyio.fail_after(60):
+    with anyio.fail_after(6 * T):
         async with contextlib.AsyncExitStack() as stack:
             for _ in range(n):
                 stream = await stack.enter_async_context(await anyio.connect_unix(sp.path))
@@ -467,7 +458,7 @@ async def test_descriptor_flood_is_bounded(server_process: Any) -> None:
     sp = server_process()
     per_message, messages = 16, 60
     max_fds = xrpc.Limits().max_fds
-    with anyio.fail_after(60):
+    with anyio.fail_after(6 * T):
         async with good_client(sp.url), xrpc.connect(sp.url, timeout=T) as admin:
             baseline = fd_count(sp.proc.pid)
             peak = baseline
@@ -504,7 +495,7 @@ async def test_ten_thousand_calls_in_flight(server_process: Any) -> None:
     results = {"ok": 0, "limited": 0}
     others: list[str] = []
     all_refused = anyio.Event()
-    with anyio.fail_after(120):
+    with anyio.fail_after(12 * T):
         async with xrpc.connect(sp.url, timeout=T) as admin, good_client(sp.url, min_calls=100) as report:
             async with xrpc.connect(sp.url, timeout=T) as attacker:
                 svc = attacker.proxy(Svc)
@@ -566,7 +557,7 @@ async def test_deep_but_legal_nesting_through_the_api() -> None:
     server, _ = make_server()
     d = short_dir()
     try:
-        with anyio.fail_after(30):
+        with anyio.fail_after(3 * T):
             async with server.listen(f"unix://{d}/s.sock") as listener:
                 async with xrpc.connect(listener.url, timeout=T) as conn:
                     value: Any = None
@@ -584,7 +575,7 @@ async def test_max_connections(caplog: pytest.LogCaptureFixture) -> None:
     server, connections = make_server(max_connections=limit)
     d = short_dir()
     try:
-        with anyio.fail_after(60):
+        with anyio.fail_after(6 * T):
             async with server.listen(f"unix://{d}/s.sock") as listener:
                 async with contextlib.AsyncExitStack() as stack:
                     conns = [await stack.enter_async_context(xrpc.connect(listener.url, timeout=T)) for _ in range(limit)]
@@ -626,7 +617,7 @@ def _kernel_has_peer_pidfd() -> bool:
 async def test_refused_connections_leak_no_descriptors(server_process: Any) -> None:
     limit, attempts = 2, 50
     sp = server_process(max_connections=limit)
-    with anyio.fail_after(60):
+    with anyio.fail_after(6 * T):
         async with contextlib.AsyncExitStack() as stack:
             for _ in range(limit):
                 await stack.enter_async_context(xrpc.connect(sp.url, timeout=T))
@@ -650,40 +641,24 @@ PARALLEL = 16
 def _call(call_id: int, rng: random.Random) -> bytes:
     r = rng.random()
     if r < 0.5:
-        return frame(Call(call_id, "Svc", "add", msgspec.Raw(msgspec.msgpack.encode([rng.randint(-99, 99), rng.randint(-99, 99)]))))
+        return frame(Call(call_id, "Svc", "add", raw([rng.randint(-99, 99), rng.randint(-99, 99)])))
     if r < 0.8:
         text = "".join(rng.choice("abcxyz é€\x00") for _ in range(rng.randint(0, 12)))
-        return frame(Call(call_id, "Svc", "echo", msgspec.Raw(msgspec.msgpack.encode([text]))))
-    return frame(Call(call_id, "Svc", "take", msgspec.Raw(msgspec.msgpack.encode([{"k": [1, 2.5, "x", None, b"\x00"]}]))))
-
-
-def _mutate(data: bytes, rng: random.Random) -> bytes:
-    buf = bytearray(data)
-    for _ in range(rng.randint(1, 4)):
-        i = rng.randrange(len(buf))
-        op = rng.random()
-        if op < 0.5:
-            buf[i] = rng.randrange(256)
-        elif op < 0.7:
-            buf[i] ^= 1 << rng.randrange(8)
-        elif op < 0.85 and len(buf) > 5:
-            del buf[i]
-        else:
-            buf.insert(i, rng.randrange(256))
-    return bytes(buf)
+        return frame(Call(call_id, "Svc", "echo", raw([text])))
+    return frame(Call(call_id, "Svc", "take", raw([{"k": [1, 2.5, "x", None, b"\x00"]}])))
 
 
 def _any_frame(rng: random.Random, call_id: int) -> bytes:
     """A well-formed frame of any type, with ids that may or may not make sense."""
     some_id = rng.choice([call_id, call_id + 1, 0, -1, 2, 2**63 - 1, rng.randint(-(2**31), 2**31)])
-    raw = msgspec.Raw(msgspec.msgpack.encode(rng.choice([None, 1, "x", [1, 2], {"a": 1}])))
+    payload = raw(rng.choice([None, 1, "x", [1, 2], {"a": 1}]))
     msg = rng.choice(
         [
-            Call(call_id, "Svc", rng.choice(["add", "echo", "take", "nope", ""]), raw, rng.choice([0, 1, 2, 4, 6, 7, 255, -1])),
-            Call(call_id, rng.choice(["Svc", "Nope", "", "x" * 300]), "add", raw, 0, rng.choice([None, 0.0, -1.0, 1e308, float("nan")])),
-            Reply(some_id, raw),
+            Call(call_id, "Svc", rng.choice(["add", "echo", "take", "nope", ""]), payload, rng.choice([0, 1, 2, 4, 6, 7, 255, -1])),
+            Call(call_id, rng.choice(["Svc", "Nope", "", "x" * 300]), "add", payload, 0, rng.choice([None, 0.0, -1.0, 1e308, float("nan")])),
+            Reply(some_id, payload),
             ErrorFrame(some_id, rng.randint(-5, 20), "X", "y", None),
-            Item(some_id, rng.choice([0, 1, 2**31, -1]), raw),
+            Item(some_id, rng.choice([0, 1, 2**31, -1]), payload),
             End(some_id),
             Credit(some_id, rng.choice([0, 1, -1, 2**40, 2**62]), rng.choice([0, -1, 2**62])),
             Cancel(some_id),
@@ -697,32 +672,15 @@ def _any_frame(rng: random.Random, call_id: int) -> bytes:
     return frame(msg)
 
 
-def plan_random_bytes(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
-    return [rng.randbytes(rng.randint(1, 64)) for _ in range(n)], False
-
-
-def plan_random_bodies(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
-    return [body_frame(rng.randbytes(rng.randint(1, 64))) for _ in range(n)], False
-
-
-def plan_hello_then_random_bodies(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
-    return [HELLO, *(body_frame(rng.randbytes(rng.randint(1, 64))) for _ in range(n - 1))], False
-
-
-def plan_hello_then_mutated_calls(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
-    frames = [HELLO]
-    for k in range(n - 1):
-        f = _call(2 * k + 1, rng)
-        frames.append(_mutate(f, rng) if rng.random() < 0.3 else f)
-    return frames, False
-
-
 def plan_hello_then_any_frames(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
     frames = [HELLO]
     for k in range(n - 1):
         f = _any_frame(rng, 2 * k + 1)
-        frames.append(_mutate(f, rng) if rng.random() < 0.2 else f)
+        frames.append(mutate(f, rng) if rng.random() < 0.2 else f)
     return frames, False
+
+
+PLAN = Plans(_call, mutated_share=0.3)
 
 
 def _wrong_value(rng: random.Random) -> Any:
@@ -735,34 +693,8 @@ def plan_hello_then_bad_arguments(rng: random.Random, n: int) -> tuple[list[byte
     for k in range(n - 1):
         args = [_wrong_value(rng) for _ in range(rng.randint(0, 4))]
         method = rng.choice(["add", "echo", "settle"])
-        frames.append(frame(Call(2 * k + 1, "Svc", method, msgspec.Raw(msgspec.msgpack.encode(args)))))
+        frames.append(frame(Call(2 * k + 1, "Svc", method, raw(args))))
     return frames, False
-
-
-def plan_mutated_hello(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
-    return [_mutate(HELLO, rng), *(_call(2 * k + 1, rng) for k in range(n - 1))], False
-
-
-def plan_huge_prefix(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
-    head = [HELLO] if rng.random() < 0.5 else []
-    size = rng.choice([0xFFFFFFFF, 0x80000000, xrpc.Limits().max_frame + 1])
-    return [*head, size.to_bytes(4, "big"), *(rng.randbytes(16) for _ in range(n - 1 - len(head)))], True
-
-
-def plan_zero_length(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
-    head = [HELLO] if rng.random() < 0.5 else []
-    return [*head, b"\x00\x00\x00\x00", *(rng.randbytes(8) for _ in range(n - 1 - len(head)))], True
-
-
-def plan_truncated(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
-    frames = [HELLO, *(_call(2 * k + 1, rng) for k in range(n - 2))]
-    last = _call(2 * n + 1, rng)
-    frames.append(last[: rng.randint(1, len(last) - 1)])
-    return frames, False
-
-
-def plan_call_before_hello(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
-    return [_call(2 * k + 1, rng) for k in range(n)], True
 
 
 def plan_deep_nesting(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
@@ -785,19 +717,19 @@ def plan_bad_utf8(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
 
 
 PLANS = [
-    plan_random_bytes,
-    plan_random_bodies,
-    plan_hello_then_random_bodies,
-    plan_hello_then_mutated_calls,
-    plan_hello_then_mutated_calls,
+    PLAN.plan_random_bytes,
+    PLAN.plan_random_bodies,
+    PLAN.plan_hello_then_random_bodies,
+    PLAN.plan_hello_then_mutated_calls,
+    PLAN.plan_hello_then_mutated_calls,
     plan_hello_then_any_frames,
     plan_hello_then_any_frames,
     plan_hello_then_bad_arguments,
-    plan_mutated_hello,
-    plan_huge_prefix,
-    plan_zero_length,
-    plan_truncated,
-    plan_call_before_hello,
+    PLAN.plan_mutated_hello,
+    PLAN.plan_huge_prefix,
+    PLAN.plan_zero_length,
+    PLAN.plan_truncated,
+    PLAN.plan_call_before_hello,
     plan_deep_nesting,
     plan_bad_utf8,
 ]
@@ -812,24 +744,9 @@ class Outcome:
 
 async def _bad_connection(path: str, plan: Any, rng: random.Random) -> Outcome:
     chunks, closes_by_itself = plan(rng, INPUTS_PER_CONNECTION)
-    if rng.random() < 0.5:  # sometimes glue everything together and cut it anywhere
-        data = b"".join(chunks)
-        cuts = sorted(rng.randrange(len(data)) for _ in range(rng.randint(0, 4)))
-        to_send = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)]) if b > a]
-    else:
-        to_send = chunks
-    async with await anyio.connect_unix(path) as stream:
-        try:
-            for chunk in to_send:
-                await stream.send(chunk)
-            if not closes_by_itself:
-                await stream.send_eof()
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            pass  # the server already hung up
-        try:
-            _, how = await read_to_end(stream, T)
-        except TimeoutError:
-            how = "timeout"
+    # sometimes glue everything together and cut it anywhere
+    to_send = cut_anywhere(b"".join(chunks), rng) if rng.random() < 0.5 else chunks
+    _, how = await send_and_read_to_end(path, to_send, eof=not closes_by_itself, timeout=T)
     return Outcome(plan.__name__, len(chunks), how)
 
 
@@ -839,22 +756,16 @@ async def test_a_hundred_thousand_malformed_inputs(server_process: Any) -> None:
     # length prefixes happen to be pending at once (that cost is test_a_length_prefix_alone_allocates_nothing's)
     sp = server_process({"max_frame": 1 << 20})
     mem = Memory(sp, f"{CONNECTIONS * INPUTS_PER_CONNECTION} malformed inputs")
-    rng = random.Random(SEED)
-    jobs = [(PLANS[i % len(PLANS)], random.Random(rng.getrandbits(64))) for i in range(CONNECTIONS)]
-    rng.shuffle(jobs)
+    jobs = shuffled_jobs(PLANS, CONNECTIONS, random.Random(SEED))
     outcomes: list[Outcome] = []
     start = time.monotonic()
 
-    async def worker() -> None:
-        while jobs:
-            plan, r = jobs.pop()
-            outcomes.append(await _bad_connection(sp.path, plan, r))
+    async def one(plan: Any, r: random.Random) -> None:
+        outcomes.append(await _bad_connection(sp.path, plan, r))
 
-    with anyio.fail_after(200):
+    with anyio.fail_after(20 * T):
         async with good_client(sp.url, min_calls=200) as report:
-            async with anyio.create_task_group() as tg:
-                for _ in range(PARALLEL):
-                    tg.start_soon(worker)
+            await run_jobs(jobs, PARALLEL, one)
             assert sp.alive()
         elapsed = time.monotonic() - start
         # every attacking connection is gone: the server settles at one (the final check's)
@@ -883,7 +794,7 @@ async def test_requesting_100000_objects_is_bounded(server_process: Any) -> None
     sp = server_process()
     held: list[Any] = []
     refused = 0
-    with anyio.fail_after(180):
+    with anyio.fail_after(18 * T):
         async with xrpc.connect(sp.url, timeout=T) as attacker, xrpc.connect(sp.url, timeout=T) as other:
             mem = Memory(sp, "100,000 objects requested")
             svc = attacker.proxy(Svc)

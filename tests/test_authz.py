@@ -30,14 +30,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 import xrpc
 from xrpc._introspect import INTROSPECT_NAME, Introspection
 from xrpc._peer import Peer
-from xrpc._protocol import PROTOCOL_VERSION, ErrorCode, Hello
+from xrpc._protocol import ErrorCode
 from xrpc._requirements import Requirement, requirement
 
 from _trust import make_ca, make_leaf, write_pem, xrpc_warnings
 from _trust import name as _name
-from _wire import decode_frames, frame
+from _wire import GOODBYE_TAG, HELLO, WELCOME_TAG, decode_frames
+from _timeouts import T
 
-T = 10.0  # upper bound for one exchange (they take milliseconds)
 BACKENDS = ("asyncio", "trio")
 R = Requirement
 OTHER_UID = os.getuid() + 12345  # nobody on this host runs as this uid
@@ -45,7 +45,6 @@ DENY = f"uid == {OTHER_UID}"
 ALLOW = f"uid == {os.getuid()}"
 SELF_EXE = os.path.realpath(sys.executable)
 OTHER_EXE = os.path.realpath(shutil.which("sh") or "/bin/sh")
-WELCOME_TAG, GOODBYE_TAG = 1, 10
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -507,7 +506,7 @@ async def _raw_handshake(sock: socket.socket) -> list[list[Any]]:
     received = bytearray()
     with sock:
         await anyio.wait_writable(sock)
-        sock.send(frame(Hello(PROTOCOL_VERSION, 1 << 20)))
+        sock.send(HELLO)
         while True:
             await anyio.wait_readable(sock)
             chunk = sock.recv(65536)
@@ -720,7 +719,7 @@ async def test_welcome_announces_only_what_the_peer_may_call(sock_dir: str) -> N
         async with server.listen(f"unix://{path}"):
             # a raw client reads the WELCOME frame itself
             async with await anyio.connect_unix(path) as stream:
-                await stream.send(frame(Hello(PROTOCOL_VERSION, 1 << 20)))
+                await stream.send(HELLO)
                 received = bytearray()
                 while not decode_frames(bytes(received)):
                     received += await stream.receive()

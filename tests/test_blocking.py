@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ import msgspec
 import pytest
 
 import xrpc
+from _timeouts import T
+from _procs import short_dir
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
@@ -31,7 +32,6 @@ if sys.version_info < (3, 11):  # pragma: no cover
 pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parent.parent
-T = 10.0  # upper bound for any single wait (they normally take milliseconds)
 
 
 class Point(msgspec.Struct):
@@ -168,7 +168,7 @@ class Served:
 @pytest.fixture(scope="module", params=["unix", "tcp"])
 def served(request: pytest.FixtureRequest) -> Iterator[Served]:
     """A server on an event loop in a background thread, over each socket transport."""
-    directory = tempfile.mkdtemp(prefix="xb", dir="/tmp")
+    directory = short_dir()
     url = f"unix://{directory}/s.sock" if request.param == "unix" else "tcp://127.0.0.1:0"
     service = BlockyService()
     server = xrpc.Server()
@@ -439,7 +439,7 @@ def test_blocking_proxy_used_inside_an_event_loop_raises(served: Served, backend
 
 # --------------------------------------------------------------------------- a server in another process
 def test_blocking_client_of_a_server_process() -> None:
-    directory = tempfile.mkdtemp(prefix="xb", dir="/tmp")
+    directory = short_dir()
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "examples" / "quickstart.py"), "serve", f"unix://{directory}/geo.sock"],
         stdout=subprocess.PIPE,

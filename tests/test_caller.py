@@ -23,7 +23,7 @@ from xrpc._services import connect_service
 from services_fixtures.store import File, NoSuchFile, Store
 from test_services import Env, Events, env, watch  # noqa: F401 - ``env`` is a fixture
 
-T = 10.0  # the bound on every wait
+from _timeouts import T
 NAME = "com.example.store"
 MODULE = "services_fixtures.store:make_server"
 CALLERS = ["connection", "service"]

@@ -1,6 +1,6 @@
 """The ``xrpc`` command line, run as a real program: ``python -m xrpc inspect | call | list | serve``.
 
-Every command runs in a subprocess (bounded by ``T``) against servers started with ``xrpc serve``;
+Every command runs in a subprocess (bounded by ``SUBPROCESS_T``) against servers started with ``xrpc serve``;
 the tests wait for a server by reading the URL line it prints once it listens.  The fixtures'
 interface is ``tests/cli_fixtures/geometry.py``.  A few in-process tests check the dynamic
 interface ``xrpc call`` builds from a remote description.
@@ -16,10 +16,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, AsyncIterator, Iterator, Protocol
 
 import pytest
 
@@ -28,10 +27,12 @@ from xrpc._cli import CLIError, DeclaredError, Exit, dynamic_interface
 from xrpc._introspect import ExportDescription, MethodInfo, ParamInfo, describe_export
 
 from cli_fixtures.geometry import Counter, Geometry, GeometryImpl
+from _timeouts import T
+from _procs import short_dir
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
-T = 30.0  # the bound on every subprocess and every wait for output
+SUBPROCESS_T = 3 * T  # the bound on every subprocess and every wait for output (each starts an interpreter)
 GEOMETRY = "cli_fixtures.geometry:Geometry"
 SERVICE = "com.example.clitest"
 
@@ -40,7 +41,7 @@ SERVICE = "com.example.clitest"
 @pytest.fixture(scope="module")
 def env() -> Iterator[dict[str, str]]:
     """The environment of every CLI process: the fixtures importable, a private runtime dir."""
-    runtime = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    runtime = short_dir()
     e = dict(os.environ)
     e["PYTHONPATH"] = os.pathsep.join([str(HERE), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     e["XRPC_RUNTIME_DIR"] = runtime
@@ -61,12 +62,12 @@ def xrpc_cli(env: dict[str, str], *args: str, input: str | None = None) -> subpr
         capture_output=True,
         text=True,
         env=env,
-        timeout=T,
+        timeout=SUBPROCESS_T,
         cwd=str(HERE),
     )
 
 
-def read_line(proc: subprocess.Popen[bytes], timeout: float = T) -> str:
+def read_line(proc: subprocess.Popen[bytes], timeout: float = SUBPROCESS_T) -> str:
     """One line of ``proc``'s stdout, waiting at most ``timeout`` seconds for it."""
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
@@ -85,36 +86,41 @@ def read_line(proc: subprocess.Popen[bytes], timeout: float = T) -> str:
     return buf.decode().rstrip("\n")
 
 
+def xrpc_popen(env: dict[str, str], *args: str, stdin: int) -> subprocess.Popen[bytes]:
+    """Start ``python -m xrpc ARGS`` with pipes for its output."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "xrpc", *args], stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(HERE)
+    )
+
+
+def kill(proc: subprocess.Popen[bytes]) -> None:
+    """Kill ``proc`` unless it has ended, and reap it."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate(timeout=SUBPROCESS_T)
+
+
 @contextlib.contextmanager
 def served(env: dict[str, str], *args: str, stop: int = signal.SIGTERM) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """Run ``xrpc serve ARGS``; yield the process and the URL it printed; stop it with ``stop``.
 
     On the way out the exit code must be 0 (unless the body already ended the process).
     """
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "xrpc", "serve", *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        cwd=str(HERE),
-    )
+    proc = xrpc_popen(env, "serve", *args, stdin=subprocess.DEVNULL)
     try:
         try:
             url = read_line(proc)
         except AssertionError:
             proc.kill()
-            _, err = proc.communicate(timeout=T)
+            _, err = proc.communicate(timeout=SUBPROCESS_T)
             raise AssertionError(f"xrpc serve did not print its URL: {err.decode()}") from None
         yield proc, url
         if proc.poll() is None:
             proc.send_signal(stop)
-        _, err = proc.communicate(timeout=T)
+        _, err = proc.communicate(timeout=SUBPROCESS_T)
         assert proc.returncode == 0, err.decode()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=T)
+        kill(proc)
 
 
 def lines(text: str) -> list[Any]:
@@ -133,7 +139,7 @@ def error_of(result: subprocess.CompletedProcess[str]) -> str:
 @pytest.fixture(scope="module")
 def server(env: dict[str, str]) -> Iterator[str]:
     """One ``xrpc serve`` process exporting ``GeometryImpl`` as ``Geometry`` on a Unix socket."""
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    d = short_dir()
     try:
         with served(env, "cli_fixtures.geometry:make_geometry", "--iface", GEOMETRY, f"unix://{d}/s.sock") as (_, url):
             yield url
@@ -243,7 +249,7 @@ def _builtins(value: Any) -> Any:
 
 
 def test_inspect_of_a_dead_url_cannot_connect(env: dict[str, str]) -> None:
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    d = short_dir()
     try:
         r = xrpc_cli(env, "inspect", f"unix://{d}/nobody.sock")
     finally:
@@ -285,24 +291,15 @@ def test_call_client_stream_reads_json_lines_from_stdin(env: dict[str, str], ser
 
 
 def test_call_bidi_stream_answers_each_line_as_it_arrives(env: dict[str, str], server: str) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "xrpc", "call", server, "chat"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        cwd=str(HERE),
-    )
+    proc = xrpc_popen(env, "call", server, "chat", stdin=subprocess.PIPE)
     try:
         assert proc.stdin is not None
         proc.stdin.write(b'"hello"\n')
         proc.stdin.flush()
         assert read_line(proc) == '"HELLO"'  # printed while stdin is still open
-        out, err = proc.communicate(b'"again"\n', timeout=T)
+        out, err = proc.communicate(b'"again"\n', timeout=SUBPROCESS_T)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=T)
+        kill(proc)
     assert proc.returncode == 0, err.decode()
     assert out.decode().splitlines() == ['"AGAIN"']
 
@@ -401,7 +398,7 @@ def test_call_with_bad_json_on_stdin_exits_2(env: dict[str, str], server: str) -
 
 
 def test_call_cannot_connect_exits_3(env: dict[str, str]) -> None:
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    d = short_dir()
     try:
         r = xrpc_cli(env, "call", f"unix://{d}/nobody.sock", "distance")
     finally:
@@ -434,7 +431,7 @@ def test_serve_prints_its_url_serves_and_exits_0_on_signal(env: dict[str, str], 
 
 
 def test_serve_an_instance_on_a_unix_socket_removes_it_on_exit(env: dict[str, str]) -> None:
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    d = short_dir()
     try:
         sock = Path(d) / "s.sock"
         with served(env, "cli_fixtures.geometry:instance", "--iface", GEOMETRY, f"unix://{sock}") as (_, url):
@@ -480,7 +477,7 @@ def test_serve_usage_errors_exit_2(env: dict[str, str], args: list[str], message
 @pytest.fixture
 def service_env(env: dict[str, str]) -> Iterator[tuple[dict[str, str], Path]]:
     """A private runtime dir and search path holding one description, of SERVICE (restart manual)."""
-    runtime = Path(tempfile.mkdtemp(prefix="xr", dir="/tmp"))
+    runtime = Path(short_dir())
     services = runtime / "descriptions"
     services.mkdir()
     (services / f"{SERVICE}.json").write_text(
@@ -562,12 +559,19 @@ def test_dynamic_interface_mirrors_the_remote_one() -> None:
     assert all(issubclass(e, DeclaredError) for e in d.errors)
 
 
-async def test_dynamic_proxy_calls_a_real_server_in_memory() -> None:
+@contextlib.asynccontextmanager
+async def dynamic_proxy(iface: type, impl: object, name: str) -> AsyncIterator[Any]:
+    """A proxy, of the interface ``dynamic_interface`` builds from ``iface``'s description, to
+    ``impl`` exported as ``name`` over an in-memory connection."""
     server = xrpc.Server()
-    server.export(Geometry, GeometryImpl())
-    dyn = dynamic_interface(describe_export("Geometry", xrpc.describe(Geometry)))
+    server.export(iface, impl)
+    dyn = dynamic_interface(describe_export(name, xrpc.describe(iface)))
     async with xrpc.testing.connect(server) as conn:
-        geo: Any = conn.proxy(dyn, "Geometry")
+        yield conn.proxy(dyn, name)
+
+
+async def test_dynamic_proxy_calls_a_real_server_in_memory() -> None:
+    async with dynamic_proxy(Geometry, GeometryImpl(), "Geometry") as geo:
         assert await geo.distance({"x": 0, "y": 0}, {"x": 0, "y": 2}) == 2.0
         assert [p async for p in geo.walk({"x": 0, "y": 0}, 2)] == [{"x": 1.0, "y": 0.0}, {"x": 2.0, "y": 0.0}]
         assert await geo.scale(2, 1.5, "y") == "y*2.0+1.5"
@@ -603,11 +607,7 @@ class KeywordOnlyImpl:
 
 
 async def test_dynamic_interface_handles_a_required_argument_after_an_optional_one() -> None:
-    server = xrpc.Server()
-    server.export(KeywordOnly, KeywordOnlyImpl())
-    dyn = dynamic_interface(describe_export("KeywordOnly", xrpc.describe(KeywordOnly)))
-    async with xrpc.testing.connect(server) as conn:
-        k: Any = conn.proxy(dyn, "KeywordOnly")
+    async with dynamic_proxy(KeywordOnly, KeywordOnlyImpl(), "KeywordOnly") as k:
         assert await k.f(a=4, b=2) == 42
 
 

@@ -30,8 +30,8 @@ if str(ROOT) not in sys.path:
 
 import codegen  # noqa: E402
 from codegen_fixtures import service  # noqa: E402
+from _timeouts import T  # noqa: E402
 
-TIMEOUT = 10
 
 
 # --------------------------------------------------------------------------- helpers
@@ -71,7 +71,7 @@ def _mypy_strict(path: Path, cache: Path) -> "subprocess.CompletedProcess[str]":
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=30 * T,
     )
 
 
@@ -264,9 +264,9 @@ async def test_generated_client_talks_to_the_original_server(gen: ModuleType) ->
     server = xrpc.Server()
     impl = service.GardenImpl()
     server.export(service.Garden, impl)
-    with anyio.fail_after(TIMEOUT):
-        async with xrpc.testing.connect(server, timeout=TIMEOUT) as conn:
-            p = conn.proxy(gen.Garden, timeout=TIMEOUT)
+    with anyio.fail_after(T):
+        async with xrpc.testing.connect(server, timeout=T) as conn:
+            p = conn.proxy(gen.Garden, timeout=T)
             cut = datetime.datetime(2024, 5, 1, 12, 30)
             branch = gen.Branch(leaves={"big": [gen.Leaf("l1", 0.5, ["x"])], "none": []}, note="n", color=gen.Color.GOLD, cut=cut)
             tree = gen.Tree("oak", [branch], gen.Priority.HIGH, {1: "one", 20: "twenty"}, b"\x00\xff")
@@ -352,9 +352,9 @@ async def test_original_client_talks_to_a_server_built_on_the_stubs(gen: ModuleT
 
     server = xrpc.Server()
     server.export(gen.Plain, PlainImpl())
-    with anyio.fail_after(TIMEOUT):
-        async with xrpc.testing.connect(server, timeout=TIMEOUT) as conn:
-            p = conn.proxy(service.Plain, timeout=TIMEOUT)
+    with anyio.fail_after(T):
+        async with xrpc.testing.connect(server, timeout=T) as conn:
+            p = conn.proxy(service.Plain, timeout=T)
             assert await p.get("k") == [service.Leaf("k-0", 0.0), service.Leaf("k-1", 1.0)]
             got = [x async for x in p.watch([service.Color.RED, service.Color.GOLD])]
             assert got == [
@@ -1391,7 +1391,7 @@ def test_package_works_under_its_installed_name(tmp_path: Path) -> None:
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=12 * T,
     )
     assert r.returncode == 0, r.stderr
     assert "usage: xrpc-codegen check" in r.stdout

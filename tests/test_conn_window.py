@@ -8,7 +8,6 @@ by a client that has a budget of its own.  Figures are printed (``pytest -s``) a
 from __future__ import annotations
 
 import contextlib
-import shutil
 from typing import Any, AsyncIterator, Iterator, Protocol
 
 import anyio
@@ -19,15 +18,15 @@ import pytest
 import xrpc
 from xrpc._protocol import PROTOCOL_VERSION, Call, CallFlags, ErrorCode, Hello, Item
 
-from _procs import ChildProcess, own_rss, serve_until_stdin_closes, short_dir
-from _wire import decode_frames, frame
+from _procs import ChildProcess, own_rss, serve_until_stdin_closes
+from _wire import GOODBYE_TAG, decode_frames, frame
+from _timeouts import T
+from conftest import serve_and_connect
 
 MiB = 1024 * 1024
 SLACK = 16 * MiB
 BUDGET = xrpc.Limits().max_buffered
 CHUNK = 64 * 1024
-T = 10.0
-GOODBYE_TAG = 10
 
 
 def chunk(stream: int, i: int) -> bytes:
@@ -127,7 +126,7 @@ async def test_many_uploads_to_slow_consumers_complete(server_process: ServerPro
         async def one(k: int) -> None:
             results[k] = await bulk.upload(k, source(k))
 
-        with anyio.fail_after(240):
+        with anyio.fail_after(24 * T):
             async with anyio.create_task_group() as tg:
                 for k in range(streams):
                     tg.start_soon(one, k)
@@ -167,7 +166,7 @@ async def test_many_downloads_to_a_slow_consumer_complete(server_process: Server
                     await anyio.lowlevel.checkpoint()
             got[k] = (n, bad)
 
-        with anyio.fail_after(240):
+        with anyio.fail_after(24 * T):
             async with anyio.create_task_group() as tg:
                 for k in range(streams):
                     tg.start_soon(one, k)
@@ -398,7 +397,7 @@ class _OlderCore(ProtocolCore):
 
 
 @pytest.mark.timeout(120)
-async def test_an_older_client_and_a_newer_server_still_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_an_older_client_and_a_newer_server_still_stream(monkeypatch: pytest.MonkeyPatch, sock_dir: str) -> None:
     import xrpc._connection as connection
 
     made: list[ProtocolCore] = []
@@ -411,38 +410,34 @@ async def test_an_older_client_and_a_newer_server_still_stream(monkeypatch: pyte
     count = 4 * MiB // CHUNK
     server = xrpc.Server()
     server.export(Bulk, BulkImpl())
-    d = short_dir()
-    try:
-        async with server.listen(f"unix://{d}/s.sock") as listener, xrpc.connect(listener.url, timeout=T) as conn:
-            bulk = conn.proxy(Bulk)
-            (sconn,) = server.connections
-            assert type(conn._core) is _OlderCore and not sconn._core.conn_enforce and not sconn._core.conn_limited
+    async with serve_and_connect(server, f"unix://{sock_dir}/s.sock", timeout=T) as conn:
+        bulk = conn.proxy(Bulk)
+        (sconn,) = server.connections
+        assert type(conn._core) is _OlderCore and not sconn._core.conn_enforce and not sconn._core.conn_limited
 
-            async def source(k: int) -> AsyncIterator[bytes]:
-                for i in range(count):
-                    yield chunk(k, i)
+        async def source(k: int) -> AsyncIterator[bytes]:
+            for i in range(count):
+                yield chunk(k, i)
 
-            async def up(k: int) -> None:
-                assert (await bulk.upload(k, source(k)))[:2] == [count, 0]
+        async def up(k: int) -> None:
+            assert (await bulk.upload(k, source(k)))[:2] == [count, 0]
 
-            async def down(k: int) -> None:
-                n = 0
-                async for c in bulk.download(k, count):
-                    assert c == chunk(k, n)
-                    n += 1
-                assert n == count
+        async def down(k: int) -> None:
+            n = 0
+            async for c in bulk.download(k, count):
+                assert c == chunk(k, n)
+                n += 1
+            assert n == count
 
-            with anyio.fail_after(60):
-                for direction in (up, down):
-                    async with anyio.create_task_group() as tg:
-                        for k in range(6):
-                            tg.start_soon(direction, k)
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+        with anyio.fail_after(6 * T):
+            for direction in (up, down):
+                async with anyio.create_task_group() as tg:
+                    for k in range(6):
+                        tg.start_soon(direction, k)
 
 
 @pytest.mark.timeout(120)
-async def test_an_older_client_cut_off_by_the_budget_learns_why(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_an_older_client_cut_off_by_the_budget_learns_why(monkeypatch: pytest.MonkeyPatch, sock_dir: str) -> None:
     """Towards a peer that ignores connection credit the budget stays the last line: the server sends
     GOODBYE(LIMIT) and closes.  The client, busy writing, reports that reason as ``LimitExceeded``,
     not as the broken pipe it ran into."""
@@ -452,28 +447,24 @@ async def test_an_older_client_cut_off_by_the_budget_learns_why(monkeypatch: pyt
     count = 24 * MiB // CHUNK
     server = xrpc.Server()
     server.export(Bulk, BulkImpl())
-    d = short_dir()
     errors: list[BaseException] = []
-    try:
-        async with server.listen(f"unix://{d}/s.sock") as listener, xrpc.connect(listener.url, timeout=T) as conn:
-            bulk = conn.proxy(Bulk)
+    async with serve_and_connect(server, f"unix://{sock_dir}/s.sock", timeout=T) as conn:
+        bulk = conn.proxy(Bulk)
 
-            async def source(k: int) -> AsyncIterator[bytes]:
-                for i in range(count):
-                    yield chunk(k, i)
+        async def source(k: int) -> AsyncIterator[bytes]:
+            for i in range(count):
+                yield chunk(k, i)
 
-            async def up(k: int) -> None:
-                try:
-                    await bulk.upload(k, source(k))
-                except xrpc.Error as exc:
-                    errors.append(exc)
+        async def up(k: int) -> None:
+            try:
+                await bulk.upload(k, source(k))
+            except xrpc.Error as exc:
+                errors.append(exc)
 
-            with anyio.fail_after(60):
-                async with anyio.create_task_group() as tg:
-                    for k in range(12):
-                        tg.start_soon(up, k)
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+        with anyio.fail_after(6 * T):
+            async with anyio.create_task_group() as tg:
+                for k in range(12):
+                    tg.start_soon(up, k)
     assert len(errors) == 12
     assert all(isinstance(e, xrpc.LimitExceeded) and "memory budget" in str(e) for e in errors), errors
 
@@ -503,7 +494,7 @@ async def test_uploads_and_downloads_at_once_on_one_connection_complete(server_p
                 n += 1
             down[k] = n
 
-        with anyio.fail_after(60):
+        with anyio.fail_after(6 * T):
             async with anyio.create_task_group() as tg:
                 for k in range(pairs):
                     tg.start_soon(upload, k)

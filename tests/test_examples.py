@@ -17,16 +17,18 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from _timeouts import T
+from _procs import short_dir
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 DOCS = ROOT / "docs"
-T = 60  # seconds: upper bound for one example or one command
+EXAMPLE_T = 6 * T  # upper bound for one example or one command (each starts an interpreter)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -36,7 +38,7 @@ def run_example(name: str, *args: str, env: dict[str, str] | None = None) -> sub
         [sys.executable, "-W", "error", str(EXAMPLES / name), *args],
         capture_output=True,
         text=True,
-        timeout=T,
+        timeout=EXAMPLE_T,
         cwd=ROOT,
         env=env,
     )
@@ -134,7 +136,7 @@ def _check_otel_output(stdout: str) -> None:
 
 def test_otel_middleware() -> None:
     """Runs with whatever is installed: OpenTelemetry's SDK if importable, the built-in tracer otherwise."""
-    probe = subprocess.run([sys.executable, "-c", "import opentelemetry.sdk.trace"], capture_output=True, timeout=T)
+    probe = subprocess.run([sys.executable, "-c", "import opentelemetry.sdk.trace"], capture_output=True, timeout=EXAMPLE_T)
     res = run_example("otel_middleware.py")
     first = res.stdout.splitlines()[0]
     if probe.returncode == 0:
@@ -158,7 +160,7 @@ def test_otel_middleware_without_opentelemetry(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the API reference
 def test_api_reference_is_current(tmp_path: Path) -> None:
     out = tmp_path / "api.md"
-    res = subprocess.run([sys.executable, str(DOCS / "gen_api.py"), str(out)], capture_output=True, text=True, timeout=T, cwd=tmp_path)
+    res = subprocess.run([sys.executable, str(DOCS / "gen_api.py"), str(out)], capture_output=True, text=True, timeout=EXAMPLE_T, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     generated = out.read_text(encoding="utf-8")
     assert generated == (DOCS / "api.md").read_text(encoding="utf-8"), "docs/api.md is stale: run python docs/gen_api.py"
@@ -243,7 +245,7 @@ class Session:
         assert [first] == expected[:1], f"$ {command}"
 
     def run(self, command: str, expected: list[str]) -> None:
-        res = subprocess.run(self.argv(command), cwd=self.dir, env=self.env, capture_output=True, text=True, timeout=T)
+        res = subprocess.run(self.argv(command), cwd=self.dir, env=self.env, capture_output=True, text=True, timeout=EXAMPLE_T)
         shown = (res.stdout + res.stderr).splitlines()
         if expected and expected[0].startswith("error:"):
             assert res.returncode != 0, f"$ {command}"
@@ -258,14 +260,14 @@ class Session:
         for proc in self.background:
             proc.terminate()
         for proc in self.background:
-            proc.wait(timeout=T)
+            proc.wait(timeout=EXAMPLE_T)
             if proc.stdout is not None:
                 proc.stdout.close()
 
 
 @pytest.fixture
 def session() -> Iterator[Session]:
-    directory = tempfile.mkdtemp(prefix="xg", dir="/tmp")  # short: Unix socket paths are limited
+    directory = short_dir()
     s = Session(directory)
     try:
         yield s

@@ -35,10 +35,9 @@ from xrpc._protocol import ErrorCode, Ping
 
 import _wire
 from _procs import TESTS_DIR, ChildProcess, child_main, errors_in, log_to, serve_until_stdin_closes, short_dir
-from _wire import HELLO, frame
+from _wire import GOODBYE_TAG, HELLO, PONG_TAG, WELCOME_TAG, frame
+from _timeouts import T
 
-T = 10.0
-GOODBYE_TAG, WELCOME_TAG, PONG_TAG = 10, 1, 12
 
 
 # --------------------------------------------------------------------------- interfaces
@@ -181,7 +180,7 @@ async def test_shared_buffer_from_a_hostile_client_cannot_sigbus_the_server(chil
     the server and the good buffers keep working."""
     victim = child("shm_server")
     size = 1 << 16
-    with anyio.fail_after(30):
+    with anyio.fail_after(3 * T):
         async with xrpc.connect(victim.url, timeout=T) as conn:
             shm = conn.proxy(Shm)
             fd = _unsealed_memfd(size)
@@ -197,7 +196,7 @@ async def test_shared_buffer_from_a_hostile_client_cannot_sigbus_the_server(chil
                     outcome = f"accepted, then read {await shm.peek()}"
                 except xrpc.Error as exc:
                     outcome = f"accepted, then {exc!r}"
-                with anyio.fail_after(10):
+                with anyio.fail_after(T):
                     while victim.alive():  # the connection ended: wait for the process to be reaped
                         await anyio.sleep(0.01)
             evil.buffer.release()
@@ -254,7 +253,7 @@ async def test_shared_buffer_from_a_hostile_server_cannot_sigbus_the_client(host
     try:
         server = xrpc.Server()
         server.export(Maker, HostileMaker())
-        with anyio.fail_after(40):
+        with anyio.fail_after(4 * T):
             async with server.listen(f"unix://{d}/s.sock") as listener:
                 result = await anyio.run_process(
                     [sys.executable, "-c", child_main("test_fd_attacks", "_child"), TESTS_DIR, "shm_client", listener.url, "{}", f"{d}/client.log"],
@@ -296,7 +295,7 @@ async def test_a_shared_buffer_that_cannot_be_mapped_writable_is_refused(child: 
     mapping (no traceback on its stderr, no descriptor kept or closed twice), and goes on."""
     victim = child("shm_server")
     size = 1 << 16
-    with anyio.fail_after(30), xrpc.SharedBuffer.create(size) as good:
+    with anyio.fail_after(3 * T), xrpc.SharedBuffer.create(size) as good:
         async with xrpc.connect(victim.url, timeout=T) as conn:
             shm = conn.proxy(Shm)
             assert await shm.add(1, 2) == 3
@@ -342,7 +341,7 @@ async def test_a_hostile_server_cannot_reply_with_a_buffer_that_cannot_be_mapped
             server.export(Maker, Maker_())
             monkeypatch.setattr(xrpc.SharedBuffer, "_sealed_fd", lambda self: evil)  # sent as it is
             try:
-                with anyio.fail_after(30):
+                with anyio.fail_after(3 * T):
                     async with server.listen(f"unix://{d}/s.sock") as listener, xrpc.connect(listener.url, timeout=T) as conn:
                         maker = conn.proxy(Maker)
                         before = len(os.listdir("/proc/self/fd"))
@@ -478,7 +477,7 @@ async def test_descriptors_before_the_handshake_are_refused(child: Any) -> None:
     baseline = victim.fds()
     attackers: list[socket.socket] = []
     with open(os.devnull, "rb") as junk:
-        with anyio.fail_after(60):
+        with anyio.fail_after(6 * T):
             for _ in range(8):
                 s = raw_connect(victim.path)
                 attackers.append(s)
@@ -512,7 +511,7 @@ async def test_descriptors_held_are_capped_per_connection_and_per_process(child:
     connection that goes over gets GOODBYE (LIMIT) and is ended, and a good client keeps working."""
     victim = child("fd_server", nofile=256)
     baseline = victim.fds()
-    with open(os.devnull, "rb") as junk, anyio.fail_after(60):
+    with open(os.devnull, "rb") as junk, anyio.fail_after(6 * T):
         # one connection over its own cap: 4 x 30 > 64
         s = await admitted(victim.path)
         try:
@@ -553,7 +552,7 @@ async def test_server_out_of_descriptors_keeps_serving_and_recovers(child: Any) 
     open connection keeps working, a new client is refused at once (not left hanging), one warning
     is logged, and once the attackers leave new clients are accepted again."""
     victim = child("fd_server", nofile=64, limits={"handshake_timeout": 60.0})
-    with anyio.fail_after(100):
+    with anyio.fail_after(10 * T):
         async with xrpc.connect(victim.url, timeout=T) as conn:
             calc = conn.proxy(Calc)
             assert await calc.add(1, 1) == 2
@@ -574,7 +573,7 @@ async def test_server_out_of_descriptors_keeps_serving_and_recovers(child: Any) 
                 for s in attackers:
                     s.close()
             # the attackers left: new clients are accepted again (polled with a deadline)
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 3 * T
             again = await legit_call(victim.url, timeout=5)
             while again != "ok" and time.monotonic() < deadline:
                 await anyio.sleep(0.05)
@@ -607,7 +606,7 @@ async def test_more_descriptors_than_one_read_takes_travel_in_pieces() -> None:
     try:
         server = xrpc.Server(limits=xrpc.Limits(max_fds=256))
         server.export(Many, ManyImpl())
-        with anyio.fail_after(30), open(os.devnull, "rb") as f:
+        with anyio.fail_after(3 * T), open(os.devnull, "rb") as f:
             async with server.listen(f"unix://{d}/s.sock") as listener, xrpc.connect(listener.url, timeout=T) as conn:
                 many = conn.proxy(Many)
                 assert await many.count([xrpc.FileDescriptor(f)] * 200) == 200

@@ -18,7 +18,6 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -31,8 +30,9 @@ from xrpc._services import ServiceUnavailable, connect_service, find_service, lo
 
 import _trust
 from _trust import TEST_USER
+from _timeouts import T
+from _procs import short_dir
 
-T = 10.0  # bound on one exchange
 NAME = "com.example.planted"
 
 
@@ -50,7 +50,7 @@ def other_user() -> pwd.struct_passwd:
 @pytest.fixture
 def shared_tmp(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A stand-in for /tmp (root-owned, mode 1777) holding the fallback runtime directory."""
-    d = Path(tempfile.mkdtemp(prefix="xrt", dir="/tmp"))
+    d = Path(short_dir())
     os.chmod(d, 0o1777)
     monkeypatch.setattr(_services, "_SHARED_TMP", d)
     for var in ("XRPC_RUNTIME_DIR", "XDG_RUNTIME_DIR", "XRPC_SERVICE_PATH"):
@@ -64,7 +64,7 @@ def shared_tmp(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 @pytest.fixture
 def private(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A private directory (0700) for what the victim owns; also its runtime directory."""
-    d = Path(tempfile.mkdtemp(prefix="xrp", dir="/tmp"))
+    d = Path(short_dir())
     monkeypatch.setenv("XRPC_RUNTIME_DIR", str(d))
     monkeypatch.delenv("XRPC_SERVICE_PATH", raising=False)
     try:
@@ -78,7 +78,7 @@ def as_user(user: pwd.struct_passwd, script: str) -> None:
     result = subprocess.run(
         ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", "/bin/sh", "-euc", script],
         capture_output=True,
-        timeout=60,
+        timeout=6 * T,
     )
     assert result.returncode == 0, result.stderr.decode()
 
@@ -97,7 +97,7 @@ async def call_service(name: str, **kwargs: Any) -> None:
 @pytest.fixture
 def marker() -> Iterator[Path]:
     """Where a planted command would leave its mark (only we may write there)."""
-    d = Path(tempfile.mkdtemp(prefix="xrm", dir="/tmp"))
+    d = Path(short_dir())
     try:
         yield d / "planted-command-ran"
     finally:
@@ -185,7 +185,7 @@ async def test_group_writable_description_dir_is_refused(marker: Path, other_use
 async def test_symlinked_services_dir_is_refused(marker: Path, other_user: pwd.struct_passwd, private: Path) -> None:
     """``<runtime>/services`` is xrpc's own directory: it must be a real directory, not a link
     (here, to a directory another user controls)."""
-    theirs = Path(tempfile.mkdtemp(prefix="xrt", dir="/tmp"))
+    theirs = Path(short_dir())
     try:
         os.chown(theirs, other_user.pw_uid, other_user.pw_gid)
         as_user(other_user, f"printf '%s' '{planted(NAME, marker)}' > {theirs}/{NAME}.toml")
@@ -351,7 +351,7 @@ anyio.run(main)
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("stale_mode", [0o777, 0o600])
 async def test_stale_socket_of_another_user_gives_a_transport_error(other_user: pwd.struct_passwd, stale_mode: int) -> None:
-    shared = Path(tempfile.mkdtemp(prefix="xrs", dir="/tmp"))
+    shared = Path(short_dir())
     try:
         os.chmod(shared, 0o1777)  # like /tmp: nobody may remove another user's file
         path = shared / "s.sock"
@@ -360,7 +360,7 @@ async def test_stale_socket_of_another_user_gives_a_transport_error(other_user: 
         stale.close()  # a server of root's that died without cleaning up
         os.chmod(path, stale_mode)
         inode = os.lstat(path).st_ino
-        with anyio.fail_after(30):
+        with anyio.fail_after(3 * T):
             result = await anyio.run_process(
                 [sys.executable, "-c", LISTEN_AS, f"unix://{path}", str(other_user.pw_uid), str(other_user.pw_gid)], check=False
             )

@@ -11,24 +11,25 @@ import dataclasses
 import logging
 import random
 import shutil
-import tempfile
 from typing import Any, AsyncIterator, Protocol
 
 import anyio
-import msgspec
 import pytest
 
 import xrpc
 from xrpc._protocol import PROTOCOL_VERSION, Call, Cancel, Credit, End, Error, Goodbye, Hello, Item, Ping, Pong, Release, Reply, Welcome
 
+from _fuzz import Plans, cut_anywhere, goodbyes_in, run_jobs, send_and_read_to_end, shuffled_jobs
+from _procs import short_dir
+from _timeouts import T
+from _wire import HELLO, body_frame, decode_frames, frame, raw
+
 SEED = 0x5EED_F022
 CONNECTIONS = 200
 FRAMES_PER_CONNECTION = 50
 PARALLEL = 8
-READ_TIMEOUT = 5.0  # a bad connection must be closed within this (well before the 10 s handshake timeout)
-ATTACK_TIMEOUT = 120.0
-
-GOODBYE_TAG = 10
+READ_TIMEOUT = T / 2  # a bad connection must be closed within this (well before the 10 s handshake timeout)
+ATTACK_TIMEOUT = 12 * T
 
 
 @xrpc.interface
@@ -73,92 +74,15 @@ METHODS: list[tuple[str, int, Any]] = [
 
 
 # --------------------------------------------------------------------------- frames
-def frame(msg: Any) -> bytes:
-    body = msgspec.msgpack.encode(msg)
-    return len(body).to_bytes(4, "big") + body
-
-
-def body_frame(body: bytes) -> bytes:
-    return len(body).to_bytes(4, "big") + body
-
-
-HELLO = frame(Hello(PROTOCOL_VERSION, 1 << 20))
-
-
 def call_frame(call_id: int, rng: random.Random) -> bytes:
     if rng.random() < 0.7:
         args: list[Any] = [rng.randint(-1000, 1000), rng.randint(-1000, 1000)]
-        return frame(Call(call_id, "Calc", "add", msgspec.Raw(msgspec.msgpack.encode(args))))
+        return frame(Call(call_id, "Calc", "add", raw(args)))
     text = "".join(rng.choice("abcxyz é€") for _ in range(rng.randint(0, 12)))
-    return frame(Call(call_id, "Calc", "echo", msgspec.Raw(msgspec.msgpack.encode([text]))))
+    return frame(Call(call_id, "Calc", "echo", raw([text])))
 
 
-def mutate(data: bytes, rng: random.Random) -> bytes:
-    buf = bytearray(data)
-    for _ in range(rng.randint(1, 3)):
-        op = rng.random()
-        i = rng.randrange(len(buf))
-        if op < 0.6:
-            buf[i] = rng.randrange(256)
-        elif op < 0.8:
-            buf[i] ^= 1 << rng.randrange(8)
-        elif op < 0.9 and len(buf) > 5:
-            del buf[i]
-        else:
-            buf.insert(i, rng.randrange(256))
-    return bytes(buf)
-
-
-def random_body_frame(rng: random.Random) -> bytes:
-    return body_frame(rng.randbytes(rng.randint(1, 64)))
-
-
-# Each plan returns (frames, closes_by_itself): ``closes_by_itself`` means the bytes are certainly
-# invalid, so the server must close without waiting for our end of stream.
-def plan_random_bytes(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
-    return [rng.randbytes(rng.randint(1, 64)) for _ in range(n)], False
-
-
-def plan_random_bodies(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
-    return [random_body_frame(rng) for _ in range(n)], False
-
-
-def plan_hello_then_random(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
-    return [HELLO, *(random_body_frame(rng) for _ in range(n - 1))], False
-
-
-def plan_hello_then_mutated_calls(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
-    frames = [HELLO]
-    for k in range(n - 1):
-        f = call_frame(2 * k + 1, rng)
-        frames.append(mutate(f, rng) if rng.random() < 0.5 else f)
-    return frames, False
-
-
-def plan_huge_prefix(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
-    head = [HELLO] if rng.random() < 0.5 else []
-    size = rng.choice([0xFFFFFFFF, 0x80000000, (16 << 20) + 1, rng.randint((16 << 20) + 1, 0xFFFFFFFF)])
-    return [*head, size.to_bytes(4, "big") + rng.randbytes(8), *(rng.randbytes(16) for _ in range(n - 1 - len(head)))], True
-
-
-def plan_zero_length(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
-    head = [HELLO] if rng.random() < 0.5 else []
-    return [*head, b"\x00\x00\x00\x00", *(random_body_frame(rng) for _ in range(n - 1 - len(head)))], True
-
-
-def plan_truncated(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
-    frames = [HELLO, *(call_frame(2 * k + 1, rng) for k in range(n - 2))]
-    last = call_frame(2 * n + 1, rng)
-    frames.append(last[: rng.randint(1, len(last) - 1)])
-    return frames, False
-
-
-def plan_call_before_hello(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
-    return [call_frame(2 * k + 1, rng) for k in range(n)], True
-
-
-def plan_mutated_hello_then_calls(rng: random.Random, n: int) -> tuple[list[bytes], bool]:
-    return [mutate(HELLO, rng), *(call_frame(2 * k + 1, rng) for k in range(n - 1))], False
+PLAN = Plans(call_frame, mutated_share=0.5)
 
 
 class MessageMaker:
@@ -177,7 +101,7 @@ class MessageMaker:
 
     def __call__(self) -> Any:
         rng = self.rng
-        payload = msgspec.Raw(msgspec.msgpack.encode([rng.randint(-5, 5), rng.randint(-5, 5)]))
+        payload = raw([rng.randint(-5, 5), rng.randint(-5, 5)])
         # frames that are always fatal here (the server makes no calls, the handshake is done) are rare
         kind = rng.choices(
             ["call", "reply", "error", "item", "end", "credit", "cancel", "release", "ping", "pong", "hello", "welcome", "goodbye"],
@@ -192,12 +116,12 @@ class MessageMaker:
                 cid = rng.randint(-2, self.next_id + 4)
             obj = rng.choice(["Calc"] * 8 + ["Nope", ""])
             method, flags, args = rng.choice(METHODS)
-            payload = msgspec.Raw(msgspec.msgpack.encode(args(rng)))
+            payload = raw(args(rng))
             if rng.random() < 0.1:
                 method = rng.choice([method, "x", "__init__"])
                 flags = rng.choice([0, 1, 2, 4, 6, 7, 8, -1])
             if rng.random() < 0.1:
-                payload = msgspec.Raw(msgspec.msgpack.encode(rng.choice([[], ["a", "b"], [1, 2, 3], {"a": 1}, None])))
+                payload = raw(rng.choice([[], ["a", "b"], [1, 2, 3], {"a": 1}, None]))
             deadline = rng.choice([None, None, 0.0, -1.0, 0.5, 1e9, 1e308, float("inf"), float("-inf"), float("nan")])
             return Call(cid, obj, method, payload, flags, deadline)
         if kind == "reply":
@@ -209,7 +133,7 @@ class MessageMaker:
             items: list[Any] = list(range(max(n, 0)))
             if rng.random() < 0.1:
                 items = rng.choice([items + [1], items[:-1], ["x"] * max(n, 0), [[1]]])
-            return Item(self.call_id(), n, msgspec.Raw(msgspec.msgpack.encode(items)))
+            return Item(self.call_id(), n, raw(items))
         if kind == "end":
             return End(self.call_id())
         if kind == "credit":
@@ -235,37 +159,19 @@ def plan_hello_then_random_messages(rng: random.Random, n: int) -> tuple[list[by
 
 
 PLANS = [
-    plan_mutated_hello_then_calls,
+    PLAN.plan_mutated_hello,
     plan_hello_then_random_messages,
     plan_hello_then_random_messages,
-    plan_random_bytes,
-    plan_random_bodies,
-    plan_hello_then_random,
-    plan_hello_then_mutated_calls,
-    plan_hello_then_mutated_calls,
-    plan_huge_prefix,
-    plan_zero_length,
-    plan_truncated,
-    plan_call_before_hello,
+    PLAN.plan_random_bytes,
+    PLAN.plan_random_bodies,
+    PLAN.plan_hello_then_random_bodies,
+    PLAN.plan_hello_then_mutated_calls,
+    PLAN.plan_hello_then_mutated_calls,
+    PLAN.plan_huge_prefix,
+    PLAN.plan_zero_length,
+    PLAN.plan_truncated,
+    PLAN.plan_call_before_hello,
 ]
-
-
-def goodbyes_in(data: bytes) -> int:
-    """How many GOODBYE frames a byte string of server frames holds (stops at anything odd)."""
-    n = pos = 0
-    while len(data) - pos >= 4:
-        size = int.from_bytes(data[pos : pos + 4], "big")
-        body = data[pos + 4 : pos + 4 + size]
-        if size == 0 or len(body) < size:
-            break
-        try:
-            decoded = msgspec.msgpack.decode(body)
-        except msgspec.DecodeError:
-            break
-        if isinstance(decoded, list) and decoded and decoded[0] == GOODBYE_TAG:
-            n += 1
-        pos += 4 + size
-    return n
 
 
 # --------------------------------------------------------------------------- the attack
@@ -299,57 +205,29 @@ class _Collect(logging.Handler):
 
 async def _bad_connection(path: str, plan: Any, rng: random.Random) -> BadOutcome:
     frames, closes_by_itself = plan(rng, FRAMES_PER_CONNECTION)
-    data = b"".join(frames)
-    # send in a few randomly cut chunks, so that frames also arrive split
-    cuts = sorted(rng.randrange(len(data)) for _ in range(rng.randint(0, 4)))
-    chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)]) if b > a]
     outcome = BadOutcome(plan.__name__, len(frames), sent_eof=not closes_by_itself)
-    received = bytearray()
-    async with await anyio.connect_unix(path) as stream:
-        try:
-            for chunk in chunks:
-                await stream.send(chunk)
-            if not closes_by_itself:
-                await stream.send_eof()
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            pass  # the server already hung up: fine
-        try:
-            with anyio.fail_after(READ_TIMEOUT):
-                while True:
-                    received += await stream.receive()
-        except anyio.EndOfStream:
-            outcome.ended = "eof"
-        except (anyio.BrokenResourceError, OSError):
-            outcome.ended = "reset"
-        except TimeoutError:
-            outcome.ended = "timeout"
-    outcome.goodbye = goodbyes_in(bytes(received)) > 0
+    chunks = cut_anywhere(b"".join(frames), rng)  # frames also arrive split
+    received, outcome.ended = await send_and_read_to_end(path, chunks, eof=not closes_by_itself, timeout=READ_TIMEOUT)
+    outcome.goodbye = goodbyes_in(received) > 0
     return outcome
 
 
 async def _attacker(path: str, rng: random.Random, outcomes: list[BadOutcome]) -> None:
-    jobs = [(PLANS[i % len(PLANS)], random.Random(rng.getrandbits(64))) for i in range(CONNECTIONS)]
-    rng.shuffle(jobs)
+    async def one(plan: Any, r: random.Random) -> None:
+        outcomes.append(await _bad_connection(path, plan, r))
 
-    async def worker() -> None:
-        while jobs:
-            plan, r = jobs.pop()
-            outcomes.append(await _bad_connection(path, plan, r))
-
-    async with anyio.create_task_group() as tg:
-        for _ in range(PARALLEL):
-            tg.start_soon(worker)
+    await run_jobs(shuffled_jobs(PLANS, CONNECTIONS, rng), PARALLEL, one)
 
 
 async def _good_client(url: str, rng: random.Random, done: anyio.Event, report: dict[str, Any]) -> None:
-    async with xrpc.connect(url, timeout=10) as conn:
+    async with xrpc.connect(url, timeout=T) as conn:
         calc = conn.proxy(Calc)
 
         async def caller(r: random.Random) -> None:
             while not done.is_set():
                 a, b = r.randint(-(10**9), 10**9), r.randint(-(10**9), 10**9)
                 try:
-                    with anyio.fail_after(10):
+                    with anyio.fail_after(T):
                         got = await calc.add(a, b)
                         text = f"{a}:{b}"
                         echoed = await calc.echo(text)
@@ -373,7 +251,7 @@ async def _good_client(url: str, rng: random.Random, done: anyio.Event, report: 
 
 async def _run_fuzz() -> FuzzReport:
     rng = random.Random(SEED)
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    d = short_dir()
     path = f"{d}/f.sock"
     server = xrpc.Server()
     server.export(Calc, CalcImpl())
@@ -389,7 +267,7 @@ async def _run_fuzz() -> FuzzReport:
                     done.set()
                 # the listener still accepts a new, well-behaved connection
                 final = []
-                async with xrpc.connect(listener.url, timeout=10) as conn:
+                async with xrpc.connect(listener.url, timeout=T) as conn:
                     calc = conn.proxy(Calc)
                     for i in range(10):
                         final.append(await calc.add(i, 1000))
@@ -452,7 +330,7 @@ def test_every_bad_connection_is_closed_by_the_server(fuzz_report: FuzzReport) -
     by_itself = [o for o in fuzz_report.bad if not o.sent_eof]
     assert {o.plan for o in by_itself} == {"plan_huge_prefix", "plan_zero_length", "plan_call_before_hello"}
     assert all(o.goodbye or o.ended == "reset" for o in by_itself), [o for o in by_itself if not o.goodbye]
-    assert any(o.goodbye for o in fuzz_report.bad if o.plan == "plan_hello_then_random")
+    assert any(o.goodbye for o in fuzz_report.bad if o.plan == "plan_hello_then_random_bodies")
 
 
 @pytest.mark.timeout(180)
@@ -480,34 +358,16 @@ def test_no_logger_reports_an_unexpected_exception(fuzz_report: FuzzReport) -> N
 
 
 # --------------------------------------------------------------------------- targeted cases
-@pytest.fixture
-def sock_dir() -> Any:
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-async def _exchange(url: str, path: str, data: bytes, *, eof: bool) -> tuple[bytes, str]:
+async def _exchange(path: str, data: bytes, *, eof: bool) -> tuple[bytes, str]:
     """Send ``data`` on a raw connection and read until the server closes it."""
-    received = bytearray()
-    async with await anyio.connect_unix(path) as stream:
-        await stream.send(data)
-        if eof:
-            await stream.send_eof()
-        try:
-            with anyio.fail_after(READ_TIMEOUT):
-                while True:
-                    received += await stream.receive()
-        except anyio.EndOfStream:
-            how = "eof"
-        except (anyio.BrokenResourceError, OSError):
-            how = "reset"
-    return bytes(received), how
+    received, how = await send_and_read_to_end(path, [data], eof=eof, timeout=READ_TIMEOUT)
+    assert how != "timeout", "the server did not close the connection"
+    return received, how
 
 
 async def _check_server_after(url: str) -> None:
-    with anyio.fail_after(10):
-        async with xrpc.connect(url, timeout=10) as conn:
+    with anyio.fail_after(T):
+        async with xrpc.connect(url, timeout=T) as conn:
             assert await conn.proxy(Calc).add(2, 3) == 5
 
 
@@ -523,7 +383,7 @@ async def test_huge_length_prefix_gets_goodbye_at_once(sock_dir: str, size: int,
     caplog.set_level(logging.INFO)
     path = f"{sock_dir}/s.sock"
     async with _serve().listen(f"unix://{path}") as listener:
-        received, how = await _exchange(listener.url, path, HELLO + size.to_bytes(4, "big"), eof=False)
+        received, how = await _exchange(path, HELLO + size.to_bytes(4, "big"), eof=False)
         assert goodbyes_in(received) == 1
         assert how == "eof"
         await _check_server_after(listener.url)
@@ -535,7 +395,7 @@ async def test_huge_length_prefix_gets_goodbye_at_once(sock_dir: str, size: int,
 async def test_valid_calls_on_a_raw_connection_are_answered(sock_dir: str) -> None:
     path = f"{sock_dir}/s.sock"
     async with _serve().listen(f"unix://{path}") as listener:
-        data = HELLO + frame(Call(1, "Calc", "add", msgspec.Raw(msgspec.msgpack.encode([40, 2])))) + frame(Ping(7))
+        data = HELLO + frame(Call(1, "Calc", "add", raw([40, 2]))) + frame(Ping(7))
         got: list[Any] = []
         buf = b""
         async with await anyio.connect_unix(path) as stream:
@@ -543,10 +403,7 @@ async def test_valid_calls_on_a_raw_connection_are_answered(sock_dir: str) -> No
             with anyio.fail_after(READ_TIMEOUT):
                 while [3, 1, 42] not in got:  # until the REPLY to call 1
                     buf += await stream.receive()
-                    while len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big"):
-                        size = int.from_bytes(buf[:4], "big")
-                        got.append(msgspec.msgpack.decode(buf[4 : 4 + size]))
-                        buf = buf[4 + size :]
+                    got = decode_frames(buf)
         welcome = [m[0] for m in got].index(1)
         assert got[welcome][1] == PROTOCOL_VERSION
         assert got.index([3, 1, 42]) > welcome  # the REPLY comes after the WELCOME
@@ -565,7 +422,7 @@ async def test_invalid_utf8_frame_is_a_protocol_error(sock_dir: str, bad: bytes,
     caplog.set_level(logging.INFO)
     path = f"{sock_dir}/s.sock"
     async with _serve().listen(f"unix://{path}") as listener:
-        received, how = await _exchange(listener.url, path, HELLO + bad, eof=False)
+        received, how = await _exchange(path, HELLO + bad, eof=False)
         await _check_server_after(listener.url)
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert goodbyes_in(received) == 1
@@ -586,7 +443,7 @@ async def test_hello_with_unusable_max_frame_is_refused_cleanly(
     caplog.set_level(logging.INFO)
     path = f"{sock_dir}/s.sock"
     async with _serve().listen(f"unix://{path}") as listener:
-        received, how = await _exchange(listener.url, path, data, eof=False)
+        received, how = await _exchange(path, data, eof=False)
         assert how in ("eof", "reset")
         await _check_server_after(listener.url)
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
@@ -635,10 +492,10 @@ async def test_stream_frames_for_a_call_without_that_stream_fail_the_call(
     outcome: BaseException | None = None
     async with anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, _fake_server(answer))
-        async with xrpc.connect(f"unix://{path}", timeout=10) as conn:
+        async with xrpc.connect(f"unix://{path}", timeout=T) as conn:
             calc = conn.proxy(Calc)
             try:
-                with anyio.fail_after(3):  # the call must end, one way or the other
+                with anyio.fail_after(T):  # the call must end, one way or the other
                     await (calc.add(1, 2) if method == "add" else calc.total([1, 2, 3]))
             except Exception as exc:
                 outcome = exc

@@ -13,18 +13,20 @@ import contextlib
 import fcntl
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from typing import Any, Iterator
 
 import msgspec
 import pytest
+
+import _wire
+from _procs import ChildProcess, fd_count, status
+from _timeouts import T
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux-only: memfd, SO_PEERCRED, /proc")
 
@@ -99,8 +101,8 @@ SERVER = textwrap.dedent(
 
 # --------------------------------------------------------------------------- raw peer helpers
 def frame(*fields: Any) -> bytes:
-    body = msgspec.msgpack.encode(list(fields))
-    return struct.pack(">I", len(body)) + body
+    """A frame of the message with these fields."""
+    return _wire.frame(list(fields))
 
 
 class RawPeer:
@@ -154,11 +156,7 @@ class RawPeer:
 
 
 def rss_mib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) // 1024
-    raise AssertionError("no VmRSS")
+    return status(pid)["VmRSS"] >> 20
 
 
 def max_rss_over(pid: int, seconds: float) -> int:
@@ -171,19 +169,17 @@ def max_rss_over(pid: int, seconds: float) -> int:
     return peak
 
 
-class Server:
-    def __init__(self, proc: subprocess.Popen[bytes], url: str) -> None:
-        self.proc = proc
-        self.url = url
+class Server(ChildProcess):
+    """The server above in a child process (``env`` set for it), logging to its stderr."""
+
+    def __init__(self, env: dict[str, str] | None) -> None:
+        super().__init__(what="the hostile-review server", log=False, strict=False)
+        self.start_script(SERVER, self.path, env=env)
         # what RawPeer connects to: a Unix socket path, or tcp://host:port
-        self.path = url[len("unix://") :] if url.startswith("unix://") else url
-        self.pid = proc.pid
+        self.path = self.url[len("unix://") :] if self.url.startswith("unix://") else self.url
 
     def stderr_after_stop(self) -> str:
-        self.proc.send_signal(signal.SIGKILL)
-        _, err = self.proc.communicate(timeout=10)
-        self.stderr = err.decode(errors="replace")
-        return self.stderr
+        return "\n".join(self.stop(kill=True))
 
     def neighbour_ping(self) -> Any:
         """A well-behaved neighbour's round trip (a refusing server answers HELLO with GOODBYE)."""
@@ -197,31 +193,19 @@ class Server:
 
 @contextlib.contextmanager
 def server(env: dict[str, str] | None = None) -> Iterator[Server]:
-    d = tempfile.mkdtemp(prefix="xh", dir="/tmp")
-    script = os.path.join(d, "srv.py")
-    with open(script, "w") as f:
-        f.write(SERVER)
-    path = os.path.join(d, "s.sock")
-    proc = subprocess.Popen(
-        [sys.executable, script, path],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
+    srv = Server(env)
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().decode().split()
-        assert line[:1] == ["READY"], (line, proc.stderr.read() if proc.poll() is not None else b"")  # type: ignore[union-attr]
-        yield Server(proc, line[1])
+        yield srv
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        with contextlib.suppress(ValueError):
-            proc.communicate(timeout=10)
-        for f in (proc.stdout, proc.stderr):
-            if f is not None:
-                f.close()
-        shutil.rmtree(d, ignore_errors=True)
+        srv.stop(kill=True)
+
+
+def relay_client(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a client program in a child process with ``args``; its output.  ``code`` goes on from
+    the body of ``class Relay(Protocol)`` (the methods it uses), after ``os``, ``signal``, ``sys``,
+    ``anyio`` and ``xrpc`` are imported."""
+    header = "import os, signal, sys, anyio, xrpc\nfrom typing import AsyncIterator, Protocol\n@xrpc.interface(name='Relay')\nclass Relay(Protocol):\n"
+    return subprocess.run([sys.executable, "-c", header + textwrap.dedent(code), *args], capture_output=True, text=True, timeout=6 * T)
 
 
 def send_with_fd(peer: RawPeer, data: bytes, fd: int) -> None:
@@ -265,7 +249,7 @@ def test_unadmitted_peer_cannot_make_server_buffer_a_huge_hello() -> None:
         try:
             for _ in range(8):
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                s.settimeout(5)
+                s.settimeout(T)
                 s.connect(srv.path)
                 socks.append(s)
                 try:
@@ -324,7 +308,7 @@ def test_calls_in_flight_do_not_pin_their_frames_beyond_the_memory_budget() -> N
     with server() as srv, RawPeer(srv.path) as p:
         base = rss_mib(srv.pid)
         blob = b"x" * (15 << 20)
-        p.s.settimeout(20)
+        p.s.settimeout(2 * T)
         try:
             for i in range(20):
                 p.send(2, 1 + 2 * i, "relay", "slow", [blob])
@@ -345,12 +329,8 @@ def test_large_window_bytes_does_not_break_server_streams() -> None:
     frame first; a hostile peer opening such streams makes it do so over and over (CPU and memory
     amplification that starved other connections past their 10 s handshake in a run)."""
     with server() as srv:
-        code = textwrap.dedent(
+        out = relay_client(
             """
-            import sys, anyio, xrpc
-            from typing import AsyncIterator, Protocol
-            @xrpc.interface(name="Relay")
-            class Relay(Protocol):
                 def numbers(self, n: int, size: int) -> AsyncIterator[bytes]: ...
             async def main():
                 limits = xrpc.Limits(window_bytes=1 << 30)
@@ -363,9 +343,9 @@ def test_large_window_bytes_does_not_break_server_streams() -> None:
                     except Exception as e:
                         print("FAILED", n, type(e).__name__, e)
             anyio.run(main)
-            """
+            """,
+            srv.path,
         )
-        out = subprocess.run([sys.executable, "-c", code, srv.path], capture_output=True, text=True, timeout=60)
         assert out.stdout.strip() == "OK 40", out.stdout + out.stderr[-2000:]
 
 
@@ -377,12 +357,8 @@ def test_large_server_window_bytes_does_not_break_client_streams() -> None:
     built a 40 MiB frame.  A hostile server can use this to make clients build frames of up to
     256 items each."""
     with server({"SRV_WINDOW_BYTES": str(1 << 30)}) as srv:
-        code = textwrap.dedent(
+        out = relay_client(
             """
-            import sys, anyio, xrpc
-            from typing import AsyncIterator, Protocol
-            @xrpc.interface(name="Relay")
-            class Relay(Protocol):
                 async def take(self, xs: AsyncIterator[bytes]) -> int: ...
             async def gen():
                 for i in range(40):
@@ -394,9 +370,9 @@ def test_large_server_window_bytes_does_not_break_client_streams() -> None:
                     except Exception as e:
                         print("FAILED", type(e).__name__, e)
             anyio.run(main)
-            """
+            """,
+            srv.path,
         )
-        out = subprocess.run([sys.executable, "-c", code, srv.path], capture_output=True, text=True, timeout=60)
         assert out.stdout.strip() == "OK 40", out.stdout + out.stderr[-2000:]
 
 
@@ -463,9 +439,9 @@ def test_guard_extension_nan_deadline_and_unsealed_buffer_are_typed_errors() -> 
 @pytest.mark.timeout(60)
 def test_guard_descriptors_before_admission_end_the_connection() -> None:
     with server({"SRV_REQ": "uid == 4242"}) as srv:
-        base = len(os.listdir(f"/proc/{srv.pid}/fd"))
+        base = fd_count(srv.pid)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(10)
+        s.settimeout(T)
         s.connect(srv.path)
         fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(32)]
         try:
@@ -482,22 +458,18 @@ def test_guard_descriptors_before_admission_end_the_connection() -> None:
             s.close()
         assert msgspec.msgpack.decode(data[4:])[0] == 10, data  # GOODBYE
         assert srv.neighbour_ping()[0] == 10  # refused by requirement: the server still answers
-        deadline = time.monotonic() + 5
-        while len(os.listdir(f"/proc/{srv.pid}/fd")) > base and time.monotonic() < deadline:
+        deadline = time.monotonic() + T
+        while fd_count(srv.pid) > base and time.monotonic() < deadline:
             time.sleep(0.02)  # polling for the server to finish closing the refused connections
-        assert len(os.listdir(f"/proc/{srv.pid}/fd")) <= base
+        assert fd_count(srv.pid) <= base
 
 
 @pytest.mark.timeout(60)
 def test_guard_peer_killed_mid_stream_is_connection_interrupted(tmp_path: Any) -> None:
     """A server killed with SIGKILL while a client is inside a stream: exactly ConnectionInterrupted."""
     with server() as srv:
-        code = textwrap.dedent(
+        out = relay_client(
             """
-            import os, signal, sys, anyio, xrpc
-            from typing import AsyncIterator, Protocol
-            @xrpc.interface(name="Relay")
-            class Relay(Protocol):
                 def numbers(self, n: int, size: int) -> AsyncIterator[bytes]: ...
             async def main():
                 async with xrpc.connect("unix://" + sys.argv[1], timeout=10) as c:
@@ -507,9 +479,9 @@ def test_guard_peer_killed_mid_stream_is_connection_interrupted(tmp_path: Any) -
                     except BaseException as e:
                         print(type(e).__module__, type(e).__name__)
             anyio.run(main)
-            """
+            """,
+            srv.path, str(srv.pid),
         )
-        out = subprocess.run([sys.executable, "-c", code, srv.path, str(srv.pid)], capture_output=True, text=True, timeout=60)
         assert out.stdout.strip() == "xrpc._errors ConnectionInterrupted", out.stdout + out.stderr[-2000:]
 
 
@@ -539,7 +511,7 @@ def test_guard_planted_tmp_runtime_dir_is_refused(plant: str) -> None:
     def as_user(uid: int, *argv: str, **kw: Any) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv],
-            capture_output=True, text=True, timeout=40, cwd="/tmp", **kw,
+            capture_output=True, text=True, timeout=4 * T, cwd="/tmp", **kw,
         )
 
     for p in (runtime, other, pwned):

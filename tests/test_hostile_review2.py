@@ -11,8 +11,6 @@ import os
 import select
 import socket
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Protocol
@@ -22,6 +20,10 @@ import msgspec
 import pytest
 
 import xrpc
+
+import _wire
+from _procs import ChildProcess, status
+from _timeouts import T
 
 SERVER = r'''
 import logging, os, sys
@@ -87,7 +89,7 @@ async def main(url):
     if url.startswith("tls:"):
         kw["ssl_context"] = xrpc.server_ssl_context(os.environ["XRPC_TEST_CERT"], os.environ["XRPC_TEST_KEY"])
     async with server.listen(url, **kw) as listener:
-        print(listener.url, os.getpid(), flush=True)
+        print("READY", listener.url, flush=True)
         await anyio.sleep(100)
 
 anyio.run(main, sys.argv[1], backend=sys.argv[2])
@@ -97,29 +99,31 @@ BUDGET_MIB = 32
 ALLOWED_GROWTH_MIB = BUDGET_MIB + 16
 STOP_AT_MIB = 200  # an attack stops once the server has grown this much: the point is made
 
-_enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder()
 
 
 def frame(*fields: object) -> bytes:
-    body = _enc.encode(list(fields))
-    return struct.pack(">I", len(body)) + body
-
-
-def _status(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) // 1024
-    raise KeyError(key)
+    """A frame of the message with these fields."""
+    return _wire.frame(list(fields))
 
 
 def rss(pid: int) -> int:
-    return _status(pid, "VmRSS")
+    """RSS of process ``pid`` in MiB."""
+    return status(pid)["VmRSS"] >> 20
 
 
 def peak(pid: int) -> int:
-    return _status(pid, "VmHWM")
+    """Peak RSS of process ``pid`` in MiB."""
+    return status(pid)["VmHWM"] >> 20
+
+
+def growth_within(pid: int, base: int, seconds: float) -> int:
+    """The peak RSS growth of process ``pid`` over ``base`` (MiB), once it has passed the allowance
+    or ``seconds`` have passed (polled: a server that holds to its budget costs the full time)."""
+    settle = time.monotonic() + seconds
+    while peak(pid) - base < ALLOWED_GROWTH_MIB and time.monotonic() < settle:
+        select.select([], [], [], 0.05)
+    return peak(pid) - base
 
 
 class RawPeer:
@@ -136,7 +140,7 @@ class RawPeer:
     def send(self, *fields: object) -> None:
         self.s.sendall(frame(*fields))
 
-    def recv(self, timeout: float = 10.0) -> list:
+    def recv(self, timeout: float = T) -> list:
         deadline = time.monotonic() + timeout
         while True:
             if len(self.buf) >= 4:
@@ -157,16 +161,24 @@ class RawPeer:
         self.s.close()
 
 
-class Srv:
-    def __init__(self, proc: subprocess.Popen, path: str, pid: int, log: Path) -> None:
-        self.proc, self.path, self.pid, self.log = proc, path, pid, log
+class Srv(ChildProcess):
+    """The server above in a child process, at ``url`` (``env`` set for it), logging to its stderr."""
+
+    def __init__(self, url: str | None, backend: str, env: dict[str, str] | None = None) -> None:
+        super().__init__(what="the hostile-review server", log=False, strict=False)
+        self.start_script(SERVER, url or f"unix://{self.path}", backend, env=env)
+
+    def stop_and_check(self) -> None:
+        """Stop the server; it must have logged no ERROR and no traceback."""
+        text = "\n".join(self.stop(kill=True))
+        assert "ERROR" not in text and "Traceback" not in text, text[-3000:]
 
     def neighbour_works(self) -> bool:
         n = RawPeer(self.path)
         try:
             assert n.recv()[0] == 1  # WELCOME
             n.send(2, 1, "svc", "echo", [7])
-            return n.recv(20) == [3, 1, 7]
+            return n.recv(2 * T) == [3, 1, 7]
         finally:
             n.close()
 
@@ -179,27 +191,15 @@ def backend(request):
 
 
 @pytest.fixture
-def server(tmp_path, backend):
-    script = tmp_path / "server.py"
-    script.write_text(SERVER)
-    path = str(tmp_path / "s.sock")
-    log = tmp_path / "server.log"
-    with open(log, "w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, str(script), f"unix://{path}", backend], stdout=subprocess.PIPE, stderr=err, text=True
-        )
+def server(backend):
+    srv = Srv(None, backend)
     try:
-        line = proc.stdout.readline().split()
-        assert line, "server did not start"
-        srv = Srv(proc, path, int(line[1]), log)
         yield srv
-        assert proc.poll() is None, "the server died"
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
-    text = log.read_text()
-    assert "ERROR" not in text and "Traceback" not in text, text[-3000:]
+        assert srv.alive(), "the server died"
+    except BaseException:
+        srv.stop(kill=True)
+        raise
+    srv.stop_and_check()
 
 
 def _welcome(peer: RawPeer) -> None:
@@ -234,10 +234,7 @@ def flood_without_reading(srv: Srv, make_frame, *, seconds: float = 20.0, max_ca
             pending = pending[sent:]
         # what was sent is still being read and served: give the server until it has grown past
         # the allowance, or 10 s (polled, so a server that holds to its budget costs the full 10 s)
-        settle = time.monotonic() + 10
-        while peak(srv.pid) - base < ALLOWED_GROWTH_MIB and time.monotonic() < settle:
-            select.select([], [], [], 0.05)
-        grown = peak(srv.pid) - base
+        grown = growth_within(srv.pid, base, 10)
         assert srv.neighbour_works()
         return grown
     finally:
@@ -247,24 +244,32 @@ def flood_without_reading(srv: Srv, make_frame, *, seconds: float = 20.0, max_ca
 # --- memory budget: calls in flight are counted by their msgpack size, not what they decode to ---
 
 
+def grown_by_calls(srv: Srv, method: str, arg: object, n: int, answer_within: float) -> tuple[int, list]:
+    """Send ``n`` calls of ``method(arg)`` on one raw connection, then a PING, and read until its
+    PONG (each frame within ``answer_within`` s): the server's peak RSS growth in MiB meanwhile, and
+    the frames that came before the PONG.  The neighbour must still be served."""
+    peer = RawPeer(srv.path)
+    try:
+        _welcome(peer)
+        base = rss(srv.pid)
+        for call in range(1, 2 * n, 2):
+            peer.send(2, call, "svc", method, [arg])
+        peer.send(11, 99)  # PING: every call before it has been read
+        answers = []
+        while (msg := peer.recv(answer_within))[0] != 12:
+            answers.append(msg)
+        grown = peak(srv.pid) - base
+        assert srv.neighbour_works()
+        return grown, answers
+    finally:
+        peer.close()
+
+
 @pytest.mark.xfail(strict=True, reason="open finding of the second hostile review")
 def test_small_arguments_that_decode_large_are_held_to_the_budget(server):
     """4,000 calls whose arguments are 993 bytes of msgpack (under the 1 KiB that is counted) but
     decode to about 990 empty lists each: measured +283 MiB against a 32 MiB budget."""
-    arg = [[]] * 990
-    peer = RawPeer(server.path)
-    _welcome(peer)
-    base = rss(server.pid)
-    call = 1
-    for _ in range(4000):
-        peer.send(2, call, "svc", "hold", [arg])
-        call += 2
-    peer.send(11, 99)  # PING: every call before it has been read
-    while peer.recv(30)[0] != 12:
-        pass
-    grown = peak(server.pid) - base
-    assert server.neighbour_works()
-    peer.close()
+    grown, _ = grown_by_calls(server, "hold", [[]] * 990, 4000, 3 * T)
     assert grown < ALLOWED_GROWTH_MIB, f"the server grew by {grown} MiB"
 
 
@@ -272,19 +277,7 @@ def test_small_arguments_that_decode_large_are_held_to_the_budget(server):
 def test_large_arguments_that_decode_larger_are_held_to_the_budget(server):
     """Two calls of 8 MiB of msgpack each (counted as 16 MiB apiece, so admitted) that decode to
     8 Mi empty lists each: measured +1.15 GiB against a 32 MiB budget."""
-    arg = [[]] * (8 << 20)
-    peer = RawPeer(server.path)
-    _welcome(peer)
-    base = rss(server.pid)
-    for call in (1, 3, 5):
-        peer.send(2, call, "svc", "hold", [arg])
-    peer.send(11, 99)
-    answers = []
-    while (msg := peer.recv(40))[0] != 12:
-        answers.append(msg)
-    grown = peak(server.pid) - base
-    assert server.neighbour_works()
-    peer.close()
+    grown, answers = grown_by_calls(server, "hold", [[]] * (8 << 20), 3, 4 * T)
     assert grown < ALLOWED_GROWTH_MIB, f"the server grew by {grown} MiB (answers: {[a[:4] for a in answers]})"
 
 
@@ -292,18 +285,7 @@ def test_large_arguments_that_decode_larger_are_held_to_the_budget(server):
 def test_lists_of_small_ints_are_held_to_the_budget(server):
     """list[int]: one byte of msgpack per element, eight bytes of pointer once decoded.  Two 8 MiB
     calls admitted: measured +149 MiB peak against a 32 MiB budget."""
-    arg = [1] * (8 << 20)
-    peer = RawPeer(server.path)
-    _welcome(peer)
-    base = rss(server.pid)
-    for call in (1, 3, 5):
-        peer.send(2, call, "svc", "hold_ints", [arg])
-    peer.send(11, 99)
-    while peer.recv(40)[0] != 12:
-        pass
-    grown = peak(server.pid) - base
-    assert server.neighbour_works()
-    peer.close()
+    grown, _ = grown_by_calls(server, "hold_ints", [1] * (8 << 20), 3, 4 * T)
     assert grown < ALLOWED_GROWTH_MIB, f"the server grew by {grown} MiB"
 
 
@@ -347,7 +329,7 @@ def test_call_metadata_is_held_to_the_budget(server):
         peer.send(2, 1 + 2 * i, "svc", "hold_ints", [[1]], 0, None, meta)
     peer.send(11, 99)
     answers = []
-    while (msg := peer.recv(30))[0] != 12:
+    while (msg := peer.recv(3 * T))[0] != 12:
         answers.append(msg[:4])
     grown = peak(server.pid) - base
     assert server.neighbour_works()
@@ -401,10 +383,7 @@ def test_producers_waiting_for_connection_credit_hold_little(server):
         for i in range(300):
             peer.send(2, 1 + 2 * i, "svc", "ticks", [1000, 1 << 20], 4)
         assert server.neighbour_works()
-        settle = time.monotonic() + 5
-        while peak(server.pid) - base < ALLOWED_GROWTH_MIB and time.monotonic() < settle:
-            select.select([], [], [], 0.05)
-        grown = peak(server.pid) - base
+        grown = growth_within(server.pid, base, 5)
     finally:
         peer.close()
     assert grown < ALLOWED_GROWTH_MIB, f"the server grew by {grown} MiB"
@@ -451,10 +430,7 @@ def test_unadmitted_connections_with_partial_frames_cost_little(server):
             s.sendall(chunk)
             socks.append(s)
         assert server.neighbour_works()
-        settle = time.monotonic() + 5
-        while peak(server.pid) - base < ALLOWED_GROWTH_MIB and time.monotonic() < settle:
-            select.select([], [], [], 0.05)
-        grown = peak(server.pid) - base
+        grown = growth_within(server.pid, base, 5)
     finally:
         for s in socks:
             s.close()
@@ -513,7 +489,7 @@ def test_concurrent_calls_each_passing_one_shared_buffer_are_served(server, back
                     r = f"{type(exc).__name__}: {exc}"
                 results[r] = results.get(r, 0) + 1
 
-            with anyio.fail_after(30):
+            with anyio.fail_after(3 * T):
                 async with anyio.create_task_group() as tg:
                     for _ in range(100):
                         tg.start_soon(one)
@@ -585,15 +561,9 @@ def test_answers_of_task_served_calls_over_tls_are_bounded_for_a_peer_that_never
 
     pytest.importorskip("cryptography")
     certfile, keyfile = _self_signed(tmp_path)
-    script = tmp_path / "server.py"
-    script.write_text(SERVER)
-    log = tmp_path / "server.log"
-    env = dict(os.environ, XRPC_TEST_CERT=certfile, XRPC_TEST_KEY=keyfile)
-    with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, str(script), "tls://127.0.0.1:0", "asyncio"], stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    srv = Srv("tls://127.0.0.1:0", "asyncio", env={"XRPC_TEST_CERT": certfile, "XRPC_TEST_KEY": keyfile})
     try:
-        url, pid = proc.stdout.readline().split()
-        pid = int(pid)
+        url, pid = srv.url, srv.pid
         host, port = url.split("://")[1].rsplit(":", 1)
         ctx = ssl.create_default_context(cafile=certfile)
         raw = socket.socket()
@@ -619,17 +589,12 @@ def test_answers_of_task_served_calls_over_tls_are_bounded_for_a_peer_that_never
                     continue
                 except (ssl.SSLEOFError, BrokenPipeError, ConnectionResetError):
                     break  # the server cut this peer off (over its memory budget): allowed
-            settle = time.monotonic() + 10
-            while peak(pid) - base < ALLOWED_GROWTH_MIB and time.monotonic() < settle:
-                select.select([], [], [], 0.05)
-            grown = peak(pid) - base
+            grown = growth_within(pid, base, 10)
         finally:
             s.close()
-        assert proc.poll() is None
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
-    text = log.read_text()
-    assert "ERROR" not in text and "Traceback" not in text, text[-3000:]
+        assert srv.alive()
+    except BaseException:
+        srv.stop(kill=True)
+        raise
+    srv.stop_and_check()
     assert grown < 2 * BUDGET_MIB + 16, f"the server grew by {grown} MiB"

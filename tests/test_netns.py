@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import ipaddress
 import itertools
 import json
@@ -39,9 +38,11 @@ import anyio.abc
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from _timeouts import T
+from _trust import make_ca, make_leaf, write_pem
+from _trust import name as x509_name
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "geteuid") or os.geteuid() != 0,
@@ -73,7 +74,7 @@ _serial = itertools.count(1)
 
 # --------------------------------------------------------------------------- namespaces
 def _ip(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=15, stdin=subprocess.DEVNULL)
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=T, stdin=subprocess.DEVNULL)
 
 
 def _ip_ok(*args: str) -> None:
@@ -159,48 +160,12 @@ class PKI:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     d = tmp_path_factory.mktemp("netns-pki")
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "xrpc netns test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )  # key_cert_sign, crl_sign
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SERVER_CN)]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(SRV_ADDR))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pki = PKI(d / "ca.pem", d / "server.pem", d / "server.key")
-    pki.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    pki.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pki.key.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return pki
+    ca = make_ca(x509_name((NameOID.COMMON_NAME, "xrpc netns test CA")))
+    sans: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(SRV_ADDR))]
+    key, cert = make_leaf(ca, x509_name((NameOID.COMMON_NAME, SERVER_CN)), sans, ExtendedKeyUsageOID.SERVER_AUTH)
+    ca_pem, _ = write_pem(d, "ca", None, ca[1])
+    cert_pem, key_pem = write_pem(d, "server", key, cert)
+    return PKI(Path(ca_pem), Path(cert_pem), Path(key_pem))
 
 
 # --------------------------------------------------------------------------- the two programs
@@ -228,7 +193,7 @@ class Child:
         try:
             line = await self._out.receive_until(b"\n", 1 << 20)
         except (anyio.EndOfStream, anyio.IncompleteRead):
-            with anyio.move_on_after(5):
+            with anyio.move_on_after(T):
                 await self.proc.wait()
             raise AssertionError(f"{self.name} ended its output\n{self._describe()}") from None
         event = json.loads(line)
@@ -311,6 +276,21 @@ class Unsupported(AssertionError):
     """``client.py --mode service`` could not even set up: the services layer cannot target a URL."""
 
 
+async def connect(client: Child) -> dict[str, Any]:
+    """Have the client connect; its "connected" event."""
+    await client.send(cmd="connect")
+    connected = await client.wait_for("connected", "connect_failed")
+    assert connected["event"] == "connected", f"{connected}\n{client._describe()}"
+    return connected
+
+
+async def connect_and_hold(client: Child, server: Child, seconds: float) -> None:
+    """Have the client connect and make a call (id "held") that the server holds for ``seconds``."""
+    await connect(client)
+    await client.send(cmd="call", id="held", method="hold", arg=seconds)
+    await server.wait_for("holding", conn=1)
+
+
 def _report(what: str, seconds: float) -> None:
     print(f"netns: {what}: {seconds * 1000:.0f} ms")
 
@@ -321,9 +301,7 @@ async def test_tls_call_across_namespaces(link: Link, pki: PKI, tmp_path: Path) 
     async with start_server(link, pki, tmp_path) as (server, url):
         async with start_client(link, url, pki, tmp_path, mode="connect") as client:
             t0 = time.monotonic()
-            await client.send(cmd="connect")
-            connected = await client.wait_for("connected", "connect_failed")
-            assert connected["event"] == "connected", f"{connected}\n{client._describe()}"
+            connected = await connect(client)
             _report("connect over tls:// across namespaces (handshakes included)", connected["t"] - t0)
             assert connected["transport"] == "tls"
             assert connected["cert_subject"].get("CN") == SERVER_CN
@@ -342,30 +320,24 @@ async def test_heartbeat_primitives_notice_a_cut_link(link: Link, pki: PKI, tmp_
     noticed within ~1 s, and the call in flight fails with ConnectionInterrupted instead of hanging."""
     async with start_server(link, pki, tmp_path) as (server, url):
         async with start_client(link, url, pki, tmp_path, mode="connect", heartbeat=HEARTBEAT) as client:
-            await client.send(cmd="connect")
-            connected = await client.wait_for("connected", "connect_failed")
-            assert connected["event"] == "connected", f"{connected}\n{client._describe()}"
-            await client.send(cmd="call", id="held", method="hold", arg=HOLD_FOREVER)
-            await server.wait_for("holding", conn=1)
+            await connect_and_hold(client, server, HOLD_FOREVER)
 
             t_cut = time.monotonic()
             await link.cut()
-            missed = await client.wait_for("heartbeat_missed", timeout=5)
-            failed = await client.wait_for("result", "error", id="held", timeout=5)
-            interrupted = await client.wait_for("interrupted", timeout=5)
+            missed = await client.wait_for("heartbeat_missed", timeout=T)
+            failed = await client.wait_for("result", "error", id="held", timeout=T)
+            interrupted = await client.wait_for("interrupted", timeout=T)
             assert failed["event"] == "error" and "ConnectionInterrupted" in failed["mro"], failed
             assert "heartbeat" in failed["message"], failed
             for name, e in (("heartbeat missed", missed), ("in-flight call failed", failed), ("on_interrupted", interrupted)):
                 _report(f"cut to {name}", e["t"] - t_cut)
                 assert e["t"] - t_cut < DETECT_LIMIT, f"{name} {e['t'] - t_cut:.3f}s after the cut\n{client._describe()}"
-            await client.wait_for("invalidated", timeout=5)
+            await client.wait_for("invalidated", timeout=T)
 
             # The link works again once restored (a fresh connection: plumbing, not the library's reconnect).
             t_restore = time.monotonic()
             await link.restore()
-            await client.send(cmd="connect")
-            again = await client.wait_for("connected", "connect_failed")
-            assert again["event"] == "connected", f"{again}\n{client._describe()}"
+            await connect(client)
             await client.send(cmd="call", id="after", method="conn_id")
             after = await client.wait_for("result", "error", id="after")
             assert after["event"] == "result" and after["value"] == 2, after
@@ -377,11 +349,7 @@ async def test_without_a_heartbeat_tcp_does_not_notice_a_short_cut(link: Link, p
     link is back the call in flight completes on the same connection."""
     async with start_server(link, pki, tmp_path) as (server, url):
         async with start_client(link, url, pki, tmp_path, mode="connect") as client:
-            await client.send(cmd="connect")
-            connected = await client.wait_for("connected", "connect_failed")
-            assert connected["event"] == "connected", f"{connected}\n{client._describe()}"
-            await client.send(cmd="call", id="held", method="hold", arg=1.0)
-            await server.wait_for("holding", conn=1)
+            await connect_and_hold(client, server, 1.0)
             await link.cut()
             await client.expect_none("error", "result", "interrupted", "invalidated", within=2 * DETECT_LIMIT)
             t_restore = time.monotonic()
@@ -399,9 +367,7 @@ async def test_service_over_tls_across_namespaces(link: Link, pki: PKI, tmp_path
             await client.send(cmd="call", id="echo", method="echo", arg="across hosts")
             result = await client.wait_for("result", "error", id="echo")
             assert result["event"] == "result" and result["value"] == "across hosts", result
-            await client.send(cmd="connect")
-            connected = await client.wait_for("connected", "connect_failed")
-            assert connected["event"] == "connected", f"{connected}\n{client._describe()}"
+            connected = await connect(client)
             assert connected["state"] == "connected"
             assert connected["transport"] == "tls" and connected["cert_subject"].get("CN") == SERVER_CN
 
@@ -411,16 +377,12 @@ async def test_service_heartbeat_notices_a_cut_link(link: Link, pki: PKI, tmp_pa
     call in flight fails with ConnectionInterrupted instead of hanging."""
     async with start_server(link, pki, tmp_path) as (server, url):
         async with start_client(link, url, pki, tmp_path, mode="service", heartbeat=HEARTBEAT) as client:
-            await client.send(cmd="connect")
-            connected = await client.wait_for("connected", "connect_failed")
-            assert connected["event"] == "connected", f"{connected}\n{client._describe()}"
-            await client.send(cmd="call", id="held", method="hold", arg=HOLD_FOREVER)
-            await server.wait_for("holding", conn=1)
+            await connect_and_hold(client, server, HOLD_FOREVER)
 
             t_cut = time.monotonic()
             await link.cut()
-            failed = await client.wait_for("result", "error", id="held", timeout=5)
-            interrupted = await client.wait_for("interrupted", timeout=5)
+            failed = await client.wait_for("result", "error", id="held", timeout=T)
+            interrupted = await client.wait_for("interrupted", timeout=T)
             assert failed["event"] == "error" and "ConnectionInterrupted" in failed["mro"], failed
             assert "heartbeat" in failed["message"], failed
             for name, e in (("in-flight call failed", failed), ("on_interrupted", interrupted)):
@@ -437,7 +399,7 @@ async def test_service_reconnects_after_the_link_is_restored(link: Link, pki: PK
             assert first["event"] == "result" and first["value"] == 1, first
 
             await link.cut()
-            await client.wait_for("interrupted", timeout=5)
+            await client.wait_for("interrupted", timeout=T)
 
             t_restore = time.monotonic()
             await link.restore()

@@ -38,11 +38,12 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 import xrpc
 from objects_fixtures.nodes import Broker, Files, Greeter, Relay, Tables, Vault
+from _procs import fd_count, own_rss, short_dir
+from _timeouts import T
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 NODES = HERE / "objects_fixtures" / "nodes.py"
-T = 20  # seconds: the bound on any single wait in these tests
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -63,7 +64,7 @@ def load_example(name: str) -> types.ModuleType:
 
 @contextlib.contextmanager
 def unix_url(name: str = "s.sock") -> Any:
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")  # AF_UNIX paths are short
+    d = short_dir()
     try:
         yield f"unix://{d}/{name}"
     finally:
@@ -101,15 +102,7 @@ def collect() -> None:
 
 
 def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    return fd_count(os.getpid())
 
 
 @contextlib.asynccontextmanager
@@ -372,7 +365,7 @@ async def test_calculator_function_holds_a_client_callback() -> None:
 
 @pytest.mark.timeout(90)
 def test_calculator_example_runs() -> None:
-    res = subprocess.run([sys.executable, str(ROOT / "examples" / "calculator.py")], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / "calculator.py")], capture_output=True, text=True, timeout=6 * T, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     printed = {}
     for line in res.stdout.splitlines():
@@ -551,7 +544,7 @@ async def test_release_propagates_through_a_third_process() -> None:
                         a, b = await relay.tables(), await vault.tables()
                         return a == Tables(0, 0) and b == Tables(0, 0, live=0)
 
-                    with anyio.move_on_after(5):
+                    with anyio.move_on_after(T):
                         await until(all_released, relay.pid)
                     assert await relay.tables() == Tables(0, 0)  # remote_refs stays 1: A still holds B's counter
                     assert await vault.tables() == Tables(0, 0, live=0)
@@ -683,7 +676,7 @@ async def test_100k_objects_created_and_dropped_without_leak() -> None:
     server = xrpc.Server()
     server.export(Store, store_impl)
     cycles, batch = 100_000, 100
-    with anyio.fail_after(280):
+    with anyio.fail_after(28 * T):
         async with served(server) as (conn, server_conn):
             store = conn.proxy(Store)
             started = time.perf_counter()
@@ -697,11 +690,11 @@ async def test_100k_objects_created_and_dropped_without_leak() -> None:
                 if i == cycles // batch // 2 - 1:
                     collect()
                     await store.ping()
-                    rss_half = rss_bytes()
+                    rss_half = own_rss()
             elapsed = time.perf_counter() - started
             collect()
             await until(lambda: server_conn.exported_objects == 0, store.ping)
-            rss_end = rss_bytes()
+            rss_end = own_rss()
             assert server_conn.exported_objects == 0
             assert conn.remote_refs == 0
             assert store_impl.calls == cycles // batch
@@ -919,7 +912,7 @@ async def test_shared_buffer_256mib_is_faster_than_copying_1mib() -> None:
     server.export(Memory, impl)
     big, small = 256 * 2**20, 2**20
     data = os.urandom(small)
-    with anyio.fail_after(60):
+    with anyio.fail_after(6 * T):
         async with served(server) as (conn, _):
             memory = conn.proxy(Memory)
             with xrpc.SharedBuffer.create(big) as buf:
@@ -1001,7 +994,7 @@ async def test_renderer_without_the_window_of_one_overwrites_frames_being_read()
 def test_renderer_example_runs() -> None:
     frames = 12
     res = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "renderer.py"), str(frames)], capture_output=True, text=True, timeout=60, cwd=ROOT
+        [sys.executable, str(ROOT / "examples" / "renderer.py"), str(frames)], capture_output=True, text=True, timeout=6 * T, cwd=ROOT
     )
     assert res.returncode == 0, res.stderr
     rnd = load_example("renderer")

@@ -28,7 +28,7 @@ from xrpc._io import Callbacks, MockIO
 from xrpc._peer import Peer
 from xrpc._protocol import ErrorCode
 
-T = 10.0  # upper bound for any single wait (they take milliseconds)
+from _timeouts import T
 
 CANCEL_TAG, GOODBYE_TAG, ERROR_TAG = 8, 10, 4
 

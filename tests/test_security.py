@@ -21,7 +21,6 @@ import socket
 import ssl
 import stat
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Protocol
 
@@ -34,13 +33,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 import xrpc
-from xrpc._protocol import PROTOCOL_VERSION, Call, ErrorCode, Hello
+from xrpc._protocol import Call, ErrorCode
 
 import _trust
 from _trust import write_pem, xrpc_warnings
-from _wire import decode_frames, frame
+from _wire import GOODBYE_TAG, HELLO, decode_frames, frame
+from _timeouts import T
+from _procs import short_dir
 
-T = 10.0  # upper bound for one exchange (they take milliseconds)
 BACKENDS = ("asyncio", "trio")
 XRPC_SRC = Path(__file__).resolve().parent.parent / "xrpc"
 
@@ -163,7 +163,6 @@ def sock_url(sock_dir: str) -> str:
     return f"unix://{sock_dir}/s.sock"
 
 
-GOODBYE_TAG = 10
 SELF_EXE = os.path.realpath(sys.executable)
 SELF_USER = pwd.getpwuid(os.getuid()).pw_name
 SELF_GROUP = grp.getgrgid(os.getgid()).gr_name
@@ -269,7 +268,7 @@ async def test_refused_peer_calls_sent_early_never_run(sock_dir: str) -> None:
     server.export(Calc, impl)
     path = f"{sock_dir}/s.sock"
     payload = msgspec.Raw(msgspec.msgpack.encode([1, 2]))
-    data = frame(Hello(PROTOCOL_VERSION, 1 << 20)) + b"".join(frame(Call(i, "Calc", "add", payload)) for i in (1, 3, 5))
+    data = HELLO + b"".join(frame(Call(i, "Calc", "add", payload)) for i in (1, 3, 5))
     received = bytearray()
     with anyio.fail_after(T):
         async with server.listen(f"unix://{path}"):
@@ -513,7 +512,7 @@ def other_user() -> pwd.struct_passwd:
 
 @pytest.fixture
 def shared_dir() -> Iterator[str]:
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    d = short_dir()
     os.chmod(d, 0o755)
     try:
         yield d
@@ -522,7 +521,7 @@ def shared_dir() -> Iterator[str]:
 
 
 async def _run_child(url: str, uid: int, gid: int) -> list[str]:
-    with anyio.fail_after(60):
+    with anyio.fail_after(6 * T):
         result = await anyio.run_process([sys.executable, "-c", CHILD, url, str(uid), str(gid)], check=False)
     out = result.stdout.decode().strip()
     assert result.returncode == 0, (out, result.stderr.decode()[-2000:])

@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Protocol, cast
@@ -46,10 +45,11 @@ from xrpc._services import (
 )
 
 from services_fixtures.probe import Client, Probe
+from _timeouts import T
+from _procs import short_dir
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
-T = 10.0  # the bound on every wait for a process or a callback
 NAME = "com.example.probe"
 PROBE = "services_fixtures.probe:make_server"
 
@@ -126,7 +126,7 @@ def _kill_if_ours(pid: int, root: Path) -> None:
 @pytest.fixture
 def env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     # AF_UNIX paths are limited to ~108 bytes: keep the runtime directory short.
-    root = Path(tempfile.mkdtemp(prefix="xr", dir="/tmp"))
+    root = Path(short_dir())
     monkeypatch.setenv("XRPC_RUNTIME_DIR", str(root))
     monkeypatch.delenv("XRPC_SERVICE_PATH", raising=False)
     services = root / "services"
@@ -693,14 +693,7 @@ async def test_heartbeat_detects_a_silent_service(env: Env) -> None:
             outcome: list[BaseException] = []
             with anyio.fail_after(T):
                 async with anyio.create_task_group() as tg:
-
-                    async def call() -> None:
-                        try:
-                            await p.hang()
-                        except Exception as exc:
-                            outcome.append(exc)
-
-                    tg.start_soon(call)
+                    tg.start_soon(failure_of, p.hang, outcome)
                     await started.wait()
                     os.kill(pid, signal.SIGSTOP)  # alive, connected, and silent
                     stopped_at = time.monotonic()
@@ -717,6 +710,14 @@ async def test_heartbeat_detects_a_silent_service(env: Env) -> None:
     print(f"\nheartbeat 0.2s: silent service detected after {detected * 1000:.0f} ms")
 
 
+async def failure_of(fn: Any, outcome: list[BaseException]) -> None:
+    """Await ``fn()``; what it raises is appended to ``outcome``."""
+    try:
+        await fn()
+    except Exception as exc:
+        outcome.append(exc)
+
+
 # --------------------------------------------------------------------------- invalidation
 async def test_aclose_invalidates_once(env: Env) -> None:
     env.describe()
@@ -729,14 +730,7 @@ async def test_aclose_invalidates_once(env: Env) -> None:
             await p.pid()
             started = client.expect_start()
             async with anyio.create_task_group() as tg:
-
-                async def call() -> None:
-                    try:
-                        await p.hang()
-                    except Exception as exc:
-                        outcome.append(exc)
-
-                tg.start_soon(call)
+                tg.start_soon(failure_of, p.hang, outcome)
                 await started.wait()
                 await sc.aclose()
         await sc.aclose()
@@ -804,11 +798,17 @@ def _install(code: Path, version: str) -> None:
     (code / "upgradable.py").write_text(UPGRADABLE.format(version=version))
 
 
-async def test_upgrade_then_kill_reaches_the_new_version(env: Env) -> None:
+def _upgradable(env: Env) -> Path:
+    """Describe the service as ``upgradable``, installed at version 1.0; the directory of its code."""
     code = env.root / "code"
     code.mkdir()
     env.describe(module="upgradable:make_server", environment={"PYTHONPATH": f"{code}{os.pathsep}{HERE}"})
     _install(code, "1.0")
+    return code
+
+
+async def test_upgrade_then_kill_reaches_the_new_version(env: Env) -> None:
+    code = _upgradable(env)
     events = Events()
     async with connect_service(NAME, search_path=env.search_path, **events.kwargs()) as sc:
         p = sc.proxy(Probe)
@@ -829,10 +829,7 @@ async def test_upgrade_then_kill_reaches_the_new_version(env: Env) -> None:
 
 
 async def test_graceful_restart_finishes_calls_in_flight_then_upgrades(env: Env) -> None:
-    code = env.root / "code"
-    code.mkdir()
-    env.describe(module="upgradable:make_server", environment={"PYTHONPATH": f"{code}{os.pathsep}{HERE}"})
-    _install(code, "1.0")
+    code = _upgradable(env)
     events = Events()
     client = ClientImpl()
     async with connect_service(NAME, exports=[(Client, client)], search_path=env.search_path, **events.kwargs()) as sc:
@@ -933,7 +930,7 @@ async def test_clients_racing_an_idle_exit_lose_nothing(env: Env) -> None:
             await anyio.sleep(rng.random() * 0.3)  # jitter: vary who arrives while the service stops
 
     t0 = time.monotonic()
-    with anyio.fail_after(300):
+    with anyio.fail_after(30 * T):
         async with anyio.create_task_group() as tg:
             for _ in range(4):
                 tg.start_soon(client_loop, 25)

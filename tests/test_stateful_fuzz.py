@@ -55,37 +55,21 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import xrpc
 import xrpc.blocking
-from xrpc._protocol import (
-    PROTOCOL_VERSION,
-    Call,
-    Cancel,
-    Credit,
-    End,
-    ErrorCode,
-    Goodbye,
-    Hello,
-    Item,
-    Ping,
-    Pong,
-    Release,
-    Reply,
-    Welcome,
-)
+from xrpc._protocol import PROTOCOL_VERSION, Call, Cancel, Credit, End, ErrorCode, Goodbye, Hello, Item, Ping, Pong, Release, Reply, Welcome
 from xrpc._protocol import Error as ErrorFrame
+from _fuzz import mutate, nested
 from _procs import ChildProcess, errors_in, log_to, serve_until_stdin_closes, short_dir
-from _wire import body_frame, frame
-from test_attacks import _mutate, nested
+from _timeouts import T
+from _wire import CREDIT_TAG, END_TAG, ERROR_TAG, GOODBYE_TAG, HELLO, ITEM_TAG, PONG_TAG, REPLY_TAG, WELCOME_TAG, body_frame, frame, pop_frames, raw
 
 MiB = 1024 * 1024
 RSS_BUDGET = 64 * MiB
-IO_TIMEOUT = 10.0  # the longest anything owed may take to arrive (a hang otherwise)
 SERVER_WINDOW = 8  # the server grants 8 items per client stream: its CREDIT frames are exercised
 MAX_RAW = 3  # raw connections open at once in one example
 # a longer run: XRPC_FUZZ_EXAMPLES=500 XRPC_FUZZ_STEPS=50 pytest tests/test_stateful_fuzz.py
 EXAMPLES = int(os.environ.get("XRPC_FUZZ_EXAMPLES", "40"))
 STEPS = int(os.environ.get("XRPC_FUZZ_STEPS", "40"))
 
-WELCOME_T, REPLY_T, ERROR_T, ITEM_T, END_T, CREDIT_T, GOODBYE_T, PING_T, PONG_T = 1, 3, 4, 5, 6, 7, 10, 11, 12
 DOCUMENTED_GOODBYE_CODES = {0, *range(1, 11)}  # 0: normal close; otherwise an ErrorCode (docs/wire.md)
 STREAM_IN, STREAM_OUT, ONEWAY = 2, 4, 1
 
@@ -235,10 +219,6 @@ class FuzzServer(ChildProcess):
 # --------------------------------------------------------------------------- the model of one raw connection
 class ServerFault(AssertionError):
     """The server broke a rule the model checks."""
-
-
-def raw(value: Any) -> msgspec.Raw:
-    return msgspec.Raw(msgspec.msgpack.encode(value))
 
 
 ANY = object()  # an outcome whose value is not checked
@@ -396,7 +376,7 @@ class RawConn:
     def settle(self) -> None:
         """Read until everything owed has arrived (open connections), or until the server has
         closed the connection (the others); check every frame on the way."""
-        deadline = time.monotonic() + IO_TIMEOUT
+        deadline = time.monotonic() + T
         while True:
             if self.state in ("open", "new", "maybe") and self.owed() is None:
                 return
@@ -404,8 +384,8 @@ class RawConn:
                 data = self._read(deadline)
             except TimeoutError:
                 if self.state in ("open", "new", "maybe"):
-                    raise ServerFault(f"{self.name}: hang: still waiting for {self.owed()} after {IO_TIMEOUT} s; sent: {self.history()}") from None
-                raise ServerFault(f"{self.name}: hang: the server did not close the connection ({self.state}: {self.fatal_why}) within {IO_TIMEOUT} s; sent: {self.history()}") from None
+                    raise ServerFault(f"{self.name}: hang: still waiting for {self.owed()} after {T} s; sent: {self.history()}") from None
+                raise ServerFault(f"{self.name}: hang: the server did not close the connection ({self.state}: {self.fatal_why}) within {T} s; sent: {self.history()}") from None
             if not data:
                 self._closed(data is None)
                 return
@@ -434,7 +414,7 @@ class RawConn:
         tag = msg[0]
         if self.goodbyes:
             raise ServerFault(f"{self.name}: a frame after GOODBYE: {msg!r}")
-        if tag == GOODBYE_T:
+        if tag == GOODBYE_TAG:
             self.goodbyes.append(msg)
             reason, code = (msg + ["", 0])[1:3]
             if code not in DOCUMENTED_GOODBYE_CODES or not isinstance(reason, str):
@@ -451,21 +431,21 @@ class RawConn:
             if not 1 <= tag <= 12:
                 raise ServerFault(f"{self.name}: an unknown frame from the server: {msg!r}")
             return
-        if tag == WELCOME_T:
+        if tag == WELCOME_TAG:
             if not self.welcome_due:
                 raise ServerFault(f"{self.name}: an unexpected WELCOME {msg!r}")
             self.welcome_due = False
             if msg[1] != PROTOCOL_VERSION or not any(e[0] == "Fz" for e in msg[3]):
                 raise ServerFault(f"{self.name}: a wrong WELCOME {msg!r}")
             return
-        if tag == PONG_T:
+        if tag == PONG_TAG:
             if self.pongs[msg[1]] <= 0:
                 raise ServerFault(f"{self.name}: a PONG {msg[1]!r} for no PING of ours (owed {sorted(self.pongs)})")
             self.pongs[msg[1]] -= 1
             if not self.pongs[msg[1]]:
                 del self.pongs[msg[1]]
             return
-        if tag not in (REPLY_T, ERROR_T, ITEM_T, END_T, CREDIT_T):
+        if tag not in (REPLY_TAG, ERROR_TAG, ITEM_TAG, END_TAG, CREDIT_TAG):
             raise ServerFault(f"{self.name}: an unexpected frame from the server: {msg!r}")
         call_id = msg[1]
         c = self.calls.get(call_id)
@@ -473,21 +453,21 @@ class RawConn:
             raise ServerFault(f"{self.name}: {msg!r} is about call {call_id!r}, which we never made (or that was one-way/refused)")
         if c.cancelled and self.state != "open":
             return
-        if tag == CREDIT_T:
+        if tag == CREDIT_TAG:
             self._on_credit(c, msg)
             return
         if c.done:
             raise ServerFault(f"{self.name}: {msg!r} after call {call_id} was complete")
         if c.cancelled:
             # a race with our CANCEL: what was on its way may still come, and must be well formed
-            if tag == ITEM_T and (not isinstance(msg[3], list) or len(msg[3]) != msg[2]):
+            if tag == ITEM_TAG and (not isinstance(msg[3], list) or len(msg[3]) != msg[2]):
                 raise ServerFault(f"{self.name}: a malformed ITEM {msg!r}")
-            if tag != ITEM_T:
+            if tag != ITEM_TAG:
                 c.done = True
             return
-        if tag == ITEM_T:
+        if tag == ITEM_TAG:
             self._on_item(c, msg)
-        elif tag == END_T:
+        elif tag == END_TAG:
             self._on_end(c, msg)
         else:
             self._on_answer(c, msg)
@@ -531,7 +511,7 @@ class RawConn:
     def _on_answer(self, c: CallM, msg: list[Any]) -> None:
         tag = msg[0]
         if c.kind in ("count", "double"):
-            if tag == REPLY_T:
+            if tag == REPLY_TAG:
                 raise ServerFault(f"{self.name}: REPLY {msg!r} on stream {c.id}")
             # an ERROR ends a stream: a refused item on a two-way stream, after the items before it
             if not (c.kind == "double" and c.bad and msg[2] == ErrorCode.VALIDATION and len(c.received) == len(c.sent)):
@@ -546,7 +526,7 @@ class RawConn:
                 want.append(("e", ErrorCode.TIMEOUT))
         else:
             want = c.accept
-        got: tuple[str, Any] = ("r", msg[2]) if tag == REPLY_T else ("e", msg[2])
+        got: tuple[str, Any] = ("r", msg[2]) if tag == REPLY_TAG else ("e", msg[2])
         ok = False
         for kind, value in want:
             if kind != got[0]:
@@ -642,10 +622,10 @@ class WireMachine(RuleBasedStateMachine):
     def _connect(self, kind: str, window: int, max_frame: int) -> RawConn:
         if kind == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(IO_TIMEOUT)
+            sock.settimeout(T)
             sock.connect(self.server.path)
         else:
-            sock = socket.create_connection(("127.0.0.1", self.server.tcp_port), timeout=IO_TIMEOUT)
+            sock = socket.create_connection(("127.0.0.1", self.server.tcp_port), timeout=T)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = RawConn(f"raw#{next(self.names)}({kind})", sock, kind, window, max_frame, _key("note"), self._count)
         self.conns.append(conn)
@@ -1104,7 +1084,7 @@ class WireMachine(RuleBasedStateMachine):
             "cancel-unknown": lambda: frame(Cancel(future)),
             "cancel-even": lambda: frame(Cancel([0, 2, -2, 2**40][x % 4])),
             "item-even": lambda: frame(Item([2, 0, -4][x % 3], 1, raw([1]))),
-            "second-hello": lambda: frame(Hello(PROTOCOL_VERSION, 1 << 20)),
+            "second-hello": lambda: HELLO,
             "welcome": lambda: frame(Welcome(PROTOCOL_VERSION, 1 << 20)),
             "reply": lambda: frame(Reply([1, 2, max(1, last), future][x % 4], raw(1))),
             "error": lambda: frame(ErrorFrame([1, 2, future][x % 3], 1, "E", "m")),
@@ -1215,10 +1195,10 @@ class WireMachine(RuleBasedStateMachine):
         elif kind == "random-body":
             data = body_frame(seed)
         elif kind == "mutated-call":
-            data = _mutate(frame(Call(conn.next_id, "Fz", "add", raw([n, 1]))), rng)
+            data = mutate(frame(Call(conn.next_id, "Fz", "add", raw([n, 1]))), rng)
             conn.next_id += 2
         else:
-            data = _mutate(self._hello(conn) if conn.state == "new" else frame(Hello(PROTOCOL_VERSION, 1 << 20)), rng)
+            data = mutate(self._hello(conn) if conn.state == "new" else HELLO, rng)
         conn.state = "loose"
         conn.fatal_why = kind
         for call in conn.calls.values():
@@ -1265,10 +1245,10 @@ class WireMachine(RuleBasedStateMachine):
             conn.close()
         self.conns = []
         # every raw connection is gone from the server's table: only the neighbour is left
-        held = self.neighbour.settle(1, IO_TIMEOUT)
+        held = self.neighbour.settle(1, T)
         assert held == 1, f"the server still holds {held - 1} raw connections after they closed"
         # and no call of theirs is left running (a wait nobody woke is cancelled with its connection)
-        left = self.neighbour.waiting(IO_TIMEOUT)
+        left = self.neighbour.waiting(T)
         assert left == 0, f"{left} calls of closed connections are still running on the server"
         assert self.neighbour.echo("still here") == "still here"
         assert [x for x in self.neighbour.count(5)] == list(range(5))
@@ -1291,8 +1271,8 @@ def fuzz_server(request: pytest.FixtureRequest) -> Iterator[FuzzServer]:
 @pytest.mark.timeout(600)  # a failure is shrunk, which takes a while
 def test_stateful_wire_fuzz(fuzz_server: FuzzServer) -> None:
     stats: dict[str, int] = {}
-    with xrpc.blocking.connect(fuzz_server.unix_url, timeout=IO_TIMEOUT) as conn:
-        neighbour = conn.proxy(Fz, timeout=IO_TIMEOUT)
+    with xrpc.blocking.connect(fuzz_server.unix_url, timeout=T) as conn:
+        neighbour = conn.proxy(Fz, timeout=T)
         assert neighbour.add(1, 2) == 3
         rss_before, peak_before = fuzz_server.rss(), fuzz_server.peak()
 
@@ -1339,11 +1319,11 @@ def test_stateful_wire_fuzz(fuzz_server: FuzzServer) -> None:
 def _raw_exchange(path: str, data: bytes) -> tuple[list[list[Any]], str]:
     """Send ``data`` on a new raw Unix connection; every frame until the server closes, and how."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(IO_TIMEOUT)
+        sock.settimeout(T)
         sock.connect(path)
         sock.sendall(data)
         received = bytearray()
-        deadline = time.monotonic() + IO_TIMEOUT
+        deadline = time.monotonic() + T
         how = ""
         while not how:
             sock.settimeout(max(0.01, deadline - time.monotonic()))
@@ -1381,12 +1361,12 @@ def test_unsupported_protocol_version_gets_exactly_one_goodbye(unix_server: Fuzz
     code 3 (VALIDATION) saying which versions, as the last frame, then the server closes."""
     frames, how = _raw_exchange(unix_server.path, frame(Hello(version, 1 << 20)) + frame(Ping(1)))
     assert how == "eof"
-    assert [f[0] for f in frames] == [GOODBYE_T], frames
+    assert [f[0] for f in frames] == [GOODBYE_TAG], frames
     (_, reason, code), = frames
     assert code == ErrorCode.VALIDATION
     assert f"unsupported protocol version {version}" in reason and f"speaks {PROTOCOL_VERSION}" in reason
     # the server is unaffected
-    with xrpc.blocking.connect(unix_server.unix_url, timeout=IO_TIMEOUT) as conn:
+    with xrpc.blocking.connect(unix_server.unix_url, timeout=T) as conn:
         assert conn.proxy(Fz).add(2, 3) == 5
 
 
@@ -1403,7 +1383,7 @@ def test_an_error_larger_than_the_peers_max_frame_is_still_answered(unix_server:
     never answered.)"""
     data = frame(Hello(PROTOCOL_VERSION, 1024)) + frame(Call(1, obj, method, raw([1, 2]))) + frame(Call(3, "Fz", "add", raw([2, 3])))
     frames, how = _raw_exchange_until(unix_server.path, data, lambda got: [3, 3, 5] in got)
-    errors = [f for f in frames if f[0] == ERROR_T]
+    errors = [f for f in frames if f[0] == ERROR_TAG]
     assert len(errors) == 1 and errors[0][1] == 1, frames
     assert errors[0][2] in (ErrorCode.OBJECT_NOT_FOUND, ErrorCode.METHOD_NOT_FOUND)
     assert len(frame(ErrorFrame(*errors[0][1:]))) <= 4 + 1024
@@ -1418,7 +1398,7 @@ def _raw_exchange_until(path: str, data: bytes, done: Any) -> tuple[list[list[An
         sock.sendall(data)
         received = bytearray()
         frames: list[list[Any]] = []
-        deadline = time.monotonic() + IO_TIMEOUT
+        deadline = time.monotonic() + T
         while not done(frames):
             sock.settimeout(max(0.01, deadline - time.monotonic()))
             try:
@@ -1428,10 +1408,7 @@ def _raw_exchange_until(path: str, data: bytes, done: Any) -> tuple[list[list[An
             if not chunk:
                 return frames, "eof"
             received += chunk
-            while len(received) >= 4 and len(received) >= 4 + int.from_bytes(received[:4], "big"):
-                size = int.from_bytes(received[:4], "big")
-                frames.append(msgspec.msgpack.decode(received[4 : 4 + size]))
-                del received[: 4 + size]
+            frames += pop_frames(received)
     return frames, "open"
 
 
@@ -1462,7 +1439,7 @@ async def test_a_welcome_larger_than_the_clients_max_frame_is_refused_cleanly(ca
     server.export(wide, Impl())
     d = short_dir()
     try:
-        with anyio.fail_after(20):
+        with anyio.fail_after(2 * T):
             async with server.listen(f"unix://{d}/s.sock") as listener:
                 with pytest.raises(xrpc.Error) as refused:
                     async with xrpc.connect(listener.url, limits=xrpc.Limits(max_frame=1024)):

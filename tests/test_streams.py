@@ -25,7 +25,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, AsyncIterator, Protocol, TypeVar, cast
 
@@ -39,8 +38,9 @@ from hypothesis import strategies as st
 import xrpc
 from conftest import serve_and_connect
 from stream_service import StreamService, pattern
+from _procs import own_rss, short_dir, status
+from _timeouts import T
 
-T = 20.0  # upper bound for any single wait (they normally take milliseconds)
 SLACK = 2  # items a producer may hold beyond its credit: the one it yielded and waits to send, plus one
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -269,6 +269,14 @@ def _server(impl: Any = None, limits: xrpc.Limits | None = None) -> tuple[xrpc.S
     return server, impl
 
 
+@contextlib.asynccontextmanager
+async def streams_proxy(server: xrpc.Server, transport: str) -> AsyncIterator[Any]:
+    """A ``Streams`` proxy to ``server`` listening on ``transport``; the whole block bounded by ``T``."""
+    with anyio.fail_after(T):
+        async with serve_and_connect(server, transport) as conn:
+            yield conn.proxy(Streams)
+
+
 async def agen(items: Any) -> AsyncIterator[Any]:
     for x in items:
         yield x
@@ -293,21 +301,15 @@ def closable(stream: AsyncIterator[_T]) -> xrpc.CallStream[_T]:
     return cast("xrpc.CallStream[_T]", stream)
 
 
-def _rss_kib(pid: int | str = "self") -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
+def _rss_kib(pid: int | None = None) -> int:
+    return (own_rss() if pid is None else status(pid)["VmRSS"]) // 1024
 
 
 # --------------------------------------------------------------------------- kinds of streams
 async def test_server_stream_typed_items(transport: str) -> None:
     server, _ = _server()
-    with anyio.fail_after(T):
-        async with serve_and_connect(server, transport) as conn:
-            p = conn.proxy(Streams)
-            got = [pt async for pt in p.walk(Point(1.5, -2.0), 50)]
+    async with streams_proxy(server, transport) as p:
+        got = [pt async for pt in p.walk(Point(1.5, -2.0), 50)]
     assert all(type(pt) is Point for pt in got)
     assert got == [Point(1.5 + i, -2.0 - i) for i in range(50)]
 
@@ -315,13 +317,11 @@ async def test_server_stream_typed_items(transport: str) -> None:
 async def test_client_stream_typed_items(transport: str) -> None:
     server, _ = _server()
     pts = [Point(float(i), float(2 * i)) for i in range(1, 101)]
-    with anyio.fail_after(T):
-        async with serve_and_connect(server, transport) as conn:
-            p = conn.proxy(Streams)
-            from_gen = await p.centroid(agen(pts))
-            from_iterable = await p.centroid(AsyncIterableOf(pts[:3]))
-            by_keyword = await p.centroid(points=agen(pts[:2]))
-            from_list = await p.centroid(pts[:4])  # a plain iterable works too
+    async with streams_proxy(server, transport) as p:
+        from_gen = await p.centroid(agen(pts))
+        from_iterable = await p.centroid(AsyncIterableOf(pts[:3]))
+        by_keyword = await p.centroid(points=agen(pts[:2]))
+        from_list = await p.centroid(pts[:4])  # a plain iterable works too
     assert type(from_gen) is Point
     assert from_gen == Point(sum(q.x for q in pts) / 100, sum(q.y for q in pts) / 100)
     assert from_iterable == Point(2.0, 4.0)
@@ -332,11 +332,9 @@ async def test_client_stream_typed_items(transport: str) -> None:
 async def test_two_way_stream_typed_items(transport: str) -> None:
     server, _ = _server()
     pts = [Point(float(i), -float(i)) for i in range(200)]
-    with anyio.fail_after(T):
-        async with serve_and_connect(server, transport) as conn:
-            p = conn.proxy(Streams)
-            got = [q async for q in p.scale(2.5, agen(pts))]
-            words = [w async for w in p.chat(agen(["a", "b", "c"]))]
+    async with streams_proxy(server, transport) as p:
+        got = [q async for q in p.scale(2.5, agen(pts))]
+        words = [w async for w in p.chat(agen(["a", "b", "c"]))]
     assert all(type(q) is Point for q in got)
     assert got == [Point(q.x * 2.5, q.y * 2.5) for q in pts]
     assert words == ["echo a", "echo b", "echo c"]
@@ -344,16 +342,14 @@ async def test_two_way_stream_typed_items(transport: str) -> None:
 
 async def test_empty_streams(transport: str) -> None:
     server, _ = _server()
-    with anyio.fail_after(T):
-        async with serve_and_connect(server, transport) as conn:
-            p = conn.proxy(Streams)
-            assert [x async for x in p.empty()] == []
-            assert [x async for x in p.count(0)] == []
-            assert await p.tally(agen([])) == 0
-            assert await p.tally(AsyncIterableOf([])) == 0
-            assert [x async for x in p.chat(agen([]))] == []
-            # the connection is still good afterwards
-            assert await p.tally(agen([Point(0, 0)] * 3)) == 3
+    async with streams_proxy(server, transport) as p:
+        assert [x async for x in p.empty()] == []
+        assert [x async for x in p.count(0)] == []
+        assert await p.tally(agen([])) == 0
+        assert await p.tally(AsyncIterableOf([])) == 0
+        assert [x async for x in p.chat(agen([]))] == []
+        # the connection is still good afterwards
+        assert await p.tally(agen([Point(0, 0)] * 3)) == 3
 
 
 @pytest.mark.timeout(120)
@@ -361,7 +357,7 @@ async def test_empty_streams(transport: str) -> None:
 async def test_million_items_intact_and_in_order(transport: str) -> None:
     n = 1_000_000
     server, _ = _server()
-    with anyio.fail_after(60):
+    with anyio.fail_after(6 * T):
         async with serve_and_connect(server, transport) as conn:
             expected = 0
             async for x in conn.proxy(Streams).count(n):
@@ -374,15 +370,13 @@ async def test_million_items_intact_and_in_order(transport: str) -> None:
 async def test_stream_is_lazy_and_restartable_per_call(transport: str) -> None:
     """Nothing is sent until the first iteration; each call is its own stream."""
     server, impl = _server()
-    with anyio.fail_after(T):
-        async with serve_and_connect(server, transport) as conn:
-            p = conn.proxy(Streams)
-            s = closable(p.endless("lazy"))
-            assert await p.echo(1) == 1  # a round trip: a CALL sent by p.endless() would have arrived
-            assert "lazy" not in impl.flows
-            assert [x async for x in p.count(3)] == [0, 1, 2]
-            assert [x async for x in p.count(3)] == [0, 1, 2]
-            await s.aclose()
+    async with streams_proxy(server, transport) as p:
+        s = closable(p.endless("lazy"))
+        assert await p.echo(1) == 1  # a round trip: a CALL sent by p.endless() would have arrived
+        assert "lazy" not in impl.flows
+        assert [x async for x in p.count(3)] == [0, 1, 2]
+        assert [x async for x in p.count(3)] == [0, 1, 2]
+        await s.aclose()
 
 
 # --------------------------------------------------------------------------- errors
@@ -410,14 +404,12 @@ async def test_declared_error_after_items(transport: str, pause: bool) -> None:
 async def test_undeclared_error_after_items(transport: str, pause: bool) -> None:
     server, _ = _server()
     got: list[int] = []
-    with anyio.fail_after(T):
-        async with serve_and_connect(server, transport) as conn:
-            p = conn.proxy(Streams)
-            with pytest.raises(xrpc.RemoteError) as info:
-                async for x in p.fail_after(5, False, pause):
-                    got.append(x)
-            # an error ends one stream, not the connection
-            assert await p.echo(9) == 9
+    async with streams_proxy(server, transport) as p:
+        with pytest.raises(xrpc.RemoteError) as info:
+            async for x in p.fail_after(5, False, pause):
+                got.append(x)
+        # an error ends one stream, not the connection
+        assert await p.echo(9) == 9
     assert info.value.type_name == "ValueError"
     assert "boom after 5" in info.value.message
     assert got == list(range(5))
@@ -437,15 +429,13 @@ async def test_wrong_item_type_is_refused_by_the_caller(transport: str) -> None:
     server, impl = _server()
     good = [Point(0, 0), Point(1, 1), Point(2, 2)]
     got: list[Point] = []
-    with anyio.fail_after(T):
-        async with serve_and_connect(server, transport) as conn:
-            p = conn.proxy(Streams)
-            with pytest.raises(xrpc.ValidationError) as info:
-                async for q in p.bad_item("bad", len(good)):
-                    got.append(q)
-            # refusing the item stops the producer, and only this stream
-            await impl.flow("bad").finished.wait()
-            assert await p.echo(1) == 1
+    async with streams_proxy(server, transport) as p:
+        with pytest.raises(xrpc.ValidationError) as info:
+            async for q in p.bad_item("bad", len(good)):
+                got.append(q)
+        # refusing the item stops the producer, and only this stream
+        await impl.flow("bad").finished.wait()
+        assert await p.echo(1) == 1
     assert info.value.method == "bad_item"
     assert got == good[: len(got)]
 
@@ -465,23 +455,19 @@ async def test_items_before_a_wrong_item_are_delivered(transport: str) -> None:
 
 async def test_unencodable_client_stream_item(transport: str) -> None:
     server, _ = _server()
-    with anyio.fail_after(T):
-        async with serve_and_connect(server, transport) as conn:
-            p = conn.proxy(Streams)
-            with pytest.raises(xrpc.ValidationError):
-                await p.tally(agen([Point(0, 0), object()]))
-            assert await p.echo(2) == 2
+    async with streams_proxy(server, transport) as p:
+        with pytest.raises(xrpc.ValidationError):
+            await p.tally(agen([Point(0, 0), object()]))
+        assert await p.echo(2) == 2
 
 
 async def test_wrong_client_stream_item_type(transport: str) -> None:
     server, _ = _server()
-    with anyio.fail_after(T):
-        async with serve_and_connect(server, transport) as conn:
-            p = conn.proxy(Streams)
-            with pytest.raises(xrpc.ValidationError) as info:
-                await p.tally(agen([Point(0, 0), Other("not a point")]))
-            assert info.value.method == "tally"
-            assert await p.echo(3) == 3
+    async with streams_proxy(server, transport) as p:
+        with pytest.raises(xrpc.ValidationError) as info:
+            await p.tally(agen([Point(0, 0), Other("not a point")]))
+        assert info.value.method == "tally"
+        assert await p.echo(3) == 3
 
 
 # --------------------------------------------------------------------------- cancellation
@@ -583,14 +569,12 @@ async def test_cancelling_a_two_way_stream_stops_both_sides(transport: str) -> N
         finally:
             source_done.set()
 
-    with anyio.fail_after(T):
-        async with serve_and_connect(server, transport) as conn:
-            p = conn.proxy(Streams)
-            stream = closable(p.chat(source()))
-            assert await stream.__anext__() == "echo line 1"
-            await stream.aclose()
-            await source_done.wait()
-            assert await p.echo(6) == 6
+    async with streams_proxy(server, transport) as p:
+        stream = closable(p.chat(source()))
+        assert await stream.__anext__() == "echo line 1"
+        await stream.aclose()
+        await source_done.wait()
+        assert await p.echo(6) == 6
     assert sent >= 1
 
 
@@ -778,13 +762,11 @@ async def test_hundreds_of_concurrent_streams(transport: str) -> None:
             lines = [f"{i}:{k}" for k in range(n)]
             results[i] = [w async for w in p.chat(agen(lines))] == [f"echo {s}" for s in lines]
 
-    with anyio.fail_after(T):
-        async with serve_and_connect(server, transport) as conn:
-            p = conn.proxy(Streams)
-            async with anyio.create_task_group() as tg:
-                for i in range(n_streams):
-                    tg.start_soon(one, p, i)
-            assert await p.echo(7) == 7
+    async with streams_proxy(server, transport) as p:
+        async with anyio.create_task_group() as tg:
+            for i in range(n_streams):
+                tg.start_soon(one, p, i)
+        assert await p.echo(7) == 7
     assert len(results) == n_streams
     assert [i for i, ok in results.items() if not ok] == []
 
@@ -819,7 +801,7 @@ async def test_unary_calls_complete_during_a_million_item_stream(transport: str)
             latencies.append(time.perf_counter() - t0)
             during += not stream_done
 
-    with anyio.fail_after(60):
+    with anyio.fail_after(6 * T):
         async with serve_and_connect(server, transport) as conn:
             p = conn.proxy(Streams)
             async with anyio.create_task_group() as tg:
@@ -887,14 +869,12 @@ async def test_cancelled_consumer_stops_within_a_few_items(transport: str) -> No
     every 16 items (a checkpoint per item would cost more than the item itself)."""
     server, _ = _server()
     taken = 0
-    with anyio.fail_after(T):
-        async with serve_and_connect(server, transport) as conn:
-            p = conn.proxy(Streams)
-            with anyio.CancelScope() as scope:
-                async for _ in p.count(200):
-                    taken += 1
-                    scope.cancel()  # the next iteration is a checkpoint: it must raise
-            assert scope.cancelled_caught
+    async with streams_proxy(server, transport) as p:
+        with anyio.CancelScope() as scope:
+            async for _ in p.count(200):
+                taken += 1
+                scope.cancel()  # the next iteration is a checkpoint: it must raise
+        assert scope.cancelled_caught
     assert 1 <= taken <= 16
 
 
@@ -902,7 +882,7 @@ async def test_cancelled_consumer_stops_within_a_few_items(transport: str) -> No
 @contextlib.asynccontextmanager
 async def stream_service() -> AsyncIterator[tuple[anyio.abc.Process, str, BufferedByteReceiveStream]]:
     """Start ``tests/stream_service.py`` on a Unix socket; yield (process, url, its stdout)."""
-    d = tempfile.mkdtemp(prefix="xr", dir="/tmp")
+    d = short_dir()
     try:
         proc = await anyio.open_process(
             [sys.executable, str(HERE / "stream_service.py"), f"unix://{d}/s.sock"],
@@ -935,7 +915,7 @@ async def test_peer_killed_during_a_stream() -> None:
             assert await p.pid() == proc.pid
             got = 0
             killed_at = math.nan
-            with anyio.fail_after(5):
+            with anyio.fail_after(T):
                 with pytest.raises(xrpc.ConnectionInterrupted):
                     async for x in p.ticks():
                         assert x == got
@@ -964,7 +944,7 @@ async def test_peer_killed_during_a_unary_call() -> None:
                     outcome.append(exc)
                 failed.set()
 
-            with anyio.fail_after(5):
+            with anyio.fail_after(T):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(call)
                     assert (await out.receive_until(b"\n", 100)) == b"hang"  # in flight on the server
@@ -1055,7 +1035,7 @@ async def test_one_gib_stream_in_bounded_memory() -> None:
             server_base = server_peak = _rss_kib(proc.pid)
             got = 0
             t0 = time.monotonic()
-            with anyio.fail_after(240):
+            with anyio.fail_after(24 * T):
                 async for blob in p.blobs(count, size):
                     if blob != expected:
                         raise AssertionError(f"item {got} is corrupt")
@@ -1107,7 +1087,7 @@ def test_progress_example_runs() -> None:
         [sys.executable, str(ROOT / "examples" / "progress.py")],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=6 * T,
         cwd=ROOT,
     )
     assert res.returncode == 0, res.stderr

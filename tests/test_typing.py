@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _timeouts import T
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = Path(__file__).resolve().parent / "typing_examples.py"
@@ -20,7 +21,7 @@ def _mypy(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=30 * T,
         env=env,
     )
 

@@ -8,6 +8,7 @@ decode is a protocol error.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, AsyncIterator, Protocol
 
 import anyio
@@ -18,8 +19,7 @@ import xrpc
 from xrpc._protocol import PROTOCOL_VERSION, ErrorCode, Hello, MethodSig
 
 from _wire import body_frame, decode_frames, frame, read_to_end
-
-T = 10.0
+from _timeouts import T
 
 
 # --------------------------------------------------------------------------- two versions of "Svc"
@@ -110,6 +110,15 @@ def serve(iface: type, impl: object) -> xrpc.Server:
     return server
 
 
+@contextlib.asynccontextmanager
+async def proxy_to(served: type, impl: object, used: type) -> AsyncIterator[Any]:
+    """A proxy of interface ``used`` to ``impl``, exported as ``served`` under the name "svc" on an
+    in-memory connection; the whole block bounded by ``T``."""
+    with anyio.fail_after(T):
+        async with xrpc.testing.connect(serve(served, impl)) as conn:
+            yield conn.proxy(used, name="svc")
+
+
 async def test_fingerprints_differ_between_versions() -> None:
     assert xrpc.describe(SvcV1).fingerprint != xrpc.describe(SvcV2).fingerprint
     assert xrpc.describe(SvcV1).fingerprint != xrpc.describe(SvcTypeChanged).fingerprint
@@ -117,31 +126,25 @@ async def test_fingerprints_differ_between_versions() -> None:
 
 async def test_old_client_new_server_compatible() -> None:
     impl = V2()
-    with anyio.fail_after(T):
-        async with xrpc.testing.connect(serve(SvcV2, impl)) as conn:
-            old = conn.proxy(SvcV1, name="svc")
-            assert await old.add(2, 3) == 5  # the new optional parameter takes its default
-            assert await old.greet("ada") == "hello ada"
+    async with proxy_to(SvcV2, impl, SvcV1) as old:
+        assert await old.add(2, 3) == 5  # the new optional parameter takes its default
+        assert await old.greet("ada") == "hello ada"
     assert impl.calls == 1
 
 
 async def test_new_client_old_server_compatible_calls_work() -> None:
     impl = V1()
-    with anyio.fail_after(T):
-        async with xrpc.testing.connect(serve(SvcV1, impl)) as conn:
-            new = conn.proxy(SvcV2, name="svc")
-            assert await new.add(2, 3) == 5  # the optional parameter left at its default is not sent
-            assert await new.greet("bob") == "hello bob"
+    async with proxy_to(SvcV1, impl, SvcV2) as new:
+        assert await new.add(2, 3) == 5  # the optional parameter left at its default is not sent
+        assert await new.greet("bob") == "hello bob"
 
 
 async def test_new_client_old_server_argument_passed_at_its_default_is_not_sent() -> None:
     impl = V1()
-    with anyio.fail_after(T):
-        async with xrpc.testing.connect(serve(SvcV1, impl)) as conn:
-            new = conn.proxy(SvcV2, name="svc")
-            # the old server refuses arguments it has no parameter for; at its default, it is not sent
-            assert await new.add(2, 3, scale=1) == 5
-            assert await new.add(2, 3, 1) == 5
+    async with proxy_to(SvcV1, impl, SvcV2) as new:
+        # the old server refuses arguments it has no parameter for; at its default, it is not sent
+        assert await new.add(2, 3, scale=1) == 5
+        assert await new.add(2, 3, 1) == 5
     assert impl.calls == 2
 
 
@@ -159,62 +162,42 @@ async def test_extra_arguments_are_refused_by_the_server() -> None:
 
 async def test_new_client_old_server_new_method_fails_at_once() -> None:
     impl = V1()
-    with anyio.fail_after(T):
-        async with xrpc.testing.connect(serve(SvcV1, impl)) as conn:
-            new = conn.proxy(SvcV2, name="svc")
-            with pytest.raises(xrpc.MethodNotFound) as info:
-                await new.shout("hi")
-            msg = str(info.value)
-            assert "shout" in msg and "Svc" in msg
-            assert "add" in msg and "greet" in msg  # says what the peer does have
-            assert await new.greet("still") == "hello still"  # the connection carries on
+    async with proxy_to(SvcV1, impl, SvcV2) as new:
+        with pytest.raises(xrpc.MethodNotFound) as info:
+            await new.shout("hi")
+        msg = str(info.value)
+        assert "shout" in msg and "Svc" in msg
+        assert "add" in msg and "greet" in msg  # says what the peer does have
+        assert await new.greet("still") == "hello still"  # the connection carries on
 
 
 async def test_new_client_old_server_new_parameter_with_a_value_is_refused() -> None:
     impl = V1()
-    with anyio.fail_after(T):
-        async with xrpc.testing.connect(serve(SvcV1, impl)) as conn:
-            new = conn.proxy(SvcV2, name="svc")
-            with pytest.raises(xrpc.ValidationError) as info:
-                await new.add(2, 3, scale=10)  # the old server would silently ignore it
-            assert info.value.argument == "scale"
-            assert "scale" in str(info.value) and "add" in str(info.value)
-            with pytest.raises(xrpc.ValidationError):
-                await new.add(2, 3, 10)  # positionally too
+    async with proxy_to(SvcV1, impl, SvcV2) as new:
+        with pytest.raises(xrpc.ValidationError) as info:
+            await new.add(2, 3, scale=10)  # the old server would silently ignore it
+        assert info.value.argument == "scale"
+        assert "scale" in str(info.value) and "add" in str(info.value)
+        with pytest.raises(xrpc.ValidationError):
+            await new.add(2, 3, 10)  # positionally too
     assert impl.calls == 0
 
 
-async def test_server_requires_a_parameter_the_client_lacks() -> None:
-    impl = RequiresMore()
-    with anyio.fail_after(T):
-        async with xrpc.testing.connect(serve(SvcRequiresMore, impl)) as conn:
-            old = conn.proxy(SvcV1, name="svc")
-            with pytest.raises(xrpc.ValidationError) as info:
-                await old.add(1, 2)
-            assert "scale" in str(info.value) and "requires" in str(info.value)
-            assert await old.greet("x") == "hello x"
-    assert impl.calls == 0
-
-
-async def test_method_kind_changed() -> None:
-    impl = KindChanged()
-    with anyio.fail_after(T):
-        async with xrpc.testing.connect(serve(SvcKindChanged, impl)) as conn:
-            old = conn.proxy(SvcV1, name="svc")
-            with pytest.raises(xrpc.ValidationError) as info:
-                await old.add(1, 2)
-            assert "stream" in str(info.value) and "unary" in str(info.value)
-    assert impl.calls == 0
-
-
-async def test_type_changed_is_refused_by_the_server_not_silently() -> None:
-    impl = TypeChanged()
-    with anyio.fail_after(T):
-        async with xrpc.testing.connect(serve(SvcTypeChanged, impl)) as conn:
-            old = conn.proxy(SvcV1, name="svc")
-            with pytest.raises(xrpc.ValidationError) as info:
-                await old.add(1, 2)
-            assert info.value.argument == "a"
+@pytest.mark.parametrize(
+    "served, impl_type, refusal",
+    [
+        pytest.param(SvcRequiresMore, RequiresMore, lambda e: "scale" in str(e) and "requires" in str(e), id="server-requires-a-parameter-the-client-lacks"),
+        pytest.param(SvcKindChanged, KindChanged, lambda e: "stream" in str(e) and "unary" in str(e), id="method-kind-changed"),
+        pytest.param(SvcTypeChanged, TypeChanged, lambda e: e.argument == "a", id="type-changed"),
+    ],
+)
+async def test_a_changed_method_is_refused_by_the_server_not_silently(served: type, impl_type: type[V1], refusal: Any) -> None:
+    impl = impl_type()
+    async with proxy_to(served, impl, SvcV1) as old:
+        with pytest.raises(xrpc.ValidationError) as info:
+            await old.add(1, 2)
+        assert refusal(info.value), info.value
+        assert await old.greet("x") == "hello x"  # the connection carries on
     assert impl.calls == 0
 
 
@@ -362,18 +345,16 @@ class SyncV1:
 
 async def test_plain_function_implementations_run_inline() -> None:
     impl = SyncV1()
-    with anyio.fail_after(T):
-        async with xrpc.testing.connect(serve(SvcV1, impl)) as conn:
-            p = conn.proxy(SvcV1, name="svc")
-            assert await p.add(1, 2) == 3
-            with xrpc.call_metadata(trace="t-1"):
-                assert await p.add(2, 2) == 4
-            assert await p.add(3, 3) == 6  # metadata does not leak into later calls
-            with pytest.raises(xrpc.RemoteError) as info:
-                await p.add(-1, 0)
-            assert info.value.type_name == "ValueError"
-            results = await _gather([p.greet(str(i)) for i in range(50)])
-            assert results == [f"hi {i}" for i in range(50)]
+    async with proxy_to(SvcV1, impl, SvcV1) as p:
+        assert await p.add(1, 2) == 3
+        with xrpc.call_metadata(trace="t-1"):
+            assert await p.add(2, 2) == 4
+        assert await p.add(3, 3) == 6  # metadata does not leak into later calls
+        with pytest.raises(xrpc.RemoteError) as info:
+            await p.add(-1, 0)
+        assert info.value.type_name == "ValueError"
+        results = await _gather([p.greet(str(i)) for i in range(50)])
+        assert results == [f"hi {i}" for i in range(50)]
     assert impl.seen[:3] == [{}, {"trace": "t-1"}, {}]
 
 

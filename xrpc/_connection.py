@@ -57,7 +57,18 @@ from ._io import Callbacks, Link, open_driver
 from ._middleware import CallContext, Middleware, call_metadata, current_metadata
 from ._objects import Export, ObjectTable, make_export
 from ._peer import Peer
-from ._protocol import ErrorCode, ExportInfo, ProtocolCore, State, conn_window_for
+from ._protocol import (
+    DEFAULT_HANDSHAKE_MAX_FRAME,
+    DEFAULT_MAX_BUFFERED,
+    DEFAULT_MAX_FRAME,
+    DEFAULT_WINDOW,
+    DEFAULT_WINDOW_BYTES,
+    ErrorCode,
+    ExportInfo,
+    ProtocolCore,
+    State,
+    conn_window_for,
+)
 from ._proxy import cached_proxy, check_compat
 from ._reading import Reader
 from ._serving import Serving
@@ -127,18 +138,18 @@ class Limits(msgspec.Struct, kw_only=True):
     being assembled counts against ``max_buffered`` (behind the ``on_connect`` gate too).
     """
 
-    max_frame: int = 16 * 1024 * 1024
-    window: int = 1024  # stream credit in items, granted per stream received
-    window_bytes: int = 4 * 1024 * 1024  # ... and in bytes
+    max_frame: int = DEFAULT_MAX_FRAME
+    window: int = DEFAULT_WINDOW  # stream credit in items, granted per stream received
+    window_bytes: int = DEFAULT_WINDOW_BYTES  # ... and in bytes
     handshake_timeout: float = 10.0
-    handshake_max_frame: int = 1024 * 1024  # the largest frame a server accepts before HELLO (see below)
+    handshake_max_frame: int = DEFAULT_HANDSHAKE_MAX_FRAME  # the largest frame a server accepts before HELLO (see below)
     max_calls_in_flight: int = 4096  # incoming calls served at once, per connection
     write_buffer_high: int = 1024 * 1024  # producers wait for the writer above this many buffered bytes
     max_objects: int = 10_000  # objects exported by reference on one connection
     max_fds: int = 64  # received file descriptors (SCM_RIGHTS) not yet claimed by a decoded value, per connection
     max_streams: int = 1024  # incoming stream calls open at once, per connection
     idle_timeout: float | None = None  # close a connection that received nothing for this long (seconds)
-    max_buffered: int = 32 * 1024 * 1024  # bytes a peer may make this side hold for it (see below)
+    max_buffered: int = DEFAULT_MAX_BUFFERED  # bytes a peer may make this side hold for it (see below)
 
 
 _EMPTY: Any = object()
