@@ -35,7 +35,7 @@ from ._streams import EMPTY, BatchReader, Credit, FlowControl, StreamQueue, Stre
 if TYPE_CHECKING:
     from ._connection import Connection
 
-__all__ = ("CallHandler", "CallStream", "Calls", "EagerPending", "OutCall", "Pending", "Promise", "StreamHandler", "push_item")
+__all__ = ("CallHandler", "CallStream", "Calls", "Side", "EagerPending", "OutCall", "Pending", "Promise", "StreamHandler", "push_item")
 
 log = logging.getLogger("xrpc")
 _T = TypeVar("_T")
@@ -192,8 +192,10 @@ class OutCall(StreamHandler):
             self.credit.close()
 
 
-class Calls:
-    """The calls one connection makes: the ``Caller`` its proxies call through."""
+class Side:
+    """What the calling and the serving side of one connection share: the connection (whose
+    ``peer`` they report), the core, the write side, the budget and credit, the stream sender and
+    the object table (the codec's wire context), and the middleware of their side."""
 
     def __init__(
         self,
@@ -204,7 +206,6 @@ class Calls:
         sender: StreamSender,
         objects: ObjectTable | None,
         middleware: Sequence[Middleware],
-        url: str,
     ) -> None:
         self.connection = connection
         self.core = core
@@ -213,6 +214,13 @@ class Calls:
         self.sender = sender
         self.objects: ObjectTable = objects  # type: ignore[assignment]  # set by the connection
         self.middleware = tuple(middleware)
+
+
+class Calls(Side):
+    """The calls one connection makes: the ``Caller`` its proxies call through."""
+
+    def __init__(self, *parts: Any, url: str) -> None:
+        super().__init__(*parts)
         self.url = url
         self.loop_thread = threading.get_ident()
 

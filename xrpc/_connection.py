@@ -198,15 +198,20 @@ class Connection:
         link = self._link = Link(core, self._fds, limits.write_buffer_high)
         flow = self._flow = FlowControl(core, link, limits.max_buffered)
         sender = StreamSender(core, link, flow)
-        calls = self._calls = Calls(self, core, link, flow, sender, None, middleware, url)
+        calls = self._calls = Calls(self, core, link, flow, sender, None, middleware, url=url)
         objects = self._objects = ObjectTable(calls, limits.max_objects, self._fds, self._release_remote)
         calls.objects = objects
         # what the peer must satisfy to be served at all: on a server its requirement, on a client
         # what the server must satisfy; checked at the handshake and again by Serving.authorize
         reader = self._reader = Reader(self, core, link, flow, objects, self._fds, limits, client)
         reader.serving = self._serving = Serving(
-            self, core, link, flow, sender, objects, limits, dict(exports or {}),
-            shared_exports if shared_exports is not None else {}, requirement, middleware, reader.room_for, reader.answered,
+            self, core, link, flow, sender, objects, middleware,
+            limits=limits,
+            exports=dict(exports or {}),
+            shared=shared_exports if shared_exports is not None else {},
+            requirement=requirement,
+            room_for=reader.room_for,
+            answered=reader.answered,
         )
         core.exports = [e.info() for e in self._serving.all_exports()]
         self._requirement = requirement

@@ -19,25 +19,24 @@ import inspect
 import logging
 import math
 import types
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import anyio
 import anyio.abc
 import msgspec
 
-from ._calls import StreamHandler
+from ._calls import Side, StreamHandler
 from ._codes import error_frame_args, refusal
 from ._errors import LimitExceeded, LocalProtocolError, ObjectNotFound, ValidationError
 from ._interface import InterfaceDescription, MethodDescription, MethodKind, describe
-from ._io import Link
-from ._middleware import CallContext, Middleware, metadata, run_chain
-from ._objects import Export, IncomingPromise, ObjectTable, OneShotExport
+from ._middleware import CallContext, metadata, run_chain
+from ._objects import Export, IncomingPromise, OneShotExport
 from ._peer import Peer
-from ._protocol import Call, CallFlags, CallRecord, ErrorCode, ExportInfo, ProtocolCore, Ref
-from ._streams import Credit, FlowControl, InStream, StreamQueue, StreamSender, resume
+from ._protocol import Call, CallFlags, CallRecord, ErrorCode, ExportInfo, Ref
+from ._streams import Credit, InStream, StreamQueue, resume
 
 if TYPE_CHECKING:
-    from ._connection import Connection, Limits
+    from ._connection import Limits
 
 __all__ = ("InCall", "Serving")
 
@@ -123,7 +122,7 @@ def _encoded_size(value: Any) -> int:
         return 0
 
 
-class Serving:
+class Serving(Side):
     """The calls one connection serves.
 
     ``room_for(size)`` waits while the peer is behind, holding an answer of about ``size`` bytes
@@ -133,31 +132,19 @@ class Serving:
 
     def __init__(
         self,
-        connection: Connection,
-        core: ProtocolCore,
-        link: Link,
-        flow: FlowControl,
-        sender: StreamSender,
-        objects: ObjectTable,
+        *parts: Any,
         limits: Limits,
         exports: dict[str, Export],
         shared: dict[str, Export],
         requirement: Any,
-        middleware: Sequence[Middleware],
         room_for: Callable[[int], Awaitable[bool]],
         answered: Callable[[int], None],
     ) -> None:
-        self.connection = connection
-        self.core = core
-        self.link = link
-        self.flow = flow
-        self.sender = sender
-        self.objects = objects
+        super().__init__(*parts)
         self.limits = limits
         self.exports = exports
         self.shared = shared
         self.requirement = requirement
-        self.middleware = tuple(middleware)
         self.room_for = room_for
         self.answered = answered
         self.serving = 0  # calls being served
