@@ -19,6 +19,7 @@ import gc
 from typing import Any, AsyncIterator, Callable, Protocol
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 import pytest
 
@@ -467,39 +468,57 @@ async def test_leaving_a_stream_early_stops_the_producer(how: str) -> None:
 
 
 # --------------------------------------------------------------------------- failure paths
-@pytest.mark.parametrize("end", ["client", "server"])
-async def test_a_severed_connection_fails_outstanding_calls_as_interrupted(end: str) -> None:
-    interrupted: list[str] = []
-    invalidated: list[str] = []
-    outcomes: list[BaseException] = []
+@dataclasses.dataclass
+class Outstanding:
+    """A hanging call and a stream being drained, left outstanding while the connection ends: how each
+    ended, and what the client's ``on_interrupted`` / ``on_invalidated`` callbacks saw."""
 
-    async def call(fn: Callable[[], Any]) -> None:
+    interrupted: list[str] = dataclasses.field(default_factory=list)
+    invalidated: list[str] = dataclasses.field(default_factory=list)
+    outcomes: list[BaseException] = dataclasses.field(default_factory=list)
+
+    def on_interrupted(self) -> None:
+        self.interrupted.append("x")
+
+    def on_invalidated(self) -> None:
+        self.invalidated.append("x")
+
+    async def start(self, p: Pair, tg: anyio.abc.TaskGroup) -> None:
+        """Start both in ``tg``; return once the call hangs at the server and the stream has produced."""
+        tg.start_soon(self._call, p.svc.hang)
+        tg.start_soon(self._call, lambda: self._drain(p))
+        await p.impl.hanging.wait()
+        await until(lambda: p.impl.produced > 0)
+
+    async def _call(self, fn: Callable[[], Any]) -> None:
         try:
             await fn()
         except Exception as exc:
-            outcomes.append(exc)
+            self.outcomes.append(exc)
 
-    async def drain() -> None:
+    @staticmethod
+    async def _drain(p: Pair) -> None:
         async for _ in p.svc.forever():
             pass
 
-    async with mock_pair(on_interrupted=lambda: interrupted.append("x"), on_invalidated=lambda: invalidated.append("x")) as p:
+
+@pytest.mark.parametrize("end", ["client", "server"])
+async def test_a_severed_connection_fails_outstanding_calls_as_interrupted(end: str) -> None:
+    out = Outstanding()
+    async with mock_pair(on_interrupted=out.on_interrupted, on_invalidated=out.on_invalidated) as p:
         with anyio.fail_after(T):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(call, p.svc.hang)
-                tg.start_soon(call, drain)
-                await p.impl.hanging.wait()
-                await until(lambda: p.impl.produced > 0)
+                await out.start(p, tg)
                 (p.client_io if end == "client" else p.server_io).sever()
             await p.impl.hang_cancelled.wait()  # the server side gave up on the call too
             await p.impl.stopped.wait()
-            assert len(outcomes) == 2 and all(type(e) is xrpc.ConnectionInterrupted for e in outcomes), outcomes
+            assert len(out.outcomes) == 2 and all(type(e) is xrpc.ConnectionInterrupted for e in out.outcomes), out.outcomes
             assert isinstance(p.client.failure, xrpc.ConnectionInterrupted)
             assert p.client.closed
-            assert interrupted == ["x"] and invalidated == ["x"]
+            assert out.interrupted == ["x"] and out.invalidated == ["x"]
             with pytest.raises(xrpc.ConnectionInvalidated):
                 await p.svc.add(1, 1)
-    assert interrupted == ["x"] and invalidated == ["x"]  # once
+    assert out.interrupted == ["x"] and out.invalidated == ["x"]  # once
 
 
 @pytest.mark.parametrize(
@@ -543,39 +562,23 @@ async def test_garbage_ends_the_connection_with_a_protocol_error_and_goodbye(end
 
 
 async def test_aclose_fails_outstanding_calls_as_invalidated() -> None:
-    interrupted: list[str] = []
-    invalidated: list[str] = []
-    outcomes: list[BaseException] = []
-
-    async def call(fn: Callable[[], Any]) -> None:
-        try:
-            await fn()
-        except Exception as exc:
-            outcomes.append(exc)
-
-    async def drain() -> None:
-        async for _ in p.svc.forever():
-            pass
-
-    async with mock_pair(keep_written=True, on_interrupted=lambda: interrupted.append("x"), on_invalidated=lambda: invalidated.append("x")) as p:
+    out = Outstanding()
+    async with mock_pair(keep_written=True, on_interrupted=out.on_interrupted, on_invalidated=out.on_invalidated) as p:
         with anyio.fail_after(T):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(call, p.svc.hang)
-                tg.start_soon(call, drain)
-                await p.impl.hanging.wait()
-                await until(lambda: p.impl.produced > 0)
+                await out.start(p, tg)
                 await p.client.aclose()
             await p.impl.hang_cancelled.wait()
             await p.impl.stopped.wait()
             await until(lambda: p.server.closed)
-            assert len(outcomes) == 2 and all(type(e) is xrpc.ConnectionInvalidated for e in outcomes), outcomes
+            assert len(out.outcomes) == 2 and all(type(e) is xrpc.ConnectionInvalidated for e in out.outcomes), out.outcomes
             assert type(p.client.failure) is xrpc.ConnectionInvalidated
-            assert interrupted == [] and invalidated == ["x"]
+            assert out.interrupted == [] and out.invalidated == ["x"]
             with pytest.raises(xrpc.ConnectionInvalidated):
                 await p.svc.add(1, 1)
     last = frames_of(p.client_io)[-1]
     assert last[0] == GOODBYE_TAG and last[2] == 0  # a normal close
-    assert interrupted == [] and invalidated == ["x"]
+    assert out.interrupted == [] and out.invalidated == ["x"]
 
 
 # --------------------------------------------------------------------------- pipelining and references
