@@ -8,7 +8,6 @@ service process (``tests/services_fixtures/store.py``) under a private runtime d
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
@@ -59,17 +58,22 @@ async def logged(store: Any, entry: str) -> list[str]:
             await anyio.sleep(0.01)
 
 
-@contextlib.asynccontextmanager
-async def open_caller(kind: str, env: Env) -> AsyncIterator[Any]:
-    """A ``ServiceConnection`` to the store service, or a plain ``Connection`` to the same service."""
+@pytest.fixture
+async def caller(request: pytest.FixtureRequest, env: Env) -> AsyncIterator[Any]:
+    """The store service, and a caller to it of the kind ``on_either_caller`` picks: a
+    ``ServiceConnection``, or a plain ``Connection`` to the same service."""
+    describe_store(env)
     async with connect_service(NAME, search_path=env.search_path) as sc:
-        if kind == "service":
+        if request.param == "service":
             yield sc
             return
         with anyio.fail_after(T):
             await sc.connect()  # launches it
         async with xrpc.connect(sc.url, timeout=T) as conn:
             yield conn
+
+
+on_either_caller = pytest.mark.parametrize("caller", CALLERS, indirect=True)
 
 
 async def numbers() -> AsyncIterator[int]:
@@ -200,80 +204,70 @@ async def test_a_pipelined_call_after_the_service_restarted_reconnects(env: Env)
 
 
 # --------------------------------------------------------------------------- the same on both callers
-@pytest.mark.parametrize("kind", CALLERS)
-async def test_pipelining_on_either_caller(env: Env, kind: str) -> None:
-    describe_store(env)
-    async with open_caller(kind, env) as caller:
-        store = xrpc.pipeline(caller.proxy(Store))
-        with anyio.fail_after(T):
-            assert await store.open("a", wait_for_chained=True).read() == "contents of a"
-            with pytest.raises(xrpc.ObjectNotFound):
-                await store.open("missing").read()
-            assert await caller.proxy(Store).log() == ["open a", "chained seen: True", "read a", "open missing"]
+@on_either_caller
+async def test_pipelining_on_either_caller(caller: Any) -> None:
+    store = xrpc.pipeline(caller.proxy(Store))
+    with anyio.fail_after(T):
+        assert await store.open("a", wait_for_chained=True).read() == "contents of a"
+        with pytest.raises(xrpc.ObjectNotFound):
+            await store.open("missing").read()
+        assert await caller.proxy(Store).log() == ["open a", "chained seen: True", "read a", "open missing"]
 
 
-@pytest.mark.parametrize("kind", CALLERS)
-async def test_a_parameter_the_peer_lacks_is_refused_on_either_caller(env: Env, kind: str) -> None:
-    describe_store(env)
-    async with open_caller(kind, env) as caller:
-        newer = caller.proxy(NewerStore)
-        with anyio.fail_after(T):
-            with pytest.raises(xrpc.ValidationError, match="no parameter 'mode'"):
-                await newer.open("a", mode="w")
-            with pytest.raises(xrpc.ValidationError, match="no parameter 'mode'"):
-                await xrpc.pipeline(newer).open("a", mode="w").read()
-            with pytest.raises(xrpc.ValidationError, match="no parameter 'loud'"):
-                await newer.note("hi", loud=True)
-            with pytest.raises(xrpc.ValidationError, match="no parameter 'scale'"):
-                await newer.total(numbers(), scale=2)
-            with pytest.raises(xrpc.ValidationError, match="no parameter 'step'"):
-                async for _ in newer.count(3, step=2):
-                    pytest.fail("refused before it is sent")  # pragma: no cover
-            # at their defaults the new parameters are not sent, and every call works
-            assert await (await newer.open("a")).read() == "contents of a"
-            assert await xrpc.pipeline(newer).open("b").read() == "contents of b"
-            await newer.note("hi")
-            assert await newer.total(numbers()) == 6
-            assert [x async for x in newer.count(3)] == [0, 1, 2]
-            assert await logged(newer, "count 3") == [
-                "open a", "read a", "open b", "read b", "note hi", "total [1, 2, 3]", "count 3",
-            ]  # fmt: skip
+@on_either_caller
+async def test_a_parameter_the_peer_lacks_is_refused_on_either_caller(caller: Any) -> None:
+    newer = caller.proxy(NewerStore)
+    with anyio.fail_after(T):
+        with pytest.raises(xrpc.ValidationError, match="no parameter 'mode'"):
+            await newer.open("a", mode="w")
+        with pytest.raises(xrpc.ValidationError, match="no parameter 'mode'"):
+            await xrpc.pipeline(newer).open("a", mode="w").read()
+        with pytest.raises(xrpc.ValidationError, match="no parameter 'loud'"):
+            await newer.note("hi", loud=True)
+        with pytest.raises(xrpc.ValidationError, match="no parameter 'scale'"):
+            await newer.total(numbers(), scale=2)
+        with pytest.raises(xrpc.ValidationError, match="no parameter 'step'"):
+            async for _ in newer.count(3, step=2):
+                pytest.fail("refused before it is sent")  # pragma: no cover
+        # at their defaults the new parameters are not sent, and every call works
+        assert await (await newer.open("a")).read() == "contents of a"
+        assert await xrpc.pipeline(newer).open("b").read() == "contents of b"
+        await newer.note("hi")
+        assert await newer.total(numbers()) == 6
+        assert [x async for x in newer.count(3)] == [0, 1, 2]
+        assert await logged(newer, "count 3") == [
+            "open a", "read a", "open b", "read b", "note hi", "total [1, 2, 3]", "count 3",
+        ]  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", CALLERS)
-async def test_a_per_proxy_timeout_on_either_caller(env: Env, kind: str) -> None:
-    describe_store(env)
-    async with open_caller(kind, env) as caller:
-        quick = caller.proxy(Store, timeout=0.3)
-        with anyio.fail_after(T):
-            assert await caller.proxy(Store).pid() > 0  # connected (launching may take longer than 0.3 s)
-            assert await quick.pid() > 0
-            t0 = time.monotonic()
-            with pytest.raises(TimeoutError):
-                await quick.hang()
-            assert time.monotonic() - t0 < 3.0
-            await logged(caller.proxy(Store), "hang cancelled")  # cancelled on the service too
-            assert await caller.proxy(Store).pid() > 0  # the caller carries on
+@on_either_caller
+async def test_a_per_proxy_timeout_on_either_caller(caller: Any) -> None:
+    quick = caller.proxy(Store, timeout=0.3)
+    with anyio.fail_after(T):
+        assert await caller.proxy(Store).pid() > 0  # connected (launching may take longer than 0.3 s)
+        assert await quick.pid() > 0
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await quick.hang()
+        assert time.monotonic() - t0 < 3.0
+        await logged(caller.proxy(Store), "hang cancelled")  # cancelled on the service too
+        assert await caller.proxy(Store).pid() > 0  # the caller carries on
 
 
-@pytest.mark.parametrize("kind", CALLERS)
-async def test_a_oneway_call_on_either_caller(env: Env, kind: str) -> None:
-    describe_store(env)
-    async with open_caller(kind, env) as caller:
-        store = caller.proxy(Store)
-        with anyio.fail_after(T):
-            assert await store.note("first") is None
-            await store.note("second")
-            log = await logged(store, "note second")
-            assert log == ["note first", "note second"]
+@on_either_caller
+async def test_a_oneway_call_on_either_caller(caller: Any) -> None:
+    store = caller.proxy(Store)
+    with anyio.fail_after(T):
+        assert await store.note("first") is None
+        await store.note("second")
+        log = await logged(store, "note second")
+        assert log == ["note first", "note second"]
 
 
-@pytest.mark.parametrize("kind", CALLERS)
-async def test_streams_both_ways_on_either_caller(env: Env, kind: str) -> None:
-    describe_store(env)
-    async with open_caller(kind, env) as caller:
-        store = caller.proxy(Store)
-        with anyio.fail_after(T):
-            assert await store.total(numbers()) == 6
-            assert [x async for x in store.count(4)] == [0, 1, 2, 3]
-            assert await store.log() == ["total [1, 2, 3]", "count 4"]
+@on_either_caller
+async def test_streams_both_ways_on_either_caller(caller: Any) -> None:
+    store = caller.proxy(Store)
+    with anyio.fail_after(T):
+        assert await store.total(numbers()) == 6
+        assert [x async for x in store.count(4)] == [0, 1, 2, 3]
+        assert await store.log() == ["total [1, 2, 3]", "count 4"]
