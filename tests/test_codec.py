@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 from typing import Annotated, Any, AsyncIterator, Callable, Optional, Protocol, Union
 
@@ -251,17 +252,17 @@ def test_describe_lists_methods_kinds_and_params() -> None:
 
 
 def _geometry_variant(distance_returns: str) -> Any:
-    """The Geometry interface declared afresh, with ``distance`` returning ``distance_returns``."""
-
-    class GeometryAgain(Protocol):
-        async def distance(self, a: Point, b: Point, scale: float = 1.0) -> float: ...
-        def walk(self, start: Point, steps: int) -> AsyncIterator[Point]: ...
-        async def centroid(self, points: AsyncIterator[Point]) -> Point: ...
-        def chat(self, lines: AsyncIterator[str]) -> AsyncIterator[str]: ...
-        @xrpc.oneway
-        async def log(self, text: str) -> None: ...
-
-    GeometryAgain.distance.__annotations__["return"] = distance_returns
+    """The Geometry interface declared afresh (new class, new function objects with their own annotations),
+    with ``distance`` returning ``distance_returns``."""
+    body: dict[str, Any] = {}
+    for name in ("distance", "walk", "centroid", "chat", "log"):
+        fn = vars(Geometry)[name]
+        again = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+        again.__dict__.update(fn.__dict__)  # keeps the @xrpc.oneway mark
+        again.__annotations__ = dict(fn.__annotations__)
+        body[name] = again
+    body["distance"].__annotations__["return"] = distance_returns
+    GeometryAgain = types.new_class("GeometryAgain", (Protocol,), exec_body=lambda ns: ns.update(body))
     return xrpc.interface(errors=(Oops,), name="Geometry")(GeometryAgain)
 
 
