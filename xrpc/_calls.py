@@ -15,7 +15,7 @@ import functools
 import logging
 import math
 import threading
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -31,9 +31,6 @@ from ._protocol import ITEM_OVERHEAD, CallRecord, ProtocolCore, Reply
 from ._protocol import Error as ErrorFrame
 from ._proxy import pipelined_method, proxy_target
 from ._streams import EMPTY, BatchReader, Credit, FlowControl, StreamQueue, StreamSender, split_stream_arg
-
-if TYPE_CHECKING:
-    from ._connection import Connection
 
 __all__ = ("CallHandler", "CallStream", "Calls", "Side", "EagerPending", "OutCall", "Pending", "Promise", "StreamHandler", "push_item")
 
@@ -199,7 +196,7 @@ class Side:
 
     def __init__(
         self,
-        connection: Connection,
+        connection: Any,  # the Connection: what middleware sees as ctx.connection, and its peer
         core: ProtocolCore,
         link: Link,
         flow: FlowControl,

@@ -39,7 +39,6 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import anyio
 import anyio.abc
-import msgspec
 
 from ._calls import Calls, CallStream, Promise
 from ._errors import (
@@ -57,18 +56,8 @@ from ._io import Callbacks, Link, open_driver
 from ._middleware import CallContext, Middleware, call_metadata, current_metadata
 from ._objects import Export, ObjectTable, make_export
 from ._peer import Peer
-from ._protocol import (
-    DEFAULT_HANDSHAKE_MAX_FRAME,
-    DEFAULT_MAX_BUFFERED,
-    DEFAULT_MAX_FRAME,
-    DEFAULT_WINDOW,
-    DEFAULT_WINDOW_BYTES,
-    ErrorCode,
-    ExportInfo,
-    ProtocolCore,
-    State,
-    conn_window_for,
-)
+from ._limits import Limits
+from ._protocol import ErrorCode, ExportInfo, ProtocolCore, State, conn_window_for
 from ._proxy import cached_proxy, check_compat
 from ._reading import Reader
 from ._serving import Serving
@@ -110,46 +99,6 @@ def current_connection() -> Connection:
         return _current.get()
     except LookupError:
         raise LookupError("xrpc.current_connection() is only available inside a remote method") from None
-
-
-class Limits(msgspec.Struct, kw_only=True):
-    """Per-connection limits, all configurable.
-
-    ``max_buffered`` is the connection's memory budget: the stream items received and not yet
-    consumed, the calls held behind the ``on_connect`` gate and a large frame being reassembled are
-    drawn from it.  Above half of it, a stream that still holds items gets no credit back until its
-    consumer has taken them; a peer that makes this side hold more than all of it is sent GOODBYE
-    (code LIMIT) and the connection ends with ``LimitExceeded``.  A peer that honours its credit never
-    gets there, however many streams it fills: the connection window announced to it, for all its
-    stream items together, is ``max_buffered - max_frame - 4`` (at least 64 KiB).  An item larger
-    than 15/16 of the peer's connection window cannot be sent.  The arguments of calls in flight are
-    drawn from the budget too (those over 1 KiB, from the CALL until the call ends): a call whose
-    frame and decoded arguments do not fit in what is left is refused with ``LimitExceeded`` before
-    it runs, and the connection lives on.  Outgoing data is bounded by
-    back-pressure instead: above ``write_buffer_high`` buffered bytes producers wait, and once
-    reading has produced more than that of answers the peer has not read, the connection stops
-    reading (and serving) what the peer sends until it does.
-
-    ``handshake_max_frame`` bounds what a peer that has not been admitted yet can make a server
-    hold: until the client's HELLO has arrived (and so before the server's requirement is checked),
-    the largest frame accepted is the smaller of it and ``max_frame``.  A HELLO carries the
-    client's export list with a signature per method, a few KiB for a typical client; a larger one
-    is refused with GOODBYE saying why.  From HELLO on, ``max_frame`` applies, and a large frame
-    being assembled counts against ``max_buffered`` (behind the ``on_connect`` gate too).
-    """
-
-    max_frame: int = DEFAULT_MAX_FRAME
-    window: int = DEFAULT_WINDOW  # stream credit in items, granted per stream received
-    window_bytes: int = DEFAULT_WINDOW_BYTES  # ... and in bytes
-    handshake_timeout: float = 10.0
-    handshake_max_frame: int = DEFAULT_HANDSHAKE_MAX_FRAME  # the largest frame a server accepts before HELLO (see below)
-    max_calls_in_flight: int = 4096  # incoming calls served at once, per connection
-    write_buffer_high: int = 1024 * 1024  # producers wait for the writer above this many buffered bytes
-    max_objects: int = 10_000  # objects exported by reference on one connection
-    max_fds: int = 64  # received file descriptors (SCM_RIGHTS) not yet claimed by a decoded value, per connection
-    max_streams: int = 1024  # incoming stream calls open at once, per connection
-    idle_timeout: float | None = None  # close a connection that received nothing for this long (seconds)
-    max_buffered: int = DEFAULT_MAX_BUFFERED  # bytes a peer may make this side hold for it (see below)
 
 
 _EMPTY: Any = object()
@@ -204,7 +153,7 @@ class Connection:
         # what the peer must satisfy to be served at all: on a server its requirement, on a client
         # what the server must satisfy; checked at the handshake and again by Serving.authorize
         reader = self._reader = Reader(self, core, link, flow, objects, self._fds, limits, client)
-        reader.serving = self._serving = Serving(
+        self._serving = Serving(
             self, core, link, flow, sender, objects, middleware,
             limits=limits,
             exports=dict(exports or {}),
@@ -213,6 +162,7 @@ class Connection:
             room_for=reader.room_for,
             answered=reader.answered,
         )
+        reader.on_call = self._serving.on_call
         core.exports = [e.info() for e in self._serving.all_exports()]
         self._requirement = requirement
         self._loop_thread = threading.get_ident()

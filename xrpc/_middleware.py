@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator, Sequence
+from typing import Any, Awaitable, Callable, Iterator, Sequence
 
 from ._interface import MethodDescription
 from ._peer import Peer
-
-if TYPE_CHECKING:
-    from ._connection import Connection
 
 __all__ = ("CallContext", "Middleware", "call_metadata", "current_metadata", "metadata", "run_chain", "run_client_chain")
 
@@ -47,7 +44,7 @@ class CallContext:
 
     __slots__ = ("method", "connection", "args", "kwargs", "metadata", "side")
 
-    def __init__(self, method: MethodDescription, connection: Connection, args: tuple[Any, ...], kwargs: dict[str, Any], metadata: dict[str, str], side: str) -> None:
+    def __init__(self, method: MethodDescription, connection: Any, args: tuple[Any, ...], kwargs: dict[str, Any], metadata: dict[str, str], side: str) -> None:
         self.method = method
         self.connection = connection
         self.args = args
@@ -57,7 +54,8 @@ class CallContext:
 
     @property
     def peer(self) -> Peer:
-        return self.connection.peer
+        peer: Peer = self.connection.peer
+        return peer
 
     def __repr__(self) -> str:
         return f"<CallContext {self.side} {self.method.qualname} peer={self.connection.peer.describe()}>"
@@ -78,7 +76,7 @@ async def run_chain(middleware: Sequence[Middleware], ctx: CallContext, last: Ca
 
 
 async def run_client_chain(
-    middleware: Sequence[Middleware], connection: Connection, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], last: Callable[[], Awaitable[Any]]
+    middleware: Sequence[Middleware], connection: Any, m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any], last: Callable[[], Awaitable[Any]]
 ) -> Any:
     """Run client middleware around ``last`` (which sends the call): what a middleware adds to
     ``ctx.metadata`` travels with the call."""

@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
-__all__ = ("Peer", "CertSubject")
+__all__ = ("Peer", "CertSubject", "PeerSource")
 
 
 class CertSubject(dict[str, str]):
@@ -68,6 +68,13 @@ class CertSubject(dict[str, str]):
 
     __setitem__ = __delitem__ = __ior__ = _read_only
     clear = pop = popitem = setdefault = update = _read_only
+
+
+class PeerSource(Protocol):
+    """Anything that knows its peer (a connection)."""
+
+    @property
+    def peer(self) -> Peer: ...
 
 
 @dataclasses.dataclass(frozen=True)

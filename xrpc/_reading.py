@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import anyio
 
@@ -27,7 +27,9 @@ from ._codes import failure_from_goodbye
 from ._errors import ConnectionInterrupted, Error, LimitExceeded, RemoteProtocolError
 from ._fds import FdTable
 from ._io import Link
+from ._limits import Limits
 from ._objects import ObjectTable
+from ._peer import PeerSource
 from ._protocol import (
     ITEM_OVERHEAD,
     Call,
@@ -48,20 +50,21 @@ from ._protocol import (
 from ._protocol import Error as ErrorFrame
 from ._streams import FlowControl
 
-if TYPE_CHECKING:
-    from ._connection import Connection, Limits
-    from ._serving import Serving
 
 __all__ = ("Reader",)
 
 log = logging.getLogger("xrpc")
 
 
+def _no_call(msg: Call, rec: Any) -> None:
+    raise AssertionError("a CALL was read before the connection was assembled")
+
+
 class Reader:
     """The reading side of one connection (see the module's docstring)."""
 
     def __init__(
-        self, connection: Connection, core: ProtocolCore, link: Link, flow: FlowControl, objects: ObjectTable, fds: FdTable, limits: Limits, client: bool
+        self, connection: PeerSource, core: ProtocolCore, link: Link, flow: FlowControl, objects: ObjectTable, fds: FdTable, limits: Limits, client: bool
     ) -> None:
         self.connection = connection
         self.core = core
@@ -70,7 +73,7 @@ class Reader:
         self.objects = objects
         self.fds = fds
         self.limits = limits
-        self.serving: Serving = None  # type: ignore[assignment]  # set by the connection
+        self.on_call: Callable[[Call, Any], None] = _no_call  # Serving.on_call, set by the connection
         self.gate: list[tuple[Any, Any]] | None = None if client else []  # frames held until on_connect is done
         self.gate_held = 0  # bytes of the reads those frames keep alive
         self.backlog: list[tuple[Any, Any]] | None = None  # frames read but held while the peer is behind
@@ -316,7 +319,7 @@ class Reader:
 
     # -------------------------------------------------------------- frame handlers (synchronous, as read)
     def _on_call(self, msg: Call, rec: Any) -> None:
-        self.serving.on_call(msg, rec)
+        self.on_call(msg, rec)
 
     def _on_reply(self, msg: Reply, rec: Any) -> None:
         h = rec.handler

@@ -19,7 +19,7 @@ import inspect
 import logging
 import math
 import types
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import anyio
 import anyio.abc
@@ -30,13 +30,11 @@ from ._codes import error_frame_args, refusal
 from ._errors import LimitExceeded, LocalProtocolError, ObjectNotFound, ValidationError
 from ._interface import InterfaceDescription, MethodDescription, MethodKind, describe
 from ._middleware import CallContext, metadata, run_chain
+from ._limits import Limits
 from ._objects import Export, IncomingPromise, OneShotExport
 from ._peer import Peer
 from ._protocol import Call, CallFlags, CallRecord, ErrorCode, ExportInfo, Ref
 from ._streams import Credit, InStream, StreamQueue, resume
-
-if TYPE_CHECKING:
-    from ._connection import Limits
 
 __all__ = ("InCall", "Serving")
 
