@@ -695,10 +695,22 @@ class _Recorder:
     def __init__(self) -> None:
         self.fed: list[bytes] = []
         self.writable_calls = 0
-        self.lost: list[BaseException | None] = []
+        self.losses: list[BaseException | None] = []
 
     def callbacks(self) -> Callbacks:
-        return Callbacks(self.feed, lambda n: True, lambda: None, lambda fds, truncated: True, self.lost.append, self.writable)
+        return self
+
+    def feed_big(self, n: int) -> bool:
+        return True
+
+    def big_target(self) -> memoryview | None:
+        return None
+
+    def fds_received(self, fds: list[int], truncated: bool) -> bool:
+        return True
+
+    def lost(self, exc: BaseException | None) -> None:
+        self.losses.append(exc)
 
     def feed(self, data: bytes) -> bool:
         self.fed.append(data)
@@ -741,6 +753,6 @@ async def test_mock_io_delivers_in_order_through_a_pause_and_counts_what_the_pee
         assert rb.fed == [b"one-", b"two-", b"three", b"four"]
         assert a.buffered() == 0 and not a.blocked() and ra.writable_calls == 1
         a.sever()
-        assert ra.lost and isinstance(ra.lost[0], ConnectionResetError) and a.done()
+        assert ra.losses and isinstance(ra.losses[0], ConnectionResetError) and a.done()
         await until(lambda: b.done())
         assert rb.fed[-1] == b""  # the peer saw the end of the stream

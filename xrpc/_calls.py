@@ -194,6 +194,8 @@ class Side:
     ``peer`` they report), the core, the write side, the budget and credit, the stream sender and
     the object table (the codec's wire context), and the middleware of their side."""
 
+    __slots__ = ("connection", "core", "link", "flow", "sender", "objects", "middleware")
+
     def __init__(
         self,
         connection: Any,  # the Connection: what middleware sees as ctx.connection, and its peer
@@ -215,6 +217,8 @@ class Side:
 
 class Calls(Side):
     """The calls one connection makes: the ``Caller`` its proxies call through."""
+
+    __slots__ = ("url", "loop_thread")
 
     def __init__(self, *parts: Any, url: str) -> None:
         super().__init__(*parts)

@@ -52,7 +52,7 @@ from ._errors import (
 )
 from ._fds import FdTable
 from ._interface import InterfaceDescription, MethodDescription
-from ._io import Callbacks, Link, open_driver
+from ._io import Link, open_driver
 from ._middleware import CallContext, Middleware, call_metadata, current_metadata
 from ._objects import Export, ObjectTable, make_export
 from ._peer import Peer
@@ -402,7 +402,7 @@ class Connection:
                 link.loop = None  # another backend (trio)
             io = open_driver(
                 self._transport,
-                Callbacks(reader.feed, reader.feed_big, core.big_target, reader.fds_received, reader.lost, reader.resume_input),
+                reader,
                 high=self.limits.write_buffer_high,
                 client=self.client,
                 ssl_context=self._ssl,

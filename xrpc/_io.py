@@ -26,7 +26,7 @@ import collections
 import socket
 import ssl
 import threading
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Any, Callable, Protocol
 
 import anyio
 import anyio.abc
@@ -51,15 +51,20 @@ READ_SIZE = 262144  # bytes asked of the kernel per read
 _SOCKET_BUFFER = 1024 * 1024
 
 
-class Callbacks(NamedTuple):
-    """What a driver calls on its connection (bound methods, called on the event loop's thread)."""
+class Callbacks(Protocol):
+    """What a driver calls on its connection (the connection's ``Reader``), on the event loop's thread."""
 
-    feed: Callable[[bytes], bool]
-    feed_big: Callable[[int], bool]
-    big_target: Callable[[], "memoryview | None"]
-    fds_received: Callable[[list[int], bool], bool]
-    lost: Callable[[BaseException | None], None]
-    writable: Callable[[], None]
+    def feed(self, data: bytes) -> bool: ...
+
+    def feed_big(self, n: int) -> bool: ...
+
+    def big_target(self) -> memoryview | None: ...
+
+    def fds_received(self, fds: list[int], truncated: bool) -> bool: ...
+
+    def lost(self, exc: BaseException | None) -> None: ...
+
+    def writable(self) -> None: ...
 
 
 class IO(Protocol):

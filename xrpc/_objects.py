@@ -159,6 +159,11 @@ class ObjectTable:
     any thread) when such a proxy is garbage-collected, to tell the peer.
     """
 
+    __slots__ = (
+        "caller", "max_objects", "fds", "_release", "_refs", "_ref_ids", "_next_oid", "_journal", "_promises", "_promise_of",
+        "_settled_ids", "remote_refs",
+    )
+
     def __init__(self, caller: Caller, max_objects: int, fds: FdTable, release: Callable[[str], None]) -> None:
         self.caller = caller
         self.max_objects = max_objects

@@ -63,6 +63,11 @@ def _no_call(msg: Call, rec: Any) -> None:
 class Reader:
     """The reading side of one connection (see the module's docstring)."""
 
+    __slots__ = (
+        "connection", "core", "link", "flow", "objects", "fds", "limits", "on_call", "gate", "gate_held", "backlog", "owed", "last_rx",
+        "handshake", "pings",
+    )
+
     def __init__(
         self, connection: PeerSource, core: ProtocolCore, link: Link, flow: FlowControl, objects: ObjectTable, fds: FdTable, limits: Limits, client: bool
     ) -> None:
@@ -82,7 +87,13 @@ class Reader:
         self.handshake = anyio.Event()  # HELLO, WELCOME or GOODBYE arrived
         self.pings: dict[int, anyio.Event] = {}
 
-    # -------------------------------------------------------------- the driver's callbacks
+    # -------------------------------------------------------------- the driver's callbacks (_io.Callbacks)
+    def big_target(self) -> memoryview | None:
+        return self.core.big_target()
+
+    def writable(self) -> None:
+        self.resume_input()
+
     def lost(self, exc: BaseException | None) -> None:
         if self.link.failure is None:
             self.link.failure = ConnectionInterrupted(f"the connection was lost: {exc!r}" if exc else "the peer closed the connection")

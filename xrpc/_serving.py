@@ -128,6 +128,11 @@ class Serving(Side):
     answer (the core's ``emitted`` count before it), so that its reading keeps pace.
     """
 
+    __slots__ = (
+        "limits", "exports", "shared", "requirement", "room_for", "answered", "serving", "streams", "tasks", "_guard_cache",
+        "_next_ticket", "_started_ticket", "_ticket_waiters",
+    )
+
     def __init__(
         self,
         *parts: Any,
