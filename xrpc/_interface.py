@@ -492,6 +492,19 @@ def _record_fields(tp: Any) -> list[tuple[str, Any]] | None:
     return None
 
 
+def _required_keys(cls: Any) -> frozenset[str]:
+    """The keys a TypedDict requires (``Required``/``NotRequired`` read from the resolved
+    annotations, as msgspec does, since postponed annotations hide them from the class)."""
+    required = set(cls.__required_keys__)
+    for k, v in typing.get_type_hints(cls, include_extras=True).items():
+        origin = get_origin(v)
+        if origin is NotRequired:
+            required.discard(k)
+        elif origin is Required:
+            required.add(k)
+    return frozenset(required)
+
+
 def _strip_required(tp: Any) -> Any:
     while get_origin(tp) in (Required, NotRequired):
         tp = get_args(tp)[0]
@@ -824,12 +837,12 @@ class RecordPlan(Plan):
                     default = msgspec.field(default_factory=factory) if factory is not dataclasses.MISSING else msgspec.NODEFAULT
                 specs.append(self._spec(dc.name, p, default, factory))
         else:  # a TypedDict: keys it does not require are left out of the wire record when absent
-            keys: frozenset[str] = cls.__required_keys__  # type: ignore[attr-defined]
+            keys = _required_keys(cls)
             for n, p in zip(self.names, self.fields):
                 specs.append((n, Any) if n in keys else (n, Any, msgspec.UNSET))
         wire = msgspec.defstruct(cls.__qualname__, specs, module=cls.__module__, **options)
         self._wire = wire  # before the field types: a field of this type again finds it
-        required: Any = getattr(cls, "__required_keys__", None)
+        required = _required_keys(cls) if self.kind == "typeddict" else None
         for n, p, t in zip(self.names, self.fields, self.types):
             tp = p.wire_type if p is not None else t
             if required is not None and n not in required:
@@ -989,10 +1002,10 @@ def _make_slot(annotation: Any, where: str) -> Slot:
                 raise InterfaceError(f"{where}: {exc}") from None
     try:
         slot = Slot(annotation)
-    except TypeError as exc:
-        raise InterfaceError(f"{where}: type {_type_name(annotation)} cannot travel: {exc}") from None
     except Misplaced as exc:
         raise InterfaceError(f"{where}: {exc}") from None
+    except TypeError as exc:
+        raise InterfaceError(f"{where}: type {_type_name(annotation)} cannot travel: {exc}") from None
     if slot.plan is None:
         bad = _custom_type(annotation)
         if bad is not None:
