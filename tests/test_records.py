@@ -557,6 +557,71 @@ async def test_a_forged_reference_inside_a_record_is_refused(url: str) -> None:
             assert await board.submit(Job(2, ListenerImpl())) == 2
 
 
+class Upload(msgspec.Struct):
+    name: str
+    sink: xrpc.FileDescriptor
+    log: Optional[Listener] = None
+
+
+@xrpc.interface
+class Uploads(Protocol):
+    async def upload(self, uploads: list[Upload]) -> int: ...
+
+    async def opened(self) -> Upload: ...
+
+
+class UploadsImpl:
+    def __init__(self) -> None:
+        self.kept: list[int] = []  # descriptors this side sent, closed by the test
+
+    async def upload(self, uploads: list[Upload]) -> int:
+        for u in uploads:
+            with u.sink, u.sink.open("wb") as f:
+                f.write(u.name.encode())
+            if u.log is not None:
+                await u.log.on(len(u.name))
+        return len(uploads)
+
+    async def opened(self) -> Upload:
+        r, w = os.pipe()
+        os.write(w, b"from the server")
+        os.close(w)
+        self.kept.append(r)
+        return Upload("r", xrpc.FileDescriptor(r))
+
+
+async def test_descriptors_inside_records_travel_over_unix() -> None:
+    impl = UploadsImpl()
+    server = xrpc.Server()
+    server.export(Uploads, impl)
+    d = short_dir()
+    try:
+        with anyio.fail_after(T):
+            async with server.listen(f"unix://{d}/u.sock") as listener, xrpc.connect(listener.url) as conn:
+                uploads = conn.proxy(Uploads)
+                pipes = [os.pipe() for _ in range(2)]
+                log = ListenerImpl()
+                try:
+                    n = await uploads.upload([Upload("one", xrpc.FileDescriptor(pipes[0][1]), log), Upload("two!", xrpc.FileDescriptor(pipes[1][1]))])
+                    assert n == 2 and log.seen == [3]
+                    for (r, w), text in zip(pipes, (b"one", b"two!")):
+                        os.close(w)  # the server's duplicate is closed too: the pipe ends
+                        with open(r, "rb") as f:
+                            assert f.read() == text
+                finally:
+                    for r, w in pipes:
+                        for fd in (r, w):
+                            with contextlib.suppress(OSError):
+                                os.close(fd)
+                got = await uploads.opened()
+                with got.sink, got.sink.open("rb") as f:
+                    assert f.read() == b"from the server"
+    finally:
+        for fd in impl.kept:
+            os.close(fd)
+        shutil.rmtree(d, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- where a reference cannot travel
 class Holder(msgspec.Struct):
     listener: Listener

@@ -467,9 +467,26 @@ def _short(tp: Any) -> str:
     return _type_name(tp)
 
 
+_FIELDS: dict[Any, list[tuple[str, Any]] | None] = {}  # _record_fields, per (hashable) type
+
+
 def _record_fields(tp: Any) -> list[tuple[str, Any]] | None:
     """The fields (name, annotation) of a record type -- a msgspec Struct, a dataclass, a
     TypedDict or a NamedTuple -- or None if ``tp`` is not one."""
+    try:
+        return _FIELDS[tp]
+    except (KeyError, TypeError):
+        pass
+    fields = _read_fields(tp)
+    if fields is not None:
+        try:
+            _FIELDS[tp] = fields
+        except TypeError:
+            pass
+    return fields
+
+
+def _read_fields(tp: Any) -> list[tuple[str, Any]] | None:
     cls = get_origin(tp) or tp
     if not isinstance(cls, type):
         return None
