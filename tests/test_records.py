@@ -738,3 +738,12 @@ def test_codegen_describes_references_inside_records(tmp_path: Path, monkeypatch
         assert codegen.has_breaking(changes), changes
         assert any("progress" in str(c) for c in changes if not c.ok("backward"))
     assert not codegen.has_breaking(codegen.compare(v1, v1))
+    # the stubs of a whole interface with records holding references declare a working interface
+    board = json.loads(json.dumps(codegen.build_schema([Board])))
+    (tmp_path / "records_board_stubs.py").write_text(codegen.render_stubs(board))
+    (stub,) = [i for i in codegen.load_targets("records_board_stubs") if i.__name__ == "Board"]
+    methods = xrpc.describe(stub).methods
+    for name in ("submit", "run_task", "place", "weigh", "evaluate", "groups"):
+        assert methods[name].ref_args, name
+    for name in ("make", "make_task", "make_order", "make_expression", "jobs", "kept"):
+        assert methods[name].reply_refs, name

@@ -716,30 +716,38 @@ class DictPlan(Plan):
 
 @dataclasses.dataclass(frozen=True)
 class OptionalPlan(Plan):
-    """``Optional[T]`` where ``T`` has plan ``inner``.  Other unions are ``UnionPlan``."""
+    """``Optional[T]`` where ``T`` has plan ``inner`` (``absent`` holds ``None``'s type, and
+    ``msgspec.UnsetType`` for a field that may be left out).  Other unions are ``UnionPlan``."""
 
     inner: Plan
+    absent: tuple[Any, ...] = (type(None),)
 
     @classmethod
     def match(cls, tp: Any) -> Plan | None:
         if get_origin(tp) not in (Union, types.UnionType):
             return None
         args = get_args(tp)
-        members = [a for a in args if a is not type(None)]
-        if len(members) != 1 or len(args) != 2:
+        members = [a for a in args if a not in _ABSENT]
+        if len(members) != 1:
             return None
         inner = _plan_at(tp, "", members[0])
-        return cls(inner) if inner is not None else None
+        if inner is None:
+            return None
+        absent = tuple(a for a in args if a in _ABSENT)
+        return cls(inner) if absent == (type(None),) else cls(inner, absent)
 
     @property
     def wire_type(self) -> Any:
-        return Union[self.inner.wire_type, None]
+        return Union[(self.inner.wire_type,) + self.absent]
 
     def to_wire(self, ctx: WireContext, value: Any) -> Any:
-        return None if value is None else self.inner.to_wire(ctx, value)
+        return value if value is None or value is msgspec.UNSET else self.inner.to_wire(ctx, value)
 
     def from_wire(self, ctx: WireContext, value: Any) -> Any:
-        return None if value is None else self.inner.from_wire(ctx, value)
+        return value if value is None or value is msgspec.UNSET else self.inner.from_wire(ctx, value)
+
+
+_ABSENT = (type(None), msgspec.UnsetType)
 
 
 _RECORD_PLANS: dict[Any, RecordPlan] = {}  # one plan per record type (recursive types meet it again)
@@ -868,9 +876,10 @@ class RecordPlan(Plan):
 
     @staticmethod
     def _spec(name: str, plan: Plan | None, default: Any, factory: Any) -> tuple[Any, ...]:
-        if plan is not None and default is not msgspec.NODEFAULT and default is not None:
-            # a default that is an object cannot stand for a wire value: such a field is always sent
-            made = factory() if callable(factory) else None
+        if plan is not None and default is not msgspec.NODEFAULT and default is not None and default is not msgspec.UNSET:
+            # a default that holds an object cannot stand for a wire value: such a field is always
+            # sent (an empty collection can)
+            made = factory() if callable(factory) else default
             default = msgspec.field(default_factory=type(made)) if type(made) in _EMPTY_FACTORIES and not made else msgspec.NODEFAULT
         return (name, Any) if default is msgspec.NODEFAULT else (name, Any, default)
 
