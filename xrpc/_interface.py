@@ -360,6 +360,7 @@ class Plan:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         Plan.kinds.append(cls)
+        _HOLDS.clear()  # a type may hold values of the new kind
 
     @classmethod
     def match(cls, tp: Any) -> Plan | None:
@@ -528,9 +529,25 @@ def _strip_required(tp: Any) -> Any:
     return tp
 
 
+_HOLDS: dict[Any, bool] = {}  # _holds_refs, per (hashable) type
+
+
 def _holds_refs(tp: Any) -> bool:
     """Does some kind of plan (a reference, a descriptor) sit anywhere inside ``tp``, through the
     fields of records and the arguments of generic types, at any depth?"""
+    try:
+        return _HOLDS[tp]
+    except (KeyError, TypeError):
+        pass
+    found = _search_refs(tp)
+    try:
+        _HOLDS[tp] = found
+    except TypeError:
+        pass
+    return found
+
+
+def _search_refs(tp: Any) -> bool:
     stack: list[Any] = [tp]
     seen: set[Any] = set()
     while stack:
