@@ -137,6 +137,10 @@ class Board(Protocol):
 
     def jobs(self, count: int) -> AsyncIterator[Job]: ...
 
+    async def collect(self, jobs: AsyncIterator[Job]) -> int: ...
+
+    def watch(self, job: Job, times: int) -> AsyncIterator[int]: ...
+
     async def keep(self, job: Job) -> None: ...
 
     async def kept(self) -> Job: ...
@@ -244,6 +248,13 @@ class BoardImpl:
     async def jobs(self, count: int) -> AsyncIterator[Job]:
         for i in range(count):
             yield Job(i, ListenerImpl(factor=10))
+
+    async def collect(self, jobs: AsyncIterator[Job]) -> int:
+        return sum([await j.progress.on(j.id) async for j in jobs])
+
+    async def watch(self, job: Job, times: int) -> AsyncIterator[int]:
+        for i in range(times):
+            yield await job.progress.on(i)
 
     async def keep(self, job: Job) -> None:
         self.held = job
@@ -402,9 +413,16 @@ async def test_references_inside_records_travel_both_ways(url: str) -> None:
             assert [await h.on(5) for h in task.helpers] == [0, 5, 10]
             order = await board.make_order(6)
             assert set(order) == {"qty", "notify"} and await order["notify"].on(order["qty"]) == 12
-            # stream items
+            # stream items, both ways, and a record argument of a stream call
             seen = [await j.progress.on(j.id) async for j in board.jobs(3)]
             assert seen == [0, 10, 20]
+
+            async def feed() -> AsyncIterator[Job]:
+                for i in range(3):
+                    yield Job(i, ListenerImpl(factor=i))
+
+            assert await board.collect(feed()) == 0 + 1 + 4
+            assert [n async for n in board.watch(Job(0, ListenerImpl(factor=5)), 3)] == [0, 5, 10]
             # an array-like, tagged, renamed record and back
             w = await board.wide(Wide(1, mine))
             assert w.first_item == 2 and w.the_listener is mine  # our own object, home again
