@@ -20,6 +20,7 @@ import gc
 import json
 import os
 import shutil
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, NamedTuple, Optional, Protocol, Union
@@ -638,6 +639,37 @@ async def test_descriptors_inside_records_travel_over_unix() -> None:
         for fd in impl.kept:
             os.close(fd)
         shutil.rmtree(d, ignore_errors=True)
+
+
+def _deep(depth: int, function: Any) -> Expression:
+    e: Expression = Literal(1.0)
+    for _ in range(depth):
+        e = Call(function, [e])
+    return e
+
+
+async def test_a_record_nested_too_deeply_is_refused_not_crashed(url: str) -> None:
+    with anyio.fail_after(T):
+        async with served(url) as (board, conn, server_conn, impl):
+            f = FunctionImpl(sum)
+            assert await board.evaluate(_deep(100, f)) == 1.0
+            with pytest.raises(xrpc.ValidationError, match="argument 'expression'.*nested too deeply"):
+                await board.evaluate(_deep(5000, f))
+            assert conn.exported_objects == 0
+            # a peer that sends such a tree (built here with a higher recursion limit) is refused
+            # too: by the decoder, or deep enough for it and too deep to rebuild
+            m = xrpc.describe(Board).methods["evaluate"]
+            ctx = RecordingContext()
+            for depth in (300, 5000):
+                limit = sys.getrecursionlimit()
+                sys.setrecursionlimit(100_000)
+                try:
+                    payload = msgspec.msgpack.encode(m.encode_args((_deep(depth, f),), {}, ctx))
+                finally:
+                    sys.setrecursionlimit(limit)
+                with pytest.raises(xrpc.ValidationError, match="argument.*(nested too deeply|recursion depth)"):
+                    m.decode_args(payload, ctx)
+            assert await board.ping() == 1
 
 
 # --------------------------------------------------------------------------- where a reference cannot travel

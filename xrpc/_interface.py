@@ -299,6 +299,8 @@ class Slot:
             return plan.to_wire(ctx, value)
         except (TypeError, AttributeError) as exc:
             raise ValueError(f"expected {_type_name(self.annotation)}: {exc}") from None
+        except RecursionError:
+            raise ValueError("the value is nested too deeply") from None
 
     def from_wire(self, ctx: WireContext | None, value: Any) -> Any:
         """Receiving side of a slot with references: references become proxies (or the original object)."""
@@ -307,7 +309,10 @@ class Slot:
             return value
         if ctx is None:
             raise ValidationError(_NO_CONTEXT)
-        return plan.from_wire(ctx, value)
+        try:
+            return plan.from_wire(ctx, value)
+        except RecursionError:
+            raise ValidationError("the value is nested too deeply") from None
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"type": _type_name(_strip_annotated(self.annotation))}
