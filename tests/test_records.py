@@ -389,6 +389,65 @@ def test_the_plain_part_of_a_record_encodes_as_the_record_itself() -> None:
         job_plan.to_wire(ctx, 5)
 
 
+class KwOnly(msgspec.Struct, kw_only=True):
+    a: int = 0
+    listener: Listener
+
+
+@dataclasses.dataclass(kw_only=True)
+class KwOnlyData:
+    a: int = 0
+    listener: Listener
+
+
+class Base(msgspec.Struct):
+    listener: Listener
+
+
+class Derived(Base):
+    extra: int = 0
+
+
+class Checked(msgspec.Struct):
+    listener: Listener
+    n: int
+
+    def __post_init__(self) -> None:
+        if self.n < 0:
+            raise ValueError("n must not be negative")
+
+
+@pytest.mark.parametrize(
+    ("tp", "value"),
+    [
+        (KwOnly, KwOnly(a=3, listener=ListenerImpl())),
+        (KwOnlyData, KwOnlyData(a=3, listener=ListenerImpl())),
+        (Base, Derived(ListenerImpl(), 4)),
+        (Checked, Checked(ListenerImpl(), 2)),
+        (Task, Task("x", None, [ListenerImpl(), ListenerImpl()])),
+        (Order, {"qty": 1, "notify": ListenerImpl()}),
+        (Pair, Pair(ListenerImpl(), 0.5)),
+    ],
+)
+def test_records_of_every_shape_are_rebuilt(tp: Any, value: Any) -> None:
+    ctx = RecordingContext()
+    plan = plan_of(tp)
+    assert isinstance(plan, RecordPlan)
+    payload = msgspec.msgpack.encode(plan.to_wire(ctx, value))
+    back = plan.from_wire(ctx, msgspec.msgpack.decode(payload, type=plan.wire_type))
+    expected = Base(value.listener) if type(value) is Derived else value
+    assert type(back) is type(expected) and back == expected
+
+
+def test_a_record_the_receiver_refuses_to_build_is_a_validation_error() -> None:
+    ctx = RecordingContext()
+    plan = plan_of(Checked)
+    assert plan is not None
+    payload = msgspec.msgpack.encode({"listener": plan.to_wire(ctx, Checked(ListenerImpl(), 1)).listener, "n": -1})
+    with pytest.raises(xrpc.ValidationError, match="Checked refused: n must not be negative"):
+        plan.from_wire(ctx, msgspec.msgpack.decode(payload, type=plan.wire_type))
+
+
 # --------------------------------------------------------------------------- both directions
 async def test_references_inside_records_travel_both_ways(url: str) -> None:
     with anyio.fail_after(T):

@@ -515,6 +515,15 @@ def _read_fields(tp: Any) -> list[tuple[str, Any]] | None:
     return None
 
 
+def _takes_in_order(cls: type, names: tuple[str, ...]) -> bool:
+    """Does ``cls(...)`` take exactly the fields ``names``, in that order, as positional arguments?"""
+    try:
+        params = list(inspect.signature(cls).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return [p.name for p in params] == list(names) and all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
+
+
 def _required_keys(cls: Any) -> frozenset[str]:
     """The keys a TypedDict requires (``Required``/``NotRequired`` read from the resolved
     annotations, as msgspec does, since postponed annotations hide them from the class)."""
@@ -798,6 +807,9 @@ class RecordPlan(Plan):
     fields: tuple[Plan | None, ...] = ()
     _wire: Any = dataclasses.field(default=None, repr=False)
     _planned: tuple[tuple[str, Plan | None], ...] = dataclasses.field(default=(), repr=False)
+    _index: tuple[tuple[int, Plan], ...] = dataclasses.field(default=(), repr=False)  # the fields with plans
+    _wire_positional: bool = dataclasses.field(default=False, repr=False)  # the wire record takes its fields in order
+    _user_positional: bool = dataclasses.field(default=False, repr=False)  # and so does the user's class
 
     @classmethod
     def match(cls, tp: Any) -> Plan | None:
@@ -832,6 +844,8 @@ class RecordPlan(Plan):
                 del _RECORD_PLANS[key]
             raise
         plan._planned = tuple(zip(plan.names, plan.fields))
+        plan._index = tuple((i, p) for i, p in enumerate(plan.fields) if p is not None)
+        plan._user_positional = kind in ("struct", "dataclass") and _takes_in_order(rtype, plan.names)
         return plan
 
     @property
@@ -857,7 +871,7 @@ class RecordPlan(Plan):
                 raise
             return
         specs: list[Any] = []
-        options: dict[str, Any] = {"kw_only": True}
+        options: dict[str, Any] = {}
         if self.kind == "struct":
             cfg = cls.__struct_config__  # type: ignore[attr-defined]
             options.update(
@@ -887,7 +901,11 @@ class RecordPlan(Plan):
             keys = _required_keys(cls)
             for n, p in zip(self.names, self.fields):
                 specs.append((n, Any) if n in keys else (n, Any, msgspec.UNSET))
-        wire = msgspec.defstruct(cls.__qualname__, specs, module=cls.__module__, **options)
+        try:  # positional when the field order allows it: building it is faster
+            wire = msgspec.defstruct(cls.__qualname__, specs, module=cls.__module__, **options, kw_only=False)
+            self._wire_positional = True
+        except TypeError:  # a required field after one with a default
+            wire = msgspec.defstruct(cls.__qualname__, specs, module=cls.__module__, **options, kw_only=True)
         self._wire = wire  # before the field types: a field of this type again finds it
         required = _required_keys(cls) if self.kind == "typeddict" else None
         for n, p, t in zip(self.names, self.fields, self.types):
@@ -907,47 +925,47 @@ class RecordPlan(Plan):
 
     def to_wire(self, ctx: WireContext, value: Any) -> Any:
         kind = self.kind
-        expected: type = dict if kind == "typeddict" else self.cls
+        expected: Any = dict if kind == "typeddict" else self.cls
         if not isinstance(value, expected):
             raise ValueError(f"expected {self.name}, got {type(value).__qualname__}")
-        value = typing.cast(Any, value)
-        wire = self.wire_type
+        names = self.names
+        if kind == "typeddict":
+            values = [value.get(n, msgspec.UNSET) for n in names]
+        elif kind == "struct" and type(value) is self.cls:
+            values = list(msgspec.structs.astuple(typing.cast(msgspec.Struct, value)))
+        elif kind == "namedtuple":
+            values = list(value)
+        else:
+            values = [getattr(value, n) for n in names]
+        for i, p in self._index:
+            v = values[i]
+            if v is msgspec.UNSET:
+                continue  # a TypedDict key left out
+            try:
+                values[i] = p.to_wire(ctx, v)
+            except (ValueError, TypeError, AttributeError) as exc:
+                raise ValueError(f"{self.name}.{names[i]}: {exc}") from None
         if kind == "namedtuple":
-            return [v if p is None else p.to_wire(ctx, v) for (_, p), v in zip(self._planned, value)]
-        out: dict[str, Any] = {}
-        for n, p in self._planned:
-            if kind == "typeddict":
-                if n not in value:
-                    continue
-                v = value[n]
-            else:
-                v = getattr(value, n)
-            if p is not None:
-                try:
-                    v = p.to_wire(ctx, v)
-                except (ValueError, TypeError, AttributeError) as exc:
-                    raise ValueError(f"{self.name}.{n}: {exc}") from None
-            out[n] = v
+            return values
+        wire = self.wire_type
         try:
-            return wire(**out)
+            return wire(*values) if self._wire_positional else wire(**dict(zip(names, values)))
         except TypeError as exc:
             raise ValueError(f"{self.name}: {exc}") from None
 
     def from_wire(self, ctx: WireContext, value: Any) -> Any:
         kind = self.kind
-        if kind == "namedtuple":
-            values = [v if p is None else p.from_wire(ctx, v) for (_, p), v in zip(self._planned, value)]
-            return self.cls(*values)
-        out: dict[str, Any] = {}
-        for n, p in self._planned:
-            v = getattr(value, n)
-            if v is msgspec.UNSET:
-                continue
-            out[n] = v if p is None else p.from_wire(ctx, v)
+        values = list(value) if kind == "namedtuple" else list(msgspec.structs.astuple(value))
+        for i, p in self._index:
+            v = values[i]
+            if v is not msgspec.UNSET:
+                values[i] = p.from_wire(ctx, v)
         if kind == "typeddict":
-            return out
+            return {n: v for n, v in zip(self.names, values) if v is not msgspec.UNSET}
         try:
-            return self.cls(**out)
+            if kind == "namedtuple" or self._user_positional:
+                return self.cls(*values)
+            return self.cls(**dict(zip(self.names, values)))
         except (TypeError, ValueError) as exc:
             raise ValidationError(f"{self.name} refused: {exc}") from None
 
