@@ -35,7 +35,7 @@ import typing
 from typing import Any, Callable, TypeVar, Union
 
 import msgspec
-from typing_extensions import Annotated, get_args, get_origin
+from typing_extensions import Annotated, Literal, NotRequired, Required, get_args, get_origin, is_typeddict
 
 from ._errors import InterfaceError, ValidationError
 from ._fds import FileDescriptor, SharedBuffer, adopt_fd, received_buffer, sealed_fd
@@ -66,6 +66,8 @@ __all__ = (
     "TuplePlan",
     "DictPlan",
     "OptionalPlan",
+    "RecordPlan",
+    "UnionPlan",
 )
 
 _T = TypeVar("_T")
@@ -219,6 +221,8 @@ class Slot:
         else:
             self.classes = {}
             for c in classes:
+                if _holds_refs(c):
+                    raise InterfaceError(f"xrpc.allow() cannot widen a slot to {_short(c)}, which holds objects by reference")
                 key = _class_key(c)
                 if key in self.classes and self.classes[key] is not c:
                     raise InterfaceError(f"two allowed classes share the name {key!r}")
@@ -295,6 +299,8 @@ class Slot:
             return plan.to_wire(ctx, value)
         except (TypeError, AttributeError) as exc:
             raise ValueError(f"expected {_type_name(self.annotation)}: {exc}") from None
+        except RecursionError:
+            raise ValueError("the value is nested too deeply") from None
 
     def from_wire(self, ctx: WireContext | None, value: Any) -> Any:
         """Receiving side of a slot with references: references become proxies (or the original object)."""
@@ -303,7 +309,10 @@ class Slot:
             return value
         if ctx is None:
             raise ValidationError(_NO_CONTEXT)
-        return plan.from_wire(ctx, value)
+        try:
+            return plan.from_wire(ctx, value)
+        except RecursionError:
+            raise ValidationError("the value is nested too deeply") from None
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"type": _type_name(_strip_annotated(self.annotation))}
@@ -356,6 +365,7 @@ class Plan:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         Plan.kinds.append(cls)
+        _HOLDS.clear()  # a type may hold values of the new kind
 
     @classmethod
     def match(cls, tp: Any) -> Plan | None:
@@ -384,21 +394,196 @@ class Plan:
             elif isinstance(v, tuple):
                 yield from (p for p in v if isinstance(p, Plan))
 
-    def walk(self) -> typing.Iterator[Plan]:
-        """This plan and every plan inside it, depth first."""
+    def walk(self, _records: set[int] | None = None) -> typing.Iterator[Plan]:
+        """This plan and every plan inside it, depth first (a record met again, as in a recursive
+        type, is not entered twice)."""
+        if isinstance(self, RecordPlan):
+            if _records is None:
+                _records = set()
+            if id(self) in _records:
+                return
+            _records.add(id(self))
         yield self
         for p in self.parts():
-            yield from p.walk()
+            yield from p.walk(_records)
 
 
 def plan_of(tp: Any) -> Plan | None:
-    """The plan of annotation ``tp``, or None if its values are plain data throughout."""
+    """The plan of annotation ``tp``, or None if its values are plain data throughout.
+
+    Raises ``InterfaceError`` naming the place (``list[Holder][*].listener``) where ``tp`` holds a
+    reference (or a descriptor) in a position nothing can carry it from.
+    """
     tp = _strip_annotated(tp)
+    plan = _match_kinds(tp)
+    if plan is None and _holds_refs(tp):
+        raise Misplaced(
+            _short(tp),
+            f"a reference cannot travel inside {_short(get_origin(tp) or tp)}: only inside msgspec Structs, "
+            "dataclasses, TypedDicts, NamedTuples, list/set/tuple items, dict values, Optional[...] "
+            "and unions of tagged Structs",
+        )
+    return plan
+
+
+def _match_kinds(tp: Any) -> Plan | None:
     for kind in Plan.kinds:
         plan = kind.match(tp)
         if plan is not None:
             return plan
     return None
+
+
+class Misplaced(InterfaceError):
+    """A reference (or a descriptor) where it cannot travel.  ``root`` and ``path`` name the place
+    (``list[Holder]`` and ``[*].listener``), ``rule`` says what may hold one."""
+
+    def __init__(self, root: str, rule: str, path: str = "") -> None:
+        self.root, self.rule, self.path = root, rule, path
+        super().__init__(f"{root}{path}: {rule}")
+
+
+def _plan_at(outer: Any, step: str, inner: Any) -> Plan | None:
+    """``plan_of(inner)``, where ``inner`` sits at ``step`` inside ``outer`` (errors say so)."""
+    try:
+        return plan_of(inner)
+    except Misplaced as exc:
+        raise Misplaced(_short(outer), exc.rule, step + exc.path) from None
+
+
+def _short(tp: Any) -> str:
+    """A short name for a type, as it reads in the source (``list[Holder]``, ``Optional[Job]``)."""
+    tp = _strip_annotated(tp)
+    if tp is type(None):
+        return "None"
+    if tp is Ellipsis:
+        return "..."
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        members = [a for a in args if a is not type(None)]
+        if len(members) == 1:
+            return f"Optional[{_short(members[0])}]"
+        return f"Union[{', '.join(_short(a) for a in args)}]"
+    if origin is Literal:
+        return f"Literal[{', '.join(repr(a) for a in args)}]"
+    if origin is not None and args:
+        return f"{getattr(origin, '__name__', _type_name(origin))}[{', '.join(_short(a) for a in args)}]"
+    if isinstance(tp, type):
+        return tp.__qualname__
+    return _type_name(tp)
+
+
+_FIELDS: dict[Any, list[tuple[str, Any]] | None] = {}  # _record_fields, per (hashable) type
+
+
+def _record_fields(tp: Any) -> list[tuple[str, Any]] | None:
+    """The fields (name, annotation) of a record type -- a msgspec Struct, a dataclass, a
+    TypedDict or a NamedTuple -- or None if ``tp`` is not one."""
+    try:
+        return _FIELDS[tp]
+    except (KeyError, TypeError):
+        pass
+    fields = _read_fields(tp)
+    if fields is not None:
+        try:
+            _FIELDS[tp] = fields
+        except TypeError:
+            pass
+    return fields
+
+
+def _read_fields(tp: Any) -> list[tuple[str, Any]] | None:
+    cls = get_origin(tp) or tp
+    if not isinstance(cls, type):
+        return None
+    try:
+        if issubclass(cls, msgspec.Struct):
+            return [(f.name, f.type) for f in msgspec.structs.fields(tp)]
+        if dataclasses.is_dataclass(cls):
+            hints = typing.get_type_hints(cls, include_extras=True)
+            return [(f.name, hints.get(f.name, Any)) for f in dataclasses.fields(cls)]
+        if is_typeddict(cls):
+            hints = typing.get_type_hints(cls, include_extras=True)
+            return [(k, _strip_required(v)) for k, v in hints.items()]
+        if issubclass(cls, tuple) and hasattr(cls, "_fields"):
+            hints = typing.get_type_hints(cls, include_extras=True)
+            return [(k, hints.get(k, Any)) for k in cls._fields]
+    except NameError:
+        raise  # a forward reference to a name defined later: the interface is resolved on first use
+    except Exception:
+        return None  # msgspec says what is wrong with it when it builds the decoder
+    return None
+
+
+def _takes_in_order(cls: type, names: tuple[str, ...]) -> bool:
+    """Does ``cls(...)`` take exactly the fields ``names``, in that order, as positional arguments?"""
+    try:
+        params = list(inspect.signature(cls).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return [p.name for p in params] == list(names) and all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
+
+
+def _required_keys(cls: Any) -> frozenset[str]:
+    """The keys a TypedDict requires (``Required``/``NotRequired`` read from the resolved
+    annotations, as msgspec does, since postponed annotations hide them from the class)."""
+    required = set(cls.__required_keys__)
+    for k, v in typing.get_type_hints(cls, include_extras=True).items():
+        origin = get_origin(v)
+        if origin is NotRequired:
+            required.discard(k)
+        elif origin is Required:
+            required.add(k)
+    return frozenset(required)
+
+
+def _strip_required(tp: Any) -> Any:
+    while get_origin(tp) in (Required, NotRequired):
+        tp = get_args(tp)[0]
+    return tp
+
+
+_HOLDS: dict[Any, bool] = {}  # _holds_refs, per (hashable) type
+
+
+def _holds_refs(tp: Any) -> bool:
+    """Does some kind of plan (a reference, a descriptor) sit anywhere inside ``tp``, through the
+    fields of records and the arguments of generic types, at any depth?"""
+    try:
+        return _HOLDS[tp]
+    except (KeyError, TypeError):
+        pass
+    found = _search_refs(tp)
+    try:
+        _HOLDS[tp] = found
+    except TypeError:
+        pass
+    return found
+
+
+def _search_refs(tp: Any) -> bool:
+    stack: list[Any] = [tp]
+    seen: set[Any] = set()
+    while stack:
+        t = _strip_annotated(stack.pop())
+        if get_origin(t) is Literal:
+            continue
+        try:
+            if t in seen:
+                continue
+            seen.add(t)
+        except TypeError:
+            pass  # unhashable: not a record, so not part of a cycle
+        fields = _record_fields(t)
+        if fields is not None:
+            stack.extend(ft for _, ft in fields)
+            continue
+        args = get_args(t)
+        if args:
+            stack.extend(a for a in args if a is not Ellipsis)
+        elif _match_kinds(t) is not None:
+            return True
+    return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -487,7 +672,7 @@ class SeqPlan(Plan):
             container = tuple
         else:
             return None
-        item = plan_of(args[0])
+        item = _plan_at(tp, "[*]", args[0])
         return cls(item, container) if item is not None else None
 
     @property
@@ -516,7 +701,7 @@ class TuplePlan(Plan):
         args = get_args(tp)
         if get_origin(tp) is not tuple or not args or (len(args) == 2 and args[1] is Ellipsis):
             return None
-        items = tuple(plan_of(a) for a in args)
+        items = tuple(_plan_at(tp, f"[{i}]", a) for i, a in enumerate(args))
         return cls(items, args) if any(p is not None for p in items) else None
 
     @property
@@ -542,7 +727,9 @@ class DictPlan(Plan):
         args = get_args(tp)
         if get_origin(tp) not in _MAPPINGS or len(args) != 2:
             return None
-        value = plan_of(args[1])
+        if _holds_refs(args[0]):
+            raise Misplaced(_short(tp), "a mapping key cannot hold a reference (its values can)")
+        value = _plan_at(tp, "[*]", args[1])
         return cls(args[0], value) if value is not None else None
 
     @property
@@ -560,32 +747,286 @@ class DictPlan(Plan):
 
 @dataclasses.dataclass(frozen=True)
 class OptionalPlan(Plan):
-    """``Optional[T]`` where ``T`` has plan ``inner``.  Other unions may not hold references."""
+    """``Optional[T]`` where ``T`` has plan ``inner`` (``absent`` holds ``None``'s type, and
+    ``msgspec.UnsetType`` for a field that may be left out).  Other unions are ``UnionPlan``."""
 
     inner: Plan
+    absent: tuple[Any, ...] = (type(None),)
 
     @classmethod
     def match(cls, tp: Any) -> Plan | None:
         if get_origin(tp) not in (Union, types.UnionType):
             return None
         args = get_args(tp)
-        members = [a for a in args if a is not type(None)]
-        plans = [plan_of(m) for m in members]
-        if len(members) == 1 and len(args) == 2 and plans[0] is not None:
-            return cls(plans[0])
-        if any(p is not None for p in plans):
-            raise InterfaceError(f"{_type_name(tp)}: a union may hold a reference only as Optional[...]")
-        return None
+        members = [a for a in args if a not in _ABSENT]
+        if len(members) != 1:
+            return None
+        inner = _plan_at(tp, "", members[0])
+        if inner is None:
+            return None
+        absent = tuple(a for a in args if a in _ABSENT)
+        return cls(inner) if absent == (type(None),) else cls(inner, absent)
 
     @property
     def wire_type(self) -> Any:
-        return Union[self.inner.wire_type, None]
+        return Union[(self.inner.wire_type,) + self.absent]
 
     def to_wire(self, ctx: WireContext, value: Any) -> Any:
-        return None if value is None else self.inner.to_wire(ctx, value)
+        return value if value is None or value is msgspec.UNSET else self.inner.to_wire(ctx, value)
 
     def from_wire(self, ctx: WireContext, value: Any) -> Any:
-        return None if value is None else self.inner.from_wire(ctx, value)
+        return value if value is None or value is msgspec.UNSET else self.inner.from_wire(ctx, value)
+
+
+_ABSENT = (type(None), msgspec.UnsetType)
+
+
+_RECORD_PLANS: dict[Any, RecordPlan] = {}  # one plan per record type (recursive types meet it again)
+_EMPTY_FACTORIES = (list, dict, set, frozenset, tuple)
+_BUILDING = object()  # a NamedTuple's wire type being built
+
+
+@dataclasses.dataclass(eq=False)
+class RecordPlan(Plan):
+    """A record -- a msgspec Struct, a dataclass, a TypedDict or a NamedTuple -- with references
+    somewhere in its fields: ``fields[i]`` is the plan of field ``names[i]`` (None: plain data of
+    annotation ``types[i]``).
+
+    On the wire the record is a generated msgspec Struct with the same field names, encoded names,
+    tag, array-likeness and defaults (so its plain part encodes as the record itself would), in
+    which the fields that hold references have their wire types.  The receiving side builds the
+    user's record back.  There is one plan per record type, so that a recursive type (``Call``
+    holding ``list[Expression]``, ``Expression`` a union holding ``Call``) is one cycle of plans
+    and one recursive wire type.
+    """
+
+    cls: type
+    kind: str  # "struct", "dataclass", "typeddict" or "namedtuple"
+    names: tuple[str, ...]
+    types: tuple[Any, ...]
+    fields: tuple[Plan | None, ...] = ()
+    _wire: Any = dataclasses.field(default=None, repr=False)
+    _planned: tuple[tuple[str, Plan | None], ...] = dataclasses.field(default=(), repr=False)
+    _index: tuple[tuple[int, Plan], ...] = dataclasses.field(default=(), repr=False)  # the fields with plans
+    _wire_positional: bool = dataclasses.field(default=False, repr=False)  # the wire record takes its fields in order
+    _user_positional: bool = dataclasses.field(default=False, repr=False)  # and so does the user's class
+
+    @classmethod
+    def match(cls, tp: Any) -> Plan | None:
+        rtype = get_origin(tp) or tp
+        if not isinstance(rtype, type):
+            return None
+        known = _RECORD_PLANS.get(tp)
+        if known is not None:
+            return known
+        fields = _record_fields(tp)
+        if fields is None or not _holds_refs(tp):
+            return None
+        if issubclass(rtype, msgspec.Struct):
+            kind = "struct"
+        elif dataclasses.is_dataclass(rtype):
+            kind = "dataclass"
+        elif is_typeddict(rtype):
+            kind = "typeddict"
+        else:
+            kind = "namedtuple"
+        plan = cls(rtype, kind, tuple(n for n, _ in fields), tuple(t for _, t in fields))
+        before = set(_RECORD_PLANS)
+        _RECORD_PLANS[tp] = plan  # before the fields: a field of this type again finds this plan
+        try:
+            plan.fields = tuple(_plan_at(tp, f".{n}", t) for n, t in fields)
+            if kind == "dataclass":
+                for f, p in zip(dataclasses.fields(rtype), plan.fields):
+                    if p is not None and not f.init:
+                        raise Misplaced(_short(tp), "a dataclass field with init=False cannot hold a reference", f".{f.name}")
+        except BaseException:
+            for key in set(_RECORD_PLANS) - before:
+                del _RECORD_PLANS[key]
+            raise
+        plan._planned = tuple(zip(plan.names, plan.fields))
+        plan._index = tuple((i, p) for i, p in enumerate(plan.fields) if p is not None)
+        plan._user_positional = kind in ("struct", "dataclass") and _takes_in_order(rtype, plan.names)
+        return plan
+
+    @property
+    def name(self) -> str:
+        return self.cls.__qualname__
+
+    @property
+    def wire_type(self) -> Any:
+        if self._wire is None or self._wire is _BUILDING:
+            self._build_wire()
+        return self._wire
+
+    def _build_wire(self) -> None:
+        cls = self.cls
+        if self.kind == "namedtuple":
+            if self._wire is _BUILDING:
+                raise InterfaceError(f"{self.name}: a NamedTuple holding references cannot contain itself (use a msgspec Struct)")
+            self._wire = _BUILDING
+            try:
+                self._wire = tuple[tuple(p.wire_type if p is not None else t for p, t in zip(self.fields, self.types))]  # type: ignore[misc]
+            except BaseException:
+                self._wire = None
+                raise
+            return
+        specs: list[Any] = []
+        options: dict[str, Any] = {}
+        if self.kind == "struct":
+            cfg = cls.__struct_config__  # type: ignore[attr-defined]
+            options.update(
+                tag=cfg.tag,
+                tag_field=cfg.tag_field,
+                array_like=cfg.array_like,
+                omit_defaults=cfg.omit_defaults,
+                forbid_unknown_fields=cfg.forbid_unknown_fields,
+            )
+            infos = msgspec.structs.fields(cls)
+            rename = {f.name: f.encode_name for f in infos if f.encode_name != f.name}
+            if rename:
+                options["rename"] = rename
+            for f, p in zip(infos, self.fields):
+                default: Any = f.default
+                if default is msgspec.NODEFAULT and f.default_factory is not msgspec.NODEFAULT:
+                    default = msgspec.field(default_factory=f.default_factory)
+                specs.append(self._spec(f.name, p, default, f.default_factory))
+        elif self.kind == "dataclass":
+            for dc, p in zip(dataclasses.fields(cls), self.fields):
+                default = dc.default
+                factory: Any = dc.default_factory
+                if default is dataclasses.MISSING:
+                    default = msgspec.field(default_factory=factory) if factory is not dataclasses.MISSING else msgspec.NODEFAULT
+                specs.append(self._spec(dc.name, p, default, factory))
+        else:  # a TypedDict: keys it does not require are left out of the wire record when absent
+            keys = _required_keys(cls)
+            for n, p in zip(self.names, self.fields):
+                specs.append((n, Any) if n in keys else (n, Any, msgspec.UNSET))
+        try:  # positional when the field order allows it: building it is faster
+            wire = msgspec.defstruct(cls.__qualname__, specs, module=cls.__module__, **options, kw_only=False)
+            self._wire_positional = True
+        except TypeError:  # a required field after one with a default
+            wire = msgspec.defstruct(cls.__qualname__, specs, module=cls.__module__, **options, kw_only=True)
+        self._wire = wire  # before the field types: a field of this type again finds it
+        required = _required_keys(cls) if self.kind == "typeddict" else None
+        for n, p, t in zip(self.names, self.fields, self.types):
+            tp = p.wire_type if p is not None else t
+            if required is not None and n not in required:
+                tp = Union[tp, msgspec.UnsetType]
+            wire.__annotations__[n] = tp
+
+    @staticmethod
+    def _spec(name: str, plan: Plan | None, default: Any, factory: Any) -> tuple[Any, ...]:
+        if plan is not None and default is not msgspec.NODEFAULT and default is not None and default is not msgspec.UNSET:
+            # a default that holds an object cannot stand for a wire value: such a field is always
+            # sent (an empty collection can)
+            made = factory() if callable(factory) else default
+            default = msgspec.field(default_factory=type(made)) if type(made) in _EMPTY_FACTORIES and not made else msgspec.NODEFAULT
+        return (name, Any) if default is msgspec.NODEFAULT else (name, Any, default)
+
+    def to_wire(self, ctx: WireContext, value: Any) -> Any:
+        kind = self.kind
+        expected: Any = dict if kind == "typeddict" else self.cls
+        if not isinstance(value, expected):
+            raise ValueError(f"expected {self.name}, got {type(value).__qualname__}")
+        names = self.names
+        if kind == "typeddict":
+            values = [value.get(n, msgspec.UNSET) for n in names]
+        elif kind == "struct" and type(value) is self.cls:
+            values = list(msgspec.structs.astuple(typing.cast(msgspec.Struct, value)))
+        elif kind == "namedtuple":
+            values = list(value)
+        else:
+            values = [getattr(value, n) for n in names]
+        for i, p in self._index:
+            v = values[i]
+            if v is msgspec.UNSET:
+                continue  # a TypedDict key left out
+            try:
+                values[i] = p.to_wire(ctx, v)
+            except (ValueError, TypeError, AttributeError) as exc:
+                raise ValueError(f"{self.name}.{names[i]}: {exc}") from None
+        if kind == "namedtuple":
+            return values
+        wire = self.wire_type
+        try:
+            return wire(*values) if self._wire_positional else wire(**dict(zip(names, values)))
+        except TypeError as exc:
+            raise ValueError(f"{self.name}: {exc}") from None
+
+    def from_wire(self, ctx: WireContext, value: Any) -> Any:
+        kind = self.kind
+        values = list(value) if kind == "namedtuple" else list(msgspec.structs.astuple(value))
+        for i, p in self._index:
+            v = values[i]
+            if v is not msgspec.UNSET:
+                values[i] = p.from_wire(ctx, v)
+        if kind == "typeddict":
+            return {n: v for n, v in zip(self.names, values) if v is not msgspec.UNSET}
+        try:
+            if kind == "namedtuple" or self._user_positional:
+                return self.cls(*values)
+            return self.cls(**dict(zip(self.names, values)))
+        except (TypeError, ValueError) as exc:
+            raise ValidationError(f"{self.name} refused: {exc}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class UnionPlan(Plan):
+    """A union whose members that hold references are records (``members[i]`` is the plan of
+    ``types[i]``, None for a plain member): the class of the value picks the member's plan, as
+    msgspec picks the member by the tags of the wire records on the receiving side."""
+
+    members: tuple[Plan | None, ...]
+    types: tuple[Any, ...]
+    _by_type: dict[type, Plan] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    _by_wire: dict[Any, Plan] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def match(cls, tp: Any) -> Plan | None:
+        if get_origin(tp) not in (Union, types.UnionType):
+            return None
+        args = get_args(tp)
+        plans = tuple(_plan_at(tp, f"<{_short(a)}>", a) for a in args)
+        if all(p is None for p in plans):
+            return None
+        for a, p in zip(args, plans):
+            if p is not None and not isinstance(p, RecordPlan):
+                raise Misplaced(
+                    _short(tp),
+                    "a union may hold a reference only as Optional[...] or inside the records it unites "
+                    f"(tagged msgspec Structs), not as {_short(a)}",
+                )
+        plan = cls(plans, args)
+        for p in plans:
+            if isinstance(p, RecordPlan):
+                plan._by_type[dict if p.kind == "typeddict" else p.cls] = p
+        return plan
+
+    @property
+    def wire_type(self) -> Any:
+        wire = Union[tuple(p.wire_type if p is not None else t for p, t in zip(self.members, self.types))]  # type: ignore[valid-type]
+        if not self._by_wire:
+            for p in self.members:
+                if p is not None:
+                    self._by_wire[p.wire_type] = p
+        return wire
+
+    def to_wire(self, ctx: WireContext, value: Any) -> Any:
+        plan = self._by_type.get(type(value))
+        if plan is None:
+            for c, p in self._by_type.items():
+                if isinstance(value, c):
+                    plan = p
+                    break
+            else:
+                return value  # a plain member
+        return plan.to_wire(ctx, value)
+
+    def from_wire(self, ctx: WireContext, value: Any) -> Any:
+        if not self._by_wire:
+            self.wire_type
+        plan = self._by_wire.get(type(value))
+        return value if plan is None else plan.from_wire(ctx, value)
 
 
 def _type_name(tp: Any) -> str:
@@ -611,6 +1052,12 @@ def _make_slot(annotation: Any, where: str) -> Slot:
         members = get_args(annotation)
         users = [m for m in members if _is_user_class(m)]
         if len(users) > 1 and not all(_has_tag(m) for m in users):
+            holding = [m for m in users if _holds_refs(m)]
+            if holding:
+                raise InterfaceError(
+                    f"{where}: {_short(annotation)}<{_short(holding[0])}>: records holding references share a union "
+                    "only as tagged msgspec Structs (tag=True), which the receiver tells apart"
+                )
             rest = [m for m in members if m not in users]
             plain: Any = None
             if rest:
@@ -621,6 +1068,8 @@ def _make_slot(annotation: Any, where: str) -> Slot:
                 raise InterfaceError(f"{where}: {exc}") from None
     try:
         slot = Slot(annotation)
+    except Misplaced as exc:
+        raise InterfaceError(f"{where}: {exc}") from None
     except TypeError as exc:
         raise InterfaceError(f"{where}: type {_type_name(annotation)} cannot travel: {exc}") from None
     if slot.plan is None:
@@ -679,7 +1128,7 @@ def _widened_slot(base: Any, classes: tuple[type, ...], where: str) -> Slot:
                 raise InterfaceError(f"{where}: {c.__qualname__} is not a subclass of {_type_name(base)}")
     try:
         return Slot(Annotated[base, Allow(classes)], classes, plain)
-    except TypeError as exc:
+    except (TypeError, InterfaceError) as exc:
         raise InterfaceError(f"{where}: {exc}") from None
 
 
@@ -1084,12 +1533,27 @@ def _type_key(slot: Slot) -> str:
         return "allow:" + ",".join(slot.allowed_names())
     tp = _strip_annotated(slot.annotation)
     if slot.plan is not None:
+        if any(isinstance(p, RecordPlan) for p in slot.plan.walk()):
+            # records: their fields (plain or by reference) are part of the type
+            try:
+                schema = msgspec.json.schema(tp, schema_hook=_by_reference_schema)
+                return "ref:" + msgspec.json.encode(_without_prose(schema)).decode()
+            except Exception:
+                pass
         return "ref:" + _type_name(tp)
     try:
         key = msgspec.json.encode(_without_prose(msgspec.json.schema(tp))).decode()
     except Exception:
         key = _type_name(tp)
     return key
+
+
+def _by_reference_schema(tp: Any) -> dict[str, Any]:
+    if is_interface(tp):
+        return {"x-interface": vars(tp)[_ATTR]["name"]}  # not describe(): it may be the one being built
+    if tp is FileDescriptor or tp is SharedBuffer:
+        return {"x-kind": tp.__name__}
+    raise NotImplementedError
 
 
 def _without_prose(node: Any) -> Any:
