@@ -338,6 +338,32 @@ async def test_a_promise_is_refused_where_it_cannot_stand_for_the_object(sock_di
             assert a.exported_objects == 0 and b.exported_objects == 0  # nothing was exported instead
 
 
+@pytest.mark.parametrize("target", ["argument", "pipelined"])
+def test_a_call_cancelled_while_it_waits_for_a_promise_gives_back_what_it_held(sock_dir: str, target: str) -> None:
+    impl = StoreImpl()
+
+    async def main() -> None:
+        impl.gate = anyio.Event()
+        server = xrpc.Server()
+        server.export(Store, impl)
+        async with server.listen(url_for("unix", sock_dir)) as listener, xrpc.connect(listener.url, timeout=T) as conn:
+            store = conn.proxy(Store)
+            (served,) = server.connections
+            p = xrpc.pipeline(store)
+            gated = p.open("gated")
+            waiting = p.concat(gated, p.open("a")) if target == "argument" else gated.merge(p.open("a"))
+            await until(lambda: served.in_flight == 2, store.ping)
+            with anyio.move_on_after(0.1):
+                await waiting  # gives up: the call is cancelled while it waits
+            await until(lambda: served.in_flight == 1, store.ping)  # only open("gated") is left
+            impl.gate.set()
+            await gated
+            await until(lambda: served.in_flight == 0, store.ping)
+            assert impl.ran == []
+
+    run("asyncio", main)
+
+
 def test_nothing_is_left_behind(sock_dir: str) -> None:
     """Results passed as arguments are released like any other: once the client's promises and
     proxies go, the server holds nothing, and nothing waits."""
