@@ -338,8 +338,9 @@ async def test_a_promise_is_refused_where_it_cannot_stand_for_the_object(sock_di
             assert a.exported_objects == 0 and b.exported_objects == 0  # nothing was exported instead
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("target", ["argument", "pipelined"])
-def test_a_call_cancelled_while_it_waits_for_a_promise_gives_back_what_it_held(sock_dir: str, target: str) -> None:
+def test_a_call_cancelled_while_it_waits_for_a_promise_gives_back_what_it_held(sock_dir: str, target: str, backend: str) -> None:
     impl = StoreImpl()
 
     async def main() -> None:
@@ -359,9 +360,21 @@ def test_a_call_cancelled_while_it_waits_for_a_promise_gives_back_what_it_held(s
             impl.gate.set()
             await gated
             await until(lambda: served.in_flight == 0, store.ping)
+            # a deadline that passes while the call waits: TimeoutError, and nothing is left waiting
+            impl.gate = anyio.Event()
+            gated = p.open("gated")
+            short = xrpc.pipeline(conn.proxy(Store, timeout=0.2))
+            with pytest.raises(TimeoutError):
+                if target == "argument":
+                    await short.concat(gated, p.open("a"))
+                else:
+                    await short.open("gated").merge(p.open("a"))
+            await until(lambda: served.in_flight == 1, store.ping)  # (short.open("gated") timed out too)
+            impl.gate.set()
+            await until(lambda: served.in_flight == 0, store.ping)
             assert impl.ran == []
 
-    run("asyncio", main)
+    run(backend, main)
 
 
 def test_nothing_is_left_behind(sock_dir: str) -> None:

@@ -451,11 +451,8 @@ class Serving(Side):
     async def _serve_pipelined(self, msg: Call, m: MethodDescription, promise: IncomingPromise, inc: InCall, args: tuple[Any, ...]) -> None:
         """A call on the result of an earlier call: wait for that result, pass the authorization
         checkpoint with it (its implementation may carry ``@xrpc.requires``), then serve as usual."""
-        try:
-            await promise.wait()
-        except BaseException:
-            self._unserved(msg, inc, None)
-            raise
+        if not await self._waited(msg, m, inc, promise.wait):
+            return
         export: Export | None = None
         if promise.error is None:
             export = self.objects.resolved_export(promise, msg.obj)
@@ -481,28 +478,47 @@ class Serving(Side):
         """A call some of whose arguments are results of the peer's earlier calls (promises passed
         as arguments): wait for them, decode the arguments again with those objects in place, then
         serve as usual.  If one failed, the call fails naming the argument; the method never runs."""
+        if not await self._waited(msg, m, inc, awaited.wait):
+            return
         try:
-            await awaited.wait()
-            try:
-                args = awaited.decode(m)  # (the first decoding's values are let go only now)
-            except ValidationError as exc:
-                if awaited.failure:
-                    where = f"argument {exc.argument!r} of {m.qualname}" if exc.argument else m.qualname
-                    error = (ErrorCode.OBJECT_NOT_FOUND, f"{where}: {awaited.failure}")
-                else:  # pragma: no cover - the same bytes decode the same way
-                    error = (ErrorCode.VALIDATION, str(exc))
-                log.info("xrpc: call %s from %s not served: %s", m.qualname, self.connection.peer.describe(), error[1])
-                self._unserved(msg, inc, error)
-                return
-        except BaseException:
-            self._unserved(msg, inc, None)
-            raise
+            args = awaited.decode(m)  # (the first decoding's values are let go only now)
+        except Exception as exc:
+            if isinstance(exc, ValidationError) and awaited.failure:
+                where = f"argument {exc.argument!r} of {m.qualname}" if exc.argument else m.qualname
+                error = (ErrorCode.OBJECT_NOT_FOUND, f"{where}: {awaited.failure}")
+            elif isinstance(exc, ValidationError):  # pragma: no cover - the same bytes decode the same way
+                error = (ErrorCode.VALIDATION, str(exc))
+            else:  # a descriptor among them could not be duplicated (out of descriptors)
+                error = (ErrorCode.LIMIT, f"{m.qualname}: its arguments could not be taken ({type(exc).__name__})")
+            log.info("xrpc: call %s from %s not served: %s", m.qualname, self.connection.peer.describe(), error[1])
+            self._unserved(msg, inc, error)
+            return
         awaited.payload = None
         if promise is None:
             assert export is not None
             await self._serve(msg, m, export, inc, args)
         else:
             await self._serve_pipelined(msg, m, promise, inc, args)
+
+    async def _waited(self, msg: Call, m: MethodDescription, inc: InCall, wait: Callable[[], Awaitable[None]]) -> bool:
+        """Wait for what a call depends on before it is served, within its deadline; a CANCEL ends
+        the wait.  False: the call ended (what it held is given back, a deadline answered)."""
+        scope = inc.scope
+        if scope is None:  # asyncio: a CANCEL cancels the task
+            scope = anyio.CancelScope(deadline=inc.deadline)
+        try:
+            with scope:
+                await wait()
+        except BaseException:
+            self._unserved(msg, inc, None)
+            raise
+        if not scope.cancel_called:
+            if inc.scope is not None:
+                inc.scope = anyio.CancelScope(deadline=scope.deadline)  # (a scope is entered once)
+            return True
+        timeout = (ErrorCode.TIMEOUT, f"{m.qualname} did not finish before its deadline")
+        self._unserved(msg, inc, timeout if anyio.current_time() >= scope.deadline else None)
+        return False
 
     def _unserved(self, msg: Call, inc: InCall, error: tuple[int, str] | None) -> None:
         """A call served in a task ends without running: what it held goes back, ``error`` is the
