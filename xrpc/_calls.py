@@ -23,13 +23,13 @@ import msgspec
 
 from ._codes import exception_from_error
 from ._errors import ConnectionInvalidated, LimitExceeded, LocalProtocolError, ValidationError
-from ._interface import MethodDescription, MethodKind
+from ._interface import InterfaceDescription, MethodDescription, MethodKind, describe
 from ._io import Link
 from ._middleware import Middleware, metadata, run_client_chain
 from ._objects import ObjectTable
 from ._protocol import ITEM_OVERHEAD, CallRecord, ProtocolCore, Reply
 from ._protocol import Error as ErrorFrame
-from ._proxy import pipelined_method, proxy_target
+from ._proxy import PromiseBase, pipelined_method, proxy_target
 from ._streams import EMPTY, BatchReader, Credit, FlowControl, StreamQueue, StreamSender, split_stream_arg
 
 __all__ = ("CallHandler", "CallStream", "Calls", "Side", "EagerPending", "OutCall", "Pending", "Promise", "StreamHandler", "push_item")
@@ -231,7 +231,7 @@ class Calls(Side):
         objects = self.objects
         if not m.ref_args:
             return self.start(obj, m, m.encode_args(args, kwargs, objects), timeout)
-        objects.begin()
+        objects.begin(call=True)
         try:
             rec = self.start(obj, m, m.encode_args(args, kwargs, objects), timeout)
         except BaseException:
@@ -558,12 +558,14 @@ class CallStream(AsyncIterator[_T]):
                 pass
 
 
-class Promise:
+class Promise(PromiseBase):
     """The pending result of a call made through ``xrpc.pipeline(proxy)``.
 
     Await it for the result.  If the method returns an object by reference, calling a method on the
     promise sends that call at once, addressed to "the result of that call", without waiting for the
-    first answer (promise pipelining): a chain of dependent calls costs one round trip.
+    first answer (promise pipelining): a chain of dependent calls costs one round trip.  Such a
+    promise may also be passed as an argument of another call on the same connection, where that
+    object's interface is expected: the peer passes the object its call returned.
     """
 
     def __init__(self, calls: Calls, m: MethodDescription, target: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None) -> None:
@@ -611,3 +613,18 @@ class Promise:
             return Promise(calls, m, target, args, kwargs, self._timeout)
 
         return call
+
+    def __xrpc_argument__(self, caller: Any) -> tuple[str, InterfaceDescription, Any]:
+        m = self._m
+        if m.reply_iface is None:
+            raise ValueError(f"a promise of {m.qualname}, which returns no object, cannot stand for one")
+        desc = describe(m.reply_iface)
+        if caller is not self._calls:
+            raise ValueError(
+                f"a promise of {m.qualname} made on another connection ({self._calls.url or 'connection'}):"
+                " a promise travels only on the connection its call went to; await it and pass its result"
+            )
+        p = self._pending
+        if p.result is not None and p.error is None:
+            return "", desc, p.value  # the answer is here already: pass the object itself
+        return f"^{self._id}", desc, None

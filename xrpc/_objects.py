@@ -7,7 +7,8 @@ passed by reference are exported under ``#n`` with a count of the tokens sent an
 references coming home resolve to the object, references to the peer's objects become proxies, and
 descriptors go to the connection's ``FdTable``.  While one frame is encoded, the references it
 hands out are journalled, so that they are taken back if the frame never leaves.  Results of the
-peer's calls that return objects are kept as ``IncomingPromise`` for calls pipelined on them.
+peer's calls that return objects are kept as ``IncomingPromise`` for calls pipelined on them, and
+for calls that pass them as arguments (``AwaitedArguments``).
 """
 
 from __future__ import annotations
@@ -15,18 +16,19 @@ from __future__ import annotations
 import collections
 import dis
 import inspect
-from typing import Any, Callable, Iterable
+import os
+from typing import Any, Callable, Iterable, Iterator
 
 import anyio
 
 from ._errors import LimitExceeded, ValidationError
 from ._fds import FdTable
-from ._interface import InterfaceDescription, describe
+from ._interface import InterfaceDescription, MethodDescription, describe
 from ._protocol import ExportInfo, Ref
-from ._proxy import Caller, make_proxy, proxy_target
+from ._proxy import Caller, PromiseBase, make_proxy, proxy_target
 from ._requirements import requirement as parse_requirement
 
-__all__ = ("Export", "IncomingPromise", "ObjectTable", "OneShotExport", "exports_from", "make_export", "never_suspends")
+__all__ = ("AwaitedArguments", "Export", "IncomingPromise", "ObjectTable", "OneShotExport", "exports_from", "make_export", "never_suspends")
 
 
 class Export:
@@ -149,6 +151,71 @@ class IncomingPromise:
             await self.event.wait()
 
 
+class AwaitedArguments:
+    """The arguments of one of the peer's calls that stand for results of its earlier calls not
+    known yet (promises passed as arguments).
+
+    They were decoded once, as the frame was read (in frame order, so references in them are
+    adopted before any later RELEASE); once ``wait()`` returns, ``decode()`` decodes the kept
+    ``payload`` again, handing out what each reference and descriptor of the first decoding gave,
+    in the same order, with every awaited result in its place.
+    """
+
+    __slots__ = ("table", "values", "promises", "payload", "failure")
+
+    def __init__(self, table: ObjectTable) -> None:
+        self.table = table
+        self.values: list[Any] = []  # what each reference / descriptor decoded gave, in order (an awaited result: its IncomingPromise)
+        self.promises: list[IncomingPromise] = []
+        self.payload: Any = None
+        self.failure = ""  # why an awaited result cannot be passed, once ``decode`` found it
+
+    async def wait(self) -> None:
+        for p in self.promises:
+            await p.wait()
+
+    def decode(self, m: MethodDescription) -> tuple[Any, ...]:
+        """The arguments with the results in place; ``ValidationError`` (naming the argument) if one
+        of them failed, ``failure`` then saying why."""
+        return m.decode_args(self.payload, _Replay(self, iter(self.values)))
+
+
+class _Replay:
+    """The wire context of an ``AwaitedArguments``' second decoding."""
+
+    __slots__ = ("awaited", "values")
+
+    def __init__(self, awaited: AwaitedArguments, values: Iterator[Any]) -> None:
+        self.awaited = awaited
+        self.values = values
+
+    def _next(self) -> Any:
+        try:
+            return next(self.values)
+        except StopIteration:
+            raise ValidationError("the arguments did not decode the same way twice") from None
+
+    def ref_out(self, desc: InterfaceDescription, value: Any) -> Ref:
+        raise ValueError("nothing is sent while arguments are decoded")
+
+    def ref_in(self, desc: InterfaceDescription, token: Ref) -> Any:
+        value = self._next()
+        if type(value) is IncomingPromise:
+            obj = self.awaited.table.promised_object(value, token.oid)
+            if obj is None:
+                self.awaited.failure = f"the call {token.oid} it depends on failed ({value.error!r})"
+                raise ValidationError(self.awaited.failure)
+            return obj
+        return value
+
+    def fd_out(self, fd: int) -> int:
+        raise ValueError("nothing is sent while arguments are decoded")
+
+    def fd_in(self, seq: int) -> int:
+        # the first decoding's descriptor objects close theirs when they go: this one is a duplicate
+        return os.dup(self._next())
+
+
 _SETTLED_KEPT = 256  # results of the peer's last calls kept for pipelined calls still on their way
 
 
@@ -173,6 +240,8 @@ class ObjectTable:
         self._ref_ids: dict[tuple[int, str], str] = {}  # (id(obj), interface) -> oid
         self._next_oid = 0
         self._journal: list[str] | None = None  # references handed out while encoding one frame
+        self._call_args = False  # that frame is a CALL: a promise may stand for an argument
+        self._awaited: AwaitedArguments | None = None  # while the arguments of one of the peer's calls are decoded
         self._promises: dict[int, IncomingPromise] = {}  # results of the peer's calls, for pipelined calls
         self._promise_of: dict[str, int] = {}  # oid of a returned object -> the call that returned it
         self._settled_ids: collections.deque[int] = collections.deque()
@@ -184,7 +253,10 @@ class ObjectTable:
 
     # ---------------------------------------------------------------- the codec's wire context
     def ref_out(self, desc: InterfaceDescription, value: Any) -> Ref:
-        """Export ``value`` (an implementation of ``desc``) for the peer; the token to send."""
+        """Export ``value`` (an implementation of ``desc``) for the peer; the token to send.  A
+        promise of a call on this connection, among a call's arguments, travels as ``^id``."""
+        if isinstance(value, PromiseBase):
+            return self._promise_out(desc, value)
         target = proxy_target(value)
         if target is not None:
             # Only an object the peer passed us by reference ("#n") goes home as itself; a proxy to
@@ -217,8 +289,24 @@ class ObjectTable:
             self._journal.append(entry[0].name)
         return Ref(False, entry[0].name, desc.name)
 
+    def _promise_out(self, desc: InterfaceDescription, promise: PromiseBase) -> Ref:
+        if not self._call_args:
+            raise ValueError("a promise can be passed only as an argument of a call; await it and pass its result")
+        journal, call_args = self._journal, self._call_args
+        try:
+            # (a service connection's promise not sent yet is sent now, ahead of this call)
+            oid, its, value = promise.__xrpc_argument__(self.caller)
+        finally:
+            self._journal, self._call_args = journal, call_args
+        if its.name != desc.name:
+            raise ValueError(f"a promise of a {its.name} is not a {desc.name}")
+        if not oid:
+            return self.ref_out(desc, value)  # its result is here: passed as any object is
+        return Ref(True, oid, desc.name)
+
     def ref_in(self, desc: InterfaceDescription, token: Ref) -> Any:
-        """A received reference: a proxy to the peer's object, or our own object coming home."""
+        """A received reference: a proxy to the peer's object, or our own object coming home (or,
+        among the arguments of a call, the result of an earlier call of the peer: ``^id``)."""
         if token.interface != desc.name:
             raise ValidationError(f"a reference to a {token.interface} arrived where a {desc.name} is declared")
         if token.home:
@@ -227,11 +315,59 @@ class ObjectTable:
             # never an object of another connection.
             entry = self._refs.get(token.oid)
             if entry is None or entry[0].desc.name != desc.name:
+                if token.oid[:1] == "^":
+                    return self._promised(desc, token.oid)
                 raise ValidationError(f"a reference to {token.oid!r}, which this side did not pass to this peer as a {desc.name}")
-            return entry[0].obj
-        p = make_proxy(self.caller, desc, token.oid, None, release=self._proxy_gone)
-        self.remote_refs += 1
-        return p
+            value = entry[0].obj
+        else:
+            value = make_proxy(self.caller, desc, token.oid, None, release=self._proxy_gone)
+            self.remote_refs += 1
+        if self._awaited is not None:
+            self._awaited.values.append(value)
+        return value
+
+    def _promised(self, desc: InterfaceDescription, oid: str) -> Any:
+        """``^id`` among the arguments of a call: the result of the peer's earlier call ``id``, or
+        its promise while it is not known (the call then waits for it)."""
+        awaited = self._awaited
+        promise = self.promise_for(oid)
+        if len(oid) > 24:
+            oid = oid[:20] + "..."  # (what the peer sent is not echoed at any length)
+        if awaited is None:
+            raise ValidationError(f"a reference to the result of call {oid!r} arrived outside the arguments of a call")
+        if promise is None:
+            raise ValidationError(
+                f"{oid!r} names no result this side keeps of a call of this peer (a call refused before it ran,"
+                " one that returns no object, or whose result was released)"
+            )
+        if promise.desc.name != desc.name:
+            raise ValidationError(f"{oid!r} is the result of a call returning a {promise.desc.name}, not a {desc.name}")
+        if promise.done:
+            obj = self.promised_object(promise, oid)
+            if obj is not None:
+                awaited.values.append(obj)
+                return obj
+        awaited.values.append(promise)
+        awaited.promises.append(promise)
+        return promise
+
+    def promised_object(self, promise: IncomingPromise, oid: str) -> Any:
+        """The object a settled promise stands for as an argument (it passes the checks of a
+        pipelined call's target), or None: its call failed (``promise.error``)."""
+        if promise.error is not None:
+            return None
+        export = self.resolved_export(promise, oid)
+        return export.obj if export is not None else None
+
+    def decode_arguments(self, m: MethodDescription, payload: Any) -> tuple[tuple[Any, ...], AwaitedArguments | None]:
+        """Decode the arguments of the peer's call of ``m`` (which has references among them); and
+        the results of its earlier calls they wait for, if any."""
+        awaited = self._awaited = AwaitedArguments(self)
+        try:
+            args = m.decode_args(payload, self)
+        finally:
+            self._awaited = None
+        return args, (awaited if awaited.promises else None)
 
     def _proxy_gone(self, oid: str) -> None:
         self.remote_refs -= 1
@@ -241,7 +377,10 @@ class ObjectTable:
         return self.fds.fd_out(fd)
 
     def fd_in(self, seq: int) -> int:
-        return self.fds.fd_in(seq)
+        fd = self.fds.fd_in(seq)
+        if self._awaited is not None:
+            self._awaited.values.append(fd)
+        return fd
 
     # ---------------------------------------------------------------- the table
     def lookup(self, oid: str) -> Export | None:
@@ -266,18 +405,22 @@ class ObjectTable:
             if call_id is not None:
                 self._promises.pop(call_id, None)
 
-    def begin(self) -> None:
-        """Start journalling the references handed out (one frame is being encoded)."""
+    def begin(self, call: bool = False) -> None:
+        """Start journalling the references handed out (one frame is being encoded; ``call``: the
+        arguments of a CALL, where promises may stand for objects)."""
         self._journal = []
+        self._call_args = call
 
     def commit(self) -> list[str] | None:
         """The frame left: stop journalling; the references it handed out."""
         journal, self._journal = self._journal, None
+        self._call_args = False
         return journal
 
     def rollback(self) -> None:
         """The frame never left: take back the references handed out since ``begin``."""
         journal, self._journal = self._journal, None
+        self._call_args = False
         for oid in journal or ():
             self.drop(oid, 1)
 

@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 from ._errors import ValidationError
 from ._interface import InterfaceDescription, MethodDescription, MethodKind, describe, is_default
 
-__all__ = ("Caller", "ProxyBase", "cached_proxy", "check_compat", "make_proxy", "pipeline", "pipelined_method", "proxy_target")
+__all__ = ("Caller", "PromiseBase", "ProxyBase", "cached_proxy", "check_compat", "make_proxy", "pipeline", "pipelined_method", "proxy_target")
 
 
 class Caller(Protocol):
@@ -196,6 +196,21 @@ def proxy_target(value: Any) -> tuple[Caller, str, InterfaceDescription] | None:
     if isinstance(value, ProxyBase):
         return value._xrpc_conn, value._xrpc_obj, value._xrpc_desc
     return None
+
+
+class PromiseBase:
+    """Base of the promises ``xrpc.pipeline`` gives.  A promise passed as an argument where the
+    interface its call returns is expected travels as a reference to that call's result, which the
+    peer resolves on its side (the call is sent at once; the result never travels back)."""
+
+    __slots__ = ()
+
+    def __xrpc_argument__(self, caller: Caller) -> tuple[str, InterfaceDescription, Any]:
+        """This promise as an argument of a call made through ``caller`` (a connection's calling
+        side): ``("^id", interface of the result, None)`` while its answer is on the way, or
+        ``("", interface, result)`` once the result is here.  ``ValueError`` if it cannot be
+        passed there (another connection, a call that returns no object, a call never sent)."""
+        raise NotImplementedError
 
 
 class _PipelineView:

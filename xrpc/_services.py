@@ -74,8 +74,8 @@ from typing_extensions import Unpack
 from ._api import Server, connect
 from ._connection import Connection, Limits, Promise, event_callback
 from ._errors import ConnectionInterrupted, ConnectionInvalidated, Error, PeerRejected, TransportError
-from ._interface import MethodDescription, MethodKind
-from ._proxy import cached_proxy, pipelined_method
+from ._interface import InterfaceDescription, MethodDescription, MethodKind
+from ._proxy import PromiseBase, cached_proxy, pipelined_method
 from ._transports import ParsedURL, owner_name
 
 if sys.version_info >= (3, 11):
@@ -1337,7 +1337,7 @@ class _ServiceStream:
         await self.aclose()
 
 
-class _ServicePromise:
+class _ServicePromise(PromiseBase):
     """The pending result of a call made through ``xrpc.pipeline(proxy)`` on a service connection.
 
     It behaves as ``Promise`` does: await it for the result; a method called on it is a call
@@ -1347,7 +1347,8 @@ class _ServicePromise:
     which connects first (within the timeout; the call gets what is left of it).  Each call is sent
     once, the first by the connection's ``call_pipelined`` and each next one as a method of the
     ``Promise`` before it, so the chain still costs one round trip.  A call that could not be sent
-    fails every call chained on it with its error.
+    fails every call chained on it with its error.  Passed as an argument, a promise whose call is
+    not sent yet is sent first, on the connection the call carrying it goes to.
     """
 
     __slots__ = ("_sc", "_parent", "_m", "_call", "_timeout", "_sent", "_error")
@@ -1429,6 +1430,15 @@ class _ServicePromise:
             return _ServicePromise(self._sc, self, m, ("", args, kwargs), self._timeout)
 
         return call
+
+    def __xrpc_argument__(self, caller: Any) -> tuple[str, InterfaceDescription, Any]:
+        conn = self._sc.connection
+        sent = self._send(conn if conn is not None and not conn.closed else None)
+        if sent is None:
+            if self._error is not None:
+                raise ValueError(f"a promise of {self._m.qualname} whose call could not be sent ({self._error!r})")
+            raise ValueError(f"a promise of {self._m.qualname} whose call is not sent yet (the service is not connected)")
+        return sent.__xrpc_argument__(caller)
 
 
 class ServiceOptions(TypedDict, total=False):

@@ -31,7 +31,7 @@ from ._errors import LimitExceeded, LocalProtocolError, ObjectNotFound, Validati
 from ._interface import InterfaceDescription, MethodDescription, MethodKind, describe
 from ._middleware import CallContext, metadata, run_chain
 from ._limits import Limits
-from ._objects import Export, IncomingPromise, OneShotExport
+from ._objects import AwaitedArguments, Export, IncomingPromise, OneShotExport
 from ._peer import Peer
 from ._protocol import Call, CallFlags, CallRecord, ErrorCode, ExportInfo, Ref
 from ._streams import Credit, InStream, StreamQueue, resume
@@ -307,13 +307,28 @@ class Serving(Side):
             return
         # Arguments are decoded now, in frame order: a RELEASE read after this CALL cannot drop an
         # object the arguments carry back before they are decoded.
+        awaited: AwaitedArguments | None = None
         try:
-            args = m.decode_args(msg.payload, self.objects)
+            if m.ref_args:
+                args, awaited = self.objects.decode_arguments(m, msg.payload)
+            else:
+                args = m.decode_args(msg.payload, self.objects)
         except ValidationError as exc:
             log.warning("xrpc: refused call %s from %s: %s", m.qualname, peer_name(), _refusal(exc))
             if not oneway:
                 core.send_error(call_id, *error_frame_args(exc))
             return
+        if awaited is not None:
+            # Some arguments stand for results of the peer's earlier calls: the call waits for them
+            # in a task, holding its payload (decoded again once they are known).
+            if inline:
+                inline = False
+                size = len(msg.payload) + (sum(len(k) + len(v) for k, v in meta.items()) if meta else 0)
+                if size > _SMALL_ARGS and flow.held + 2 * size > limits.max_buffered:
+                    self._refuse(call_id, oneway, ErrorCode.LIMIT, f"{m.qualname}: its {size} bytes of arguments do not fit in the memory budget")
+                    return
+            payload = msg.payload
+            awaited.payload = payload.copy() if len(payload) < 65536 else payload  # (a small one points into the whole read)
         if inline:
             assert export is not None
             self._serve_inline(msg, m, export, args)
@@ -339,7 +354,9 @@ class Serving(Side):
         if size > _SMALL_ARGS:
             inc.held = size
             flow.hold_call(size)
-        if promise is None:
+        if awaited is not None:
+            coro = self._serve_when_ready(msg, m, export, promise, inc, args, awaited)
+        elif promise is None:
             assert export is not None
             coro = self._serve(msg, m, export, inc, args)
         else:
@@ -439,7 +456,8 @@ class Serving(Side):
     async def _serve_pipelined(self, msg: Call, m: MethodDescription, promise: IncomingPromise, inc: InCall, args: tuple[Any, ...]) -> None:
         """A call on the result of an earlier call: wait for that result, pass the authorization
         checkpoint with it (its implementation may carry ``@xrpc.requires``), then serve as usual."""
-        await promise.wait()
+        if not await self._waited(msg, m, inc, promise.wait):
+            return
         export: Export | None = None
         if promise.error is None:
             export = self.objects.resolved_export(promise, msg.obj)
@@ -450,14 +468,79 @@ class Serving(Side):
         else:
             await self._serve(msg, m, export, inc, args)
             return
+        self._unserved(msg, inc, error)
+
+    async def _serve_when_ready(
+        self,
+        msg: Call,
+        m: MethodDescription,
+        export: Export | None,
+        promise: IncomingPromise | None,
+        inc: InCall,
+        args: tuple[Any, ...],
+        awaited: AwaitedArguments,
+    ) -> None:
+        """A call some of whose arguments are results of the peer's earlier calls (promises passed
+        as arguments): wait for them, decode the arguments again with those objects in place, then
+        serve as usual.  If one failed, the call fails naming the argument; the method never runs."""
+        if not await self._waited(msg, m, inc, awaited.wait):
+            return
+        try:
+            args = awaited.decode(m)  # (the first decoding's values are let go only now)
+        except Exception as exc:
+            if isinstance(exc, ValidationError) and awaited.failure:
+                where = f"argument {exc.argument!r} of {m.qualname}" if exc.argument else m.qualname
+                error = (ErrorCode.OBJECT_NOT_FOUND, f"{where}: {awaited.failure}")
+            elif isinstance(exc, ValidationError):  # pragma: no cover - the same bytes decode the same way
+                error = (ErrorCode.VALIDATION, str(exc))
+            else:  # a descriptor among them could not be duplicated (out of descriptors)
+                error = (ErrorCode.LIMIT, f"{m.qualname}: its arguments could not be taken ({type(exc).__name__})")
+            log.info("xrpc: call %s from %s not served: %s", m.qualname, self.connection.peer.describe(), error[1])
+            self._unserved(msg, inc, error)
+            return
+        awaited.payload = None
+        if promise is None:
+            assert export is not None
+            await self._serve(msg, m, export, inc, args)
+        else:
+            await self._serve_pipelined(msg, m, promise, inc, args)
+
+    async def _waited(self, msg: Call, m: MethodDescription, inc: InCall, wait: Callable[[], Awaitable[None]]) -> bool:
+        """Wait for what a call depends on before it is served, within its deadline; a CANCEL ends
+        the wait.  False: the call ended (what it held is given back, a deadline answered)."""
+        scope = inc.scope
+        if scope is None:  # asyncio: a CANCEL cancels the task
+            scope = anyio.CancelScope(deadline=inc.deadline)
+        try:
+            with scope:
+                await wait()
+        except BaseException:
+            self._unserved(msg, inc, None)
+            raise
+        if not scope.cancel_called:
+            if inc.scope is not None:
+                inc.scope = anyio.CancelScope(deadline=scope.deadline)  # (a scope is entered once)
+            return True
+        timeout = (ErrorCode.TIMEOUT, f"{m.qualname} did not finish before its deadline")
+        self._unserved(msg, inc, timeout if anyio.current_time() >= scope.deadline else None)
+        return False
+
+    def _unserved(self, msg: Call, inc: InCall, error: tuple[int, str] | None) -> None:
+        """A call served in a task ends without running: what it held goes back, ``error`` is the
+        answer (None: nothing is sent, it was cancelled)."""
         self.serving -= 1
         if inc.held:
             self._release_call(inc)
         if inc.queue is not None or inc.credit is not None:
             self.streams -= 1
+            if inc.queue is not None:
+                inc.queue.discard()
         if msg.id in self.core.incoming:
-            self.core.send_error(msg.id, *refusal(*error))
-            self.link.kick()
+            if error is not None and not msg.flags & CallFlags.ONEWAY:
+                self.core.send_error(msg.id, *refusal(*error))
+                self.link.kick()
+            else:
+                self.core.forget_incoming(msg.id)
         if inc.promise is not None:
             inc.promise.settle(error=ObjectNotFound(f"{msg.obj} failed"))
             self.objects.settled(msg.id)
@@ -526,6 +609,8 @@ class Serving(Side):
                 if inspect.isawaitable(result):
                     result = await result
         except Exception as exc:
+            if inc.promise is not None:
+                inc.promise.settle(error=exc)  # what calls depending on its result report
             if kind is MethodKind.ONEWAY:
                 log.warning("xrpc: one-way call %s raised %r", m.qualname, exc)
             elif await self.room_for(len(str(exc)) + 64):
