@@ -37,6 +37,8 @@ import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 import xrpc
+
+from _hostile import behave, forge_references
 from objects_fixtures.nodes import Broker, Files, Greeter, Relay, Tables, Vault
 from _procs import fd_count, own_rss, short_dir
 from _timeouts import T
@@ -1087,28 +1089,11 @@ async def test_a_call_carrying_a_reference_home_survives_a_release_sent_after_it
             assert store_impl.calls == 10 + 10
 
 
-class _Forger:
-    """An object table that sends every object as a home reference to ``oid`` (a hostile peer)."""
-
-    def __init__(self, real: object, oid: str) -> None:
-        self.real, self.oid = real, oid
-
-    def ref_out(self, desc: object, value: object) -> object:
-        from xrpc._protocol import Ref
-
-        return Ref(True, self.oid, desc.name)  # type: ignore[attr-defined]
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.real, name)
-
-
 def _forge_home_references(conn: xrpc.Connection, oid: str) -> None:
     """Make ``conn`` send every object it passes as a home reference to ``oid`` (a hostile peer)."""
-    conn._calls.objects = _Forger(conn._objects, oid)  # type: ignore[assignment]
+    from xrpc._protocol import Ref
 
-
-def _behave(conn: xrpc.Connection) -> None:
-    conn._calls.objects = conn._objects
+    forge_references(conn, lambda desc, value: Ref(True, oid, desc.name))
 
 
 async def test_a_home_reference_names_only_what_this_connection_was_given() -> None:
@@ -1136,7 +1121,7 @@ async def test_a_home_reference_names_only_what_this_connection_was_given() -> N
                 with pytest.raises(xrpc.ValidationError, match="argument 'items'"):
                     await store_b.sum([ItemImpl(0)])
             assert store_impl.calls == calls  # the methods never ran
-            _behave(b)  # b behaves again: the connection lives on
+            behave(b)  # b behaves again: the connection lives on
             await store_b.ping()
             assert await store_a.is_kept(theirs) is False and await theirs.get() == 3
             # a proxy to a named export passed back travels as a reference to that proxy: calls
@@ -1162,7 +1147,7 @@ async def test_a_hostile_server_cannot_send_a_client_its_own_named_export_home()
             with pytest.raises(xrpc.ValidationError, match="argument 'item'"):
                 await back.keep(ItemImpl(0))
             assert mine.calls == 0 and mine.held is None
-            _behave(server_conn)
+            behave(server_conn)
             assert await back.keep(ItemImpl(1)) is True  # the connection lives on
             await conn.proxy(Store).ping()
 

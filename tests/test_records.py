@@ -31,6 +31,8 @@ import pytest
 from typing_extensions import Annotated, NotRequired, TypedDict
 
 import xrpc
+
+from _hostile import behave, forge_references
 from xrpc._interface import RecordPlan, RefPlan, SeqPlan, UnionPlan, plan_of
 from xrpc._protocol import Ref
 from _procs import short_dir
@@ -624,13 +626,13 @@ async def test_a_forged_reference_inside_a_record_is_refused(url: str) -> None:
     with anyio.fail_after(T):
         async with served(url) as (board, conn, server_conn, impl):
             for forged, message in ((Ref(False, "#1", "Value"), "a Value arrived where a Listener is declared"), (Ref(True, "#77", "Listener"), "did not pass to this peer")):
-                conn._objects.ref_out = lambda desc, value, forged=forged: forged  # type: ignore[method-assign]
+                forge_references(conn, lambda desc, value, forged=forged: forged)
                 with pytest.raises(xrpc.ValidationError, match="argument 'job'") as info:
                     await board.submit(Job(1, ListenerImpl()))
                 assert message in str(info.value)
                 with pytest.raises(xrpc.ValidationError, match="argument 'groups'"):
                     await board.groups({"a": [None, Job(1, ListenerImpl())]})
-            del conn._objects.ref_out
+            behave(conn)
             assert impl.received == []  # the method never ran
             assert await board.submit(Job(2, ListenerImpl())) == 2
 

@@ -228,7 +228,7 @@ class ObjectTable:
 
     __slots__ = (
         "caller", "max_objects", "fds", "_release", "_refs", "_ref_ids", "_next_oid", "_journal", "_promises", "_promise_of",
-        "_settled_ids", "remote_refs",
+        "_settled_ids", "remote_refs", "_awaited", "_call_args",
     )
 
     def __init__(self, caller: Caller, max_objects: int, fds: FdTable, release: Callable[[str], None]) -> None:
