@@ -1,30 +1,24 @@
-"""Cap'n Proto's calculator example, ported to xrpc: capabilities passed by reference.
+"""Cap'n Proto's calculator example, in its own shape: capabilities inside records, pipelining.
 
 The server evaluates arithmetic expression trees.  Everything interesting is an *object* that
-travels by reference rather than by value:
+travels by reference rather than by value, exactly where Cap'n Proto's schema puts it:
 
-- ``evaluate(...)`` returns a ``Value``: a capability whose ``read()`` returns the number.  Passing
-  a ``Value`` back into a later expression refers to the result where it lives, on the server.
+- ``evaluate(expression)`` returns a ``Value``: a capability whose ``read()`` returns the number.
+- An ``Expression`` is a tagged union of records.  ``PreviousResult.value`` is a ``Value`` and
+  ``Call.function`` a ``Function``: capabilities inside the records, passed by reference.
 - ``get_operator(op)`` returns a ``Function`` implemented by the server (add, subtract, ...).
-- ``def_function(param_count, body, ...)`` turns an expression into a new server-side ``Function``.
+- ``def_function(param_count, body)`` turns an expression into a new server-side ``Function``.
 - The client can implement a ``Function`` itself (``pow`` below) and pass it in; the server calls it
   back over the same connection while it evaluates.
 
-How this differs from Cap'n Proto: xrpc passes objects by reference as parameters, replies and stream
-items, also inside ``list``/``dict``/``tuple``/``Optional``, but not inside the fields of a msgspec
-Struct.  So an ``Expression`` is plain data (a tagged union of Structs) that refers to capabilities by
-*index*, and the capabilities travel next to it in two lists::
-
-    evaluate(expression, values: list[Value], functions: list[Function]) -> Value
-
-``Builder`` below collects those lists while you write the expression.  A capability that travels back
-to the process that exported it arrives as the original object (``is``-identical), so when the client
-hands the server its own ``add`` function, the server calls it locally, without a round trip.
-
-Promise pipelining works as in Cap'n Proto for calls on a result: ``xrpc.pipeline(calculator)
-.evaluate(...).read()`` sends ``read`` without waiting for ``evaluate``'s answer.  A promise cannot be
-passed as an argument, though: to reuse a result in a later expression, wait for its ``Value`` and
-pass that back (it still never travels to the client as a number).
+Promise pipelining works as in Cap'n Proto.  ``xrpc.pipeline(calculator)`` makes every call return a
+promise at once: ``.read()`` on the promise of ``evaluate`` is sent without waiting for
+``evaluate``'s answer, and a promise can stand where its result is expected, in an argument or inside
+a record.  So "fetch the operators, evaluate an expression, then use its result in two more
+expressions" costs one round trip: every call leaves at once, and the server resolves each promise
+to the object the earlier call returned, on its side.  A capability that comes back to the process
+that exported it arrives as the original object, so the server's own ``Value``s and ``Function``s are
+used locally, without a round trip.
 
 Run it:  python examples/calculator.py
 
@@ -42,7 +36,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from typing import AsyncIterator, Callable, Protocol, Sequence, TypeVar, Union
+from typing import Any, AsyncIterator, Callable, Protocol, Union
 
 import anyio
 import anyio.abc
@@ -51,50 +45,12 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 import xrpc
 
-T = TypeVar("T")
-
-
-# --------------------------------------------------------------------------- expressions: plain data
-class Literal(msgspec.Struct, tag=True, frozen=True):
-    """A number."""
-
-    value: float
-
-
-class PreviousResult(msgspec.Struct, tag=True, frozen=True):
-    """The result of an earlier ``evaluate``: ``values[index]``."""
-
-    index: int
-
-
-class Parameter(msgspec.Struct, tag=True, frozen=True):
-    """Inside a ``def_function`` body: the function's parameter number ``index``."""
-
-    index: int
-
-
-class Call(msgspec.Struct, tag=True, frozen=True):
-    """``functions[function](*params)``."""
-
-    function: int
-    params: list[Expression]
-
-
-Expression = Union[Literal, PreviousResult, Parameter, Call]
-
-
-class Operator(str, enum.Enum):
-    ADD = "add"
-    SUBTRACT = "subtract"
-    MULTIPLY = "multiply"
-    DIVIDE = "divide"
-
-
-class InvalidExpression(Exception):
-    """The expression refers to something it does not provide (declared: travels as itself)."""
-
 
 # --------------------------------------------------------------------------- interfaces: capabilities
+class InvalidExpression(Exception):
+    """The expression cannot be evaluated (declared: travels as itself)."""
+
+
 @xrpc.interface
 class Value(Protocol):
     async def read(self) -> float:
@@ -109,13 +65,49 @@ class Function(Protocol):
         ...
 
 
+# --------------------------------------------------------------------------- expressions: records holding capabilities
+class Literal(msgspec.Struct, tag="literal", frozen=True):
+    """A number."""
+
+    value: float
+
+
+class PreviousResult(msgspec.Struct, tag="previousResult", frozen=True):
+    """The result of an earlier ``evaluate``, where it lives (a capability)."""
+
+    value: Value
+
+
+class Parameter(msgspec.Struct, tag="parameter", frozen=True):
+    """Inside a ``def_function`` body: the function's parameter number ``index``."""
+
+    index: int
+
+
+class Call(msgspec.Struct, tag="call", frozen=True):
+    """``function(*params)``: the function is a capability, the parameters expressions."""
+
+    function: Function
+    params: list[Expression]
+
+
+Expression = Union[Literal, PreviousResult, Parameter, Call]
+
+
+class Operator(str, enum.Enum):
+    ADD = "add"
+    SUBTRACT = "subtract"
+    MULTIPLY = "multiply"
+    DIVIDE = "divide"
+
+
 @xrpc.interface(errors=(InvalidExpression,))
 class Calculator(Protocol):
-    async def evaluate(self, expression: Expression, values: list[Value], functions: list[Function]) -> Value:
-        """Evaluate ``expression``; ``PreviousResult``/``Call`` index into ``values``/``functions``."""
+    async def evaluate(self, expression: Expression) -> Value:
+        """Evaluate ``expression``; the result stays here, the caller gets a ``Value`` for it."""
         ...
 
-    async def def_function(self, param_count: int, body: Expression, values: list[Value], functions: list[Function]) -> Function:
+    async def def_function(self, param_count: int, body: Expression) -> Function:
         """A new function whose body is ``body`` (``Parameter(i)`` is its i-th parameter)."""
         ...
 
@@ -125,26 +117,20 @@ class Calculator(Protocol):
 
 
 # --------------------------------------------------------------------------- the server
-async def evaluate_expression(expr: Expression, params: list[float], values: list[Value], functions: list[Function]) -> float:
-    """Evaluate ``expr`` with the given function parameters and capabilities."""
+async def evaluate_expression(expr: Expression, params: list[float]) -> float:
+    """Evaluate ``expr`` with the given function parameters."""
     match expr:
         case Literal(value=value):
             return value
-        case PreviousResult(index=i):
-            return await _pick(values, i, "value").read()
+        case PreviousResult(value=value):
+            return await value.read()
         case Parameter(index=i):
-            return _pick(params, i, "parameter")
-        case Call(function=f, params=args):
-            function = _pick(functions, f, "function")
-            evaluated = [await evaluate_expression(a, params, values, functions) for a in args]
-            return await function.call(evaluated)
+            if not 0 <= i < len(params):
+                raise InvalidExpression(f"parameter #{i} does not exist (there are {len(params)})")
+            return params[i]
+        case Call(function=function, params=args):
+            return await function.call([await evaluate_expression(a, params) for a in args])
     raise InvalidExpression(f"not an expression: {expr!r}")
-
-
-def _pick(items: Sequence[T], index: int, what: str) -> T:
-    if not 0 <= index < len(items):
-        raise InvalidExpression(f"{what} #{index} does not exist (there are {len(items)})")
-    return items[index]
 
 
 class ValueImpl:
@@ -177,26 +163,24 @@ class OperatorFunction:
 
 
 class DefinedFunction:
-    """A function made by ``def_function``; it keeps the capabilities its body refers to."""
+    """A function made by ``def_function``; its body keeps the capabilities it refers to."""
 
-    def __init__(self, param_count: int, body: Expression, values: list[Value], functions: list[Function]) -> None:
+    def __init__(self, param_count: int, body: Expression) -> None:
         self.param_count = param_count
         self.body = body
-        self.values = values
-        self.functions = functions
 
     async def call(self, params: list[float]) -> float:
         if len(params) != self.param_count:
             raise InvalidExpression(f"this function takes {self.param_count} parameters, not {len(params)}")
-        return await evaluate_expression(self.body, params, self.values, self.functions)
+        return await evaluate_expression(self.body, params)
 
 
 class CalculatorImpl:
-    async def evaluate(self, expression: Expression, values: list[Value], functions: list[Function]) -> Value:
-        return ValueImpl(await evaluate_expression(expression, [], values, functions))
+    async def evaluate(self, expression: Expression) -> Value:
+        return ValueImpl(await evaluate_expression(expression, []))
 
-    async def def_function(self, param_count: int, body: Expression, values: list[Value], functions: list[Function]) -> Function:
-        return DefinedFunction(param_count, body, values, functions)
+    async def def_function(self, param_count: int, body: Expression) -> Function:
+        return DefinedFunction(param_count, body)
 
     async def get_operator(self, op: Operator) -> Function:
         return OperatorFunction(op)
@@ -214,33 +198,9 @@ async def serve(url: str) -> None:
 
 
 # --------------------------------------------------------------------------- the client
-class Builder:
-    """Writes an expression and collects the capabilities it refers to, in index order."""
-
-    def __init__(self) -> None:
-        self.values: list[Value] = []
-        self.functions: list[Function] = []
-
-    def literal(self, value: float) -> Literal:
-        return Literal(value)
-
-    def previous(self, value: Value) -> PreviousResult:
-        return PreviousResult(self._index(self.values, value))
-
-    def param(self, index: int) -> Parameter:
-        return Parameter(index)
-
-    def call(self, function: Function, *params: Expression | float) -> Call:
-        args = [Literal(float(p)) if isinstance(p, (int, float)) else p for p in params]
-        return Call(self._index(self.functions, function), args)
-
-    @staticmethod
-    def _index(items: list, item: object) -> int:  # type: ignore[type-arg]
-        for i, existing in enumerate(items):
-            if existing is item:
-                return i
-        items.append(item)
-        return len(items) - 1
+def call(function: Any, *params: Expression | float) -> Call:
+    """``Call(function, params)``, with numbers written as numbers."""
+    return Call(function, [Literal(float(p)) if isinstance(p, (int, float)) else p for p in params])
 
 
 class PowerFunction:
@@ -259,49 +219,41 @@ class PowerFunction:
 async def run_checks(calculator: Calculator) -> list[tuple[str, float]]:
     """The checks of Cap'n Proto's calculator client; returns (description, result) pairs.
 
-    ``xrpc.pipeline(calculator).evaluate(...).read()`` sends ``read`` at once, addressed to the
-    result ``evaluate`` will return (promise pipelining): evaluating and reading cost one round trip.
+    Every call goes through ``xrpc.pipeline(calculator)``: it returns a promise at once, and a
+    promise stands where its result is expected (``Call.function``, ``PreviousResult.value``), so
+    each check is sent in full before anything is awaited.
     """
     results: list[tuple[str, float]] = []
     pipelined = xrpc.pipeline(calculator)
 
-    # 1. A literal.
-    b = Builder()
-    results.append(("123", await pipelined.evaluate(b.literal(123), b.values, b.functions).read()))
+    # 1. A literal: evaluate, and read the result in the same round trip.
+    results.append(("123", await pipelined.evaluate(Literal(123)).read()))
 
-    # 2. Server-side operators, fetched once and used by reference.
-    add = await calculator.get_operator(Operator.ADD)
-    subtract = await calculator.get_operator(Operator.SUBTRACT)
-    multiply = await calculator.get_operator(Operator.MULTIPLY)
-    b = Builder()
-    expr = b.call(subtract, b.call(add, 123, 45), 67)
-    results.append(("123 + 45 - 67", await pipelined.evaluate(expr, b.values, b.functions).read()))
+    # 2. Server-side operators, used by reference before they have arrived.
+    add = pipelined.get_operator(Operator.ADD)
+    subtract = pipelined.get_operator(Operator.SUBTRACT)
+    results.append(("123 + 45 - 67", await pipelined.evaluate(call(subtract, call(add, 123, 45), 67)).read()))
 
-    # 3. Reusing a result where it lives: the Value goes back to the server, never read by the client.
-    b = Builder()
-    sum_value = await calculator.evaluate(b.call(add, 123, 45), b.values, b.functions)
-    b = Builder()
-    times_five = pipelined.evaluate(b.call(multiply, b.previous(sum_value), 5), b.values, b.functions).read()
-    b = Builder()
-    plus_67 = pipelined.evaluate(b.call(add, b.previous(sum_value), 67), b.values, b.functions).read()
-    results.append(("(123 + 45) * 5", await times_five))  # both were sent before either was awaited
+    # 3. Pipelining evaluations: the sum is never read by the client; two more expressions use it
+    #    where it lives, and all of it leaves before the first answer comes back.
+    multiply = pipelined.get_operator(Operator.MULTIPLY)
+    sum_value = pipelined.evaluate(call(add, 123, 45))
+    times_five = pipelined.evaluate(call(multiply, PreviousResult(sum_value), 5)).read()
+    plus_67 = pipelined.evaluate(call(add, PreviousResult(sum_value), 67)).read()
+    results.append(("(123 + 45) * 5", await times_five))
     results.append(("(123 + 45) + 67", await plus_67))
 
     # 4. Functions defined on the server: f(x, y) = x * 100 + y, then g(x) = f(x, x + 1) * 2.
-    b = Builder()
-    f = await calculator.def_function(2, b.call(add, b.call(multiply, b.param(0), 100), b.param(1)), b.values, b.functions)
-    b = Builder()
-    g = await calculator.def_function(1, b.call(multiply, b.call(f, b.param(0), b.call(add, b.param(0), 1)), 2), b.values, b.functions)
-    b = Builder()
-    results.append(("f(12, 34)", await pipelined.evaluate(b.call(f, 12, 34), b.values, b.functions).read()))
-    b = Builder()
-    results.append(("g(21)", await pipelined.evaluate(b.call(g, 21), b.values, b.functions).read()))
+    f = pipelined.def_function(2, call(add, call(multiply, Parameter(0), 100), Parameter(1)))
+    g = pipelined.def_function(1, call(multiply, call(f, Parameter(0), call(add, Parameter(0), 1)), 2))
+    f_result = pipelined.evaluate(call(f, 12, 34)).read()
+    g_result = pipelined.evaluate(call(g, 21)).read()
+    results.append(("f(12, 34)", await f_result))
+    results.append(("g(21)", await g_result))
 
     # 5. A callback: pow lives in this process; the server calls it while evaluating 2 ** (4 + 5).
     power = PowerFunction()
-    b = Builder()
-    expr = b.call(power, 2, b.call(add, 4, 5))
-    results.append(("pow(2, 4 + 5)", await pipelined.evaluate(expr, b.values, b.functions).read()))
+    results.append(("pow(2, 4 + 5)", await pipelined.evaluate(call(power, 2, call(add, 4, 5))).read()))
     assert power.calls == 1, "the server should have called pow back exactly once"
     return results
 

@@ -284,18 +284,10 @@ class BoardImpl:
 
 
 # --------------------------------------------------------------------------- helpers
-@pytest.fixture(params=["memory", "unix", "tcp"])
-def url(request: pytest.FixtureRequest) -> Any:
-    if request.param == "memory":
-        yield f"memory://records-{os.getpid()}-{id(request)}"
-    elif request.param == "unix":
-        d = short_dir()
-        try:
-            yield f"unix://{d}/r.sock"
-        finally:
-            shutil.rmtree(d, ignore_errors=True)
-    else:
-        yield "tcp://127.0.0.1:0"
+@pytest.fixture
+def url(transport: str) -> str:
+    """A URL to listen on: memory, unix and tcp (conftest's ``transport``)."""
+    return transport
 
 
 @contextlib.asynccontextmanager
