@@ -490,3 +490,180 @@ def test_connections_cut_off_for_their_budget_are_let_go_though_their_peers_neve
     no_errors(srv.stop())
     assert held_fds <= 0, f"the server still holds {held_fds} descriptors of closed connections ({held_mib} MiB)"
     assert held_mib < 2 * BUDGET_MIB + 16, f"the server still holds {held_mib} MiB"
+
+
+# --------------------------------------------------------------------------- aclose, vanishing peers
+
+CLIENT_IFACE = r'''
+from typing import AsyncIterator, Protocol
+import xrpc
+
+@xrpc.interface
+class Svc(Protocol):
+    async def echo(self, x: int) -> int: ...
+    @xrpc.oneway
+    async def sink(self, data: bytes) -> None: ...
+    async def sunk(self) -> int: ...
+'''
+
+
+def _svc():
+    ns: dict[str, Any] = {}
+    exec(compile(CLIENT_IFACE, "<iface>", "exec"), ns)
+    return ns["Svc"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_aclose_right_after_a_large_oneway_call_delivers_it(make_srv, scheme, backend):
+    """A client sends a one-way call of 8 MiB and closes at once: what was written before aclose()
+    goes out first (the driver contract: within a second), so the server receives the call.  On trio
+    aclose() used to close the stream under the writer's send (the call was cut off mid-frame)."""
+    import anyio
+
+    import xrpc
+
+    Svc = _svc()
+    srv = make_srv(scheme, backend)
+    kw: dict[str, Any] = {}
+    if scheme == "tls":
+        kw["ssl_context"] = xrpc.client_ssl_context(cafile=srv.cert)
+
+    async def main() -> int:
+        with anyio.fail_after(30):
+            async with xrpc.connect(srv.url, **kw) as conn:
+                await conn.proxy(Svc, "svc").sink(b"s" * (8 << 20))
+                await conn.aclose()
+            got = 0
+            for _ in range(200):
+                async with xrpc.connect(srv.url, **kw) as conn:
+                    got = await conn.proxy(Svc, "svc").sunk()
+                if got:
+                    break
+            return got
+
+    got = anyio.run(main, backend=backend)
+    no_errors(srv.stop())
+    assert got == 8 << 20
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_aclose_towards_a_server_that_never_reads_returns_within_seconds(tmp_path, scheme, backend):
+    """A client writes 8 MiB to a peer that never reads, then aclose(): it returns in a few seconds
+    (the grace is one second), not never."""
+    import anyio
+
+    import xrpc
+
+    if scheme == "tls":
+        pytest.skip("a raw never-reading TLS server cannot complete the handshake")
+    Svc = _svc()
+    if scheme == "unix":
+        lsock = socket.socket(socket.AF_UNIX)
+        lsock.bind(str(tmp_path / "n.sock"))
+        url = f"unix://{tmp_path}/n.sock"
+    else:
+        lsock = socket.socket()
+        lsock.bind(("127.0.0.1", 0))
+        url = f"tcp://127.0.0.1:{lsock.getsockname()[1]}"
+    lsock.listen()
+    accepted: list[socket.socket] = []
+
+    async def main() -> float:
+        async def server() -> None:
+            conn, _ = await anyio.to_thread.run_sync(lsock.accept)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            accepted.append(conn)
+            conn.recv(4096)  # the HELLO, then never read again
+            conn.sendall(frame(1, 1, 16 << 20, [], 1024, 4 << 20, 1 << 20))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server)
+            with anyio.fail_after(30):
+                async with xrpc.connect(url) as conn:
+                    p = conn.proxy(Svc)
+                    with anyio.move_on_after(2):
+                        for _ in range(8):
+                            await p.sink(b"s" * (1 << 20))
+                    t0 = time.monotonic()
+                    await conn.aclose()
+                    return time.monotonic() - t0
+
+    try:
+        took = anyio.run(main, backend=backend)
+    finally:
+        lsock.close()
+        for c in accepted:
+            c.close()
+    assert took < 5, took
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_peer_that_vanishes_mid_write_costs_nothing(make_srv, scheme, backend):
+    """Twenty peers ask for 20 answers of 1 MiB each and reset their connection (SO_LINGER 0) while
+    the server writes: no ERROR, the descriptors are given back, a neighbour is served."""
+    srv = make_srv(scheme, backend)
+    srv.neighbour_works()
+    fds0 = nfds(srv.pid)
+    base = rss(srv.pid)
+    for _ in range(20):
+        peer = srv.raw(rcvbuf=4096)
+        assert peer.recv()[0] == 1
+        peer.s.sendall(b"".join(frame(2, 2 * i + 1, "svc", "big", [1 << 20]) for i in range(20)))
+        peer.recv()  # the server is writing
+        raw = peer.s.unwrap() if False else peer.s
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()
+    deadline = time.monotonic() + 10
+    while nfds(srv.pid) > fds0 and time.monotonic() < deadline:
+        select.select([], [], [], 0.05)
+    held = nfds(srv.pid) - fds0
+    assert srv.neighbour_works()
+    grown = peak(srv.pid) - base
+    no_errors(srv.stop())
+    assert held <= 0, held
+    assert grown < 2 * BUDGET_MIB + 16, grown
+
+
+# --------------------------------------------------------------------------- descriptors (unix, asyncio)
+
+
+def test_a_peer_that_never_reads_replies_carrying_descriptors_costs_bounded_descriptors(make_srv):
+    """A peer calls a method that returns a SharedBuffer, thousands of times, and never reads: each
+    reply queued for it holds a descriptor in the server.  Rule 4: a peer costs bounded
+    descriptors; the server must stop reading it (or cut it off) long before its table fills."""
+    srv = make_srv("unix", "asyncio")
+    fds0 = nfds(srv.pid)
+    peer = srv.raw(rcvbuf=4096)
+    most = 0
+    try:
+        assert peer.recv()[0] == 1
+        peer.s.setblocking(False)
+        pending = b""
+        call_id = 1
+        end = time.monotonic() + 15
+        while time.monotonic() < end and call_id < 2 * 20000:
+            most = max(most, nfds(srv.pid) - fds0)
+            if not pending:
+                pending = b"".join(frame(2, call_id + 2 * i, "svc", "shm", []) for i in range(64))
+                call_id += 128
+            _, writable, _ = select.select([], [peer.s], [], 3.0)
+            if not writable:
+                break
+            try:
+                pending = pending[peer.s.send(pending) :]
+            except BlockingIOError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        settle = time.monotonic() + 3
+        while time.monotonic() < settle:
+            most = max(most, nfds(srv.pid) - fds0)
+            select.select([], [], [], 0.05)
+        assert srv.neighbour_works()
+    finally:
+        peer.close()
+    no_errors(srv.stop())
+    assert most < 256, f"the server held {most} more descriptors for one peer"
