@@ -23,6 +23,7 @@ from __future__ import annotations
 import array
 import asyncio
 import collections
+import math
 import socket
 import ssl
 import threading
@@ -48,6 +49,7 @@ __all__ = (
 )
 
 READ_SIZE = 262144  # bytes asked of the kernel per read
+_GOODBYE_GRACE = 1.0  # seconds a closed connection keeps trying to send its GOODBYE to a slow peer
 _SOCKET_BUFFER = 1024 * 1024
 
 
@@ -189,6 +191,8 @@ class AsyncioIO(asyncio.BufferedProtocol, _LoopDriver):
         self._paused = False
         self._reading_paused = False
         self._resume: asyncio.Future[None] | None = None
+        self._lost = False
+        self._gone: asyncio.Future[None] = loop.create_future()  # connection_lost was called
 
     async def open(self) -> None:
         tls_timeout = self.handshake_timeout if self.ssl_context is not None else None
@@ -234,6 +238,9 @@ class AsyncioIO(asyncio.BufferedProtocol, _LoopDriver):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if not self._gone.done():
+            self._gone.set_result(None)
         self.cb.lost(exc)
         if not self._done.done():
             self._done.set_result(None)
@@ -277,12 +284,25 @@ class AsyncioIO(asyncio.BufferedProtocol, _LoopDriver):
     def close(self) -> None:
         t = self.transport
         if t is not None and not t.is_closing():
-            t.close()
+            t.close()  # what is buffered goes out first (a GOODBYE, say)...
+            # ...within a grace: a peer that never reads would otherwise keep the socket and the
+            # buffer for ever, after the connection (and every limit on it) is gone
+            self._loop.call_later(_GOODBYE_GRACE, self._abort)
         if not self._done.done():
             self._done.set_result(None)
 
+    def _abort(self) -> None:
+        t = self.transport
+        if t is not None and not self._lost:
+            t.abort()
+
     async def release(self) -> None:
         self.close()
+        if self.transport is not None and not self._lost:
+            # what is buffered (a GOODBYE, say) has the grace to go out; then the socket goes
+            with anyio.move_on_after(_GOODBYE_GRACE, shield=True):
+                await asyncio.shield(self._gone)
+            self._abort()
         if self.transport is None:
             self.sock.close()  # never opened (the TLS handshake failed, say)
 
@@ -314,10 +334,14 @@ class UnixIO(_LoopDriver):
         self._done: asyncio.Future[None] = loop.create_future()
         self._pending: collections.deque[tuple[memoryview, list[int]]] = collections.deque()
         self._pending_size = 0
+        self._pending_fds = 0  # descriptors held in _pending until the kernel takes them
         self._high = high
         self._resume: asyncio.Future[None] | None = None
         self._reading_paused = False
         self._ancsize = socket.CMSG_SPACE(self.MAX_FDS * 4)
+        self._last = False  # write_last was called: on close, what is queued gets a grace to go out
+        self._lingering = False  # closed, but still sending what is queued (until drained or the grace ends)
+        self._closed: asyncio.Future[None] = loop.create_future()  # the socket is closed
 
     async def open(self) -> None:
         self._loop.add_reader(self.fd, self._readable)
@@ -385,6 +409,18 @@ class UnixIO(_LoopDriver):
             self._queue(memoryview(data)[sent:], fds or [])
             self._loop.add_writer(self.fd, self._writable)
 
+    def write_last(self, data: bytes | bytearray) -> None:
+        self.write(data)
+        self._last = True
+
+    async def aclose(self) -> None:
+        """What is queued goes out first, within a second, then the socket is closed."""
+        self._last = True
+        self.close()
+        with anyio.move_on_after(_GOODBYE_GRACE + 0.5, shield=True):
+            await asyncio.shield(self._closed)
+        self._close_now()
+
     def _send(self, data: bytes | bytearray | memoryview, fds: list[int] | None) -> int:
         if fds:
             return self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
@@ -393,20 +429,25 @@ class UnixIO(_LoopDriver):
     def _queue(self, data: memoryview, fds: list[int]) -> None:
         self._pending.append((data, fds))
         self._pending_size += len(data)  # above _high producers wait; reading stops only if the connection says so
+        self._pending_fds += len(fds)
 
     def blocked(self) -> bool:
-        return self._pending_size > self._high
+        return self._pending_size > self._high or self._pending_fds > self.MAX_FDS
 
     def buffered(self) -> int:
         return self._pending_size
 
+    def fds_held(self) -> int:
+        """Descriptors queued for a peer that has not read them yet (each one open here)."""
+        return self._pending_fds
+
     def pause_reading(self) -> None:
-        if not self._reading_paused and self.fd >= 0:
+        if not self._reading_paused and self.fd >= 0 and not self._lingering:
             self._reading_paused = True
             self._loop.remove_reader(self.fd)
 
     def resume_reading(self) -> None:
-        if self._reading_paused and self.fd >= 0:
+        if self._reading_paused and self.fd >= 0 and not self._lingering:
             self._reading_paused = False
             self._loop.add_reader(self.fd, self._readable)
 
@@ -425,17 +466,21 @@ class UnixIO(_LoopDriver):
                 return
             self._pending_size -= sent
             if sent and fds:
+                self._pending_fds -= len(fds)
                 close_all(fds)
             if sent < len(data):
                 self._pending[0] = (data[sent:], [])
                 return
             self._pending.popleft()
+        if self._lingering:
+            self._close_now()  # the GOODBYE is out
+            return
         self._loop.remove_writer(self.fd)
         self._wake_writers()
         self.cb.writable()
 
     async def wait_writable(self) -> None:
-        await self._wait_while(lambda: self._pending_size > self._high)
+        await self._wait_while(self.blocked)
 
     def _drain_then_lost(self, exc: BaseException) -> None:
         """The peer closed while we were writing: read what it sent before (a GOODBYE, say), even
@@ -446,10 +491,29 @@ class UnixIO(_LoopDriver):
         self._lost(exc)
 
     def _lost(self, exc: BaseException | None) -> None:
+        if self._lingering:
+            self._close_now()
+            return
         self.cb.lost(exc)
         self.close()
 
     def close(self) -> None:
+        if self._lingering:
+            return  # closes once what is queued is out, or at the end of the grace
+        if self.fd >= 0 and self._pending and self._last:
+            # a GOODBYE is queued behind what the peer has not read: stop reading, and give the
+            # writer a grace to send it before the socket is closed
+            self._lingering = True
+            if not self._reading_paused:
+                self._loop.remove_reader(self.fd)
+            self._loop.call_later(_GOODBYE_GRACE, self._close_now)
+            if not self._done.done():
+                self._done.set_result(None)
+            self._wake_writers()
+            return
+        self._close_now()
+
+    def _close_now(self) -> None:
         if self.fd >= 0:
             self._loop.remove_reader(self.fd)
             self._loop.remove_writer(self.fd)
@@ -465,7 +529,10 @@ class UnixIO(_LoopDriver):
                 for _, fds in self._pending:
                     close_all(fds)
                 self._pending.clear()
+                self._pending_fds = 0
             self.sock.close()
+        if not self._closed.done():
+            self._closed.set_result(None)
         if not self._done.done():
             self._done.set_result(None)
         self._wake_writers()
@@ -505,7 +572,10 @@ class StreamIO:
         self._scope: anyio.CancelScope | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._done = False
-        self._sending = anyio.Lock()  # one send at a time: the writer's, or the last one (GOODBYE)
+        self._writer_scope: anyio.CancelScope | None = None
+        self._flush_by: float | None = None  # once the connection is over, the writer stops by then
+        self._writer_over = False
+        self._writer_done = anyio.Event()
 
     async def open(self) -> None:
         sock = self._sock
@@ -539,22 +609,24 @@ class StreamIO:
         self._wake.set()
 
     def write_last(self, data: bytes | bytearray) -> None:
-        stream, tg = self.stream, self._tg
-        if stream is None or tg is None:
+        """Queue ``data`` (a GOODBYE) behind what is already queued, for the writer: it alone sends,
+        so nothing is sent concurrently and no frame is cut in two.  The writer gets a second after
+        the connection ends to send it (``_grace``)."""
+        if self._writer_over or (self._tg is None and self.stream is None):
             return
+        self._chunks.append(bytes(data))
+        self._size += len(data)
+        self._wake.set()
+        self._grace(_GOODBYE_GRACE)
 
-        async def send_last() -> None:
-            with anyio.move_on_after(1.0, shield=True):
-                async with self._sending:  # after the writer's send in progress, if any
-                    try:
-                        await stream.send(bytes(data))
-                    except Exception:
-                        pass
-
-        try:
-            tg.start_soon(send_last)
-        except RuntimeError:
-            pass
+    def _grace(self, seconds: float) -> None:
+        """Let the writer go on for at most ``seconds`` more (from now) once the connection ends."""
+        deadline = anyio.current_time() + seconds
+        if self._flush_by is None or deadline < self._flush_by:
+            self._flush_by = deadline
+        scope = self._writer_scope
+        if scope is not None and self._done:
+            scope.deadline = self._flush_by
 
     def buffered(self) -> int:
         return self._size + self._in_send
@@ -594,7 +666,7 @@ class StreamIO:
                         data = await stream.receive(READ_SIZE)
                     except anyio.EndOfStream:
                         data = b""
-                    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.BusyResourceError, OSError) as exc:
                         cb.lost(exc)
                         return
                     if not cb.feed(data):
@@ -603,34 +675,56 @@ class StreamIO:
                 self._finished()
 
     def _finished(self) -> None:
-        self._done = True
+        """The connection's I/O is over: nothing more is queued; the writer stops at once, or once
+        it has sent what ``write_last``/``aclose`` asked for, within their grace."""
+        if not self._done:
+            self._done = True
+            if self._flush_by is None:
+                self._flush_by = -math.inf
+            if self._writer_scope is not None:
+                self._writer_scope.deadline = self._flush_by
         if self._drained is not None:
             self._drained.set()
         self._reading.set()
+        self._wake.set()
 
     async def _writer(self) -> None:
+        """The only task that sends.  It is shielded from the connection's cancellation, so that a
+        send is never cut in the middle of a frame by it; once the connection is over it stops at
+        the deadline ``_finished`` set (at once, or after the grace for a GOODBYE)."""
         stream = self.stream
         assert stream is not None
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake = anyio.Event()
-                while self._chunks:
+        with anyio.CancelScope(shield=True) as scope:
+            self._writer_scope = scope
+            if self._done:
+                scope.deadline = self._flush_by if self._flush_by is not None else -math.inf
+            try:
+                while True:
+                    while not self._chunks:
+                        if self._done:
+                            return
+                        await self._wake.wait()
+                        self._wake = anyio.Event()
                     chunks, self._chunks = self._chunks, []
                     data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                     self._size -= len(data)
                     self._in_send = len(data)
-                    async with self._sending:
-                        await stream.send(data if type(data) is bytes else bytes(data))
+                    await stream.send(data if type(data) is bytes else bytes(data))
                     self._in_send = 0
                     if self._drained is not None and not self.blocked():
                         self._drained.set()
                         self._drained = None
-                self.cb.writable()
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            self._in_send = 0
-            self.cb.lost(ConnectionError(f"while sending: {exc!r}"))
-            self.close()
+                    if not self._chunks:
+                        self.cb.writable()
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.BusyResourceError, anyio.EndOfStream, OSError) as exc:
+                self._in_send = 0
+                self.cb.lost(ConnectionError(f"while sending: {exc!r}"))
+                self.close()
+            finally:
+                self._writer_over = True
+                self._chunks = []
+                self._size = self._in_send = 0
+                self._writer_done.set()
 
     def close(self) -> None:
         self._finished()
@@ -638,14 +732,20 @@ class StreamIO:
             self._scope.cancel()
 
     async def aclose(self) -> None:
-        with anyio.move_on_after(1.0, shield=True):
-            if self._chunks and not self._in_send and self.stream is not None:
-                chunks, self._chunks = self._chunks, []
-                async with self._sending:
-                    try:
-                        await self.stream.send(b"".join(chunks))
-                    except Exception:
-                        pass
+        """What is queued goes out first, within a second, then the stream is closed."""
+        if self._tg is not None and not self._writer_over:
+            self._grace(1.0)
+            self._finished()
+            with anyio.move_on_after(1.0, shield=True):
+                await self._writer_done.wait()
+        elif self._chunks and self.stream is not None:
+            chunks, self._chunks = self._chunks, []
+            with anyio.move_on_after(1.0, shield=True):
+                try:
+                    await self.stream.send(b"".join(chunks))
+                except Exception:
+                    pass
+        with anyio.CancelScope(shield=True):
             await self.release()
         self.close()
 
@@ -908,7 +1008,7 @@ class Link:
     def out_full(self) -> bool:
         """Is what we owe the peer above the high-water mark (the peer does not read fast enough)?"""
         io = self.io
-        return self.core.out_size > self.high or (io is not None and io.blocked())
+        return self.core.out_size > self.high or (io is not None and io.blocked()) or len(self.fds.outgoing) > UnixIO.MAX_FDS
 
     def unsent(self) -> int:
         """Bytes encoded for the peer and not yet taken by the kernel."""

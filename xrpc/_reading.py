@@ -65,7 +65,7 @@ class Reader:
 
     __slots__ = (
         "connection", "core", "link", "flow", "objects", "fds", "limits", "on_call", "gate", "gate_held", "backlog", "owed", "last_rx",
-        "handshake", "pings",
+        "handshake", "pings", "cut",
     )
 
     def __init__(
@@ -86,6 +86,7 @@ class Reader:
         self.last_rx = 0.0
         self.handshake = anyio.Event()  # HELLO, WELCOME or GOODBYE arrived
         self.pings: dict[int, anyio.Event] = {}
+        self.cut = False  # the peer was cut off for its budget (GOODBYE sent, logged)
 
     # -------------------------------------------------------------- the driver's callbacks (_io.Callbacks)
     def big_target(self) -> memoryview | None:
@@ -180,7 +181,7 @@ class Reader:
         if (self.flow.held or core.receiving_big or gate is not None) and not self.within_budget():
             return self.over_budget()
         high = self.limits.write_buffer_high
-        if self.backlog is not None or self.gate_held > high or (self.owed > high and self.peer_behind()):
+        if self.backlog is not None or self.gate_held > high or ((self.owed > high or self.fds_behind()) and self.peer_behind()):
             link.io.pause_reading()  # type: ignore[union-attr]
             self.resume_input()
         return True
@@ -210,12 +211,21 @@ class Reader:
         reading the answers, and is not read until it does.  Our own streams' data does not count:
         their producers wait for the writer themselves, and counting it would make two peers that
         stream to each other both stop reading, each waiting for the other."""
+        if self.fds_behind():
+            return True
         if self.owed <= self.limits.write_buffer_high:
             return False
         if self.link.out_full():
             return True
         self.owed = 0  # the peer has caught up
         return False
+
+    def fds_behind(self) -> bool:
+        """Are more descriptors queued for the peer than it may hold unclaimed (``max_fds``)?  Each
+        is open here until the peer reads it: a peer that asks for replies carrying descriptors and
+        never reads them would otherwise fill this process's descriptor table."""
+        held = getattr(self.link.io, "fds_held", None)
+        return held is not None and held() > self.limits.max_fds
 
     def resume_input(self) -> None:
         """Serve what was held back while the peer catches up, then read again (the driver calls
@@ -254,6 +264,9 @@ class Reader:
         return held <= self.limits.max_buffered and (gate is None or len(gate) <= self.limits.max_calls_in_flight)
 
     def over_budget(self) -> bool:
+        if self.cut:
+            return False  # already cut off: said (and logged) once
+        self.cut = True
         gate = self.gate
         if gate is not None and len(gate) > self.limits.max_calls_in_flight:
             reason = f"more than {self.limits.max_calls_in_flight} calls sent before on_connect finished"
@@ -285,7 +298,8 @@ class Reader:
             if not self.within_budget():
                 self.cut_off()
                 return False
-            await link.wait_drained()  # a peer that does not read gets no more answers meanwhile
+            while link.out_full():  # (woken together, the first ones may fill it again)
+                await link.wait_drained()  # a peer that does not read gets no more answers meanwhile
         except Error:
             return False  # the connection is over
         finally:
@@ -298,7 +312,7 @@ class Reader:
         stops; past the memory budget unread, the peer is cut off.  (An answer is sent at once
         rather than held until the peer reads: a held result would be memory no budget sees.)"""
         self.owed += self.core.emitted - start
-        if self.owed <= self.limits.write_buffer_high:
+        if self.owed <= self.limits.write_buffer_high and not self.fds_behind():
             return
         link = self.link
         if link.unsent() > self.limits.max_buffered:
