@@ -227,8 +227,8 @@ class ObjectTable:
     """
 
     __slots__ = (
-        "caller", "max_objects", "fds", "_release", "_refs", "_ref_ids", "_next_oid", "_journal", "_promises", "_promise_of",
-        "_settled_ids", "remote_refs",
+        "caller", "max_objects", "fds", "_release", "_refs", "_ref_ids", "_next_oid", "_journal", "_call_args", "_awaited",
+        "_promises", "_promise_of", "_settled_ids", "remote_refs",
     )
 
     def __init__(self, caller: Caller, max_objects: int, fds: FdTable, release: Callable[[str], None]) -> None:
