@@ -332,7 +332,9 @@ class UnixIO(_LoopDriver):
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._done: asyncio.Future[None] = loop.create_future()
-        self._pending: collections.deque[tuple[memoryview, list[int]]] = collections.deque()
+        # what the kernel did not take yet; made on the first short write (an empty deque holds a
+        # block of 0.5 KiB, and most connections never fill their socket buffer)
+        self._pending: collections.deque[tuple[memoryview, list[int]]] | None = None
         self._pending_size = 0
         self._pending_fds = 0  # descriptors held in _pending until the kernel takes them
         self._high = high
@@ -427,7 +429,10 @@ class UnixIO(_LoopDriver):
         return self.sock.send(data)
 
     def _queue(self, data: memoryview, fds: list[int]) -> None:
-        self._pending.append((data, fds))
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = collections.deque()
+        pending.append((data, fds))
         self._pending_size += len(data)  # above _high producers wait; reading stops only if the connection says so
         self._pending_fds += len(fds)
 

@@ -227,8 +227,8 @@ class ObjectTable:
     """
 
     __slots__ = (
-        "caller", "max_objects", "fds", "_release", "_refs", "_ref_ids", "_next_oid", "_journal", "_promises", "_promise_of",
-        "_settled_ids", "remote_refs", "_awaited", "_call_args",
+        "caller", "max_objects", "fds", "_release", "_refs", "_ref_ids", "_next_oid", "_journal", "_call_args", "_awaited",
+        "_promises", "_promise_of", "_settled_ids", "remote_refs",
     )
 
     def __init__(self, caller: Caller, max_objects: int, fds: FdTable, release: Callable[[str], None]) -> None:
@@ -244,7 +244,7 @@ class ObjectTable:
         self._awaited: AwaitedArguments | None = None  # while the arguments of one of the peer's calls are decoded
         self._promises: dict[int, IncomingPromise] = {}  # results of the peer's calls, for pipelined calls
         self._promise_of: dict[str, int] = {}  # oid of a returned object -> the call that returned it
-        self._settled_ids: collections.deque[int] = collections.deque()
+        self._settled_ids: collections.deque[int] | None = None  # made once a promise settles
         self.remote_refs = 0  # live proxies to objects the peer passed us by reference
 
     def __len__(self) -> int:
@@ -447,9 +447,12 @@ class ObjectTable:
 
     def settled(self, call_id: int) -> None:
         """Keep the results of the last few calls for pipelined calls still on their way."""
-        self._settled_ids.append(call_id)
-        while len(self._settled_ids) > _SETTLED_KEPT:
-            self._promises.pop(self._settled_ids.popleft(), None)
+        ids = self._settled_ids
+        if ids is None:
+            ids = self._settled_ids = collections.deque()
+        ids.append(call_id)
+        while len(ids) > _SETTLED_KEPT:
+            self._promises.pop(ids.popleft(), None)
 
     def resolved_export(self, promise: IncomingPromise, name: str) -> Export | None:
         """The object a promise resolved to, as an export: the one it was passed by reference as

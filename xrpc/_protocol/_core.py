@@ -164,6 +164,17 @@ def _undecodable(body: memoryview, exc: BaseException) -> str:
 class ProtocolCore:
     """One side of one xrpc connection, without I/O."""
 
+    # one per connection on each side: slots keep its fields out of a per-instance dict, which at
+    # this many fields is a table of its own (about 1.5 KiB a connection)
+    __slots__ = (
+        "client", "state", "max_frame", "handshake_max_frame", "_recv_limit", "peer_max_frame", "window",
+        "peer_window", "window_bytes", "peer_window_bytes", "conn_window", "conn_recv", "conn_pending",
+        "conn_threshold", "conn_enforce", "peer_conn_window", "conn_send", "conn_limited", "conn_known",
+        "conn_max_cost", "conn_wanted", "exports", "peer_exports", "peer_version", "outgoing", "incoming",
+        "_local_parity", "_next_id", "_last_peer_id", "_in", "_out", "emitted", "_big", "_big_filled",
+        "_big_size", "close_reason", "close_code", "_hello_done", "_said_goodbye",
+    )
+
     def __init__(
         self,
         *,
