@@ -251,7 +251,7 @@ class Calls(Side):
             raise ValidationError(f"arguments of {m.qualname} cannot be encoded: {exc}", method=m.name) from None
         except LocalProtocolError as exc:
             raise LimitExceeded(f"{m.qualname}: {exc}") from None
-        if len(core.outgoing) <= 1:
+        if len(core.outgoing) <= 1 and not link.flush_scheduled:
             link.send_now()  # the only call in flight: nothing to coalesce it with
         else:
             link.kick()

@@ -1005,7 +1005,7 @@ class Link:
     def send_now(self) -> None:
         """What was just encoded leaves now if nothing could join it, else soon."""
         io = self.io
-        if io is not None and io.immediate and not self.flush_scheduled and not self.fds.outgoing:
+        if io is not None and io.immediate and not self.fds.outgoing:
             self.flush()
         else:
             self.kick()
