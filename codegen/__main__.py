@@ -49,7 +49,8 @@ exit codes: 0 ok, 1 breaking changes found, 2 usage or input error
 
 def _prog() -> str:
     if os.path.basename(sys.argv[0]) == "__main__.py" and __package__:
-        return f"python -m {__package__}"
+        # ``python -m codegen`` or ``python -m xrpc_codegen`` (which runs this module's main)
+        return f"python -m {os.path.basename(os.path.dirname(os.path.abspath(sys.argv[0])))}"
     return _PROG
 
 
