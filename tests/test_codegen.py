@@ -1426,7 +1426,7 @@ def test_cli_usage_and_input_errors(tmp_path: Path) -> None:
 
 
 def test_package_works_under_its_installed_name(tmp_path: Path) -> None:
-    """Installed, the package is ``xrpc_codegen``: nothing in it may import ``codegen`` by name."""
+    """The package works under another name (the installed alias is ``xrpc_codegen``): nothing in it imports ``codegen`` by name."""
     shutil.copytree(ROOT / "codegen", tmp_path / "xrpc_codegen", ignore=shutil.ignore_patterns("__pycache__"))
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
     r = subprocess.run(
