@@ -40,6 +40,7 @@ examples:
   %(prog)s schema myapp.api:Store -o store.json      one interface
   %(prog)s schema myapp.api -o api.json              every interface in the module
   %(prog)s stubs api.json -o myclient/api_stubs.py
+  %(prog)s stubs api.json --blocking -o api_stubs.py  with the blocking forms too
   %(prog)s check released.json api.json              exit 1 if an old client would break
   %(prog)s check released.json api.json --json       machine-readable, for CI
 
@@ -49,7 +50,8 @@ exit codes: 0 ok, 1 breaking changes found, 2 usage or input error
 
 def _prog() -> str:
     if os.path.basename(sys.argv[0]) == "__main__.py" and __package__:
-        return f"python -m {__package__}"
+        # ``python -m codegen`` or ``python -m xrpc_codegen`` (which runs this module's main)
+        return f"python -m {os.path.basename(os.path.dirname(os.path.abspath(sys.argv[0])))}"
     return _PROG
 
 
@@ -75,10 +77,15 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=raw,
         description="Generate msgspec Structs, enums, declared errors and @xrpc.interface Protocols from a schema.\n"
         "The module only declares; a client built on it interoperates with the original server.",
-        epilog="examples:\n  %(prog)s api.json -o api_stubs.py\n  %(prog)s api.json > api_stubs.py",
+        epilog="examples:\n  %(prog)s api.json -o api_stubs.py\n  %(prog)s api.json > api_stubs.py\n  %(prog)s api.json --blocking -o api_stubs.py",
     )
     t.add_argument("schema", metavar="SCHEMA.json")
     t.add_argument("-o", "--output", metavar="FILE.py", help="write here instead of standard output")
+    t.add_argument(
+        "--blocking",
+        action="store_true",
+        help="also declare each interface's blocking form (NameBlocking, for xrpc.blocking proxies)",
+    )
 
     c = sub.add_parser(
         "check",
@@ -125,7 +132,7 @@ def _schema(args: argparse.Namespace) -> int:
 
 def _stubs(args: argparse.Namespace) -> int:
     doc = load_schema(args.schema)
-    _write(render_stubs(doc, os.path.basename(args.schema)), args.output)
+    _write(render_stubs(doc, os.path.basename(args.schema), blocking=args.blocking), args.output)
     return EXIT_OK
 
 

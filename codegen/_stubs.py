@@ -4,7 +4,9 @@ Theory of operation
 -------------------
 The generated module holds, in this order: enums, msgspec Structs for every record in ``$defs``,
 the declared errors, and one Protocol per interface decorated with
-``@xrpc.interface(name=<wire name>, errors=(...))``.  Nothing in it runs at call time: the runtime
+``@xrpc.interface(name=<wire name>, errors=(...))``.  With ``blocking=True`` each interface is
+followed by its blocking form, ``@xrpc.blocking.interface(<Protocol>)``: plain ``def`` methods,
+``Iterator[T]`` for a stream, ``Iterable[T]`` for a client stream.  Nothing in it runs at call time: the runtime
 reads the Protocol through ``xrpc.describe`` exactly as it reads a hand-written one.
 
 What makes a generated client interoperate with the original server:
@@ -41,6 +43,7 @@ from ._types import Record, datetime_tz, is_xrpc_key, kind, members, ref_name, r
 __all__ = ("render_stubs",)
 
 _TYPING_NAMES = ("Annotated", "Any", "AsyncIterator", "Literal", "Protocol")
+_BLOCKING_TYPING_NAMES = ("Iterable", "Iterator")
 _MODULES = ("datetime", "decimal", "enum", "uuid", "msgspec", "xrpc", "typing")
 # builtins the generated code itself names; a user type may shadow any other
 _BUILTINS = ("int", "float", "str", "bool", "bytes", "bytearray", "list", "dict", "set", "frozenset", "tuple", "object", "Exception")
@@ -50,11 +53,14 @@ _META_KEYS = ("title", "description", "examples")
 _NUMERIC = (("minimum", "ge"), ("exclusiveMinimum", "gt"), ("maximum", "le"), ("exclusiveMaximum", "lt"), ("multipleOf", "multiple_of"))
 
 
-def render_stubs(doc: SchemaDoc | dict[str, Any], source: str = "") -> str:
-    """The text of a Python module declaring the schema's types, errors and interfaces."""
+def render_stubs(doc: SchemaDoc | dict[str, Any], source: str = "", *, blocking: bool = False) -> str:
+    """The text of a Python module declaring the schema's types, errors and interfaces.
+
+    ``blocking=True`` adds each interface's blocking form (``NameBlocking``, for ``xrpc.blocking``).
+    """
     if not isinstance(doc, SchemaDoc):
         doc = parse_schema(doc, source or "schema")
-    return _Generator(doc, source).render()
+    return _Generator(doc, source, blocking).render()
 
 
 def _ident(text: str) -> str:
@@ -101,13 +107,13 @@ def _docstring(text: str, indent: str, verbatim: bool) -> str:
 
 
 class _Generator:
-    def __init__(self, doc: SchemaDoc, source: str) -> None:
+    def __init__(self, doc: SchemaDoc, source: str, blocking: bool = False) -> None:
         self.doc = doc
         self.defs = doc.defs
         self.source = source
         self.typing: set[str] = set()
         self.modules: set[str] = set()
-        self.taken: set[str] = set(_RESERVED)
+        self.taken: set[str] = set(_RESERVED) | (set(_BLOCKING_TYPING_NAMES) if blocking else set())
         self.deps: set[str] = set()  # $defs names a default expression refers to
         self.pyname: dict[str, str] = {}
         self.keys: dict[str, str] = {}  # def name -> wire key (__qualname__)
@@ -130,6 +136,10 @@ class _Generator:
         self.protocols: dict[str, str] = {}
         for iface in doc.interfaces:
             self.protocols[iface.name] = self._claim(_ident(iface.name.rpartition(".")[2]))
+        self.blocking: dict[str, str] = {}  # interface name -> its blocking form's class name
+        if blocking:
+            for iface in doc.interfaces:
+                self.blocking[iface.name] = self._claim(self.protocols[iface.name] + "Blocking")
         # a class in an allow-list travels under the key the schema gives it
         for iface in doc.interfaces:
             for m in iface.methods:
@@ -158,7 +168,11 @@ class _Generator:
                 text = self._record(name, s)
                 records[name] = (text, self.deps - {name})
         errors = self._errors()
-        protocols = [self._protocol(iface) for iface in self._interfaces_in_order()]
+        protocols: list[str] = []
+        for iface in self._interfaces_in_order():
+            protocols.append(self._protocol(iface))
+            if iface.name in self.blocking:
+                protocols.append(self._blocking_protocol(iface))
 
         out: list[str] = []
         names = ", ".join(i.name for i in self.doc.interfaces) or "no interfaces"
@@ -178,7 +192,7 @@ class _Generator:
         out.append("import xrpc")
         out.append("")
         exported = [self.pyname[n] for n in self.defs if n in records or n in enums]
-        exported += [py for py, _ in self.errors.values()] + list(self.protocols.values())
+        exported += [py for py, _ in self.errors.values()] + list(self.protocols.values()) + list(self.blocking.values())
         out.append("__all__ = (" + "".join(f"{_q(name)}, " for name in exported).rstrip(" ") + ")")
         for block in [*enums.values(), *self._ordered(records), *errors, *protocols]:
             out.append("")
@@ -401,11 +415,20 @@ class _Generator:
             lines.append("    pass")
         return "\n".join(lines)
 
-    def _method(self, m: MethodDoc) -> list[str]:
+    def _blocking_protocol(self, iface: InterfaceDoc) -> str:
+        py = self.protocols[iface.name]
+        lines = [f"@xrpc.blocking.interface({py})", f"class {self.blocking[iface.name]}(Protocol):"]
+        lines.append(f'    """The blocking form of {py}: ``xrpc.blocking.connect(url).proxy({self.blocking[iface.name]})``."""')
+        for m in iface.methods:
+            lines.append("")
+            lines.extend(self._method(m, blocking=True))
+        return "\n".join(lines)
+
+    def _method(self, m: MethodDoc, blocking: bool = False) -> list[str]:
         lines: list[str] = []
-        if m.requirement is not None:
+        if m.requirement is not None and not blocking:
             lines.append(f"    @xrpc.requires({_q(m.requirement)})")
-        if m.kind == "oneway":
+        if m.kind == "oneway" and not blocking:
             lines.append("    @xrpc.oneway")
         params = ["self"]
         seen_default = False
@@ -422,7 +445,10 @@ class _Generator:
                 params.append("*")
                 star = True
             ann = self._slot(p.type, p.allowed)
-            if p.stream:
+            if p.stream and blocking:
+                self.typing.add("Iterable")
+                ann = f"Iterable[{ann}]"
+            elif p.stream:
                 self.typing.add("AsyncIterator")
                 ann = f"AsyncIterator[{ann}]"
             text = f"{p.name}: {ann}"
@@ -443,13 +469,16 @@ class _Generator:
             ret = "None"
         else:
             ret = self._slot(m.reply, m.reply_allowed)
-        if streams_out:
+        if streams_out and blocking:
+            self.typing.add("Iterator")
+            ret = f"Iterator[{ret}]"
+        elif streams_out:
             self.typing.add("AsyncIterator")
             ret = f"AsyncIterator[{ret}]"
         elif m.kind == "oneway":
             ret = "None"
         lines = notes + lines
-        prefix = "def" if streams_out else "async def"
+        prefix = "def" if streams_out or blocking else "async def"
         signature = f"    {prefix} {m.name}({', '.join(params)}) -> {ret}:"
         if m.doc:
             lines.append(signature)

@@ -7,7 +7,7 @@ import enum
 import itertools
 import os
 import uuid
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, AsyncIterable, AsyncIterator, Iterable, Protocol
 
 import anyio
 import msgspec
@@ -347,6 +347,65 @@ async def test_default_and_keyword_arguments() -> None:
             assert await p.add(a=5, b=6) == 11
             assert await p.add(b=1, a=2) == 3
             assert impl.calls["add"] == 5
+
+
+# A client stream declared AsyncIterable[T] | Iterable[T]: callers pass a list under a type checker.
+@xrpc.interface
+class Summing(Protocol):
+    async def total(self, xs: AsyncIterable[int] | Iterable[int]) -> int: ...
+
+    def doubled(self, xs: Iterable[int] | AsyncIterable[int], label: str = "") -> AsyncIterator[str]: ...
+
+
+@xrpc.interface(name="Summing")
+class SummingAsyncOnly(Protocol):
+    async def total(self, xs: AsyncIterator[int]) -> int: ...
+
+    def doubled(self, xs: AsyncIterator[int], label: str = "") -> AsyncIterator[str]: ...
+
+
+class SummingImpl:
+    async def total(self, xs: AsyncIterator[int]) -> int:
+        assert not isinstance(xs, list)
+        return sum([x async for x in xs])
+
+    async def doubled(self, xs: AsyncIterator[int], label: str = "") -> AsyncIterator[str]:
+        async for x in xs:
+            yield f"{label}{2 * x}"
+
+
+async def test_a_client_stream_declared_as_any_iterable_takes_lists_and_async_iterables() -> None:
+    desc = xrpc.describe(Summing)
+    assert desc.methods["total"].kind is xrpc.MethodKind.CLIENT_STREAM
+    assert desc.methods["doubled"].kind is xrpc.MethodKind.BIDI_STREAM
+    assert desc.fingerprint == xrpc.describe(SummingAsyncOnly).fingerprint  # the same on the wire
+    server = xrpc.Server()
+    server.export(Summing, SummingImpl())
+
+    async def numbers() -> AsyncIterator[int]:
+        yield 4
+        yield 5
+
+    with anyio.fail_after(T):
+        async with xrpc.testing.connect(server) as conn:
+            p = conn.proxy(Summing)
+            assert await p.total([1, 2, 3]) == 6
+            assert await p.total(range(4)) == 6
+            assert await p.total(numbers()) == 9
+            assert [x async for x in p.doubled([1, 2], label="x")] == ["x2", "x4"]
+            assert await conn.proxy(SummingAsyncOnly).total(numbers()) == 9
+            with pytest.raises(xrpc.ValidationError):
+                await p.total(["a"])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize(
+    "annotation",
+    ["AsyncIterable[int] | Iterable[str]", "AsyncIterable[int] | list[int]", "AsyncIterable[int] | Iterable[int] | None"],
+)
+def test_other_unions_are_not_client_streams(annotation: str) -> None:
+    namespace: dict[str, Any] = {"AsyncIterable": AsyncIterable, "Iterable": Iterable, "Protocol": Protocol, "xrpc": xrpc}
+    with pytest.raises(xrpc.InterfaceError):
+        exec(f"@xrpc.interface\nclass Odd(Protocol):\n    async def total(self, xs: {annotation}) -> int: ...\n", namespace)
 
 
 async def test_missing_argument_is_refused_locally() -> None:

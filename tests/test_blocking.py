@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Protocol
+from typing import Any, AsyncIterator, Iterable, Iterator, Protocol
 
 import anyio
 import anyio.from_thread
@@ -78,6 +78,20 @@ class BlockyPlus(Protocol):
     async def add(self, a: int, b: int = 10) -> int: ...
 
     async def missing(self) -> int: ...
+
+
+# The blocking form of Blocky (a part of it): what a type checker sees of a blocking proxy.
+@xrpc.blocking.interface(Blocky)
+class BlockyBlocking(Protocol):
+    def add(self, a: int, b: int = 10) -> int: ...
+
+    def lookup(self, name: str) -> Point: ...
+
+    def count(self, n: int, tag: str = "") -> Iterator[int]: ...
+
+    def total(self, xs: Iterable[int]) -> int: ...
+
+    def shout(self, lines: Iterable[str]) -> Iterator[str]: ...
 
 
 class Events:
@@ -262,6 +276,59 @@ def test_peer_of_a_unix_connection(served: Served) -> None:
             assert conn.peer.uid == os.getuid() and conn.peer.pid == os.getpid()
         else:
             assert conn.peer.transport == "tcp" and conn.peer.uid is None
+
+
+# --------------------------------------------------------------------------- the blocking form of an interface
+def test_a_proxy_of_the_blocking_form_calls_the_interface(served: Served) -> None:
+    with xrpc.blocking.connect(served.url, timeout=T) as conn:
+        p = conn.proxy(BlockyBlocking)
+        assert p.add(1) == 11 and p.add(1, b=2) == 3
+        assert list(p.count(3)) == [0, 1, 2]
+        assert p.total([1, 2, 3]) == 6
+        assert list(p.shout(iter(["a", "b"]))) == ["A", "B"]
+        with pytest.raises(NotFound):
+            p.lookup("atlantis")
+        # the methods the blocking form leaves out are still the interface's, and no others
+        assert getattr(p, "midpoint")(Point(0, 0), Point(2, 2)) == Point(1, 1)
+        with pytest.raises(AttributeError):
+            getattr(p, "no_such_method")
+        with pytest.raises(xrpc.ObjectNotFound):
+            conn.proxy(BlockyBlocking, name="nobody").add(1)
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("async def add(self, a: int, b: int = 10) -> int: ...", "a plain def, not async def"),
+        ("def add(self, a: int) -> int: ...", "the parameters must be those of Blocky.add: (a, b)"),
+        ("def add(self, a: int, b: int = 11) -> int: ...", "the parameters must be those of Blocky.add"),
+        ("def add(self, a: int, *, b: int = 10) -> int: ...", "the parameters must be those of Blocky.add"),
+        ("def add(self, a: str, b: int = 10) -> int: ...", "parameter 'a' must be annotated int"),
+        ("def add(self, a: int, b: int = 10) -> str: ...", "must return int like Blocky.add"),
+        ("def add(self, a: int, b: int = 10) -> Any: ...", "must return int like Blocky.add"),
+        ("def nothing(self) -> int: ...", "must return None"),
+        ("def count(self, n: int, tag: str = '') -> AsyncIterator[int]: ...", "returns a stream: annotate it -> Iterator[int]"),
+        ("def count(self, n: int, tag: str = '') -> Iterator[str]: ...", "returns a stream: annotate it -> Iterator[int]"),
+        ("def count(self, n: int, tag: str = '') -> int: ...", "returns a stream"),
+        ("def total(self, xs: AsyncIterator[int]) -> int: ...", "parameter 'xs' is a client stream: annotate it Iterable[int]"),
+        ("def total(self, xs: list[int]) -> int: ...", "is a client stream"),
+        ("def missing(self) -> int: ...", "Blocky has no method 'missing'"),
+    ],
+)
+def test_the_blocking_form_must_match_the_interface(body: str, message: str) -> None:
+    namespace: dict[str, Any] = dict(globals())
+    with pytest.raises(xrpc.InterfaceError) as info:
+        exec(f"@xrpc.blocking.interface(Blocky)\nclass Wrong(Protocol):\n    {body}\n", namespace)
+    assert message in str(info.value)
+    assert "Wrong." in str(info.value)
+
+
+def test_the_blocking_form_of_a_class_that_is_not_an_interface() -> None:
+    class NotAnInterface(Protocol):
+        async def add(self, a: int) -> int: ...
+
+    with pytest.raises(xrpc.InterfaceError):
+        xrpc.blocking.interface(NotAnInterface)
 
 
 # --------------------------------------------------------------------------- streams

@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import Annotated, Any, AsyncIterator, Callable, Iterator, Optional, Protocol
 
 import anyio
+import anyio.from_thread
 import msgspec
 import pytest
 
@@ -337,6 +338,50 @@ async def test_generated_client_talks_to_the_original_server(gen: ModuleType) ->
             shed = await p.open_shed("ann", uses=4)
             assert await shed.take("rake") == gen.Tool("ann's rake", 4)
             assert await (await p.open_shed("bo")).take("hoe") == gen.Tool("bo's hoe", 1)
+
+
+def test_blocking_stubs_declare_a_checked_blocking_form_that_calls_the_original_server(schema: dict[str, Any], tmp_path: Path) -> None:
+    """``--blocking``: each Protocol is followed by its blocking form, for typed ``xrpc.blocking`` proxies."""
+    text = codegen.render_stubs(schema, "garden.json", blocking=True)
+    assert "@xrpc.blocking.interface(Garden)\nclass GardenBlocking(Protocol):" in text
+    assert "    def grow(self, tree: Tree, steps: int = 3) -> Iterator[Leaf]: ..." in text
+    assert "    def weigh(self, leaves: Iterable[Leaf], scale: float = 1.0) -> float: ..." in text
+    assert "    def log(self, text: str) -> None: ..." in text
+    assert "async def" not in text.split("class GardenBlocking", 1)[1].split("\n\n\n", 1)[0]
+    plain = codegen.render_stubs(schema, "garden.json")
+    assert "Blocking" not in plain and "Iterable" not in plain
+    path = tmp_path / "garden_blocking_stubs.py"
+    path.write_text(text, encoding="utf-8")
+    r = _mypy_strict(path, tmp_path / "mypy-cache")
+    assert r.returncode == 0, r.stdout + r.stderr
+    name = "xrpc_codegen_generated_garden_blocking"
+    bgen = _import_file(path, name)  # the decorator checks each blocking form against its Protocol here
+    try:
+        assert bgen.__all__[-3:] == ("GardenBlocking", "PlainBlocking", "ToolShedBlocking")
+        server = xrpc.Server()
+        server.export(service.Garden, service.GardenImpl())
+        with anyio.from_thread.start_blocking_portal() as portal:
+            with portal.wrap_async_context_manager(server.listen("tcp://127.0.0.1:0")) as listener:
+                with xrpc.blocking.connect(listener.url, timeout=T) as conn:
+                    p = conn.proxy(bgen.GardenBlocking, timeout=T)
+                    tree = bgen.Tree("oak", [])
+                    assert p.plant(tree, 2).name == "oak:new:2:red"
+                    assert [leaf.name for leaf in p.grow(tree, 2)] == ["oak-0", "oak-1"]
+                    assert p.weigh([bgen.Leaf("a", 1.0), bgen.Leaf("b", 2.0)], 2.0) == 6.0
+                    assert [b.note for b in p.echo([bgen.Branch(leaves={}, note="n")])] == ["n!"]
+                    with pytest.raises(bgen.NotFound):
+                        p.find("missing")
+    finally:
+        sys.modules.pop(name, None)
+
+
+def test_cli_stubs_blocking(tmp_path: Path) -> None:
+    out = tmp_path / "garden.json"
+    assert _cli("schema", "codegen_fixtures.service", "-o", str(out)).returncode == 0
+    r = _cli("stubs", str(out), "--blocking")
+    assert r.returncode == 0, r.stderr
+    assert "class GardenBlocking(Protocol):" in r.stdout
+    assert "class GardenBlocking" not in _cli("stubs", str(out)).stdout
 
 
 async def test_original_client_talks_to_a_server_built_on_the_stubs(gen: ModuleType) -> None:
@@ -1381,7 +1426,7 @@ def test_cli_usage_and_input_errors(tmp_path: Path) -> None:
 
 
 def test_package_works_under_its_installed_name(tmp_path: Path) -> None:
-    """Installed, the package is ``xrpc_codegen``: nothing in it may import ``codegen`` by name."""
+    """The package works under another name (the installed alias is ``xrpc_codegen``): nothing in it imports ``codegen`` by name."""
     shutil.copytree(ROOT / "codegen", tmp_path / "xrpc_codegen", ignore=shutil.ignore_patterns("__pycache__"))
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
     r = subprocess.run(

@@ -5,7 +5,7 @@ Every ``reveal_type`` line ends with a comment "R:" and the type mypy must revea
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, AsyncIterator, Protocol
+from typing import TYPE_CHECKING, AsyncIterable, AsyncIterator, Iterable, Iterator, Protocol
 
 import msgspec
 
@@ -30,6 +30,15 @@ class Geometry(Protocol):
     async def names(self, prefix: str = "") -> dict[str, list[Point]]: ...
     @xrpc.oneway
     async def log(self, text: str) -> None: ...
+    async def total(self, xs: AsyncIterable[float] | Iterable[float]) -> float: ...
+
+
+@xrpc.blocking.interface(Geometry)
+class GeometryBlocking(Protocol):
+    def distance(self, a: Point, b: Point) -> float: ...
+    def walk(self, start: Point, steps: int) -> Iterator[Point]: ...
+    def centroid(self, points: Iterable[Point]) -> Point: ...
+    def log(self, text: str) -> None: ...
 
 
 @xrpc.interface
@@ -43,6 +52,10 @@ async def _points() -> AsyncIterator[Point]:
 
 async def _lines() -> AsyncIterator[str]:
     yield "hello"
+
+
+async def _floats() -> AsyncIterator[float]:
+    yield 1.0
 
 
 if TYPE_CHECKING:
@@ -64,6 +77,23 @@ if TYPE_CHECKING:
             async for line in geo.chat(_lines()):
                 reveal_type(line)  # R: builtins.str
             reveal_type(await conn.proxy(Bare).ping())  # R: builtins.int
+            # a client stream declared AsyncIterable[T] | Iterable[T] takes a list or an async iterable
+            reveal_type(await geo.total([1.0, 2.0]))  # R: builtins.float
+            reveal_type(await geo.total(_floats()))  # R: builtins.float
+        with xrpc.blocking.connect(url, timeout=1.0) as bconn:
+            reveal_type(bconn)  # R: xrpc.blocking.BlockingConnection
+            bgeo = bconn.proxy(GeometryBlocking)
+            reveal_type(bgeo)  # R: typing_examples.GeometryBlocking
+            reveal_type(bgeo.distance(Point(0, 0), Point(3, 4)))  # R: builtins.float
+            reveal_type(bgeo.walk(Point(0, 0), 3))  # R: typing.Iterator[typing_examples.Point]
+            for q in bgeo.walk(Point(0, 0), 3):
+                reveal_type(q)  # R: typing_examples.Point
+            reveal_type(bgeo.centroid([Point(0, 0)]))  # R: typing_examples.Point
+            reveal_type(bgeo.log("x"))  # R: None
+        async with xrpc.connect_service("org.example.geometry") as sconn:
+            reveal_type(sconn)  # R: xrpc._services.ServiceConnection
+            reveal_type(await sconn.proxy(Geometry).names())  # R: builtins.dict[builtins.str, builtins.list[typing_examples.Point]]
+        reveal_type(xrpc.ServiceNotFound("x"))  # R: xrpc._services.ServiceNotFound
         server = xrpc.Server()
         async with server.listen(url) as listener:
             reveal_type(listener.url)  # R: builtins.str

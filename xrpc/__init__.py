@@ -4,6 +4,8 @@ Declare a ``typing.Protocol`` with ``@xrpc.interface``; export an implementation
 ``xrpc.Server``; ``async with xrpc.connect(url) as conn`` and call ``conn.proxy(Iface)``.
 """
 
+from typing import TYPE_CHECKING
+
 from . import blocking, testing
 from ._api import Server, connect
 from ._connection import (
@@ -51,6 +53,18 @@ from ._tls import client_ssl_context, server_ssl_context
 from ._transports import Endpoint, Listener
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    # loaded on first use below; imported here so that type checkers see their real types
+    from ._services import (
+        ServiceConnection,
+        ServiceDescriptionError,
+        ServiceNotFound,
+        ServiceUnavailable,
+        UntrustedPath,
+        connect_service,
+        serve_service,
+    )
 
 _SERVICES = ("connect_service", "ServiceConnection", "ServiceNotFound", "ServiceUnavailable", "ServiceDescriptionError", "UntrustedPath", "serve_service")
 

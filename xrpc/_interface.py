@@ -1576,6 +1576,29 @@ def _stream_item(tp: Any) -> tuple[bool, Any]:
     return False, None
 
 
+def _stream_param(tp: Any) -> tuple[bool, Any]:
+    """A client-stream parameter: ``AsyncIterator[T]`` (or ``AsyncIterable[T]``), or
+    ``AsyncIterable[T] | Iterable[T]`` so that a type checker lets callers pass a plain list."""
+    is_stream, item = _stream_item(tp)
+    if is_stream:
+        return is_stream, item
+    bare = _strip_annotated(tp)
+    if get_origin(bare) in (Union, types.UnionType):
+        members = get_args(bare)
+        if len(members) == 2:
+            for first, second in (members, members[::-1]):
+                is_stream, item = _stream_item(first)
+                origin: Any = get_origin(second)
+                if is_stream and origin in _SYNC_STREAM_ORIGINS:
+                    sync_args = get_args(second)
+                    if (sync_args[0] if sync_args else Any) == item:
+                        return True, item
+    return False, None
+
+
+_SYNC_STREAM_ORIGINS = (collections.abc.Iterable, collections.abc.Iterator)
+
+
 def _methods_of(cls: type) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for base in reversed(cls.__mro__):
@@ -1621,7 +1644,7 @@ def _build(cls: type, name: str, errors: tuple[type[BaseException], ...]) -> Int
             if pname not in hints:
                 raise InterfaceError(f"{where}: parameter {pname!r} is not annotated")
             ann = hints[pname]
-            is_stream, item = _stream_item(ann)
+            is_stream, item = _stream_param(ann)
             pd = ParamDescription(pname, ann, p.default, is_stream, kind=p.kind)
             if is_stream:
                 if p.default is not p.empty:
