@@ -243,7 +243,7 @@ class ObjectTable:
         self._call_args = False  # that frame is a CALL: a promise may stand for an argument
         self._awaited: AwaitedArguments | None = None  # while the arguments of one of the peer's calls are decoded
         self._promises: dict[int, IncomingPromise] = {}  # results of the peer's calls, for pipelined calls
-        self._promise_of: dict[str, int] = {}  # oid of a returned object -> the call that returned it
+        self._promise_of: dict[str, list[int]] = {}  # oid of a returned object -> the calls that returned it
         self._settled_ids: collections.deque[int] = collections.deque()
         self.remote_refs = 0  # live proxies to objects the peer passed us by reference
 
@@ -401,8 +401,7 @@ class ObjectTable:
             if self._ref_ids.get(key) == oid:
                 del self._ref_ids[key]
             # no pipelined call can name the call that returned it any more: frames are ordered
-            call_id = self._promise_of.pop(oid, None)
-            if call_id is not None:
+            for call_id in self._promise_of.pop(oid, ()):
                 self._promises.pop(call_id, None)
 
     def begin(self, call: bool = False) -> None:
@@ -442,8 +441,12 @@ class ObjectTable:
             return None
 
     def returned(self, oid: str, call_id: int) -> None:
-        """Call ``call_id`` returned our object ``oid``: the result is kept while the peer holds it."""
-        self._promise_of[oid] = call_id
+        """Call ``call_id`` returned our object ``oid``: the result is kept while the peer holds it
+        (every call that returned it: the object may be returned many times before it is released)."""
+        calls = self._promise_of.setdefault(oid, [])
+        if len(calls) >= 2 * _SETTLED_KEPT:
+            calls[:] = [c for c in calls if c in self._promises]  # (those evicted since)
+        calls.append(call_id)
 
     def settled(self, call_id: int) -> None:
         """Keep the results of the last few calls for pipelined calls still on their way."""

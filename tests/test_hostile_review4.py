@@ -1,0 +1,494 @@
+"""Hostile review of references inside records and of promises passed as arguments.
+
+A peer plays byte by byte (raw frames) against a real server process, or abuses the public API.
+Every attack asserts the promised behaviour: a typed xrpc error, nothing leaked (exports, proxies,
+descriptors, calls in flight, budget), and the connection and the server live on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import tempfile
+from typing import Any, AsyncIterator, Optional, Protocol, Union
+
+import anyio
+import msgspec
+import pytest
+
+import xrpc
+from _procs import ChildProcess, errors_in, log_to, serve_until_stdin_closes
+from _timeouts import T
+from _wire import CALL_TAG, CANCEL_TAG, ERROR_TAG, GOODBYE_TAG, ITEM_TAG, RELEASE_TAG, REPLY_TAG, WELCOME_TAG, frame, pop_frames
+from xrpc._protocol import PROTOCOL_VERSION, Hello
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# --------------------------------------------------------------------------- the interfaces
+@xrpc.interface
+class Thing(Protocol):
+    async def name(self) -> str: ...
+
+
+@xrpc.interface
+class Other(Protocol):
+    async def other(self) -> int: ...
+
+
+class Box(msgspec.Struct):
+    label: str
+    thing: Thing
+    more: list[Thing] = []
+
+
+class Lit(msgspec.Struct, tag="lit"):
+    value: int
+
+
+class Node(msgspec.Struct, tag="node"):
+    thing: Optional[Thing]
+    kids: list[Expr]
+
+
+Expr = Union[Lit, Node]
+
+
+class Checked(msgspec.Struct):
+    thing: Thing
+    n: int
+
+    def __post_init__(self) -> None:
+        if self.n < 0:
+            raise ValueError("n must not be negative")
+
+
+@dataclasses.dataclass
+class FdBox:
+    fd: xrpc.FileDescriptor
+    thing: Optional[Thing] = None
+    n: int = 0
+
+
+@xrpc.interface
+class Source(Protocol):
+    async def box(self) -> Box: ...
+
+    def boxes(self) -> AsyncIterator[Box]: ...
+
+
+@xrpc.interface
+class Hub(Protocol):
+    async def make(self, name: str) -> Thing: ...
+
+    async def same(self) -> Thing: ...
+
+    async def fail(self) -> Thing: ...
+
+    async def hang(self) -> Thing: ...
+
+    async def put(self, box: Box) -> str: ...
+
+    async def put_many(self, boxes: list[Box]) -> int: ...
+
+    async def count(self, e: Expr) -> int: ...
+
+    async def check(self, c: Checked) -> str: ...
+
+    async def fdbox(self, b: FdBox) -> int: ...
+
+    async def ask(self, src: Source) -> str: ...
+
+    async def sink(self, boxes: AsyncIterator[Box]) -> str: ...
+
+    async def many(self, n: int) -> Box: ...
+
+    async def stats(self) -> dict[str, int]: ...
+
+
+# --------------------------------------------------------------------------- the server process
+class ThingImpl:
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    async def name(self) -> str:
+        return self.label
+
+
+SAME = ThingImpl("same")
+
+
+class HubImpl:
+    runs = 0
+
+    async def make(self, name: str) -> Thing:
+        return ThingImpl(name)
+
+    async def same(self) -> Thing:
+        return SAME
+
+    async def fail(self) -> Thing:
+        raise KeyError("missing")
+
+    async def hang(self) -> Thing:
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    async def put(self, box: Box) -> str:
+        HubImpl.runs += 1
+        things = [box.thing, *box.more]
+        return ",".join(f"local:{t.label}" if isinstance(t, ThingImpl) else "remote" for t in things)
+
+    async def put_many(self, boxes: list[Box]) -> int:
+        HubImpl.runs += 1
+        return len(boxes)
+
+    async def count(self, e: Expr) -> int:
+        HubImpl.runs += 1
+        n, todo = 0, [e]
+        while todo:
+            x = todo.pop()
+            n += 1
+            if isinstance(x, Node):
+                todo.extend(x.kids)
+        return n
+
+    async def check(self, c: Checked) -> str:
+        HubImpl.runs += 1
+        return "ok"
+
+    async def fdbox(self, b: FdBox) -> int:
+        HubImpl.runs += 1
+        with b.fd:
+            return os.fstat(b.fd.fileno()).st_size
+
+    async def ask(self, src: Source) -> str:
+        try:
+            box = await src.box()
+        except xrpc.Error as exc:
+            return type(exc).__name__
+        return f"got {type(box.thing).__name__}"
+
+    async def sink(self, boxes: AsyncIterator[Box]) -> str:
+        n = 0
+        try:
+            async for _ in boxes:
+                n += 1
+        except xrpc.Error as exc:
+            return f"{n} {type(exc).__name__}"
+        return f"{n} ok"
+
+    async def many(self, n: int) -> Box:
+        return Box("many", ThingImpl("0"), [ThingImpl(str(i)) for i in range(n)])
+
+    async def stats(self) -> dict[str, int]:
+        gc.collect()
+        conn = xrpc.current_connection()
+        serving = conn._serving  # what it holds for this peer
+        return {
+            "exported": conn.exported_objects,
+            "proxies": conn.remote_refs,
+            "fds": len(os.listdir("/proc/self/fd")),
+            "runs": HubImpl.runs,
+            "serving": serving.serving,  # (this call runs inline: not counted)
+            "held": serving.flow.held,
+            "promises": len(conn._objects._promises),
+        }
+
+
+class SecretImpl:
+    async def name(self) -> str:
+        return "the secret"
+
+
+MAX_OBJECTS = 50
+
+
+async def _serve(path: str, log_path: str) -> None:
+    log_to(log_path)
+    server = xrpc.Server(limits=xrpc.Limits(max_objects=MAX_OBJECTS))
+    server.export(Hub, HubImpl())
+    server.export(Thing, ThingImpl("named"), "thing")
+    server.export(Thing, SecretImpl(), "secret", requirement="uid == 4000000")
+    async with server.listen(f"unix://{path}") as listener:
+        await serve_until_stdin_closes(listener.url)
+
+
+def _server_main(path: str, log_path: str) -> None:
+    anyio.run(_serve, path, log_path)
+
+
+@pytest.fixture(scope="module")
+def server() -> Any:
+    child = ChildProcess()
+    child.start(__name__.rpartition(".")[2], child.path, child.log_path)
+    yield child
+    alive = child.alive()
+    lines = child.stop()
+    assert alive, "the server died"
+    assert not errors_in(lines), errors_in(lines)
+
+
+# --------------------------------------------------------------------------- a raw peer
+class Raw:
+    """A peer that speaks frames by hand over a Unix socket."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+        self.next_id = 1
+        self.pending: list[Any] = []
+
+    @classmethod
+    async def open(cls, url: str) -> Raw:
+        stream = await anyio.connect_unix(url.removeprefix("unix://"))
+        self = cls(stream)
+        await stream.send(frame(Hello(PROTOCOL_VERSION, 1 << 24)))
+        welcome = await self.read(lambda f: f[0] == WELCOME_TAG)
+        assert welcome[0] == WELCOME_TAG
+        return self
+
+    async def send(self, *msgs: Any, fds: list[int] | None = None) -> None:
+        data = b"".join(frame(m) for m in msgs)
+        if fds:
+            await self.stream.send_fds(data, fds)
+        else:
+            await self.stream.send(data)
+
+    def new_id(self) -> int:
+        i = self.next_id
+        self.next_id += 2
+        return i
+
+    async def call(self, obj: str, method: str, args: list[Any], *, flags: int = 0, deadline: float | None = None, fds: list[int] | None = None) -> int:
+        i = self.new_id()
+        await self.send([CALL_TAG, i, obj, method, args, flags, deadline], fds=fds)
+        return i
+
+    async def read(self, want: Any) -> Any:
+        """The first frame for which ``want(frame)`` holds (others are kept in ``pending``)."""
+        with anyio.fail_after(T):
+            while True:
+                self.pending += pop_frames(self.buf)
+                for k, f in enumerate(self.pending):
+                    if want(f):
+                        del self.pending[k]
+                        return f
+                try:
+                    self.buf += await self.stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+                    raise AssertionError(f"the server closed the connection: {self.pending[-3:]}") from exc
+
+    async def answer(self, call_id: int) -> Any:
+        return await self.read(lambda f: f[0] in (REPLY_TAG, ERROR_TAG) and f[1] == call_id)
+
+    async def result(self, obj: str, method: str, args: list[Any], **kw: Any) -> Any:
+        return await self.answer(await self.call(obj, method, args, **kw))
+
+    async def stats(self) -> dict[str, int]:
+        f = await self.result("Hub", "stats", [])
+        assert f[0] == REPLY_TAG, f
+        return f[2]
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def ref(home: bool, oid: str, iface: str = "Thing") -> list[Any]:
+    return [home, oid, iface]
+
+
+def box(thing: Any, *more: Any) -> dict[str, Any]:
+    return {"label": "b", "thing": thing, "more": list(more)}
+
+
+async def settled(raw: Raw) -> dict[str, int]:
+    """The server's stats once the proxies it let go have been released (a round trip)."""
+    await raw.stats()
+    return await raw.stats()
+
+
+def refused(f: Any, code: int, *words: str) -> None:
+    assert f[0] == ERROR_TAG, f
+    assert f[2] == code, f
+    for w in words:
+        assert w in f[4], f
+
+
+async def alive(server: ChildProcess) -> None:
+    async with xrpc.connect(server.url) as conn:
+        hub = conn.proxy(Hub)
+        assert await (await hub.make("alive")).name() == "alive"
+    assert server.alive()
+
+
+# --------------------------------------------------------------------------- forged references in records
+async def test_forged_home_references_inside_records_are_refused(server: ChildProcess) -> None:
+    raw = await Raw.open(server.url)
+    other = await Raw.open(server.url)
+    try:
+        # an object the server passed to the other connection, and one it passed to this one
+        f = await other.result("Hub", "make", ["theirs"])
+        assert f[0] == REPLY_TAG and f[2][0] is False, f
+        theirs = f[2][1]
+        f = await raw.result("Hub", "make", ["mine"])
+        mine = f[2][1]
+        before = await raw.stats()
+        forged = [
+            ref(True, "#999999"),  # never passed
+            ref(True, "thing"),  # a named export
+            ref(True, "secret"),  # a guarded export
+            ref(True, "Hub", "Thing"),
+            ref(True, theirs),  # another connection's object (the same number may exist here: use a fresh one)
+            ref(True, "#0"),
+            ref(True, ""),
+            ref(True, "#" + "9" * 5000),
+        ]
+        for token in forged:
+            if token[1] == theirs and theirs == mine:
+                continue
+            for payload in (box(token), box(ref(True, mine), ref(True, mine), token), {"label": "x", "thing": ref(True, mine), "more": [token]}):
+                refused(await raw.result("Hub", "put", [payload]), 3, "'box'")
+        # wrong interface names at depth, for an object the server did pass here
+        for payload in (box(ref(True, mine, "Other")), box(ref(True, mine), ref(False, "#1", "Other")), box(ref(True, mine, "Hub"))):
+            refused(await raw.result("Hub", "put", [payload]), 3, "'box'")
+        # a reference token of the wrong shape inside the record
+        for token in ([True, mine], [True, 1, "Thing"], [1, mine, "Thing"], "#1", 7, None, {"home": True}):
+            refused(await raw.result("Hub", "put", [box(token)]), 3)
+        after = await settled(raw)
+        assert after["runs"] == before["runs"], "a forged reference reached the method"
+        assert after["exported"] == before["exported"] == 1
+        assert after["proxies"] == 0
+        # the genuine one works
+        f = await raw.result("Hub", "put", [box(ref(True, mine))])
+        assert f[0] == REPLY_TAG and f[2] == "local:mine", f
+    finally:
+        await raw.aclose()
+        await other.aclose()
+    await alive(server)
+
+
+# --------------------------------------------------------------------------- ^id tokens
+async def test_promise_tokens_outside_call_arguments_are_refused(server: ChildProcess) -> None:
+    raw = await Raw.open(server.url)
+    try:
+        made = await raw.call("Hub", "make", ["x"])
+        assert (await raw.answer(made))[0] == REPLY_TAG
+        # a reply of ours (the server calls our Source) holding ^id in its record: ours, its own call
+        for token in (ref(True, f"^{made}"), None):
+            ask = await raw.call("Hub", "ask", [ref(False, "#1", "Source")])
+            cb = await raw.read(lambda f: f[0] == CALL_TAG)
+            assert cb[2:4] == ["#1", "box"] and cb[1] % 2 == 0, cb
+            await raw.send([REPLY_TAG, cb[1], box(token or ref(True, f"^{cb[1]}"))])
+            f = await raw.answer(ask)
+            assert f[0] == REPLY_TAG and f[2] == "ValidationError", f
+        # client-stream items holding ^id inside records
+        sink = await raw.call("Hub", "sink", [], flags=2)
+        await raw.send([ITEM_TAG, sink, 1, [box(ref(True, f"^{made}"))]], [6, sink])
+        f = await raw.answer(sink)
+        assert f[0] == REPLY_TAG and f[2] == "0 ValidationError", f
+        st = await settled(raw)
+        assert st["proxies"] == 0 and st["serving"] == 0 and st["held"] == 0, st
+    finally:
+        await raw.aclose()
+    await alive(server)
+
+
+async def test_promise_tokens_naming_what_is_not_a_kept_result_are_refused(server: ChildProcess) -> None:
+    raw = await Raw.open(server.url)
+    try:
+        failed = await raw.call("Hub", "fail", [])
+        assert (await raw.answer(failed))[0] == ERROR_TAG
+        hang = raw.new_id()  # cancelled in the same read as its CALL, before it started
+        await raw.send([CALL_TAG, hang, "Hub", "hang", []], [CANCEL_TAG, hang])
+        hang2 = await raw.call("Hub", "hang", [])  # cancelled while it runs
+        await raw.stats()
+        await raw.send([CANCEL_TAG, hang2])
+        ask = await raw.call("Hub", "ask", [ref(False, "#1", "Source")])
+        cb = await raw.read(lambda f: f[0] == CALL_TAG)  # a call of the other direction (even id)
+        before = await raw.stats()
+        # failed and cancelled calls: ObjectNotFound naming the argument
+        for dead in (failed, hang, hang2):
+            refused(await raw.result("Hub", "put", [box(ref(True, f"^{dead}"))]), 5, "'box'", f"^{dead}")
+        # what never was (or is not a call of ours returning a Thing): ValidationError naming the argument
+        nxt = raw.next_id
+        for oid in (f"^{cb[1]}", "^0", "^-1", f"^{nxt}", f"^{nxt + 2}", "^99999999999", "^" + "9" * 5000, "^1.0", "^", "^^1",
+                    f"^{ask}", f"^{before and 0}"):
+            f = await raw.result("Hub", "put", [box(ref(True, oid))])
+            refused(f, 3, "'box'")
+            assert len(f[4]) < 1000, "the peer's token is echoed at length"
+        # a make() whose result is then passed where another interface is declared
+        made = await raw.call("Hub", "make", ["y"])
+        assert (await raw.answer(made))[0] == REPLY_TAG
+        refused(await raw.result("Hub", "put", [box(ref(True, f"^{made}", "Other"))]), 3, "'box'")
+        refused(await raw.result("Hub", "put", [box(ref(False, "#1"), ref(True, f"^{made}", "Source"))]), 3, "'box'")
+        # evicted: 256 finished calls returning objects later
+        first = await raw.call("Hub", "make", ["old"])
+        assert (await raw.answer(first))[0] == REPLY_TAG
+        await raw.send([RELEASE_TAG, "#9999", 1])  # (ignored)
+        ids = [raw.new_id() for _ in range(300)]
+        await raw.send(*[[CALL_TAG, i, "Hub", "same", []] for i in ids])
+        for i in ids:
+            assert (await raw.answer(i))[0] == REPLY_TAG
+        await raw.send([RELEASE_TAG, (await raw.result("Hub", "same", []))[2][1], 301])
+        f = await raw.result("Hub", "put", [box(ref(True, f"^{ids[0]}"))])
+        refused(f, 3, "'box'")
+        await raw.send([ERROR_TAG, cb[1], 1, "X", "gone"])
+        await raw.answer(ask)
+        st = await settled(raw)
+        assert st["runs"] == before["runs"], "a refused call ran"
+        assert st["serving"] == 0 and st["held"] == 0 and st["proxies"] == 0, st
+    finally:
+        await raw.aclose()
+    await alive(server)
+
+
+async def test_a_released_result_is_not_resolved_through_an_earlier_call_that_returned_it(server: ChildProcess) -> None:
+    raw = await Raw.open(server.url)
+    try:
+        first = await raw.call("Hub", "same", [])
+        second = await raw.call("Hub", "same", [])
+        a, b = await raw.answer(first), await raw.answer(second)
+        assert a[0] == b[0] == REPLY_TAG and a[2] == b[2], (a, b)
+        oid = a[2][1]
+        before = await raw.stats()
+        # the peer gives back both tokens: the object is released, and with it both calls' results
+        await raw.send([RELEASE_TAG, oid, 2])
+        for call in (first, second):
+            refused(await raw.result("Hub", "put", [box(ref(True, f"^{call}"))]), 3, "'box'")
+            refused(await raw.result("Hub", "put", [box(ref(True, oid))]), 3, "'box'")
+        st = await raw.stats()
+        assert st["runs"] == before["runs"], "a call ran with an object its peer had released"
+        assert st["exported"] == 0, st
+    finally:
+        await raw.aclose()
+    await alive(server)
+
+
+async def test_a_call_whose_reply_was_refused_counts_as_failed_for_calls_depending_on_it(server: ChildProcess) -> None:
+    raw = await Raw.open(server.url)
+    try:
+        ids = [raw.new_id() for _ in range(MAX_OBJECTS)]
+        await raw.send(*[[CALL_TAG, i, "Hub", "make", [str(i)]] for i in ids])
+        for i in ids:
+            assert (await raw.answer(i))[0] == REPLY_TAG
+        before = await raw.stats()
+        assert before["exported"] == MAX_OBJECTS
+        # one object too many: the caller gets LimitExceeded ...
+        over = raw.new_id()
+        put = raw.new_id()
+        await raw.send([CALL_TAG, over, "Hub", "make", ["over"]], [CALL_TAG, put, "Hub", "put", [box(ref(True, f"^{over}"))]])
+        refused(await raw.answer(over), 9, f"more than {MAX_OBJECTS} objects")
+        # ... and a call passing its promise fails like one depending on any failed call
+        refused(await raw.answer(put), 5, "'box'", f"^{over}", "LimitExceeded")
+        # (and so does one pipelined on it)
+        refused(await raw.result(f"^{over}", "name", []), 5)
+        st = await raw.stats()
+        assert st["runs"] == before["runs"], "a call ran on the result of a call that failed"
+        assert st["exported"] == MAX_OBJECTS, st
+        await raw.send(*[[RELEASE_TAG, f"#{k}", 1] for k in range(1, 400)])
+        assert (await raw.stats())["exported"] == 0
+    finally:
+        await raw.aclose()
+    await alive(server)
