@@ -239,6 +239,8 @@ class Raw:
         self.buf = bytearray()
         self.next_id = 1
         self.pending: list[Any] = []
+        self.answers: dict[int, Any] = {}
+        self.released = 0  # references the server gave back (RELEASE)
 
     @classmethod
     async def open(cls, url: str) -> Raw:
@@ -266,11 +268,20 @@ class Raw:
         await self.send([CALL_TAG, i, obj, method, args, flags, deadline], fds=fds)
         return i
 
+    def _sort(self) -> None:
+        for f in pop_frames(self.buf):
+            if f[0] in (REPLY_TAG, ERROR_TAG):
+                self.answers[f[1]] = f
+            elif f[0] == RELEASE_TAG:
+                self.released += f[2] if len(f) > 2 else 1
+            else:
+                self.pending.append(f)
+
     async def read(self, want: Any) -> Any:
         """The first frame for which ``want(frame)`` holds (others are kept in ``pending``)."""
         with anyio.fail_after(T):
             while True:
-                self.pending += pop_frames(self.buf)
+                self._sort()
                 for k, f in enumerate(self.pending):
                     if want(f):
                         del self.pending[k]
@@ -281,7 +292,16 @@ class Raw:
                     raise AssertionError(f"the server closed the connection: {self.pending[-3:]}") from exc
 
     async def answer(self, call_id: int) -> Any:
-        return await self.read(lambda f: f[0] in (REPLY_TAG, ERROR_TAG) and f[1] == call_id)
+        with anyio.fail_after(T):
+            while True:
+                self._sort()
+                f = self.answers.pop(call_id, None)
+                if f is not None:
+                    return f
+                try:
+                    self.buf += await self.stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+                    raise AssertionError(f"the server closed the connection: {self.pending[-3:]}") from exc
 
     async def result(self, obj: str, method: str, args: list[Any], **kw: Any) -> Any:
         return await self.answer(await self.call(obj, method, args, **kw))
@@ -492,3 +512,178 @@ async def test_a_call_whose_reply_was_refused_counts_as_failed_for_calls_dependi
     finally:
         await raw.aclose()
     await alive(server)
+
+
+# --------------------------------------------------------------------------- partial adoption, descriptors
+async def test_a_record_refused_after_some_references_were_adopted_leaks_nothing(server: ChildProcess) -> None:
+    raw = await Raw.open(server.url)
+    try:
+        mine = (await raw.result("Hub", "make", ["mine"]))[2][1]
+        before = await settled(raw)
+        many = [ref(False, f"#{k}") for k in range(1, 2000)]
+        bad = [
+            # 2000 proxies made, then a forged home reference
+            ("put", [box(ref(False, "#1"), *many, ref(True, "#424242"))]),
+            # ... then a wrong interface
+            ("put", [box(ref(True, mine), *many, ref(False, "#1", "Other"))]),
+            # ... then a record of the list that is not a Box
+            ("put_many", [[box(ref(False, "#1"), *many[:10])] * 50 + [{"label": 1}]]),
+            # __post_init__ refuses the record after its reference was adopted
+            ("check", [{"thing": ref(False, "#1"), "n": -1}]),
+            # a recursive union: deep in it, a forged reference
+            ("count", [{"type": "node", "thing": ref(False, "#1"), "kids": [{"type": "node", "thing": ref(False, "#2"), "kids": [
+                {"type": "lit", "value": 1}, {"type": "node", "thing": ref(True, "secret"), "kids": []}]}]}]),
+            # an unknown tag after references
+            ("count", [{"type": "node", "thing": ref(False, "#1"), "kids": [{"type": "nope"}]}]),
+        ]
+        for method, args in bad:
+            refused(await raw.result("Hub", method, args), 3)
+        st = await settled(raw)
+        assert st["proxies"] == 0, st
+        assert st["exported"] == before["exported"] == 1, st
+        assert st["runs"] == before["runs"], st
+        # every proxy the refused calls made was given back to us
+        # (records refused by msgspec itself made none: the list of Boxes, the unknown tag)
+        assert raw.released == 2000 + 1999 + 1 + 2, raw.released
+    finally:
+        await raw.aclose()
+    await alive(server)
+
+
+async def test_descriptors_inside_refused_records_are_closed(server: ChildProcess) -> None:
+    raw = await Raw.open(server.url)
+    try:
+        before = await settled(raw)
+        with tempfile.TemporaryFile() as f:
+            f.write(b"12345")
+            f.flush()
+            # one that works
+            r = await raw.result("Hub", "fdbox", [{"fd": 1, "thing": None, "n": 0}], fds=[f.fileno()])
+            assert r[0] == REPLY_TAG and r[2] == 5, r
+            for payload in (
+                {"fd": 2, "thing": ref(True, "#77")},  # a forged reference after the descriptor
+                {"fd": 3, "thing": ref(False, "#1", "Other")},  # a wrong interface
+                {"fd": 4, "thing": None, "n": "x"},  # plain data of the wrong type
+                {"fd": 999, "thing": None},  # a descriptor that never arrived
+                {"fd": -1},
+            ):
+                r = await raw.result("Hub", "fdbox", [payload], fds=[f.fileno()] if payload["fd"] != 999 else None)
+                refused(r, 3, "'b'")
+            # the connection still takes descriptors
+            r = await raw.result("Hub", "fdbox", [{"fd": 6, "thing": None, "n": 6}], fds=[f.fileno()])
+            assert r[0] == REPLY_TAG
+        st = await settled(raw)
+        # the descriptors of records refused once decoded were closed; those of records msgspec
+        # refused (seq 4) or that named another (seq 5) wait unclaimed until the connection ends
+        assert st["fds"] <= before["fds"] + 2, (before, st)
+        assert st["proxies"] == 0 and st["runs"] == before["runs"] + 2, st
+    finally:
+        await raw.aclose()
+    probe = await Raw.open(server.url)
+    try:
+        assert (await settled(probe))["fds"] <= before["fds"], "descriptors outlived their connection"
+    finally:
+        await probe.aclose()
+    await alive(server)
+
+
+async def test_unclaimed_descriptors_in_records_end_the_connection_at_max_fds_and_are_closed(server: ChildProcess) -> None:
+    raw = await Raw.open(server.url)
+    probe = await Raw.open(server.url)
+    try:
+        before = await settled(probe)
+        with tempfile.TemporaryFile() as f:
+            # records that name no descriptor, each sent with one: never claimed
+            with pytest.raises(AssertionError, match="max_fds"):
+                for _ in range(200):
+                    await raw.result("Hub", "put", [box(ref(False, "#1"))], fds=[f.fileno()])
+        st = await settled(probe)
+        assert st["fds"] <= before["fds"], (before, st)
+    finally:
+        await raw.aclose()
+        await probe.aclose()
+    await alive(server)
+
+
+# --------------------------------------------------------------------------- size: references are not free
+MiB = 1 << 20
+
+
+def _wide_box(n: int) -> bytes:
+    """A Box argument list whose ``more`` holds ``n`` references to our objects, encoded by hand."""
+    enc = msgspec.msgpack.encode
+    more = b"".join(enc([False, f"#{k}", "Thing"]) for k in range(1, n + 1))
+    rec = b"\x83" + enc("label") + enc("x") + enc("thing") + enc([False, "#0", "Thing"]) + enc("more") + b"\xdd" + n.to_bytes(4, "big") + more
+    return b"\x91" + rec
+
+
+@pytest.fixture
+def own_server() -> Any:
+    child = ChildProcess()
+    child.start(__name__.rpartition(".")[2], child.path, child.log_path)
+    yield child
+    alive = child.alive()
+    lines = child.stop()
+    assert alive, "the server died"
+    assert not errors_in(lines), errors_in(lines)
+
+
+async def test_a_record_of_many_references_is_charged_to_the_memory_budget(own_server: ChildProcess) -> None:
+    """200,000 references in one 2.4 MiB record: each becomes a proxy of some 700 bytes (before the
+    fix the server grew by ~140 MiB for one call, with a budget of 32 MiB)."""
+    raw = await Raw.open(own_server.url)
+    try:
+        await settled(raw)
+        base = own_server.rss()
+        payload = _wide_box(200_000)
+        i = raw.new_id()
+        await raw.send([CALL_TAG, i, "Hub", "put", msgspec.Raw(payload)])
+        refused(await raw.answer(i), 9, "memory budget")
+        grown = own_server.peak() - base
+        assert grown < 64 * MiB, f"one call of {len(payload) >> 20} MiB grew the server by {grown >> 20} MiB"
+        st = await settled(raw)
+        assert st["proxies"] == 0 and st["held"] == 0 and st["serving"] == 0, st
+        # a record of a few thousand references is still taken
+        i = raw.new_id()
+        await raw.send([CALL_TAG, i, "Hub", "put", msgspec.Raw(_wide_box(5000))])
+        f = await raw.answer(i)
+        assert f[0] == REPLY_TAG and f[2].count("remote") == 5001, str(f)[:200]
+    finally:
+        await raw.aclose()
+    await alive(own_server)
+
+
+async def test_calls_parked_on_a_promise_that_never_resolves_are_bounded_and_freed(own_server: ChildProcess) -> None:
+    """Small calls (under 1 KiB, not counted by size) each carrying 80 references, all waiting for
+    the result of a call that never returns: the budget must hold, and cancelling frees them."""
+    raw = await Raw.open(own_server.url)
+    try:
+        await settled(raw)
+        base = own_server.rss()
+        hang = await raw.call("Hub", "hang", [])
+        more = [ref(False, f"#{k}") for k in range(1, 81)]
+        payload = [box(ref(True, f"^{hang}"), *more)]
+        assert len(msgspec.msgpack.encode(payload)) < 1024
+        ids: list[int] = []
+        for _ in range(6):
+            chunk = [raw.new_id() for _ in range(500)]
+            ids += chunk
+            await raw.send(*[[CALL_TAG, i, "Hub", "put", payload] for i in chunk])
+            st = await raw.stats()  # (read what it answered: a peer that does not read is not served)
+        grown = own_server.peak() - base
+        limited = [f for f in raw.answers.values() if f[2] == 9]
+        assert grown < 96 * MiB, f"{st['serving']} parked calls grew the server by {grown >> 20} MiB ({len(limited)} refused)"
+        assert st["held"] <= xrpc.Limits().max_buffered, st
+        # the call they wait for is cancelled: every one of them fails naming it, and all is freed
+        await raw.send([CANCEL_TAG, hang])
+        for n, i in enumerate(ids):
+            try:
+                f = await raw.answer(i)
+            except TimeoutError:
+                raise AssertionError(f"call {n} of {len(ids)} never answered: {await raw.stats()}") from None
+            assert f[0] == ERROR_TAG and f[2] in (5, 9), f
+        st = await settled(raw)
+        assert st["serving"] == 0 and st["held"] == 0 and st["proxies"] == 0 and st["promises"] <= 1, st
+    finally:
+        await raw.aclose()
+    await alive(own_server)

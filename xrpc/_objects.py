@@ -216,6 +216,7 @@ class _Replay:
         return os.dup(self._next())
 
 
+REF_COST = 1024  # bytes of the memory budget a proxy made for a call's arguments is charged (it takes ~700)
 _SETTLED_KEPT = 256  # results of the peer's last calls kept for pipelined calls still on their way
 
 
@@ -228,7 +229,7 @@ class ObjectTable:
 
     __slots__ = (
         "caller", "max_objects", "fds", "_release", "_refs", "_ref_ids", "_next_oid", "_journal", "_promises", "_promise_of",
-        "_settled_ids", "remote_refs", "_awaited", "_call_args",
+        "_settled_ids", "remote_refs", "_awaited", "_call_args", "_allowance", "_made",
     )
 
     def __init__(self, caller: Caller, max_objects: int, fds: FdTable, release: Callable[[str], None]) -> None:
@@ -246,6 +247,8 @@ class ObjectTable:
         self._promise_of: dict[str, list[int]] = {}  # oid of a returned object -> the calls that returned it
         self._settled_ids: collections.deque[int] = collections.deque()
         self.remote_refs = 0  # live proxies to objects the peer passed us by reference
+        self._allowance = -1  # proxies the arguments being decoded may still make (-1: no limit)
+        self._made = 0  # proxies they made
 
     def __len__(self) -> int:
         """How many objects this side exports to the peer by reference."""
@@ -320,6 +323,15 @@ class ObjectTable:
                 raise ValidationError(f"a reference to {token.oid!r}, which this side did not pass to this peer as a {desc.name}")
             value = entry[0].obj
         else:
+            if self._allowance >= 0:
+                # a proxy costs far more than its token: the arguments of a call may make only as
+                # many as the memory budget has room for
+                if self._made >= self._allowance:
+                    raise LimitExceeded(
+                        f"more than {self._made} references in the arguments of one call do not fit in the memory budget"
+                        f" (each is charged {REF_COST} bytes)"
+                    )
+                self._made += 1
             value = make_proxy(self.caller, desc, token.oid, None, release=self._proxy_gone)
             self.remote_refs += 1
         if self._awaited is not None:
@@ -359,15 +371,20 @@ class ObjectTable:
         export = self.resolved_export(promise, oid)
         return export.obj if export is not None else None
 
-    def decode_arguments(self, m: MethodDescription, payload: Any) -> tuple[tuple[Any, ...], AwaitedArguments | None]:
-        """Decode the arguments of the peer's call of ``m`` (which has references among them); and
-        the results of its earlier calls they wait for, if any."""
+    def decode_arguments(
+        self, m: MethodDescription, payload: Any, room: int
+    ) -> tuple[tuple[Any, ...], AwaitedArguments | None, int]:
+        """Decode the arguments of the peer's call of ``m`` (which has references among them); the
+        results of its earlier calls they wait for, if any; and the bytes its proxies are charged
+        (``REF_COST`` each).  ``LimitExceeded`` once they would take more than ``room`` bytes."""
         awaited = self._awaited = AwaitedArguments(self)
+        self._allowance, self._made = max(0, room) // REF_COST, 0
         try:
             args = m.decode_args(payload, self)
         finally:
             self._awaited = None
-        return args, (awaited if awaited.promises else None)
+            self._allowance = -1
+        return args, (awaited if awaited.promises else None), self._made * REF_COST
 
     def _proxy_gone(self, oid: str) -> None:
         self.remote_refs -= 1

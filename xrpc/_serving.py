@@ -311,13 +311,20 @@ class Serving(Side):
         # Arguments are decoded now, in frame order: a RELEASE read after this CALL cannot drop an
         # object the arguments carry back before they are decoded.
         awaited: AwaitedArguments | None = None
+        charged = 0
         try:
             if m.ref_args:
-                args, awaited = self.objects.decode_arguments(m, msg.payload)
+                # the proxies its references become are charged to the budget too (a token of a
+                # dozen bytes makes a proxy of hundreds): refused once they do not fit
+                room = limits.max_buffered - flow.held - 2 * len(msg.payload)
+                args, awaited, charged = self.objects.decode_arguments(m, msg.payload, room)
+                if not inline:
+                    size += charged
             else:
                 args = m.decode_args(msg.payload, self.objects)
-        except ValidationError as exc:
-            log.warning("xrpc: refused call %s from %s: %s", m.qualname, peer_name(), _refusal(exc))
+        except (ValidationError, LimitExceeded) as exc:
+            why = str(exc) if isinstance(exc, LimitExceeded) else _refusal(exc)
+            log.warning("xrpc: refused call %s from %s: %s", m.qualname, peer_name(), why)
             if not oneway:
                 core.send_error(call_id, *error_frame_args(exc))
             return
@@ -326,7 +333,7 @@ class Serving(Side):
             # in a task, holding its payload (decoded again once they are known).
             if inline:
                 inline = False
-                size = len(msg.payload) + (sum(len(k) + len(v) for k, v in meta.items()) if meta else 0)
+                size = len(msg.payload) + charged + (sum(len(k) + len(v) for k, v in meta.items()) if meta else 0)
                 if size > _SMALL_ARGS and flow.held + 2 * size > limits.max_buffered:
                     self._refuse(call_id, oneway, ErrorCode.LIMIT, f"{m.qualname}: its {size} bytes of arguments do not fit in the memory budget")
                     return
