@@ -687,3 +687,29 @@ async def test_calls_parked_on_a_promise_that_never_resolves_are_bounded_and_fre
     finally:
         await raw.aclose()
     await alive(own_server)
+
+
+# --------------------------------------------------------------------------- through the public API
+async def test_max_objects_inside_records_rolls_back_both_ways(server: ChildProcess) -> None:
+    async with xrpc.connect(server.url, limits=xrpc.Limits(max_objects=3)) as conn:
+        hub = conn.proxy(Hub)
+        p = xrpc.pipeline(hub).make("p")
+        # our limit: a record with five of our objects and a promise is refused before it is sent
+        with pytest.raises(xrpc.LimitExceeded, match="more than 3 objects"):
+            await hub.put(Box("b", p, [ThingImpl(str(i)) for i in range(5)]))
+        assert conn.exported_objects == 0
+        # a promise inside a record, a nested one in its list: still one round trip, and they work
+        assert await hub.put(Box("b", p, [p, ThingImpl("mine")])) == "local:p,local:p,remote"
+        assert conn.exported_objects <= 1
+        # the server's limit: a reply of MAX_OBJECTS + 1 objects in one record
+        before = (await hub.stats())["exported"]
+        with pytest.raises(xrpc.LimitExceeded, match=f"more than {MAX_OBJECTS} objects"):
+            await hub.many(MAX_OBJECTS)
+        assert (await hub.stats())["exported"] == before
+        b = await hub.many(MAX_OBJECTS - 2)
+        assert len(b.more) == MAX_OBJECTS - 2 and await b.more[-1].name() == str(MAX_OBJECTS - 3)
+        del b
+        gc.collect()
+        assert (await hub.stats())["exported"] == before
+        assert conn.remote_refs <= 1
+    await alive(server)
