@@ -216,6 +216,7 @@ class _Replay:
         return os.dup(self._next())
 
 
+REF_COST = 1024  # bytes of the memory budget a proxy made for a call's arguments is charged (it takes ~700)
 _SETTLED_KEPT = 256  # results of the peer's last calls kept for pipelined calls still on their way
 
 
@@ -228,7 +229,7 @@ class ObjectTable:
 
     __slots__ = (
         "caller", "max_objects", "fds", "_release", "_refs", "_ref_ids", "_next_oid", "_journal", "_call_args", "_awaited",
-        "_promises", "_promise_of", "_settled_ids", "remote_refs",
+        "_promises", "_promise_of", "_settled_ids", "remote_refs", "_allowance", "_made",
     )
 
     def __init__(self, caller: Caller, max_objects: int, fds: FdTable, release: Callable[[str], None]) -> None:
@@ -243,9 +244,11 @@ class ObjectTable:
         self._call_args = False  # that frame is a CALL: a promise may stand for an argument
         self._awaited: AwaitedArguments | None = None  # while the arguments of one of the peer's calls are decoded
         self._promises: dict[int, IncomingPromise] = {}  # results of the peer's calls, for pipelined calls
-        self._promise_of: dict[str, int] = {}  # oid of a returned object -> the call that returned it
+        self._promise_of: dict[str, list[int]] = {}  # oid of a returned object -> the calls that returned it
         self._settled_ids: collections.deque[int] | None = None  # made once a promise settles
         self.remote_refs = 0  # live proxies to objects the peer passed us by reference
+        self._allowance = -1  # proxies the arguments being decoded may still make (-1: no limit)
+        self._made = 0  # proxies they made
 
     def __len__(self) -> int:
         """How many objects this side exports to the peer by reference."""
@@ -320,6 +323,15 @@ class ObjectTable:
                 raise ValidationError(f"a reference to {token.oid!r}, which this side did not pass to this peer as a {desc.name}")
             value = entry[0].obj
         else:
+            if self._allowance >= 0:
+                # a proxy costs far more than its token: the arguments of a call may make only as
+                # many as the memory budget has room for
+                if self._made >= self._allowance:
+                    raise LimitExceeded(
+                        f"more than {self._made} references in the arguments of one call do not fit in the memory budget"
+                        f" (each is charged {REF_COST} bytes)"
+                    )
+                self._made += 1
             value = make_proxy(self.caller, desc, token.oid, None, release=self._proxy_gone)
             self.remote_refs += 1
         if self._awaited is not None:
@@ -359,15 +371,20 @@ class ObjectTable:
         export = self.resolved_export(promise, oid)
         return export.obj if export is not None else None
 
-    def decode_arguments(self, m: MethodDescription, payload: Any) -> tuple[tuple[Any, ...], AwaitedArguments | None]:
-        """Decode the arguments of the peer's call of ``m`` (which has references among them); and
-        the results of its earlier calls they wait for, if any."""
+    def decode_arguments(
+        self, m: MethodDescription, payload: Any, room: int
+    ) -> tuple[tuple[Any, ...], AwaitedArguments | None, int]:
+        """Decode the arguments of the peer's call of ``m`` (which has references among them); the
+        results of its earlier calls they wait for, if any; and the bytes its proxies are charged
+        (``REF_COST`` each).  ``LimitExceeded`` once they would take more than ``room`` bytes."""
         awaited = self._awaited = AwaitedArguments(self)
+        self._allowance, self._made = max(0, room) // REF_COST, 0
         try:
             args = m.decode_args(payload, self)
         finally:
             self._awaited = None
-        return args, (awaited if awaited.promises else None)
+            self._allowance = -1
+        return args, (awaited if awaited.promises else None), self._made * REF_COST
 
     def _proxy_gone(self, oid: str) -> None:
         self.remote_refs -= 1
@@ -401,8 +418,7 @@ class ObjectTable:
             if self._ref_ids.get(key) == oid:
                 del self._ref_ids[key]
             # no pipelined call can name the call that returned it any more: frames are ordered
-            call_id = self._promise_of.pop(oid, None)
-            if call_id is not None:
+            for call_id in self._promise_of.pop(oid, ()):
                 self._promises.pop(call_id, None)
 
     def begin(self, call: bool = False) -> None:
@@ -442,8 +458,12 @@ class ObjectTable:
             return None
 
     def returned(self, oid: str, call_id: int) -> None:
-        """Call ``call_id`` returned our object ``oid``: the result is kept while the peer holds it."""
-        self._promise_of[oid] = call_id
+        """Call ``call_id`` returned our object ``oid``: the result is kept while the peer holds it
+        (every call that returned it: the object may be returned many times before it is released)."""
+        calls = self._promise_of.setdefault(oid, [])
+        if len(calls) >= 2 * _SETTLED_KEPT:
+            calls[:] = [c for c in calls if c in self._promises]  # (those evicted since)
+        calls.append(call_id)
 
     def settled(self, call_id: int) -> None:
         """Keep the results of the last few calls for pipelined calls still on their way."""

@@ -240,7 +240,10 @@ class Serving(Side):
         core = self.core
         call_id = msg.id
         if rec is not None and core.incoming.get(call_id) is not rec:
-            return  # cancelled in the same read, before it started: nothing to run, nobody to answer
+            # cancelled in the same read, before it started: nothing to run, nobody to answer; calls
+            # passing its promise fail as for any cancelled call
+            self._cancelled_before_start(msg)
+            return
         oneway = msg.flags & CallFlags.ONEWAY
         promise: IncomingPromise | None = None
         export: Export | None
@@ -308,13 +311,20 @@ class Serving(Side):
         # Arguments are decoded now, in frame order: a RELEASE read after this CALL cannot drop an
         # object the arguments carry back before they are decoded.
         awaited: AwaitedArguments | None = None
+        charged = 0
         try:
             if m.ref_args:
-                args, awaited = self.objects.decode_arguments(m, msg.payload)
+                # the proxies its references become are charged to the budget too (a token of a
+                # dozen bytes makes a proxy of hundreds): refused once they do not fit
+                room = limits.max_buffered - flow.held - 2 * len(msg.payload)
+                args, awaited, charged = self.objects.decode_arguments(m, msg.payload, room)
+                if not inline:
+                    size += charged
             else:
                 args = m.decode_args(msg.payload, self.objects)
-        except ValidationError as exc:
-            log.warning("xrpc: refused call %s from %s: %s", m.qualname, peer_name(), _refusal(exc))
+        except (ValidationError, LimitExceeded) as exc:
+            why = str(exc) if isinstance(exc, LimitExceeded) else _refusal(exc)
+            log.warning("xrpc: refused call %s from %s: %s", m.qualname, peer_name(), why)
             if not oneway:
                 core.send_error(call_id, *error_frame_args(exc))
             return
@@ -323,7 +333,7 @@ class Serving(Side):
             # in a task, holding its payload (decoded again once they are known).
             if inline:
                 inline = False
-                size = len(msg.payload) + (sum(len(k) + len(v) for k, v in meta.items()) if meta else 0)
+                size = len(msg.payload) + charged + (sum(len(k) + len(v) for k, v in meta.items()) if meta else 0)
                 if size > _SMALL_ARGS and flow.held + 2 * size > limits.max_buffered:
                     self._refuse(call_id, oneway, ErrorCode.LIMIT, f"{m.qualname}: its {size} bytes of arguments do not fit in the memory budget")
                     return
@@ -362,6 +372,22 @@ class Serving(Side):
         else:
             coro = self._serve_pipelined(msg, m, promise, inc, args)
         self._start(coro, inc, deadline)
+
+    def _cancelled_before_start(self, msg: Call) -> None:
+        """The peer cancelled call ``msg`` before it started: if it returns an object, keep its
+        result as failed, so that a call passing its promise fails naming it (ObjectNotFound) as
+        when the call is cancelled while it runs."""
+        if msg.obj[:1] == "^":
+            target = self.objects.promise_for(msg.obj)
+            desc = target.desc if target is not None else None
+        else:
+            export = self.lookup(msg.obj)
+            desc = export.desc if export is not None else None
+        m = desc.methods.get(msg.method) if desc is not None else None
+        if m is None or m.reply_iface is None or m.flags != msg.flags:
+            return
+        self.objects.promise(msg.id, describe(m.reply_iface)).settle(error=ObjectNotFound(f"call {msg.id} was cancelled"))
+        self.objects.settled(msg.id)
 
     def _start(self, coro: Any, inc: InCall, deadline: float | None) -> None:
         loop = self.link.loop
@@ -618,8 +644,6 @@ class Serving(Side):
                 self._send_exception(call_id, m, exc)
                 self.answered(start)
             return
-        if inc.promise is not None:
-            inc.promise.settle(result)
         if kind is not MethodKind.ONEWAY:
             if self.link.out_full() and not await self.room_for(_encoded_size(result)):
                 return
@@ -650,7 +674,13 @@ class Serving(Side):
                 objects.commit()
                 if promise is not None and type(payload) is Ref and not payload.home:
                     objects.returned(payload.oid, call_id)
+            if promise is not None:
+                # only a result that went out stands for calls depending on it: a refused reply
+                # (LimitExceeded, an object that lacks a method) fails them like any failed call
+                promise.settle(result)
         except (LimitExceeded, ValidationError) as exc:
+            if promise is not None:
+                promise.settle(error=exc)
             log.warning("xrpc: reply of %s refused: %s", m.qualname, _refusal(exc))
             code, type_name, message, args = error_frame_args(exc)
             core.send_error(call_id, code, type_name, message, [""] if args is not None else None)
