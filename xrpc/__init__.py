@@ -4,6 +4,8 @@ Declare a ``typing.Protocol`` with ``@xrpc.interface``; export an implementation
 ``xrpc.Server``; ``async with xrpc.connect(url) as conn`` and call ``conn.proxy(Iface)``.
 """
 
+import logging
+
 from . import blocking, testing
 from ._api import Server, connect
 from ._connection import (
@@ -51,6 +53,9 @@ from ._tls import client_ssl_context, server_ssl_context
 from ._transports import Endpoint, Listener
 
 __version__ = "0.1.0"
+
+# A library logs and leaves the output to the application: without logging configured, nothing is printed.
+logging.getLogger("xrpc").addHandler(logging.NullHandler())
 
 _SERVICES = ("connect_service", "ServiceConnection", "ServiceNotFound", "ServiceUnavailable", "ServiceDescriptionError", "UntrustedPath", "serve_service")
 

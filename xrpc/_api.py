@@ -142,7 +142,7 @@ class Server:
 
     async def _handle(self, stream: Any, peer: Peer, ssl_context: ssl.SSLContext | None = None) -> None:
         if len(self.connections) >= self.max_connections:
-            log.warning("xrpc: refused a connection from %s: already %d connections", peer.address or peer.pid, len(self.connections))
+            log.warning("refused a connection from %s: already %d connections", peer.address or peer.pid, len(self.connections))
             if peer.pidfd is not None:
                 os.close(peer.pidfd)
             if hasattr(stream, "close"):
@@ -166,14 +166,14 @@ class Server:
                 await tg.start(conn.run)
                 await conn.admit(self.requirement, self.on_connect)
         except TransportError as exc:
-            log.info("xrpc: connection from %s failed: %s", conn.peer.describe(), exc)
+            log.info("connection from %s failed: %s", conn.peer.describe(), exc)
         except BaseExceptionGroup as group:
             if all(isinstance(e, TransportError) for e in group.exceptions):
-                log.info("xrpc: connection from %s failed: %s", conn.peer.describe(), group.exceptions[0])
+                log.info("connection from %s failed: %s", conn.peer.describe(), group.exceptions[0])
             else:
-                log.exception("xrpc: connection from %s failed", conn.peer.describe())
+                log.exception("connection from %s failed", conn.peer.describe())
         except Exception:  # pragma: no cover - a connection's failure must never reach the listener
-            log.exception("xrpc: connection from %s failed", conn.peer.describe())
+            log.exception("connection from %s failed", conn.peer.describe())
         finally:
             self.connections.discard(conn)
 

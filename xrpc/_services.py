@@ -792,7 +792,7 @@ async def _launch(desc: ServiceDescription, sock: Path, lockp: Path) -> int:
         if proc is not None:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(proc.wait)  # the spawner exits right after forking
-    log.info("xrpc: launched service %s (pid %d) in %.3fs", desc.name, pid, anyio.current_time() - started)
+    log.info("launched service %s (pid %d) in %.3fs", desc.name, pid, anyio.current_time() - started)
     return pid
 
 
@@ -1177,7 +1177,7 @@ class ServiceConnection:
         try:
             return await self._open(url)
         except TransportError as exc:
-            log.debug("xrpc: service %s: %s", desc.name, exc)
+            log.debug("service %s: %s", desc.name, exc)
             last: BaseException = exc
         if desc.restart == "manual":
             raise ServiceUnavailable(
@@ -1189,7 +1189,7 @@ class ServiceConnection:
                 try:
                     return await self._open(url)  # launched by someone else meanwhile?
                 except TransportError as exc:
-                    log.debug("xrpc: service %s: %s; launching it", desc.name, exc)
+                    log.debug("service %s: %s; launching it", desc.name, exc)
                 await _launch(desc, sock, lockp)
                 self.launches += 1
                 try:
@@ -1251,7 +1251,7 @@ class ServiceConnection:
         new = TRANSITIONS.get((self._state, event))
         if new is None:
             return False
-        log.debug("xrpc: service %s: %s --%s--> %s", self.name, self._state, event, new)
+        log.debug("service %s: %s --%s--> %s", self.name, self._state, event, new)
         self._state = new
         callback = self._on_interrupted if new == INTERRUPTED else self._on_invalidated if new == INVALIDATED else None
         if callback is not None:
@@ -1268,7 +1268,7 @@ class ServiceConnection:
             try:
                 await conn.ping(timeout=interval)
             except TimeoutError:
-                log.warning("xrpc: service %s did not answer a heartbeat within %gs", self.name, interval)
+                log.warning("service %s did not answer a heartbeat within %gs", self.name, interval)
                 hold.reason = "heartbeat_missed"
                 conn.interrupt(f"service {self.name!r} did not answer a heartbeat within {interval:g}s")
                 return
