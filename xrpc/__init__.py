@@ -7,7 +7,7 @@ Declare a ``typing.Protocol`` with ``@xrpc.interface``; export an implementation
 import logging
 
 from . import blocking, testing
-from ._api import Server, connect
+from ._api import Server, connect, run
 from ._connection import (
     CallContext,
     CallStream,
@@ -120,6 +120,7 @@ __all__ = (
     "pipeline",
     "requirement",
     "requires",
+    "run",
     "serve_service",
     "server_ssl_context",
     "testing",

@@ -1244,8 +1244,9 @@ class MethodDescription:
 
     # -------------------------------------------------------------- used by the runtime
     def encode_args(self, args: tuple[Any, ...], kwargs: dict[str, Any], ctx: WireContext | None = None) -> Any:
-        """Bind call arguments to the args Struct (caller side); raise ``ArgumentError`` if they do
-        not fit the parameters, ``ValidationError`` if a value is refused."""
+        """Bind call arguments to the args Struct (caller side); raise ``TypeError`` (that is also an
+        ``xrpc.ValidationError``) if they do not fit the parameters, ``ValidationError`` if a value
+        is refused."""
         try:
             if self.bind_by_name:
                 value = self.args_type(**self._bind(args, kwargs))
