@@ -85,7 +85,7 @@ else:  # pragma: no cover - Python 3.10: tomli, a dependency there, is what beca
     try:
         import tomli as _toml  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
-        _toml = None
+        _toml = None  # type: ignore[assignment,unused-ignore]
 
 __all__ = (
     "ServiceConnection",
