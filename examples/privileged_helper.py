@@ -28,6 +28,7 @@ its app goes away.  Every identity fact comes from the kernel (``SO_PEERCRED``, 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -177,6 +178,7 @@ async def app(url: str, helper_pid: int, impostor_url: str) -> None:
 
 
 def main() -> None:
+    logging.basicConfig(format="%(name)s: %(levelname)s %(message)s")  # refusals are logged at WARNING
     if len(sys.argv) == 5 and sys.argv[1] == "helper":
         anyio.run(run_helper, sys.argv[2], sys.argv[3], int(sys.argv[4]))
         return

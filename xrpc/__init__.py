@@ -4,10 +4,11 @@ Declare a ``typing.Protocol`` with ``@xrpc.interface``; export an implementation
 ``xrpc.Server``; ``async with xrpc.connect(url) as conn`` and call ``conn.proxy(Iface)``.
 """
 
+import logging
 from typing import TYPE_CHECKING
 
 from . import blocking, testing
-from ._api import Server, connect
+from ._api import Server, connect, run
 from ._connection import (
     CallContext,
     CallStream,
@@ -65,6 +66,9 @@ if TYPE_CHECKING:
         connect_service,
         serve_service,
     )
+
+# A library logs and leaves the output to the application: without logging configured, nothing is printed.
+logging.getLogger("xrpc").addHandler(logging.NullHandler())
 
 _SERVICES = ("connect_service", "ServiceConnection", "ServiceNotFound", "ServiceUnavailable", "ServiceDescriptionError", "UntrustedPath", "serve_service")
 
@@ -129,6 +133,7 @@ __all__ = (
     "pipeline",
     "requirement",
     "requires",
+    "run",
     "serve_service",
     "server_ssl_context",
     "testing",

@@ -18,7 +18,9 @@ import sys
 import logging
 import os
 import shutil
+import signal
 import ssl
+import threading
 import tempfile
 from typing import Any, AsyncIterator, Callable, Sequence
 
@@ -33,7 +35,7 @@ from ._introspect import INTROSPECT_NAME, ExportDescription, Introspection, desc
 from ._requirements import Requirement, requirement_of
 from ._transports import Endpoint, Listener, ParsedURL, connect_stream, open_listener
 
-__all__ = ("Server", "connect", "OnConnect")
+__all__ = ("Server", "connect", "run", "OnConnect")
 
 log = logging.getLogger("xrpc")
 
@@ -142,7 +144,7 @@ class Server:
 
     async def _handle(self, stream: Any, peer: Peer, ssl_context: ssl.SSLContext | None = None) -> None:
         if len(self.connections) >= self.max_connections:
-            log.warning("xrpc: refused a connection from %s: already %d connections", peer.address or peer.pid, len(self.connections))
+            log.warning("refused a connection from %s: already %d connections", peer.address or peer.pid, len(self.connections))
             if peer.pidfd is not None:
                 os.close(peer.pidfd)
             if hasattr(stream, "close"):
@@ -166,16 +168,61 @@ class Server:
                 await tg.start(conn.run)
                 await conn.admit(self.requirement, self.on_connect)
         except TransportError as exc:
-            log.info("xrpc: connection from %s failed: %s", conn.peer.describe(), exc)
+            log.info("connection from %s failed: %s", conn.peer.describe(), exc)
         except BaseExceptionGroup as group:
             if all(isinstance(e, TransportError) for e in group.exceptions):
-                log.info("xrpc: connection from %s failed: %s", conn.peer.describe(), group.exceptions[0])
+                log.info("connection from %s failed: %s", conn.peer.describe(), group.exceptions[0])
             else:
-                log.exception("xrpc: connection from %s failed", conn.peer.describe())
+                log.exception("connection from %s failed", conn.peer.describe())
         except Exception:  # pragma: no cover - a connection's failure must never reach the listener
-            log.exception("xrpc: connection from %s failed", conn.peer.describe())
+            log.exception("connection from %s failed", conn.peer.describe())
         finally:
             self.connections.discard(conn)
+
+
+def run(
+    server: Server | Callable[[], Server],
+    url: str,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    ready: Callable[[str], object] | None = None,
+    backend: str = "asyncio",
+) -> None:
+    """Serve ``server`` on ``url`` until Ctrl-C or SIGTERM, then return: the main of a server script.
+
+    Blocks, running its own event loop (``backend``: ``"asyncio"`` or ``"trio"``).  ``server`` may
+    be a function returning the server: it is then called inside that loop (for objects that need
+    a running loop when they are made).  ``ready(url)`` is called with the bound URL once the
+    server listens (with ``tcp://127.0.0.1:0``, the port chosen), and standard output is flushed
+    after it, so ``ready=print`` tells a parent process reading a pipe at once.  Ctrl-C (SIGINT)
+    and SIGTERM stop it quietly: the listener closes, the connections end, the socket file is
+    removed, and ``run`` returns (no ``KeyboardInterrupt``).  Inside a running event loop, use
+    ``await server.serve(url)`` instead.
+    """
+    if not isinstance(server, Server) and not callable(server):
+        raise TypeError(f"xrpc.run() serves an xrpc.Server, not {type(server).__qualname__}")
+
+    async def main() -> None:
+        srv = server if isinstance(server, Server) else server()
+        if not isinstance(srv, Server):
+            raise TypeError(f"xrpc.run(): {server!r} returned {type(srv).__qualname__}, not an xrpc.Server")
+        if threading.current_thread() is not threading.main_thread():
+            signals: Any = contextlib.nullcontext(None)  # signals reach the main thread only
+        else:
+            signals = anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
+        with signals as received:
+            async with srv.listen(url, ssl_context=ssl_context) as listener:
+                log.info("serving %s on %s", ", ".join(n for n in srv.export_names if n != INTROSPECT_NAME), listener.url)
+                if ready is not None:
+                    ready(listener.url)
+                    if sys.stdout is not None:
+                        sys.stdout.flush()
+                if received is None:
+                    await anyio.sleep_forever()
+                async for _ in received:
+                    break
+
+    anyio.run(main, backend=backend)
 
 
 class _IntrospectionService:

@@ -390,7 +390,7 @@ class Calls(Side):
                 if rec.handler is not None:
                     rec.handler.fail(exc)
             else:
-                log.warning("xrpc: the stream source of %s failed after the call ended", m.qualname, exc_info=True)
+                log.warning("the stream source of %s failed after the call ended", m.qualname, exc_info=True)
         finally:
             aclose = getattr(it, "aclose", None)
             if aclose is not None:
@@ -401,7 +401,7 @@ class Calls(Side):
                         # a source is closed early only once the call's outcome is decided (the
                         # reply came, the call was cancelled, the peer went away): its own failure
                         # to close is reported, not raised in the caller's place
-                        log.warning("xrpc: the stream source of %s failed when it was closed", m.qualname, exc_info=True)
+                        log.warning("the stream source of %s failed when it was closed", m.qualname, exc_info=True)
 
 
 class CallStream(AsyncIterator[_T]):

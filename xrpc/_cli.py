@@ -152,10 +152,16 @@ def _error_line(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- loading Python objects
-def _import_module(modname: str) -> types.ModuleType:
+def _current_directory_importable() -> None:
+    """As ``python -m`` does: modules of the current directory can be named (the ``xrpc`` console
+    script, unlike ``python -m xrpc``, does not put it on ``sys.path``)."""
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
-        sys.path.insert(0, cwd)  # as python -m does: modules of the current directory can be named
+        sys.path.insert(0, cwd)
+
+
+def _import_module(modname: str) -> types.ModuleType:
+    _current_directory_importable()
     try:
         return importlib.import_module(modname)
     except ModuleNotFoundError as exc:
@@ -509,6 +515,59 @@ def parse_kv(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _split_top(text: str, sep: str) -> list[str]:
+    """``text`` split at ``sep`` outside brackets."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return parts
+
+
+def _union_members(type_text: str) -> set[str]:
+    """The members of a described type: ``Optional[str]``, ``Union[int, str]`` and ``int | str``
+    are unions; anything else is one member."""
+    text = type_text.strip()
+    if text.startswith("Optional[") and text.endswith("]"):
+        return _union_members(text[9:-1]) | {"None"}
+    if text.startswith("Union[") and text.endswith("]"):
+        return {m for part in _split_top(text[6:-1], ",") for m in _union_members(part)}
+    parts = _split_top(text, "|")
+    if len(parts) > 1:
+        return {m for part in parts for m in _union_members(part)}
+    return {text}
+
+
+_JSON_SCALARS = {bool: {"bool"}, int: {"int", "float"}, float: {"float"}, type(None): {"None"}}
+
+
+def coerce_kv(m: MethodInfo, raw: Mapping[str, str], given: dict[str, Any]) -> None:
+    """``--arg NAME=VALUE`` with the parameter's type known: a value that parses as JSON of a type
+    the parameter does not take, where it takes ``str``, is the string as written (``--arg
+    word=2024`` for ``word: str`` is ``"2024"``, for ``year: int`` the number 2024)."""
+    types = {p.name: p.type for p in m.params}
+    for key, text in raw.items():
+        value = given.get(key)
+        if key not in types or isinstance(value, str):
+            continue
+        members = _union_members(types[key])
+        if "str" not in members:
+            continue
+        accepts = _JSON_SCALARS.get(type(value))
+        if accepts is None:  # a list or an object: fine if the type has a member that may be one
+            if members - {"str", "int", "float", "bool", "None", "bytes"}:
+                continue
+        elif accepts & members:
+            continue
+        given[key] = text
+
+
 def parse_json_args(text: str) -> dict[str, Any]:
     if text.startswith("@"):
         try:
@@ -650,6 +709,7 @@ def _is_service(target: str) -> bool:
 
 
 def _load_module_or_service(target: str) -> types.ModuleType:
+    _current_directory_importable()  # before the lookup, or a module beside the user is not found
     try:
         found = importlib.util.find_spec(target)
     except (ImportError, ValueError):
@@ -660,7 +720,8 @@ def _load_module_or_service(target: str) -> types.ModuleType:
         try:
             find_service(target)
         except ServiceNotFound as exc:
-            raise CLIError(f"{target!r} is neither an importable module nor a service: {exc}", Exit.CONNECT) from None
+            # nothing to connect to was named: a usage error, like a module that cannot be imported
+            raise CLIError(f"{target!r} is neither an importable module nor a service: {exc}", Exit.USAGE) from None
         except ValueError:
             pass
         raise CLIError(f"{target!r} is neither an importable module, a URL, nor a service name", Exit.USAGE)
@@ -687,11 +748,13 @@ async def cmd_call(args: argparse.Namespace) -> int:
         if key in given:
             raise CLIError(f"argument {key!r} is given both in --json and with --arg", Exit.USAGE)
         given[key] = value
+    raw = {key.strip(): text for key, _, text in (item.partition("=") for item in args.arg or [])}  # as written
     async with open_target(args.target, args.timeout) as peer:
         exports = await fetch_exports(peer, args.target, args.timeout)
         export = choose_export(exports, object_name, args.target)
         m = choose_method(export, method_name)
         check_arguments(export, m, given)
+        coerce_kv(m, raw, given)
         iface = dynamic_interface(export, methods=[m.name], arguments={m.name: list(given)})
         proxy = peer.proxy(iface, export.name, timeout=args.timeout)
         fn: Callable[..., Any] = getattr(proxy, m.name)
@@ -966,7 +1029,8 @@ METHOD is NAME or OBJECT.NAME.  Without OBJECT (or --object), the server must ex
 exactly one object.
 
 Arguments: --arg NAME=VALUE (repeatable; VALUE is parsed as JSON when it parses,
-otherwise taken as a string: --arg n=3 is a number, --arg n='"3"' a string) and/or
+otherwise taken as a string: --arg n=3 is a number, --arg n='"3"' a string, and a
+parameter typed str takes the text as written: --arg word=2024 is "2024") and/or
 --json '{"NAME": VALUE, ...}' (or --json @file.json).  Optional arguments may be
 left out, but one before an argument that is given must be given too.
 

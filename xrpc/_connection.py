@@ -88,9 +88,9 @@ def event_callback(fn: Callable[[], Any], where: str) -> None:
         res = fn()
         if inspect.isawaitable(res):
             res.close()  # type: ignore[attr-defined]
-            log.warning("xrpc: connection callbacks must be plain functions; %r returned an awaitable", fn)
+            log.warning("connection callbacks must be plain functions; %r returned an awaitable", fn)
     except Exception:
-        log.exception("xrpc: %s: callback %r failed", where, fn)
+        log.exception("%s: callback %r failed", where, fn)
 
 
 def current_connection() -> Connection:
@@ -335,13 +335,13 @@ class Connection:
             await self._reader.handshake.wait()
         if not core.peer_version or core.state != State.HANDSHAKE:
             if not self.closed:
-                log.info("xrpc: no handshake from %s within %.1fs; closing", name, self.limits.handshake_timeout)
+                log.info("no handshake from %s within %.1fs; closing", name, self.limits.handshake_timeout)
                 await self.aclose()
             else:
-                log.info("xrpc: connection from %s ended before its handshake: %s", name, self._link.failure)
+                log.info("connection from %s ended before its handshake: %s", name, self._link.failure)
             return
         if requirement is not None and not self._serving.satisfies(requirement):
-            log.warning("xrpc: refused connection from %s: %s", name, requirement.explain(self.peer))
+            log.warning("refused connection from %s: %s", name, requirement.explain(self.peer))
             core.send_goodbye("the connection was refused", ErrorCode.PEER_REJECTED)
             await self.aclose()
             return
@@ -352,10 +352,10 @@ class Connection:
                 if inspect.isawaitable(ok):
                     ok = await ok
             except Exception:
-                log.exception("xrpc: on_connect failed for %s; refusing the connection", name)
+                log.exception("on_connect failed for %s; refusing the connection", name)
                 ok = False
             if ok is False:
-                log.info("xrpc: connection from %s refused by on_connect", name)
+                log.info("connection from %s refused by on_connect", name)
                 core.send_goodbye("the connection was refused", ErrorCode.PEER_REJECTED)
                 await self.aclose()
                 return
@@ -365,7 +365,7 @@ class Connection:
         try:
             core.send_welcome()
         except LocalProtocolError as exc:  # the peer announced a max_frame too small for our WELCOME
-            log.warning("xrpc: connection from %s refused: %s", name, exc)
+            log.warning("connection from %s refused: %s", name, exc)
             core.send_goodbye(f"the WELCOME does not fit the peer's max_frame: {exc}", ErrorCode.LIMIT)
             await self.aclose()
             return
@@ -422,7 +422,7 @@ class Connection:
             req = self._requirement
             if self.client and req is not None and not self._serving.satisfies(req):
                 # checked before HELLO: a refused server never reaches this side's exports
-                log.warning("xrpc: the server at %s does not satisfy the requirement: %s", self.url, req.explain(self.peer))
+                log.warning("the server at %s does not satisfy the requirement: %s", self.url, req.explain(self.peer))
                 link.failure = PeerRejected(f"{self.url}: the server does not satisfy the requirement {req}")
                 raise link.failure
             async with anyio.create_task_group() as tg:
@@ -457,7 +457,7 @@ class Connection:
             await anyio.sleep(idle / 4)
             quiet = time.monotonic() - reader.last_rx
             if quiet >= idle and not self.in_flight:
-                log.info("xrpc: closing %s after %.1fs without traffic", self.peer.describe(), quiet)
+                log.info("closing %s after %.1fs without traffic", self.peer.describe(), quiet)
                 self._core.send_goodbye("idle timeout", ErrorCode.LIMIT)
                 await self.aclose()
                 return

@@ -12,6 +12,7 @@ __all__ = (
     "Error",
     "InterfaceError",
     "ValidationError",
+    "ArgumentError",
     "RemoteError",
     "MethodNotFound",
     "ObjectNotFound",
@@ -44,6 +45,13 @@ class ValidationError(Error):
         super().__init__(message)
         self.method = method
         self.argument = argument
+
+
+class ArgumentError(ValidationError, TypeError):
+    """The arguments of a call do not fit the method's parameters (an unexpected keyword, one too
+    many, a missing one): raised on the caller before anything is sent, and worded as Python words
+    the ``TypeError`` of a local call.  ``except TypeError`` and ``except xrpc.ValidationError`` both
+    catch it."""
 
 
 class RemoteError(Error):

@@ -37,7 +37,7 @@ from typing import Any, Callable, TypeVar, Union
 import msgspec
 from typing_extensions import Annotated, Literal, NotRequired, Required, get_args, get_origin, is_typeddict
 
-from ._errors import InterfaceError, ValidationError
+from ._errors import ArgumentError, InterfaceError, ValidationError
 from ._fds import FileDescriptor, SharedBuffer, adopt_fd, received_buffer, sealed_fd
 from ._protocol import CallFlags, MethodSig, Ref
 from ._requirements import Requirement
@@ -1212,8 +1212,10 @@ class MethodDescription:
         except (TypeError, ValueError) as exc:
             raise InterfaceError(f"{self.interface.name}.{self.name}: {exc}") from None
         self.args_decoder = _decoder(self.args_type)
-        self.bind_by_name = needs_kw
         self.kwonly = tuple(p.name for p in self.value_params if p.kind == inspect.Parameter.KEYWORD_ONLY)
+        # keyword-only parameters are bound by name too, so that one given by position is refused
+        # (a TypeError, as a local call would raise); methods without them keep the quicker path
+        self.bind_by_name = needs_kw or bool(self.kwonly)
         self.n_positional = len(self.value_params) - len(self.kwonly)
         self.positions = {p.name: i for i, p in enumerate(self.value_params)}
         # Arguments that need work on the sending side (widened slots, plain-data checks).
@@ -1242,14 +1244,16 @@ class MethodDescription:
 
     # -------------------------------------------------------------- used by the runtime
     def encode_args(self, args: tuple[Any, ...], kwargs: dict[str, Any], ctx: WireContext | None = None) -> Any:
-        """Bind call arguments to the args Struct (caller side); raise ``ValidationError``."""
+        """Bind call arguments to the args Struct (caller side); raise ``TypeError`` (that is also an
+        ``xrpc.ValidationError``) if they do not fit the parameters, ``ValidationError`` if a value
+        is refused."""
         try:
             if self.bind_by_name:
                 value = self.args_type(**self._bind(args, kwargs))
             else:
                 value = self.args_type(*args, **kwargs)
-        except TypeError as exc:
-            raise ValidationError(f"{self.qualname}(): {exc}", method=self.name) from None
+        except TypeError:
+            raise ArgumentError(self._bind_error(args, kwargs), method=self.name) from None
         sent = len(self.value_params)
         if self.default_tail:
             given = msgspec.structs.astuple(value)
@@ -1277,6 +1281,22 @@ class MethodDescription:
         elif sent < len(self.value_params):
             return given[:sent]  # an array of the arguments sent, as the Struct would be
         return value
+
+    def _bind_error(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        """Why ``args``/``kwargs`` do not fit the parameters, worded as Python words it for a local call."""
+        names = {p.name for p in self.value_params if p.kind != inspect.Parameter.POSITIONAL_ONLY}
+        for k in kwargs:
+            if k not in names:
+                return f"{self.qualname}() got an unexpected keyword argument {k!r}"
+        positional = sum(p.kind != inspect.Parameter.KEYWORD_ONLY for p in self.value_params)
+        if len(args) > positional:
+            return f"{self.qualname}() takes {positional} positional argument{'s' if positional != 1 else ''} but {len(args)} were given"
+        sig = inspect.Signature([inspect.Parameter(p.name, p.kind, default=p.default) for p in self.value_params])
+        try:
+            sig.bind(*args, **kwargs)
+        except TypeError as exc:
+            return f"{self.qualname}() {exc}"
+        return f"{self.qualname}() got arguments that do not fit its parameters"  # pragma: no cover
 
     def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         positional = [p.name for p in self.value_params if p.kind != inspect.Parameter.KEYWORD_ONLY]

@@ -105,7 +105,7 @@ class Reader:
         if refused is None:
             return True
         why, violation = refused
-        log.warning("xrpc: %s from %s; closing the connection", why, self.connection.peer.describe())
+        log.warning("%s from %s; closing the connection", why, self.connection.peer.describe())
         if self.link.failure is None:
             self.link.failure = ConnectionInterrupted(f"the connection was closed: {why}")
         self.link.goodbye_now(why, ErrorCode.VALIDATION if violation else ErrorCode.LIMIT)
@@ -124,7 +124,7 @@ class Reader:
         return self.dispatch(events, size)
 
     def protocol_error(self, exc: RemoteProtocolError) -> bool:
-        log.warning("xrpc: protocol error from %s: %s", self.connection.peer.describe(), exc)
+        log.warning("protocol error from %s: %s", self.connection.peer.describe(), exc)
         if self.link.failure is None:
             self.link.failure = ConnectionInterrupted(f"protocol error: {exc}")
         self.link.goodbye_now(str(exc), ErrorCode.VALIDATION)
@@ -272,7 +272,7 @@ class Reader:
             reason = f"more than {self.limits.max_calls_in_flight} calls sent before on_connect finished"
         else:
             reason = f"the peer made this side hold more than its memory budget of {self.limits.max_buffered} bytes"
-        log.warning("xrpc: closing the connection of %s: %s", self.connection.peer.describe(), reason)
+        log.warning("closing the connection of %s: %s", self.connection.peer.describe(), reason)
         if self.link.failure is None:
             self.link.failure = LimitExceeded(reason)
         self.link.goodbye_now(reason, ErrorCode.LIMIT)

@@ -64,11 +64,12 @@ import sys
 import threading
 import traceback
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Mapping, Sequence, TypedDict, TypeVar
+from typing import Annotated, Any, AsyncIterator, Callable, Literal, Mapping, Sequence, TypedDict, TypeVar
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
+import msgspec
 from typing_extensions import Unpack
 
 from ._api import Server, connect
@@ -80,8 +81,11 @@ from ._transports import ParsedURL, owner_name
 
 if sys.version_info >= (3, 11):
     import tomllib as _toml
-else:  # pragma: no cover - Python 3.10: JSON descriptions only
-    _toml = None
+else:  # pragma: no cover - Python 3.10: tomli, a dependency there, is what became tomllib
+    try:
+        import tomli as _toml  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        _toml = None  # type: ignore[assignment,unused-ignore]
 
 __all__ = (
     "ServiceConnection",
@@ -418,20 +422,48 @@ class ServiceDescription:
         return [self.python or sys.executable, "-m", "xrpc.service", self.name, "--description", str(self.path)]
 
 
-_KEYS = (
-    "name",
-    "command",
-    "module",
-    "environment",
-    "working_directory",
-    "idle_exit",
-    "restart",
-    "readiness",
-    "launch_timeout",
-    "python",
-    "log_file",
-    "url",
-)
+_NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+_Seconds = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class DescriptionFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A description file's keys and their types, as decoded (``ServiceDescription`` is what is
+    made of it once the keys have been checked against one another)."""
+
+    name: str
+    command: Annotated[list[_NonEmpty], msgspec.Meta(min_length=1)] | None = None
+    module: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")] | None = None
+    environment: dict[str, str] = {}
+    working_directory: _NonEmpty = "/"
+    idle_exit: _Seconds | None = None
+    restart: Literal["on-demand", "manual"] = "on-demand"
+    readiness: Literal["pipe", "socket"] = "pipe"
+    launch_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    python: _NonEmpty | None = None
+    log_file: _NonEmpty | None = None
+    url: str | None = None
+
+
+_KEYS = DescriptionFile.__struct_fields__
+
+# what a key that does not decode is told (the decoder's own words follow in brackets)
+_KEY_HINTS = {
+    "name": "'name' (a string) is required",
+    "command": "'command' must be a non-empty list of non-empty strings (an argv)",
+    "module": "'module' must look like 'package.module:factory', not {value!r}",
+    "environment": "'environment' must be a table of string values",
+    "working_directory": "'working_directory' must be a path",
+    "idle_exit": "'idle_exit' must be a number of seconds >= 0",
+    "restart": "'restart' must be one of " + ", ".join(map(repr, RESTART_POLICIES)) + ", not {value!r}",
+    "readiness": "'readiness' must be one of " + ", ".join(map(repr, READINESS)) + ", not {value!r}",
+    "launch_timeout": "'launch_timeout' must be a number of seconds > 0",
+    "python": "'python' must be the path of an interpreter",
+    "log_file": "'log_file' must be a path",
+    "url": "'url' must be a string such as 'tls://host:port'",
+}
+_FIELD_AT = re.compile(r"at `\$\.(\w+)")
+_UNKNOWN = re.compile(r"unknown field `([^`]*)`")
+_MISSING = re.compile(r"missing required field `([^`]*)`")
 
 
 def _extensions() -> tuple[str, ...]:
@@ -457,7 +489,7 @@ def _load(path: Path, raw: bytes) -> ServiceDescription:
     try:
         if path.suffix == ".toml":
             if _toml is None:  # pragma: no cover - Python 3.10
-                raise ServiceDescriptionError(f"{path}: TOML descriptions need Python 3.11; write {path.stem}.json")
+                raise ServiceDescriptionError(f"{path}: TOML descriptions need tomli on Python 3.10 (pip install tomli); or write {path.stem}.json")
             data = _toml.loads(raw.decode())
         elif path.suffix == ".json":
             data = json.loads(raw)
@@ -470,88 +502,76 @@ def _load(path: Path, raw: bytes) -> ServiceDescription:
     return _parse(path, data)
 
 
-def _parse(path: Path, data: Any) -> ServiceDescription:
+def _decode(path: Path, data: Any) -> DescriptionFile:
+    """The keys of a description, each of its type; a ``ServiceDescriptionError`` naming the key."""
+
     def bad(message: str) -> ServiceDescriptionError:
         return ServiceDescriptionError(f"{path}: {message}")
 
     if not isinstance(data, dict):
         raise bad("the description must be a table of keys")
     unknown = sorted(set(data) - set(_KEYS))
-    if unknown:
+    if unknown:  # all of them at once, not only the first the decoder meets
         raise bad(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} (the keys are {', '.join(_KEYS)})")
-    name = data.get("name")
-    if not isinstance(name, str):
-        raise bad("'name' (a string) is required")
+    try:
+        return msgspec.convert(data, DescriptionFile)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        found = _FIELD_AT.search(text) or _MISSING.search(text)
+        key = found.group(1) if found else ""
+        if key in _KEY_HINTS:
+            raise bad(f"{_KEY_HINTS[key].format(value=data.get(key))} ({text})") from None
+        if (found := _UNKNOWN.search(text)) is not None:  # pragma: no cover - caught above
+            raise bad(f"unknown key {found.group(1)!r} (the keys are {', '.join(_KEYS)})") from None
+        raise bad(text) from None  # pragma: no cover - every key has a hint
+
+
+def _parse(path: Path, data: Any) -> ServiceDescription:
+    """Decode a description, then check what no single key's type says: how keys go together."""
+
+    def bad(message: str) -> ServiceDescriptionError:
+        return ServiceDescriptionError(f"{path}: {message}")
+
+    d = _decode(path, data)
+    name = d.name
     if name != path.stem:
         raise bad(f"'name' is {name!r} but the file is named for {path.stem!r}")
     try:
         _check_name(name)
     except ValueError as exc:
         raise bad(str(exc)) from None
-    command = data.get("command")
-    module = data.get("module")
-    url = data.get("url")
-    if url is not None:
-        if command is not None or module is not None:
+    if d.url is not None:
+        if d.command is not None or d.module is not None:
             raise bad("a service with a 'url' runs elsewhere: drop 'command' and 'module'")
-        if not isinstance(url, str):
-            raise bad("'url' must be a string such as 'tls://host:port'")
         try:
-            ParsedURL(url)
+            ParsedURL(d.url)
         except ValueError as exc:
             raise bad(f"'url': {exc}") from None
-    elif (command is None) == (module is None):
+    elif (d.command is None) == (d.module is None):
         raise bad("give exactly one of 'command' (an argv list), 'module' ('package.module:factory') and 'url'")
-    if command is not None:
-        if not isinstance(command, list) or not command or not all(isinstance(a, str) and a for a in command):
-            raise bad("'command' must be a non-empty list of non-empty strings (an argv)")
-        command = tuple(command)
-    if module is not None:
-        if not isinstance(module, str) or not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", module):
-            raise bad(f"'module' must look like 'package.module:factory', not {module!r}")
-    env = data.get("environment", {})
-    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-        raise bad("'environment' must be a table of string values")
-    wd = data.get("working_directory", "/")
-    if not isinstance(wd, str) or not wd:
-        raise bad("'working_directory' must be a path")
-    idle_exit = data.get("idle_exit")
-    if idle_exit is not None and (isinstance(idle_exit, bool) or not isinstance(idle_exit, (int, float)) or not 0 <= idle_exit < math.inf):
+    if d.idle_exit is not None and not d.idle_exit < math.inf:
         raise bad("'idle_exit' must be a number of seconds >= 0")
-    restart = data.get("restart", "on-demand")
-    if restart not in RESTART_POLICIES:
-        raise bad(f"'restart' must be one of {', '.join(map(repr, RESTART_POLICIES))}, not {restart!r}")
-    readiness = data.get("readiness", "pipe")
-    if readiness not in READINESS:
-        raise bad(f"'readiness' must be one of {', '.join(map(repr, READINESS))}, not {readiness!r}")
-    if module is not None and readiness != "pipe":
-        raise bad("a 'module' service always reports readiness on the pipe: drop 'readiness'")
-    launch_timeout = data.get("launch_timeout", 10.0)
-    if isinstance(launch_timeout, bool) or not isinstance(launch_timeout, (int, float)) or not 0 < launch_timeout < math.inf:
+    if not d.launch_timeout < math.inf:
         raise bad("'launch_timeout' must be a number of seconds > 0")
-    python = data.get("python")
-    if python is not None and (not isinstance(python, str) or not python):
-        raise bad("'python' must be the path of an interpreter")
-    if python is not None and command is not None:
+    if d.module is not None and d.readiness != "pipe":
+        raise bad("a 'module' service always reports readiness on the pipe: drop 'readiness'")
+    if d.python is not None and d.command is not None:
         raise bad("'python' only applies to a 'module' service")
-    log_file = data.get("log_file")
-    if log_file is not None and (not isinstance(log_file, str) or not log_file):
-        raise bad("'log_file' must be a path")
     here = path.parent
     return ServiceDescription(
         name=name,
         path=path.absolute(),
-        command=command,
-        module=module,
-        environment=dict(env),
-        working_directory=(here / wd).absolute(),
-        idle_exit=float(idle_exit) if idle_exit is not None else None,
-        restart=restart,
-        readiness=readiness,
-        launch_timeout=float(launch_timeout),
-        python=python,
-        log_file=(here / log_file).absolute() if log_file is not None else None,
-        url=url,
+        command=tuple(d.command) if d.command is not None else None,
+        module=d.module,
+        environment=dict(d.environment),
+        working_directory=(here / d.working_directory).absolute(),
+        idle_exit=d.idle_exit,
+        restart=d.restart,
+        readiness=d.readiness,
+        launch_timeout=d.launch_timeout,
+        python=d.python,
+        log_file=(here / d.log_file).absolute() if d.log_file is not None else None,
+        url=d.url,
     )
 
 
@@ -597,7 +617,7 @@ def _not_found_message(name: str, dirs: list[Path], exts: tuple[str, ...]) -> st
     if _toml is None:  # pragma: no cover - Python 3.10
         for d in existing:
             if (d / f"{name}.toml").is_file():
-                cause = f"{d / (name + '.toml')} exists, but TOML descriptions need Python 3.11: write {name}.json instead."
+                cause = f"{d / (name + '.toml')} exists, but TOML descriptions need tomli on Python 3.10 (pip install tomli), or write {name}.json instead."
                 break
     if not cause:
         known: dict[str, Path] = {}
@@ -792,7 +812,7 @@ async def _launch(desc: ServiceDescription, sock: Path, lockp: Path) -> int:
         if proc is not None:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(proc.wait)  # the spawner exits right after forking
-    log.info("xrpc: launched service %s (pid %d) in %.3fs", desc.name, pid, anyio.current_time() - started)
+    log.info("launched service %s (pid %d) in %.3fs", desc.name, pid, anyio.current_time() - started)
     return pid
 
 
@@ -1177,7 +1197,7 @@ class ServiceConnection:
         try:
             return await self._open(url)
         except TransportError as exc:
-            log.debug("xrpc: service %s: %s", desc.name, exc)
+            log.debug("service %s: %s", desc.name, exc)
             last: BaseException = exc
         if desc.restart == "manual":
             raise ServiceUnavailable(
@@ -1189,7 +1209,7 @@ class ServiceConnection:
                 try:
                     return await self._open(url)  # launched by someone else meanwhile?
                 except TransportError as exc:
-                    log.debug("xrpc: service %s: %s; launching it", desc.name, exc)
+                    log.debug("service %s: %s; launching it", desc.name, exc)
                 await _launch(desc, sock, lockp)
                 self.launches += 1
                 try:
@@ -1251,7 +1271,7 @@ class ServiceConnection:
         new = TRANSITIONS.get((self._state, event))
         if new is None:
             return False
-        log.debug("xrpc: service %s: %s --%s--> %s", self.name, self._state, event, new)
+        log.debug("service %s: %s --%s--> %s", self.name, self._state, event, new)
         self._state = new
         callback = self._on_interrupted if new == INTERRUPTED else self._on_invalidated if new == INVALIDATED else None
         if callback is not None:
@@ -1268,7 +1288,7 @@ class ServiceConnection:
             try:
                 await conn.ping(timeout=interval)
             except TimeoutError:
-                log.warning("xrpc: service %s did not answer a heartbeat within %gs", self.name, interval)
+                log.warning("service %s did not answer a heartbeat within %gs", self.name, interval)
                 hold.reason = "heartbeat_missed"
                 conn.interrupt(f"service {self.name!r} did not answer a heartbeat within {interval:g}s")
                 return

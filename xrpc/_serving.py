@@ -172,6 +172,15 @@ class Serving(Side):
                 e = self.objects.lookup(name)
         return e
 
+    def not_found(self, name: str) -> str:
+        """The message refusing a call to ``name``: for a name, the names this peer may call (what
+        the handshake announced to it already)."""
+        if name[:1] in ("#", "^"):
+            return f"no object is exported as {name!r}"
+        names = sorted(info.name for info in self.announced())
+        shown = ", ".join(repr(n) for n in names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+        return f"no object is exported as {name!r} (exported: {shown or 'nothing'})"
+
     def announced(self) -> list[ExportInfo]:
         """What HELLO/WELCOME announces: the exports this peer may call, each with only the methods
         it may call.  The fingerprint stays the whole interface's, so a peer with the same
@@ -210,7 +219,7 @@ class Serving(Side):
                 return True
         if not quiet:
             peer = self.connection.peer
-            log.warning("xrpc: refused call %s from %s: %s", m.qualname, peer.describe(), _explain(requirement, peer))
+            log.warning("refused call %s from %s: %s", m.qualname, peer.describe(), _explain(requirement, peer))
         return False
 
     def satisfies(self, requirement: Any) -> bool:
@@ -224,7 +233,7 @@ class Serving(Side):
         try:
             ok = requirement.check(self.connection.peer) is True
         except Exception:
-            log.exception("xrpc: requirement %s failed to evaluate", requirement)
+            log.exception("requirement %s failed to evaluate", requirement)
             ok = False
         if len(self._guard_cache) >= _GUARD_CACHE_SIZE:
             self._guard_cache.clear()  # bounded: exports created and dropped in a loop cannot grow it
@@ -258,14 +267,14 @@ class Serving(Side):
             desc = export.desc if export is not None else None
         peer_name = self.connection.peer.describe
         if desc is None:
-            self._refuse(call_id, oneway, ErrorCode.OBJECT_NOT_FOUND, f"no object is exported as {msg.obj!r}")
-            log.info("xrpc: call to unknown object %r from %s", msg.obj, peer_name())
+            self._refuse(call_id, oneway, ErrorCode.OBJECT_NOT_FOUND, self.not_found(msg.obj))
+            log.info("call to unknown object %r from %s", msg.obj, peer_name())
             return
         m = desc.methods.get(msg.method)
         if m is None or m.flags != msg.flags:
             what = "has no method" if m is None else "was called with the wrong kind for method"
             self._refuse(call_id, oneway, ErrorCode.METHOD_NOT_FOUND, f"{desc.name} {what} {msg.method!r}")
-            log.info("xrpc: call to unknown method %s.%s from %s", desc.name, msg.method, peer_name())
+            log.info("call to unknown method %s.%s from %s", desc.name, msg.method, peer_name())
             return
         # the authorization checkpoint (a pipelined call passes it again once its target is known)
         if (export is None or export.guards or self.requirement is not None) and not self.authorize(export, m):
@@ -305,7 +314,7 @@ class Serving(Side):
                 f"{m.qualname}: its {size} bytes of arguments do not fit in the memory budget of {limits.max_buffered} bytes"
                 f" beside the {flow.held} bytes held for this connection (calls in flight: {flow.calls_held})"
             )
-            log.warning("xrpc: refused call from %s: %s", peer_name(), reason)
+            log.warning("refused call from %s: %s", peer_name(), reason)
             self._refuse(call_id, oneway, ErrorCode.LIMIT, reason)
             return
         # Arguments are decoded now, in frame order: a RELEASE read after this CALL cannot drop an
@@ -324,7 +333,7 @@ class Serving(Side):
                 args = m.decode_args(msg.payload, self.objects)
         except (ValidationError, LimitExceeded) as exc:
             why = str(exc) if isinstance(exc, LimitExceeded) else _refusal(exc)
-            log.warning("xrpc: refused call %s from %s: %s", m.qualname, peer_name(), why)
+            log.warning("refused call %s from %s: %s", m.qualname, peer_name(), why)
             if not oneway:
                 core.send_error(call_id, *error_frame_args(exc))
             return
@@ -448,7 +457,7 @@ class Serving(Side):
                 result = _run_inline(fn, args, kw)
         except Exception as exc:
             if m.kind is MethodKind.ONEWAY:
-                log.warning("xrpc: one-way call %s raised %r", m.qualname, exc)
+                log.warning("one-way call %s raised %r", m.qualname, exc)
             else:
                 self._send_exception(call_id, m, exc)
             return
@@ -521,7 +530,7 @@ class Serving(Side):
                 error = (ErrorCode.VALIDATION, str(exc))
             else:  # a descriptor among them could not be duplicated (out of descriptors)
                 error = (ErrorCode.LIMIT, f"{m.qualname}: its arguments could not be taken ({type(exc).__name__})")
-            log.info("xrpc: call %s from %s not served: %s", m.qualname, self.connection.peer.describe(), error[1])
+            log.info("call %s from %s not served: %s", m.qualname, self.connection.peer.describe(), error[1])
             self._unserved(msg, inc, error)
             return
         awaited.payload = None
@@ -638,7 +647,7 @@ class Serving(Side):
             if inc.promise is not None:
                 inc.promise.settle(error=exc)  # what calls depending on its result report
             if kind is MethodKind.ONEWAY:
-                log.warning("xrpc: one-way call %s raised %r", m.qualname, exc)
+                log.warning("one-way call %s raised %r", m.qualname, exc)
             elif await self.room_for(len(str(exc)) + 64):
                 start = self.core.emitted
                 self._send_exception(call_id, m, exc)
@@ -681,17 +690,17 @@ class Serving(Side):
         except (LimitExceeded, ValidationError) as exc:
             if promise is not None:
                 promise.settle(error=exc)
-            log.warning("xrpc: reply of %s refused: %s", m.qualname, _refusal(exc))
+            log.warning("reply of %s refused: %s", m.qualname, _refusal(exc))
             code, type_name, message, args = error_frame_args(exc)
             core.send_error(call_id, code, type_name, message, [""] if args is not None else None)
         except (TypeError, msgspec.EncodeError, OverflowError) as exc:
-            log.warning("xrpc: reply of %s could not be sent: %s", m.qualname, type(exc).__name__)
+            log.warning("reply of %s could not be sent: %s", m.qualname, type(exc).__name__)
             core.send_error(call_id, ErrorCode.INTERNAL, type(exc).__name__, f"the reply of {m.qualname} could not be encoded: {exc}")
         except LocalProtocolError as exc:
             if call_id in core.incoming:  # else the call is gone (cancelled, or the connection closed): nobody to answer
                 core.send_error(call_id, *refusal(ErrorCode.LIMIT, f"the reply of {m.qualname} is too large: {exc}"))
         except Exception as exc:  # pragma: no cover - never let a reply break the reader or the task
-            log.warning("xrpc: reply of %s could not be sent: %s", m.qualname, type(exc).__name__)
+            log.warning("reply of %s could not be sent: %s", m.qualname, type(exc).__name__)
             if call_id in core.incoming:
                 core.send_error(call_id, ErrorCode.INTERNAL, type(exc).__name__, f"the reply of {m.qualname} could not be sent")
 
@@ -717,7 +726,7 @@ class Serving(Side):
             return
         code, type_name, message, args = error_frame_args(exc, m)
         if code == ErrorCode.REMOTE:
-            log.debug("xrpc: %s raised %r", m.qualname, exc)
+            log.debug("%s raised %r", m.qualname, exc)
         try:
             core.send_error(call_id, code, type_name, message, args)
         except (TypeError, msgspec.EncodeError, OverflowError, LocalProtocolError):

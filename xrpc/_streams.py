@@ -23,7 +23,7 @@ import anyio
 import anyio.lowlevel
 import msgspec
 
-from ._errors import LimitExceeded, LocalProtocolError, ValidationError
+from ._errors import ArgumentError, LimitExceeded, LocalProtocolError, ValidationError
 from ._interface import MethodDescription
 from ._io import Link
 from ._protocol import CallRecord, ProtocolCore
@@ -567,7 +567,7 @@ def split_stream_arg(m: MethodDescription, args: tuple[Any, ...], kwargs: dict[s
     else:
         pos = m.params.index(sp)
         if len(args) <= pos:
-            raise ValidationError(f"{m.qualname}() is missing its stream argument {sp.name!r}", method=m.name, argument=sp.name)
+            raise ArgumentError(f"{m.qualname}() missing a required argument: {sp.name!r}", method=m.name, argument=sp.name)
         source = args[pos]
         args = args[:pos] + args[pos + 1 :]
     if not hasattr(source, "__aiter__"):

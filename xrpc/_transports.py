@@ -52,7 +52,14 @@ class ParsedURL:
         self.path = ""
         self.name = ""
         if u.scheme == "unix":
-            self.path = urllib.parse.unquote(u.netloc + u.path)
+            if u.netloc:
+                # unix://x/y reads as the relative path x/y, which is rarely what was meant
+                rel = urllib.parse.unquote(u.netloc + u.path)
+                raise ValueError(
+                    f"{raw!r}: the path after unix:// is relative ({rel!r}): write unix:///{rel} for the "
+                    f"absolute path /{rel}, or unix:{rel} for a path relative to the current directory"
+                )
+            self.path = urllib.parse.unquote(u.path)
             if not self.path:
                 raise ValueError(f"{raw!r}: a unix URL needs a path (unix:///abs/path.sock)")
         elif u.scheme in ("tcp", "tls"):
@@ -60,9 +67,12 @@ class ParsedURL:
                 raise ValueError(f"{raw!r}: a {u.scheme} URL needs a host (tcp://127.0.0.1:0)")
             self.host = u.hostname
             try:
-                self.port = u.port or 0
+                port = u.port
             except ValueError as exc:
                 raise ValueError(f"{raw!r}: {exc}") from None
+            if port is None:
+                raise ValueError(f"{raw!r}: a {u.scheme} URL needs a port ({u.scheme}://{u.hostname}:PORT; port 0 listens on a free one)")
+            self.port = port
         elif u.scheme == "memory":
             self.name = u.netloc + u.path
             if not self.name:
@@ -238,7 +248,7 @@ class SocketListener(Listener):
                     return
                 if self._starved:
                     self._starved, self._backoff = False, 0.05
-                    log.warning("xrpc: %s: accepting connections again", self.url)
+                    log.warning("%s: accepting connections again", self.url)
                     if self._reserve is None:
                         self._reserve = _reserve_fd()
                 conn.setblocking(False)
@@ -254,7 +264,7 @@ class SocketListener(Listener):
         if not self._starved:
             self._starved = True
             log.warning(
-                "xrpc: %s: at the descriptor limit (%s): refusing new connections until descriptors are freed",
+                "%s: at the descriptor limit (%s): refusing new connections until descriptors are freed",
                 self.url,
                 exc.strerror,
             )
@@ -486,7 +496,7 @@ async def open_listener(url: str, *, socket_mode: int = 0o600, backlog: int = 10
             sock.close()
             raise
         sock.setblocking(False)
-        return SocketListener(sock, f"unix://{path}", "unix", cleanup=path, inode=inode)
+        return SocketListener(sock, f"unix://{path}" if path.startswith("/") else f"unix:{path}", "unix", cleanup=path, inode=inode)
     if u.scheme in ("tcp", "tls"):
         try:
             infos = await anyio.getaddrinfo(u.host, u.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
