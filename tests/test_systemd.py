@@ -333,6 +333,16 @@ async def test_two_clients_at_the_same_moment_start_one_process(workdir: Path) -
     assert mgr.exit_codes == [0]
 
 
+async def test_a_unix_url_of_the_inherited_socket_adopts_it(workdir: Path) -> None:
+    # a server configured with its usual address, run from a socket unit listening there, serves
+    # the inherited socket instead of failing with "address in use"
+    path = str(workdir / "p.sock")
+    argv = [sys.executable, "-m", "xrpc", "serve", "services_fixtures.probe:make_server", f"unix://{path}"]
+    with Manager(path, argv, _env()) as mgr:
+        pid, client, greetings = await _probe_call(mgr.url)
+        assert mgr.starts == [pid] and client.hellos == [str(pid)]
+
+
 # --------------------------------------------------------------------------- readiness
 class NotifySocket:
     """A datagram socket standing in for the service manager's ``$NOTIFY_SOCKET``."""
@@ -413,6 +423,24 @@ async def test_readiness_of_a_socket_activated_service_to_an_abstract_notify_soc
             with watch(pid) as w:
                 await w.exited()
             assert mgr.starts == [pid]
+    finally:
+        notify.close()
+
+
+async def test_server_serve_reports_ready_and_stopping(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    notify = NotifySocket(str(workdir / "notify"))
+    monkeypatch.setenv("NOTIFY_SOCKET", notify.env)
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    try:
+        server = xrpc.Server()
+        async with anyio.create_task_group() as tg:
+            url = await tg.start(server.serve, f"unix://{workdir}/s.sock")
+            ready = await notify.next()
+            assert ready.split("\n") == ["READY=1", f"STATUS=serving on {url}"]
+            async with xrpc.connect(url, timeout=T):
+                pass
+            tg.cancel_scope.cancel()
+        assert await notify.next() == "STOPPING=1"
     finally:
         notify.close()
 

@@ -148,7 +148,7 @@ def _url_of(family: int, address: object) -> str:
 
 def check_socket(fd: int, name: str = "", *, families: Sequence[int] | None = None) -> InheritedSocket:
     """Check that ``fd`` is a listening stream socket (of one of ``families``, default unix, IPv4, IPv6)."""
-    label = f"descriptor {fd}" + (f" ({name!r} in LISTEN_FDNAMES)" if name else "")
+    label = f"descriptor {fd}" + (f" ({name!r} in LISTEN_FDNAMES)" if name and name != "unknown" else "")
     try:
         st = os.fstat(fd)
     except OSError as exc:
