@@ -238,9 +238,9 @@ async def test_systemd_socket_activate_starts_the_module_service_on_the_first_co
 
 
 @needs_socket_activate
-async def test_systemd_socket_activate_starts_xrpc_serve_without_a_url(workdir: Path) -> None:
+async def test_systemd_socket_activate_starts_xrpc_serve(workdir: Path) -> None:
     path = str(workdir / "p.sock")
-    args = ["-l", path, "-E", "PYTHONPATH", sys.executable, "-m", "xrpc", "serve", "services_fixtures.probe:make_server"]
+    args = ["-l", path, "-E", "PYTHONPATH", sys.executable, "-m", "xrpc", "serve", "services_fixtures.probe:make_server", "systemd:"]
     with socket_activate(args, _env()) as proc:
         _await_line(proc, b"Listening on")
         pid, client, greetings = await _probe_call(f"unix://{path}")
@@ -546,10 +546,10 @@ def test_xrpc_serve_with_an_unknown_socket_name_lists_the_names(workdir: Path) -
     assert b"no inherited socket is named 'api' (the names passed are: web)" in out.stderr, out.stderr
 
 
-def test_xrpc_serve_without_a_url_or_activation_is_a_usage_error() -> None:
-    argv = [sys.executable, "-m", "xrpc", "serve", "services_fixtures.probe:make_server"]
+def test_xrpc_serve_systemd_without_activation_says_so() -> None:
+    argv = [sys.executable, "-m", "xrpc", "serve", "services_fixtures.probe:make_server", "systemd:"]
     out = subprocess.run(argv, env=_env(), capture_output=True, timeout=3 * T)
-    assert out.returncode == 2 and b"socket activation" in out.stderr, out.stderr
+    assert out.returncode == 3 and b"no socket was passed to this process" in out.stderr, out.stderr
 
 
 async def test_systemd_url_without_activation_is_a_clear_error() -> None:

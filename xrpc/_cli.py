@@ -53,7 +53,7 @@ from . import __version__
 from . import _errors as errors
 from ._api import Server, connect
 from ._interface import MethodKind, describe, interface, is_interface
-from ._systemd import inherited_sockets, service_lifecycle
+from ._systemd import service_lifecycle
 from ._introspect import INTROSPECT_NAME, ExportDescription, Introspection, MethodInfo, describe_export
 
 __all__ = ("Exit", "CLIError", "dynamic_interface", "main", "build_parser")
@@ -882,13 +882,6 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         server = Server()
         server.export(iface, made, args.name or "")
     url = args.url
-    if url is None:
-        try:
-            url = "systemd:" if inherited_sockets() else None
-        except errors.TransportError as exc:
-            raise CLIError(f"cannot listen: {exc}", Exit.CONNECT) from None
-        if url is None:
-            raise CLIError("give the URL to listen on (it may be left out only when started by socket activation)", Exit.USAGE)
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         try:
             async with server.listen(url) as listener:
@@ -1034,7 +1027,7 @@ examples:
   xrpc serve myapp.impl:GeometryImpl --iface myapp.api:Geometry unix:///tmp/geo.sock
   xrpc serve myapp.impl:make_geometry --iface myapp.api:Geometry tcp://127.0.0.1:0
   xrpc serve myapp.service:make_server tcp://127.0.0.1:8000
-  systemd-socket-activate -l /tmp/geo.sock xrpc serve myapp.service:make_server
+  systemd-socket-activate -l /tmp/geo.sock xrpc serve myapp.service:make_server systemd:
 
 {EXIT_CODES_HELP}"""
 
@@ -1075,9 +1068,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "url",
         metavar="URL",
-        nargs="?",
         help="unix:///path.sock or tcp://host:port (port 0: any free port); systemd: or systemd:NAME for the sockets "
-        "passed by socket activation (the default when there are some)",
+        "passed by socket activation",
     )
     p.add_argument("--iface", metavar="pkg.mod:Interface", help="the @xrpc.interface to export the object as")
     p.add_argument("--name", metavar="NAME", help="the export's name (default: the interface's name)")

@@ -43,7 +43,6 @@ __all__ = (
     "ActivatedListener",
     "InheritedSocket",
     "SocketActivationError",
-    "activated",
     "activation_name",
     "check_socket",
     "inherited_sockets",
@@ -205,14 +204,6 @@ def inherited_sockets() -> list[tuple[int, str]]:
     if isinstance(found, SocketActivationError):
         raise found
     return list(found)
-
-
-def activated() -> bool:
-    """Whether the service manager passed listening sockets to this process (never raises)."""
-    try:
-        return bool(inherited_sockets())
-    except SocketActivationError:
-        return False
 
 
 def is_activation_url(url: str) -> bool:
