@@ -50,6 +50,7 @@ from ._fds import FileDescriptor, SharedBuffer
 from ._peer import CertSubject, Peer
 from ._proxy import pipeline
 from ._requirements import Requirement, RequirementSyntaxError, requirement
+from ._systemd import SocketActivationError, sd_notify
 from ._tls import client_ssl_context, server_ssl_context
 from ._transports import Endpoint, Listener
 
@@ -117,6 +118,8 @@ __all__ = (
     "ServiceUnavailable",
     "SharedBuffer",
     "TransportError",
+    "SocketActivationError",
+    "sd_notify",
     "UntrustedPath",
     "ValidationError",
     "allow",

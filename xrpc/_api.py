@@ -33,6 +33,7 @@ from ._errors import PeerRejected, TransportError
 from ._peer import Peer
 from ._introspect import INTROSPECT_NAME, ExportDescription, Introspection, describe_export
 from ._requirements import Requirement, requirement_of
+from ._systemd import adopt_inherited, is_activation_url, open_activated, service_lifecycle
 from ._transports import Endpoint, Listener, ParsedURL, connect_stream, open_listener
 
 __all__ = ("Server", "connect", "run", "OnConnect")
@@ -93,13 +94,19 @@ class Server:
     ) -> AsyncIterator[Listener]:
         """Listen on ``url`` for the duration of the block; ``listener.url`` is the bound address.
 
-        ``tls://`` needs ``ssl_context`` (see ``xrpc.server_ssl_context``).
+        ``tls://`` needs ``ssl_context`` (see ``xrpc.server_ssl_context``).  ``systemd:`` serves the
+        listening sockets the service manager passed (socket activation), ``systemd:NAME`` those
+        named NAME; a ``unix://`` or ``tcp://`` URL of an inherited socket's address adopts it.
         """
+        activation = is_activation_url(url)
         if url.startswith("tls:") and ssl_context is None:
             raise ValueError(f"{url}: a tls:// listener needs ssl_context= (xrpc.server_ssl_context(...))")
-        if ssl_context is not None and not url.startswith("tls:"):
-            raise ValueError(f"{url}: ssl_context= is only for tls:// URLs")
-        listener = await open_listener(url, socket_mode=socket_mode)
+        if ssl_context is not None and not url.startswith("tls:") and not activation:
+            raise ValueError(f"{url}: ssl_context= is only for tls:// and systemd: URLs")
+        if activation:
+            listener: Listener = open_activated(url, tls=ssl_context is not None)
+        else:
+            listener = adopt_inherited(url) or await open_listener(url, socket_mode=socket_mode)
         handler = functools.partial(self._handle, ssl_context=ssl_context)
         body_exc: BaseException | None = None
         try:
@@ -137,10 +144,15 @@ class Server:
         ssl_context: ssl.SSLContext | None = None,
         task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen on ``url`` until cancelled.  With ``tg.start`` it reports the bound URL."""
+        """Listen on ``url`` until cancelled.  With ``tg.start`` it reports the bound URL.
+
+        Under a service manager (``$NOTIFY_SOCKET``) it reports ``READY=1`` once listening, pings
+        the watchdog if one is set, and reports ``STOPPING=1`` when cancelled.
+        """
         async with self.listen(url, ssl_context=ssl_context) as listener:
-            task_status.started(listener.url)
-            await anyio.sleep_forever()
+            async with service_lifecycle(f"serving on {listener.url}"):
+                task_status.started(listener.url)
+                await anyio.sleep_forever()
 
     async def _handle(self, stream: Any, peer: Peer, ssl_context: ssl.SSLContext | None = None) -> None:
         if len(self.connections) >= self.max_connections:

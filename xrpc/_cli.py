@@ -53,6 +53,7 @@ from . import __version__
 from . import _errors as errors
 from ._api import Server, connect
 from ._interface import MethodKind, describe, interface, is_interface
+from ._systemd import service_lifecycle
 from ._introspect import INTROSPECT_NAME, ExportDescription, Introspection, MethodInfo, describe_export
 
 __all__ = ("Exit", "CLIError", "dynamic_interface", "main", "build_parser")
@@ -943,14 +944,16 @@ async def cmd_serve(args: argparse.Namespace) -> int:
             raise CLIError(f"{type(made).__qualname__} does not implement {desc.name}: missing {', '.join(missing)}", Exit.USAGE)
         server = Server()
         server.export(iface, made, args.name or "")
+    url = args.url
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         try:
-            async with server.listen(args.url) as listener:
+            async with server.listen(url) as listener:
                 _write(listener.url)
                 names = ", ".join(n for n in server.export_names if n != INTROSPECT_NAME)
                 print(f"xrpc serve: serving {names} on {listener.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
-                async for _ in signals:
-                    break
+                async with service_lifecycle(f"serving {names} on {listener.url}"):
+                    async for _ in signals:
+                        break
         except ValueError as exc:
             raise CLIError(str(exc), Exit.USAGE) from None
         except errors.TransportError as exc:
@@ -1088,6 +1091,7 @@ examples:
   xrpc serve myapp.impl:GeometryImpl --iface myapp.api:Geometry unix:///tmp/geo.sock
   xrpc serve myapp.impl:make_geometry --iface myapp.api:Geometry tcp://127.0.0.1:0
   xrpc serve myapp.service:make_server tcp://127.0.0.1:8000
+  systemd-socket-activate -l /tmp/geo.sock xrpc serve myapp.service:make_server systemd:
 
 {EXIT_CODES_HELP}"""
 
@@ -1125,7 +1129,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve a Python object on a URL", description=SERVE_DESCRIPTION, epilog=SERVE_EPILOG, formatter_class=_Formatter)
     p.add_argument("object", metavar="OBJECT", help="package.module:name (instance, class, factory, or xrpc.Server)")
-    p.add_argument("url", metavar="URL", help="unix:///path.sock or tcp://host:port (port 0: any free port)")
+    p.add_argument(
+        "url",
+        metavar="URL",
+        help="unix:///path.sock or tcp://host:port (port 0: any free port); systemd: or systemd:NAME for the sockets "
+        "passed by socket activation",
+    )
     p.add_argument("--iface", metavar="pkg.mod:Interface", help="the @xrpc.interface to export the object as")
     p.add_argument("--name", metavar="NAME", help="the export's name (default: the interface's name)")
     p.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)

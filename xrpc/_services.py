@@ -77,6 +77,7 @@ from ._connection import Connection, Limits, Promise, event_callback
 from ._errors import ConnectionInterrupted, ConnectionInvalidated, Error, PeerRejected, TransportError
 from ._interface import InterfaceDescription, MethodDescription, MethodKind
 from ._proxy import PromiseBase, cached_proxy, pipelined_method
+from ._systemd import ActivatedListener, inherited_sockets, sd_notify, service_lifecycle
 from ._transports import ParsedURL, owner_name
 
 if sys.version_info >= (3, 11):
@@ -1591,14 +1592,25 @@ async def serve_service(
     launch lock, so that a new instance can take over the socket path), lets the calls in flight
     finish (at most ``drain_timeout`` seconds; a second signal cuts this short), then closes the
     remaining connections, which their clients see as an interruption.
+
+    Started by systemd's socket activation (``LISTEN_FDS``) and without ``socket_file``, it serves
+    the inherited sockets named ``name`` or ``name.socket``, else every inherited socket; stopping
+    then only stops accepting (the socket unit keeps listening, and connections that arrive
+    meanwhile wait for the next instance).  Under a service manager it reports ``READY=1``,
+    ``STATUS=``, ``STOPPING=1`` and watchdog pings through ``$NOTIFY_SOCKET``.
     """
     name = name or os.environ.get("XRPC_SERVICE_NAME")
     if not name:
         raise ValueError("serve_service() needs the service name (or XRPC_SERVICE_NAME in the environment)")
     _check_name(name)
-    sock = Path(socket_file or os.environ.get("XRPC_SERVICE_SOCKET") or _socket_file(name))
-    _private_dir(sock.parent)
-    lockp = Path(lock or os.environ.get("XRPC_SERVICE_LOCK") or lock_path(name))
+    url = _activation_url(name) if socket_file is None else None
+    if url is None:
+        sock = Path(socket_file or os.environ.get("XRPC_SERVICE_SOCKET") or _socket_file(name))
+        _private_dir(sock.parent)
+        url = f"unix://{sock}"
+        lockp = Path(lock or os.environ.get("XRPC_SERVICE_LOCK") or lock_path(name))
+    else:
+        lockp = Path(lock or os.devnull)  # never taken: the inherited sockets stay open in the manager
     if idle_exit is _UNSET:
         idle_exit = _env_float("XRPC_IDLE_EXIT")
     if ready_fd is _UNSET:
@@ -1607,19 +1619,46 @@ async def serve_service(
     conns = _ConnectionSet(server.connections)
     server.connections = conns
     try:
-        async with server.listen(f"unix://{sock}") as listener:
+        async with server.listen(url) as listener:
             _signal_ready(ready_fd)
             ready_fd = None
             task_status.started(listener.url)
-            await _serve_until_stopped(listener, conns, idle_exit, lockp, drain_timeout)
+            async with service_lifecycle(f"serving {name} on {listener.url}"):
+                await _serve_until_stopped(listener, conns, idle_exit, lockp, drain_timeout)
     finally:
         if ready_fd is not None:
             with contextlib.suppress(OSError):
                 os.close(ready_fd)
 
 
+def _activation_url(name: str) -> str | None:
+    """With sockets passed by the service manager: ``systemd:NAME`` when one is named for the
+    service (``FileDescriptorName=NAME``, or the default, the socket unit's name ``NAME.socket``),
+    else ``systemd:`` (all of them).  None without socket activation."""
+    passed = inherited_sockets()  # raises if LISTEN_FDS is set for another process, or malformed
+    if not passed:
+        return None
+    names = {n for _, n in passed}
+    for candidate in (name, f"{name}.socket"):
+        if candidate in names:
+            return f"systemd:{candidate}"
+    return "systemd:"
+
+
+@contextlib.asynccontextmanager
+async def _stop_listening(listener: Any, lockp: Path) -> AsyncIterator[None]:
+    """Hold what keeps a new instance from starting while this one stops listening: the launch
+    lock, or nothing for inherited sockets (they stay open in the manager)."""
+    if isinstance(listener, ActivatedListener):
+        yield
+    else:
+        async with _locked(lockp):
+            yield
+
+
 async def _serve_until_stopped(listener: Any, conns: _ConnectionSet, idle_exit: float | None, lockp: Path, drain_timeout: float) -> None:
     stopping = anyio.Event()
+    idle = False
     async with anyio.create_task_group() as tg:
 
         async def on_signals() -> None:
@@ -1628,13 +1667,17 @@ async def _serve_until_stopped(listener: Any, conns: _ConnectionSet, idle_exit: 
                     if stopping.is_set():
                         tg.cancel_scope.cancel()  # a second signal: stop waiting for the calls in flight
                         return
-                    async with _locked(lockp):
+                    async with _stop_listening(listener, lockp):
                         await listener.aclose()
+                    sd_notify("STOPPING=1", "STATUS=stopping: finishing the calls in flight")
                     stopping.set()
 
         async def on_idle() -> None:
+            nonlocal idle
             assert idle_exit is not None
             await _idle_watch(listener, conns, idle_exit, lockp)
+            idle = True
+            sd_notify("STOPPING=1", "STATUS=idle: exiting")
             stopping.set()
 
         tg.start_soon(on_signals)
@@ -1644,6 +1687,11 @@ async def _serve_until_stopped(listener: Any, conns: _ConnectionSet, idle_exit: 
         with anyio.move_on_after(drain_timeout):
             while _busy(conns):  # no hook tells when a connection's last call ends
                 await anyio.sleep(0.02)
+        if idle and isinstance(listener, ActivatedListener):
+            # a connection accepted just before the listener closed is served to its end (its
+            # client may not have sent anything yet); a signal still cuts this short
+            while conns:
+                await conns.changed()
         tg.cancel_scope.cancel()
 
 
@@ -1656,6 +1704,17 @@ async def _idle_watch(listener: Any, conns: _ConnectionSet, idle_exit: float, lo
             await conns.changed()
         if not quiet.cancelled_caught:
             continue
+        if isinstance(listener, ActivatedListener):
+            if listener.pending():
+                # a connection waits in the backlog: it is this instance's to serve
+                with anyio.move_on_after(max(idle_exit, 0.1)):
+                    await conns.changed()
+                continue
+            # Stop accepting; the inherited socket stays open in the manager, so a connection that
+            # arrives from now on waits in its backlog for the next instance.
+            await listener.aclose()
+            await anyio.lowlevel.checkpoint()  # a connection accepted just before registers now
+            return
         async with _locked(lockp):
             if conns:
                 continue  # a client got in while we waited for the lock
