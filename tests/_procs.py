@@ -24,6 +24,16 @@ import anyio.to_thread
 from _timeouts import T
 
 TESTS_DIR = str(Path(__file__).parent)
+ROOT_DIR = str(Path(__file__).parent.parent)
+
+
+def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Our environment with ``env`` added, and this checkout first on ``PYTHONPATH``: a child run as
+    a script imports xrpc from its script's directory and then the interpreter's environment, which
+    may have another checkout installed; the code under test is the one this test imported."""
+    out = {**os.environ, **(env or {})}
+    out["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT_DIR, out.get("PYTHONPATH")]))
+    return out
 
 
 def short_dir() -> str:
@@ -111,7 +121,7 @@ class ChildProcess:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=err,
-                env=None if env is None else {**os.environ, **env},
+                env=child_env(env),
             )
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], 3 * T)

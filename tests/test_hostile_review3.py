@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import msgspec
 import pytest
+from _procs import child_env
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -167,7 +168,7 @@ class Srv:
         script = tmp / "server.py"
         script.write_text(SERVER)
         self.log = tmp / "server.log"
-        env = dict(os.environ, XRPC_TEST_LIMITS=limits)
+        env = child_env({"XRPC_TEST_LIMITS": limits})
         if scheme == "unix":
             url = f"unix://{tmp}/s.sock"
         elif scheme == "tcp":

@@ -654,8 +654,16 @@ class Serving(Side):
                 self.answered(start)
             return
         if kind is not MethodKind.ONEWAY:
-            if self.link.out_full() and not await self.room_for(_encoded_size(result)):
-                return
+            if self.link.out_full():
+                try:
+                    room = await self.room_for(_encoded_size(result))
+                except BaseException:
+                    # cancelled while the peer is behind (cut off, say): this frame stays in the
+                    # exception's traceback, a cycle only the collector frees; the answer goes now
+                    del result
+                    raise
+                if not room:
+                    return
             start = self.core.emitted
             self._send_answer(call_id, m, result, inc.promise)
             del result
