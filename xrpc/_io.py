@@ -293,8 +293,22 @@ class AsyncioIO(asyncio.BufferedProtocol, _LoopDriver):
 
     def _abort(self) -> None:
         t = self.transport
-        if t is not None and not self._lost:
+        if t is None or self._lost:
+            return
+        if self.ssl_context is None:
             t.abort()
+            return
+        # A TLS transport aborted while its closing handshake is under way can be told of its loss
+        # twice (asyncio then logs an AttributeError); shutting the socket down instead makes the
+        # pending write fail, and the transport ends the ordinary way.
+        sock = t.get_extra_info("socket")
+        try:
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+            else:
+                t.abort()
+        except OSError:
+            pass
 
     async def release(self) -> None:
         self.close()
