@@ -440,6 +440,30 @@ async def test_many_proxies_share_one_connection(transport: str) -> None:
         assert got == f"{n}:{i}"
 
 
+async def test_large_answers_in_flight_together_stay_intact(transport: str) -> None:
+    """Large frames are received into buffers that are reused once nothing decoded from them is
+    alive: replies that arrive before their callers run (so their payloads are still held) must
+    keep their bytes while the next large frames arrive, and reuse must not mix frames up."""
+    server, _ = make_server()
+    blobs = [bytes([i]) * (100_000 + 70_000 * i) for i in range(8)]  # sizes cross each other
+    results: dict[int, Any] = {}
+    with anyio.fail_after(T):
+        async with serve_and_connect(server, transport) as conn:
+            p = conn.proxy(Svc)
+
+            async def one(i: int) -> None:
+                results[i] = await p.echo_any(blobs[i])
+
+            for _ in range(3):
+                async with anyio.create_task_group() as tg:
+                    for i in range(len(blobs)):
+                        tg.start_soon(one, i)
+                assert results == dict(enumerate(blobs))
+                results.clear()
+                for i in reversed(range(len(blobs))):  # one at a time: each buffer reused, larger then smaller
+                    assert await p.echo_any(blobs[i]) == blobs[i]
+
+
 # --------------------------------------------------------------------------- one-way
 async def test_oneway_reaches_server_without_waiting(transport: str) -> None:
     server, impl = make_server()

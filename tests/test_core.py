@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xrpc._errors import LocalProtocolError, RemoteProtocolError
-from xrpc._protocol._core import DEFAULT_HANDSHAKE_MAX_FRAME, MIN_MAX_FRAME
+from xrpc._protocol._core import DEFAULT_HANDSHAKE_MAX_FRAME, MIN_MAX_FRAME, FrameBuffers
 from xrpc._protocol import (
     DEFAULT_CONN_WINDOW,
     DEFAULT_MAX_FRAME,
@@ -1333,3 +1333,75 @@ def test_the_core_reports_what_it_buffers() -> None:
         events = s.big_received(n)
     assert [(type(m), r.id if r else None) for m, r in events] == [(Call, rec.id)]
     assert not s.receiving_big and s.big_size == 0
+
+
+def _receive_in_place(s: ProtocolCore, data: bytes, first: int = 1000) -> tuple[list[Any], list[Any]]:
+    """Feed one large frame the way the drivers do (the start as a read, the rest straight into
+    ``big_target()``); return the events and the buffers it was received into."""
+    assert s.receive_data(data[:first]) == []
+    rest = data[first:]
+    buffers: list[Any] = []
+    events: list[Any] = []
+    while rest:
+        target = s.big_target()
+        assert target is not None and 0 < len(target) <= len(rest)  # never past the frame's end
+        if not any(b is target.obj for b in buffers):
+            buffers.append(target.obj)
+        n = min(len(target), 50_000)
+        target[:n] = rest[:n]
+        target.release()
+        rest = rest[n:]
+        events = s.big_received(n)
+    return events, buffers
+
+
+def test_large_frames_reuse_a_buffer_once_nothing_decoded_from_it_is_alive() -> None:
+    """With ``FrameBuffers``, the buffer of a decoded large frame is reused for a later one, but
+    only once no payload decoded from it is alive; a smaller frame received into a larger buffer
+    ends where it ends."""
+    c, s = open_pair()
+    s.buffers = FrameBuffers()
+    sizes = [300_000, 200_000, 120_000]
+    frames = []
+    for i, size in enumerate(sizes):
+        c.send_call("o", "m", raw([bytes([i]) * size]))
+        frames.append(c.data_to_send())
+    first, (buf1,) = _receive_in_place(s, frames[0])
+    # the first payload is still held: the second frame gets a buffer of its own
+    second, (buf2,) = _receive_in_place(s, frames[1])
+    assert buf2 is not buf1
+    assert msgspec.msgpack.decode(first[0][0].payload) == [bytes([0]) * sizes[0]]
+    del first
+    # nothing decoded from the first frame is alive: the third (smaller) frame reuses its buffer,
+    # the larger of the two spare ones, even though the second's payload is still held
+    third, (buf3,) = _receive_in_place(s, frames[2])
+    assert buf3 is buf1
+    assert msgspec.msgpack.decode(second[0][0].payload) == [bytes([1]) * sizes[1]]
+    assert msgspec.msgpack.decode(third[0][0].payload) == [bytes([2]) * sizes[2]]
+    # a frame that arrives as one read behind a small one, also into a reused buffer
+    del second, third
+    c.send_release("a")
+    c.send_call("o", "m", raw([b"z" * 150_000]))
+    c.send_release("b")
+    data = c.data_to_send()
+    events = []
+    for pos in range(0, len(data), 40_000):
+        events += s.receive_data(data[pos : pos + 40_000])
+    assert [type(m) for m, _ in events] == [Release, Call, Release]
+    assert msgspec.msgpack.decode(events[1][0].payload) == [b"z" * 150_000]
+
+
+def test_frame_buffers_keep_at_most_one_spare_of_bounded_size() -> None:
+    """A buffer larger than ``keep`` is not kept; of several spare buffers the largest is."""
+    buffers = FrameBuffers(keep=1000)
+    big = bytearray(2000)
+    buffers.lend(big, memoryview(big)[4:])
+    assert buffers.take() is None
+    small, medium = bytearray(100), bytearray(500)
+    buffers.lend(small, memoryview(small)[4:])
+    held = memoryview(medium)[4:]
+    buffers.lend(medium, held)
+    assert buffers.take() is small  # the medium one's view is still held elsewhere
+    del held
+    assert buffers.take() is medium
+    assert buffers.take() is None

@@ -52,7 +52,7 @@ from ._errors import (
 )
 from ._fds import FdTable
 from ._interface import InterfaceDescription, MethodDescription
-from ._io import Link, open_driver
+from ._io import Link, frame_buffers, open_driver
 from ._middleware import CallContext, Middleware, call_metadata, current_metadata
 from ._objects import Export, ObjectTable, make_export
 from ._peer import Peer
@@ -410,6 +410,7 @@ class Connection:
                 handshake_timeout=self.limits.handshake_timeout,
             )
             link.io = io
+            core.buffers = frame_buffers()  # this thread's: the connection reads on it from now on
             self._fds.passes = io.passes_fds
             try:
                 with anyio.fail_after(self.limits.handshake_timeout):

@@ -34,7 +34,7 @@ import anyio.abc
 
 from ._errors import ConnectionInterrupted, ConnectionInvalidated
 from ._fds import FdTable, close_all
-from ._protocol import ProtocolCore
+from ._protocol import FrameBuffers, ProtocolCore
 
 __all__ = (
     "IO",
@@ -44,6 +44,7 @@ __all__ = (
     "StreamIO",
     "Link",
     "UnixIO",
+    "frame_buffers",
     "open_driver",
     "receive_buffer",
 )
@@ -126,6 +127,15 @@ def receive_buffer() -> memoryview:
     if view is None:
         view = _local.view = memoryview(bytearray(READ_SIZE))
     return view
+
+
+def frame_buffers() -> FrameBuffers:
+    """The buffers of large frames kept for reuse, one set per thread, shared by its connections
+    (see ``FrameBuffers``): at most one spare buffer per thread."""
+    buffers: FrameBuffers | None = getattr(_local, "frames", None)
+    if buffers is None:
+        buffers = _local.frames = FrameBuffers()
+    return buffers
 
 
 def _lost_reason(exc: BaseException | None) -> str:

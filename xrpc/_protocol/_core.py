@@ -38,6 +38,7 @@ misuse by the local side raises ``LocalProtocolError``.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Union
 
 import msgspec
@@ -70,6 +71,7 @@ from ._frames import (
 __all__ = (
     "ProtocolCore",
     "CallRecord",
+    "FrameBuffers",
     "State",
     "DEFAULT_HANDSHAKE_MAX_FRAME",
     "DEFAULT_MAX_BUFFERED",
@@ -161,6 +163,61 @@ def _undecodable(body: memoryview, exc: BaseException) -> str:
     return f"undecodable {name}: {text}"
 
 
+def _refs(entry: tuple[bytearray, memoryview]) -> int:
+    return sys.getrefcount(entry[1])
+
+
+_ALONE = _refs((bytearray(), memoryview(b"")))  # the count of a view that only its entry holds
+
+
+class FrameBuffers:
+    """Buffers of large frames, kept to receive the next ones into.
+
+    A large frame is received into a buffer of its own and decoded in place: its payloads
+    (``msgspec.Raw``) point into the buffer and keep it alive while anything holds them.  Freeing a
+    buffer of a MiB after every frame and allocating one for the next makes the C allocator give
+    the memory back to the system and fault it in afresh each time (glibc trims its heap once more
+    than twice its mmap threshold lies free at its top), which costs more than receiving the frame.
+    So the core *lends* a decoded frame's buffer here, with the view its payloads hold; once
+    nothing but this entry holds that view, the buffer is spare and the next large frame reuses it
+    (growing it if it is too small).  One spare is kept, of at most ``keep`` bytes; the runtime
+    shares one ``FrameBuffers`` between the connections of a thread.
+    """
+
+    __slots__ = ("keep", "spare", "lent")
+
+    LENT = 4  # frames whose payloads may still be in use, tracked at most
+
+    def __init__(self, keep: int = 4 * 1024 * 1024) -> None:
+        self.keep = keep
+        self.spare: bytearray | None = None
+        self.lent: list[tuple[bytearray, memoryview]] = []
+
+    def take(self) -> bytearray | None:
+        """A spare buffer (of any size), or None."""
+        lent = self.lent
+        i = 0
+        while i < len(lent):
+            if _refs(lent[i]) <= _ALONE:  # nothing decoded from it is alive: it is spare
+                buf = lent.pop(i)[0]
+                if self.spare is None or len(buf) > len(self.spare):
+                    self.spare = buf
+            else:
+                i += 1
+        spare = self.spare
+        self.spare = None
+        return spare
+
+    def lend(self, buf: bytearray, body: memoryview) -> None:
+        """``body``, a view of ``buf``, was just decoded: ``buf`` is spare once nothing holds ``body``."""
+        if len(buf) > self.keep:
+            return
+        lent = self.lent
+        if len(lent) >= self.LENT:
+            del lent[0]  # its payloads are still in use: it is freed with the last of them
+        lent.append((buf, body))
+
+
 class ProtocolCore:
     """One side of one xrpc connection, without I/O."""
 
@@ -227,7 +284,8 @@ class ProtocolCore:
         self.emitted = 0  # bytes of every frame encoded so far (the runtime tells what a read produced)
         self._big: bytearray | None = None  # a large frame being received into its own buffer
         self._big_filled = 0
-        self._big_size = 0
+        self._big_size = 0  # the frame's size, prefix included (the buffer may be longer, if reused)
+        self.buffers: FrameBuffers | None = None  # where large frames' buffers are reused from (the runtime's)
         self.close_reason = ""
         self.close_code = 0
         self._hello_done = False  # client: HELLO sent; server: HELLO received
@@ -474,8 +532,7 @@ class ProtocolCore:
             # the rest of a large frame: into its own buffer, then carry on with what follows
             take = min(self._big_size - self._big_filled, len(data))
             self._grow_big(self._big_filled + take)
-            big = self._big
-            big[self._big_filled : self._big_filled + take] = memoryview(data)[:take]
+            memoryview(self._big)[self._big_filled : self._big_filled + take] = memoryview(data)[:take]
             done = self.big_received(take)
             if take < len(data) and self.state not in (State.CLOSED, State.ERROR):
                 done.extend(self.receive_data(data[take:]))
@@ -514,10 +571,11 @@ class ProtocolCore:
                     # and the runtime counts it against its budget while it is being assembled
                     # (on a server also behind the on_connect gate, once HELLO has arrived).
                     have = total - pos
-                    big = bytearray(min(_HEADER + size, max(2 * have, _BIG_FRAME)))
-                    big[:have] = memoryview(buf)[pos:total]
-                    self._big = big
+                    spare = self.buffers.take() if self.buffers is not None else None
+                    big = self._big = spare if spare is not None else bytearray(min(_HEADER + size, max(2 * have, _BIG_FRAME)))
                     self._big_size = _HEADER + size
+                    self._grow_big(have)
+                    memoryview(big)[:have] = memoryview(buf)[pos:total]
                     self._big_filled = have
                     pos = total
                 break
@@ -544,13 +602,17 @@ class ProtocolCore:
     def big_target(self) -> memoryview | None:
         """Where the next received bytes should go when a large frame is half received (so the
         transport can read straight into it), else None."""
-        if self._big is None:
+        big = self._big
+        if big is None:
             return None
-        if self._big_filled == len(self._big):
-            self._grow_big(min(self._big_size, 2 * len(self._big)))
-        return memoryview(self._big)[self._big_filled :]
+        filled = self._big_filled
+        if filled == len(big):
+            self._grow_big(filled + 1)
+        return memoryview(big)[filled : self._big_size]
 
     def _grow_big(self, at_least: int) -> None:
+        """Make the buffer at least ``at_least`` bytes long: it doubles as the frame arrives, so a
+        length prefix alone reserves little memory."""
         big = self._big
         assert big is not None
         if len(big) < at_least:
@@ -565,10 +627,13 @@ class ProtocolCore:
             return []
         self._big = None
         self._big_filled = 0
+        body = memoryview(big)[_HEADER : self._big_size]
         try:
-            msg = _decoder.decode(memoryview(big)[_HEADER:])
+            msg = _decoder.decode(body)
         except (msgspec.DecodeError, RecursionError, UnicodeDecodeError, ValueError, OverflowError) as exc:
-            self._fail(_undecodable(memoryview(big)[_HEADER:], exc))
+            self._fail(_undecodable(body, exc))
+        if self.buffers is not None:
+            self.buffers.lend(big, body)  # reused once what was decoded from it is gone
         rec = self._accept(msg, self._big_size - _HEADER)
         return [] if rec is _DROP else [(msg, rec)]
 
