@@ -85,7 +85,7 @@ class Server:
 
     @property
     def export_names(self) -> list[str]:
-        """The names this server exports under (``__introspect__`` included)."""
+        """The names this server exports under (the built-in ``xrpc.introspect`` included)."""
         return list(self._exports)
 
     @contextlib.asynccontextmanager
