@@ -229,7 +229,7 @@ class ProtocolCore:
         "conn_threshold", "conn_enforce", "peer_conn_window", "conn_send", "conn_limited", "conn_known",
         "conn_max_cost", "conn_wanted", "exports", "peer_exports", "peer_version", "outgoing", "incoming",
         "_local_parity", "_next_id", "_last_peer_id", "_in", "_out", "emitted", "_big", "_big_filled",
-        "_big_size", "close_reason", "close_code", "_hello_done", "_said_goodbye",
+        "_big_size", "close_reason", "close_code", "_hello_done", "_said_goodbye", "buffers",
     )
 
     def __init__(
