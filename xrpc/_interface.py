@@ -77,6 +77,8 @@ _ATTR = "__xrpc_interface__"
 
 
 class MethodKind(str, enum.Enum):
+    """How a remote method is called: what the caller sends and what comes back."""
+
     UNARY = "unary"
     ONEWAY = "oneway"
     SERVER_STREAM = "server_stream"
