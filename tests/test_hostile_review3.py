@@ -131,35 +131,6 @@ def decode_all(data: bytes) -> tuple[list[Any], bytes]:
     return out, data[pos:]
 
 
-def _self_signed(d: Path) -> tuple[str, str]:
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .sign(key, hashes.SHA256())
-    )
-    certfile, keyfile = d / "cert.pem", d / "key.pem"
-    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return str(certfile), str(keyfile)
-
-
 class Srv:
     """The server child: ``url`` it listens on, ``pid``, its stderr log."""
 
@@ -174,7 +145,9 @@ class Srv:
         elif scheme == "tcp":
             url = "tcp://127.0.0.1:0"
         else:
-            self.cert, key = _self_signed(tmp)
+            from _trust import self_signed  # (cryptography only for tls://)
+
+            self.cert, key = self_signed(tmp)
             env.update(XRPC_TEST_CERT=self.cert, XRPC_TEST_KEY=key)
             url = "tls://127.0.0.1:0"
         with open(self.log, "w") as err:
