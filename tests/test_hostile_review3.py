@@ -297,6 +297,22 @@ def no_errors(text: str) -> None:
     assert "ERROR" not in text and "Traceback" not in text, text[-3000:]
 
 
+def flood_never_reading(srv: Srv, make: Callable[[int], bytes], **flood: Any) -> tuple[str, int]:
+    """``RawPeer.flood`` from a peer with a small receive buffer that never reads (stalled: 3 s),
+    while a neighbour must still be served; then the server is stopped, having logged no error.
+    How the flood ended, and the server's peak RSS growth (MiB) once it had 5 s to settle."""
+    base = rss(srv.pid)
+    peer = srv.raw(rcvbuf=4096)
+    try:
+        how = peer.flood(srv, make, stall=3.0, **flood)
+        grown = settle_peak(srv, base, 5.0)
+        assert srv.neighbour_works()
+    finally:
+        peer.close()
+    no_errors(srv.stop())
+    return how, grown
+
+
 BACKENDS = ["asyncio", "trio"]
 SCHEMES = ["unix", "tcp", "tls"]
 
@@ -327,16 +343,7 @@ def test_a_peer_that_never_reads_large_answers_costs_bounded_memory(make_srv, sc
     """400 calls answered with 1 MiB each (served in a task, or inline as read), never read: the
     server stops reading or cuts the peer off; it grows by at most about twice the budget (the
     documented bound on trio and TLS), and a neighbour keeps being served."""
-    srv = make_srv(scheme, backend)
-    base = rss(srv.pid)
-    peer = srv.raw(rcvbuf=4096)
-    try:
-        how = peer.flood(srv, lambda i: frame(2, i, "svc", method, [1 << 20]), max_calls=400, stall=3.0)
-        grown = settle_peak(srv, base, 5.0)
-        assert srv.neighbour_works()
-    finally:
-        peer.close()
-    no_errors(srv.stop())
+    how, grown = flood_never_reading(make_srv(scheme, backend), lambda i: frame(2, i, "svc", method, [1 << 20]), max_calls=400)
     assert how != "grown"
     assert grown < 2 * BUDGET_MIB + 16, f"the server grew by {grown} MiB ({how})"
 
@@ -345,16 +352,7 @@ def test_a_peer_that_never_reads_large_answers_costs_bounded_memory(make_srv, sc
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_a_peer_that_never_reads_many_server_streams_costs_bounded_memory(make_srv, scheme, backend):
     """200 server streams of 1024 items of 64 KiB, never read."""
-    srv = make_srv(scheme, backend)
-    base = rss(srv.pid)
-    peer = srv.raw(rcvbuf=4096)
-    try:
-        how = peer.flood(srv, lambda i: frame(2, i, "svc", "ticks", [1024, 65536]), max_calls=200, stall=3.0)
-        grown = settle_peak(srv, base, 5.0)
-        assert srv.neighbour_works()
-    finally:
-        peer.close()
-    no_errors(srv.stop())
+    how, grown = flood_never_reading(make_srv(scheme, backend), lambda i: frame(2, i, "svc", "ticks", [1024, 65536]), max_calls=200)
     assert how != "grown"
     assert grown < 2 * BUDGET_MIB + 16, f"the server grew by {grown} MiB ({how})"
 
@@ -362,16 +360,7 @@ def test_a_peer_that_never_reads_many_server_streams_costs_bounded_memory(make_s
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scheme", ["tcp", "tls"])
 def test_a_ping_flood_that_never_reads_costs_bounded_memory(make_srv, scheme, backend):
-    srv = make_srv(scheme, backend)
-    base = rss(srv.pid)
-    peer = srv.raw(rcvbuf=4096)
-    try:
-        how = peer.flood(srv, lambda i: frame(11, i), seconds=15, stall=3.0)
-        grown = settle_peak(srv, base, 5.0)
-        assert srv.neighbour_works()
-    finally:
-        peer.close()
-    no_errors(srv.stop())
+    how, grown = flood_never_reading(make_srv(scheme, backend), lambda i: frame(11, i), seconds=15)
     assert how in ("stopped", "cut"), how
     assert grown < 2 * BUDGET_MIB + 16, f"the server grew by {grown} MiB ({how})"
 
