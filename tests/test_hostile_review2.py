@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Protocol
 
 import anyio
-import msgspec
 import pytest
 
 import xrpc
@@ -99,8 +98,6 @@ BUDGET_MIB = 32
 ALLOWED_GROWTH_MIB = BUDGET_MIB + 16
 STOP_AT_MIB = 200  # an attack stops once the server has grown this much: the point is made
 
-_dec = msgspec.msgpack.Decoder()
-
 
 def frame(*fields: object) -> bytes:
     """A frame of the message with these fields."""
@@ -141,21 +138,8 @@ class RawPeer:
         self.s.sendall(frame(*fields))
 
     def recv(self, timeout: float = T) -> list:
-        deadline = time.monotonic() + timeout
-        while True:
-            if len(self.buf) >= 4:
-                (n,) = struct.unpack(">I", self.buf[:4])
-                if len(self.buf) >= 4 + n:
-                    body, self.buf = self.buf[4 : 4 + n], self.buf[4 + n :]
-                    return _dec.decode(body)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("no frame in time")
-            self.s.settimeout(left)
-            data = self.s.recv(1 << 20)
-            if not data:
-                raise EOFError("connection closed")
-            self.buf += data
+        msg, self.buf = _wire.recv_frame(self.s, self.buf, timeout)
+        return msg
 
     def close(self) -> None:
         self.s.close()

@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 import msgspec
 import pytest
+
+import _wire
 from _procs import child_env
 
 pytestmark = pytest.mark.timeout(120)
@@ -213,21 +215,8 @@ class RawPeer:
         self.s.sendall(frame(*fields))
 
     def recv(self, timeout: float = 10.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            if len(self.buf) >= 4:
-                (n,) = struct.unpack(">I", self.buf[:4])
-                if len(self.buf) >= 4 + n:
-                    body, self.buf = self.buf[4 : 4 + n], self.buf[4 + n :]
-                    return _dec.decode(body)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("no frame in time")
-            self.s.settimeout(left)
-            data = self.s.recv(1 << 20)
-            if not data:
-                raise EOFError("connection closed")
-            self.buf += data
+        msg, self.buf = _wire.recv_frame(self.s, self.buf, timeout)
+        return msg
 
     def read_to_end(self, timeout: float) -> tuple[bytes, str]:
         """Everything until the server closes: (bytes, "eof" | "reset" | "timeout")."""
@@ -380,6 +369,14 @@ def _wait_for_log(srv: Srv, needle: str, count: int, timeout: float) -> bool:
 BUDGET_WARNING = "more than its memory budget"
 
 
+def overrun_budget(srv: Srv, peer: RawPeer, cut_offs: int = 1) -> None:
+    """``peer`` reads its WELCOME, then asks for 80 answers of 1 MiB (more than its 32 MiB budget)
+    without reading them: the server must cut it off (its ``cut_offs``-th cut-off WARNING, in 30 s)."""
+    assert peer.recv()[0] == 1
+    peer.s.sendall(b"".join(frame(2, 2 * i + 1, "svc", "big", [1 << 20]) for i in range(80)))
+    assert _wait_for_log(srv, BUDGET_WARNING, cut_offs, 30), "the peer was never cut off"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_a_slow_reader_cut_off_for_its_budget_reads_a_goodbye_that_says_why(make_srv, scheme, backend):
@@ -390,9 +387,7 @@ def test_a_slow_reader_cut_off_for_its_budget_reads_a_goodbye_that_says_why(make
     srv = make_srv(scheme, backend)
     peer = srv.raw(rcvbuf=4096)
     try:
-        assert peer.recv()[0] == 1
-        peer.s.sendall(b"".join(frame(2, 2 * i + 1, "svc", "big", [1 << 20]) for i in range(80)))
-        assert _wait_for_log(srv, BUDGET_WARNING, 1, 30), "the peer was never cut off"
+        overrun_budget(srv, peer)
         data, how = peer.read_to_end(20)
         assert srv.neighbour_works()
     finally:
@@ -413,9 +408,7 @@ def test_a_peer_cut_off_for_its_budget_is_logged_once(make_srv, scheme, backend)
     srv = make_srv(scheme, backend)
     peer = srv.raw(rcvbuf=4096)
     try:
-        assert peer.recv()[0] == 1
-        peer.s.sendall(b"".join(frame(2, 2 * i + 1, "svc", "big", [1 << 20]) for i in range(80)))
-        assert _wait_for_log(srv, BUDGET_WARNING, 1, 30), "the peer was never cut off"
+        overrun_budget(srv, peer)
         assert srv.neighbour_works()  # the server has done what it does after a cut-off
     finally:
         peer.close()
@@ -438,9 +431,7 @@ def test_connections_cut_off_for_their_budget_are_let_go_though_their_peers_neve
         for k in range(4):
             peer = srv.raw(rcvbuf=4096)
             peers.append(peer)
-            assert peer.recv()[0] == 1
-            peer.s.sendall(b"".join(frame(2, 2 * i + 1, "svc", "big", [1 << 20]) for i in range(80)))
-            assert _wait_for_log(srv, BUDGET_WARNING, k + 1, 30), "the peer was never cut off"
+            overrun_budget(srv, peer, k + 1)
         deadline = time.monotonic() + 10
         while nfds(srv.pid) > fds0 and time.monotonic() < deadline:
             select.select([], [], [], 0.05)
