@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import anyio
 import anyio.to_thread
@@ -180,3 +181,31 @@ class ChildProcess:
                     lines += Path(p).read_text().splitlines()
             shutil.rmtree(self.dir, ignore_errors=True)
         return lines
+
+
+class Watch:
+    """A process by pidfd, so its exit can be awaited (also one that is not our child)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.fd = os.pidfd_open(pid)
+
+    async def exited(self, timeout: float = T) -> None:
+        with anyio.fail_after(timeout):
+            await anyio.wait_readable(self.fd)
+
+    def alive(self) -> bool:
+        return not select.select([self.fd], [], [], 0)[0]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@contextlib.contextmanager
+def watch(pid: int) -> Iterator[Watch]:
+    """A ``Watch`` of process ``pid``, its pidfd closed at the end."""
+    w = Watch(pid)
+    try:
+        yield w
+    finally:
+        w.close()

@@ -1,10 +1,11 @@
 """Helpers for the authentication and authorisation tests: another local user to act as, a
-throw-away PKI (a CA and the leaf certificates it issues, as PEM files), and the warnings xrpc
-logged."""
+throw-away PKI (a CA and the leaf certificates it issues, or a self-signed certificate, as PEM
+files), and the warnings xrpc logged."""
 
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import logging
 import os
 import pwd
@@ -120,3 +121,26 @@ def write_pem(d: Path, stem: str, key: ec.EllipticCurvePrivateKey | None, cert: 
             key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
         )
     return str(cert_path), str(key_path)
+
+
+def self_signed(d: Path) -> tuple[str, str]:
+    """A self-signed P-256 certificate for 127.0.0.1 (valid from a day ago for two days), written
+    to ``d`` as ``cert.pem`` and ``key.pem``; their paths."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(key, hashes.SHA256())
+    )
+    certfile, keyfile = d / "cert.pem", d / "key.pem"
+    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return str(certfile), str(keyfile)

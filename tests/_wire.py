@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from typing import Any
 
 import anyio
@@ -79,3 +81,23 @@ def pop_frames(buf: bytearray, at_most: int | None = None) -> list[Any]:
         out.append(msgspec.msgpack.decode(bytes(buf[4 : 4 + size])))
         del buf[: 4 + size]
     return out
+
+
+def recv_frame(sock: socket.socket, buf: bytes, timeout: float) -> tuple[Any, bytes]:
+    """The first whole frame of ``buf`` and of what the blocking socket ``sock`` receives after it,
+    decoded, and the bytes that follow it.  TimeoutError if no frame is whole within ``timeout``
+    seconds, EOFError if the peer closes first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if len(buf) >= 4:
+            size = int.from_bytes(buf[:4], "big")
+            if len(buf) - 4 >= size:
+                return msgspec.msgpack.decode(buf[4 : 4 + size]), buf[4 + size :]
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no frame in time")
+        sock.settimeout(left)
+        data = sock.recv(1 << 20)
+        if not data:
+            raise EOFError("connection closed")
+        buf += data

@@ -13,8 +13,9 @@ from typing import Iterator
 import pytest
 
 from _procs import short_dir
-from test_cli import GEOMETRY, SUBPROCESS_T, error_of, served, xrpc_cli
-from test_cli import env as env  # noqa: F401  (the fixture)
+from test_cli import SUBPROCESS_T, error_of, xrpc_cli
+from test_cli import env as env  # noqa: F401  (the fixtures)
+from test_cli import server as server  # noqa: F401
 from xrpc._cli import Exit
 
 pytestmark = pytest.mark.timeout(120)
@@ -65,16 +66,6 @@ def test_console_script_inspect_of_nothing_known_is_a_usage_error(own_dir: tuple
     assert r.returncode == Exit.USAGE, r.stderr
     assert "'mywordz' is neither an importable module nor a service" in r.stderr
     assert "Traceback" not in r.stderr
-
-
-@pytest.fixture(scope="module")
-def server(env: dict[str, str]) -> Iterator[str]:
-    d = short_dir()
-    try:
-        with served(env, "cli_fixtures.geometry:make_geometry", "--iface", GEOMETRY, f"unix://{d}/s.sock") as (_, url):
-            yield url
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_arg_for_a_str_parameter_is_the_text_as_written(env: dict[str, str], server: str) -> None:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Protocol
 
 import anyio
-import msgspec
 import pytest
 
 import xrpc
@@ -103,8 +102,6 @@ BUDGET_MIB = 32
 ALLOWED_GROWTH_MIB = BUDGET_MIB + (24 if sys.version_info < (3, 11) else 16)
 STOP_AT_MIB = 200  # an attack stops once the server has grown this much: the point is made
 
-_dec = msgspec.msgpack.Decoder()
-
 
 def frame(*fields: object) -> bytes:
     """A frame of the message with these fields."""
@@ -145,21 +142,8 @@ class RawPeer:
         self.s.sendall(frame(*fields))
 
     def recv(self, timeout: float = T) -> list:
-        deadline = time.monotonic() + timeout
-        while True:
-            if len(self.buf) >= 4:
-                (n,) = struct.unpack(">I", self.buf[:4])
-                if len(self.buf) >= 4 + n:
-                    body, self.buf = self.buf[4 : 4 + n], self.buf[4 + n :]
-                    return _dec.decode(body)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("no frame in time")
-            self.s.settimeout(left)
-            data = self.s.recv(1 << 20)
-            if not data:
-                raise EOFError("connection closed")
-            self.buf += data
+        msg, self.buf = _wire.recv_frame(self.s, self.buf, timeout)
+        return msg
 
     def close(self) -> None:
         self.s.close()
@@ -527,35 +511,6 @@ def test_wire_md_lists_every_field_of_every_message():
     assert not mismatches, mismatches
 
 
-def _self_signed(tmp_path: Path) -> tuple[str, str]:
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .sign(key, hashes.SHA256())
-    )
-    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
-    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return str(certfile), str(keyfile)
-
-
 @pytest.mark.parametrize("method, n", [("fail", 100_000), ("big", 1 << 20)])
 def test_answers_of_task_served_calls_over_tls_are_bounded_for_a_peer_that_never_reads(tmp_path, method, n):
     """The same over tls://: before the fix +102 MiB peak for errors and +443 MiB for 400 replies of
@@ -564,7 +519,9 @@ def test_answers_of_task_served_calls_over_tls_are_bounded_for_a_peer_that_never
     import ssl
 
     pytest.importorskip("cryptography")
-    certfile, keyfile = _self_signed(tmp_path)
+    from _trust import self_signed
+
+    certfile, keyfile = self_signed(tmp_path)
     srv = Srv("tls://127.0.0.1:0", "asyncio", env={"XRPC_TEST_CERT": certfile, "XRPC_TEST_KEY": keyfile})
     try:
         url, pid = srv.url, srv.pid

@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 import msgspec
 import pytest
+
+import _wire
 from _procs import child_env
 
 pytestmark = pytest.mark.timeout(120)
@@ -131,35 +133,6 @@ def decode_all(data: bytes) -> tuple[list[Any], bytes]:
     return out, data[pos:]
 
 
-def _self_signed(d: Path) -> tuple[str, str]:
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .sign(key, hashes.SHA256())
-    )
-    certfile, keyfile = d / "cert.pem", d / "key.pem"
-    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return str(certfile), str(keyfile)
-
-
 class Srv:
     """The server child: ``url`` it listens on, ``pid``, its stderr log."""
 
@@ -174,7 +147,9 @@ class Srv:
         elif scheme == "tcp":
             url = "tcp://127.0.0.1:0"
         else:
-            self.cert, key = _self_signed(tmp)
+            from _trust import self_signed  # (cryptography only for tls://)
+
+            self.cert, key = self_signed(tmp)
             env.update(XRPC_TEST_CERT=self.cert, XRPC_TEST_KEY=key)
             url = "tls://127.0.0.1:0"
         with open(self.log, "w") as err:
@@ -240,21 +215,8 @@ class RawPeer:
         self.s.sendall(frame(*fields))
 
     def recv(self, timeout: float = 10.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            if len(self.buf) >= 4:
-                (n,) = struct.unpack(">I", self.buf[:4])
-                if len(self.buf) >= 4 + n:
-                    body, self.buf = self.buf[4 : 4 + n], self.buf[4 + n :]
-                    return _dec.decode(body)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("no frame in time")
-            self.s.settimeout(left)
-            data = self.s.recv(1 << 20)
-            if not data:
-                raise EOFError("connection closed")
-            self.buf += data
+        msg, self.buf = _wire.recv_frame(self.s, self.buf, timeout)
+        return msg
 
     def read_to_end(self, timeout: float) -> tuple[bytes, str]:
         """Everything until the server closes: (bytes, "eof" | "reset" | "timeout")."""
@@ -324,6 +286,22 @@ def no_errors(text: str) -> None:
     assert "ERROR" not in text and "Traceback" not in text, text[-3000:]
 
 
+def flood_never_reading(srv: Srv, make: Callable[[int], bytes], **flood: Any) -> tuple[str, int]:
+    """``RawPeer.flood`` from a peer with a small receive buffer that never reads (stalled: 3 s),
+    while a neighbour must still be served; then the server is stopped, having logged no error.
+    How the flood ended, and the server's peak RSS growth (MiB) once it had 5 s to settle."""
+    base = rss(srv.pid)
+    peer = srv.raw(rcvbuf=4096)
+    try:
+        how = peer.flood(srv, make, stall=3.0, **flood)
+        grown = settle_peak(srv, base, 5.0)
+        assert srv.neighbour_works()
+    finally:
+        peer.close()
+    no_errors(srv.stop())
+    return how, grown
+
+
 BACKENDS = ["asyncio", "trio"]
 SCHEMES = ["unix", "tcp", "tls"]
 
@@ -354,16 +332,7 @@ def test_a_peer_that_never_reads_large_answers_costs_bounded_memory(make_srv, sc
     """400 calls answered with 1 MiB each (served in a task, or inline as read), never read: the
     server stops reading or cuts the peer off; it grows by at most about twice the budget (the
     documented bound on trio and TLS), and a neighbour keeps being served."""
-    srv = make_srv(scheme, backend)
-    base = rss(srv.pid)
-    peer = srv.raw(rcvbuf=4096)
-    try:
-        how = peer.flood(srv, lambda i: frame(2, i, "svc", method, [1 << 20]), max_calls=400, stall=3.0)
-        grown = settle_peak(srv, base, 5.0)
-        assert srv.neighbour_works()
-    finally:
-        peer.close()
-    no_errors(srv.stop())
+    how, grown = flood_never_reading(make_srv(scheme, backend), lambda i: frame(2, i, "svc", method, [1 << 20]), max_calls=400)
     assert how != "grown"
     assert grown < 2 * BUDGET_MIB + 16, f"the server grew by {grown} MiB ({how})"
 
@@ -372,16 +341,7 @@ def test_a_peer_that_never_reads_large_answers_costs_bounded_memory(make_srv, sc
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_a_peer_that_never_reads_many_server_streams_costs_bounded_memory(make_srv, scheme, backend):
     """200 server streams of 1024 items of 64 KiB, never read."""
-    srv = make_srv(scheme, backend)
-    base = rss(srv.pid)
-    peer = srv.raw(rcvbuf=4096)
-    try:
-        how = peer.flood(srv, lambda i: frame(2, i, "svc", "ticks", [1024, 65536]), max_calls=200, stall=3.0)
-        grown = settle_peak(srv, base, 5.0)
-        assert srv.neighbour_works()
-    finally:
-        peer.close()
-    no_errors(srv.stop())
+    how, grown = flood_never_reading(make_srv(scheme, backend), lambda i: frame(2, i, "svc", "ticks", [1024, 65536]), max_calls=200)
     assert how != "grown"
     assert grown < 2 * BUDGET_MIB + 16, f"the server grew by {grown} MiB ({how})"
 
@@ -389,16 +349,7 @@ def test_a_peer_that_never_reads_many_server_streams_costs_bounded_memory(make_s
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scheme", ["tcp", "tls"])
 def test_a_ping_flood_that_never_reads_costs_bounded_memory(make_srv, scheme, backend):
-    srv = make_srv(scheme, backend)
-    base = rss(srv.pid)
-    peer = srv.raw(rcvbuf=4096)
-    try:
-        how = peer.flood(srv, lambda i: frame(11, i), seconds=15, stall=3.0)
-        grown = settle_peak(srv, base, 5.0)
-        assert srv.neighbour_works()
-    finally:
-        peer.close()
-    no_errors(srv.stop())
+    how, grown = flood_never_reading(make_srv(scheme, backend), lambda i: frame(11, i), seconds=15)
     assert how in ("stopped", "cut"), how
     assert grown < 2 * BUDGET_MIB + 16, f"the server grew by {grown} MiB ({how})"
 
@@ -418,6 +369,14 @@ def _wait_for_log(srv: Srv, needle: str, count: int, timeout: float) -> bool:
 BUDGET_WARNING = "more than its memory budget"
 
 
+def overrun_budget(srv: Srv, peer: RawPeer, cut_offs: int = 1) -> None:
+    """``peer`` reads its WELCOME, then asks for 80 answers of 1 MiB (more than its 32 MiB budget)
+    without reading them: the server must cut it off (its ``cut_offs``-th cut-off WARNING, in 30 s)."""
+    assert peer.recv()[0] == 1
+    peer.s.sendall(b"".join(frame(2, 2 * i + 1, "svc", "big", [1 << 20]) for i in range(80)))
+    assert _wait_for_log(srv, BUDGET_WARNING, cut_offs, 30), "the peer was never cut off"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_a_slow_reader_cut_off_for_its_budget_reads_a_goodbye_that_says_why(make_srv, scheme, backend):
@@ -428,9 +387,7 @@ def test_a_slow_reader_cut_off_for_its_budget_reads_a_goodbye_that_says_why(make
     srv = make_srv(scheme, backend)
     peer = srv.raw(rcvbuf=4096)
     try:
-        assert peer.recv()[0] == 1
-        peer.s.sendall(b"".join(frame(2, 2 * i + 1, "svc", "big", [1 << 20]) for i in range(80)))
-        assert _wait_for_log(srv, BUDGET_WARNING, 1, 30), "the peer was never cut off"
+        overrun_budget(srv, peer)
         data, how = peer.read_to_end(20)
         assert srv.neighbour_works()
     finally:
@@ -451,9 +408,7 @@ def test_a_peer_cut_off_for_its_budget_is_logged_once(make_srv, scheme, backend)
     srv = make_srv(scheme, backend)
     peer = srv.raw(rcvbuf=4096)
     try:
-        assert peer.recv()[0] == 1
-        peer.s.sendall(b"".join(frame(2, 2 * i + 1, "svc", "big", [1 << 20]) for i in range(80)))
-        assert _wait_for_log(srv, BUDGET_WARNING, 1, 30), "the peer was never cut off"
+        overrun_budget(srv, peer)
         assert srv.neighbour_works()  # the server has done what it does after a cut-off
     finally:
         peer.close()
@@ -476,9 +431,7 @@ def test_connections_cut_off_for_their_budget_are_let_go_though_their_peers_neve
         for k in range(4):
             peer = srv.raw(rcvbuf=4096)
             peers.append(peer)
-            assert peer.recv()[0] == 1
-            peer.s.sendall(b"".join(frame(2, 2 * i + 1, "svc", "big", [1 << 20]) for i in range(80)))
-            assert _wait_for_log(srv, BUDGET_WARNING, k + 1, 30), "the peer was never cut off"
+            overrun_budget(srv, peer, k + 1)
         deadline = time.monotonic() + 10
         while nfds(srv.pid) > fds0 and time.monotonic() < deadline:
             select.select([], [], [], 0.05)

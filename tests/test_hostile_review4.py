@@ -7,11 +7,12 @@ descriptors, calls in flight, budget), and the connection and the server live on
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import os
 import tempfile
-from typing import Any, AsyncIterator, Optional, Protocol, Union
+from typing import Any, AsyncIterator, Callable, Iterator, Optional, Protocol, Union
 
 import anyio
 import msgspec
@@ -219,8 +220,8 @@ def _server_main(path: str, log_path: str) -> None:
     anyio.run(_serve, path, log_path)
 
 
-@pytest.fixture(scope="module")
-def server() -> Any:
+def _run_server() -> Iterator[ChildProcess]:
+    """The server in a child process; once stopped, it must not have died nor logged an error."""
     child = ChildProcess()
     child.start(__name__.rpartition(".")[2], child.path, child.log_path)
     yield child
@@ -228,6 +229,11 @@ def server() -> Any:
     lines = child.stop()
     assert alive, "the server died"
     assert not errors_in(lines), errors_in(lines)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ChildProcess]:
+    yield from _run_server()
 
 
 # --------------------------------------------------------------------------- a raw peer
@@ -277,31 +283,34 @@ class Raw:
             else:
                 self.pending.append(f)
 
-    async def read(self, want: Any) -> Any:
-        """The first frame for which ``want(frame)`` holds (others are kept in ``pending``)."""
+    async def _until(self, take: Callable[[], Any]) -> Any:
+        """What ``take()`` returns once it is not None, sorting the frames that arrive meanwhile
+        (within T)."""
         with anyio.fail_after(T):
             while True:
                 self._sort()
-                for k, f in enumerate(self.pending):
-                    if want(f):
-                        del self.pending[k]
-                        return f
-                try:
-                    self.buf += await self.stream.receive()
-                except (anyio.EndOfStream, anyio.BrokenResourceError) as exc:
-                    raise AssertionError(f"the server closed the connection: {self.pending[-3:]}") from exc
-
-    async def answer(self, call_id: int) -> Any:
-        with anyio.fail_after(T):
-            while True:
-                self._sort()
-                f = self.answers.pop(call_id, None)
+                f = take()
                 if f is not None:
                     return f
                 try:
                     self.buf += await self.stream.receive()
                 except (anyio.EndOfStream, anyio.BrokenResourceError) as exc:
                     raise AssertionError(f"the server closed the connection: {self.pending[-3:]}") from exc
+
+    async def read(self, want: Any) -> Any:
+        """The first frame for which ``want(frame)`` holds (others are kept in ``pending``)."""
+
+        def first_wanted() -> Any:
+            for k, f in enumerate(self.pending):
+                if want(f):
+                    del self.pending[k]
+                    return f
+            return None
+
+        return await self._until(first_wanted)
+
+    async def answer(self, call_id: int) -> Any:
+        return await self._until(lambda: self.answers.pop(call_id, None))
 
     async def result(self, obj: str, method: str, args: list[Any], **kw: Any) -> Any:
         return await self.answer(await self.call(obj, method, args, **kw))
@@ -313,6 +322,12 @@ class Raw:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+    async def __aenter__(self) -> Raw:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
 
 def ref(home: bool, oid: str, iface: str = "Thing") -> list[Any]:
@@ -343,11 +358,17 @@ async def alive(server: ChildProcess) -> None:
     assert server.alive()
 
 
+@contextlib.asynccontextmanager
+async def attack(server: ChildProcess) -> AsyncIterator[Raw]:
+    """A raw peer of ``server``; once it is closed, the server must still serve a client."""
+    async with await Raw.open(server.url) as raw:
+        yield raw
+    await alive(server)
+
+
 # --------------------------------------------------------------------------- forged references in records
 async def test_forged_home_references_inside_records_are_refused(server: ChildProcess) -> None:
-    raw = await Raw.open(server.url)
-    other = await Raw.open(server.url)
-    try:
+    async with await Raw.open(server.url) as raw, await Raw.open(server.url) as other:
         # an object the server passed to the other connection, and one it passed to this one
         f = await other.result("Hub", "make", ["theirs"])
         assert f[0] == REPLY_TAG and f[2][0] is False, f
@@ -383,16 +404,12 @@ async def test_forged_home_references_inside_records_are_refused(server: ChildPr
         # the genuine one works
         f = await raw.result("Hub", "put", [box(ref(True, mine))])
         assert f[0] == REPLY_TAG and f[2] == "local:mine", f
-    finally:
-        await raw.aclose()
-        await other.aclose()
     await alive(server)
 
 
 # --------------------------------------------------------------------------- ^id tokens
 async def test_promise_tokens_outside_call_arguments_are_refused(server: ChildProcess) -> None:
-    raw = await Raw.open(server.url)
-    try:
+    async with attack(server) as raw:
         made = await raw.call("Hub", "make", ["x"])
         assert (await raw.answer(made))[0] == REPLY_TAG
         # a reply of ours (the server calls our Source) holding ^id in its record: ours, its own call
@@ -410,14 +427,10 @@ async def test_promise_tokens_outside_call_arguments_are_refused(server: ChildPr
         assert f[0] == REPLY_TAG and f[2] == "0 ValidationError", f
         st = await settled(raw)
         assert st["proxies"] == 0 and st["serving"] == 0 and st["held"] == 0, st
-    finally:
-        await raw.aclose()
-    await alive(server)
 
 
 async def test_promise_tokens_naming_what_is_not_a_kept_result_are_refused(server: ChildProcess) -> None:
-    raw = await Raw.open(server.url)
-    try:
+    async with attack(server) as raw:
         failed = await raw.call("Hub", "fail", [])
         assert (await raw.answer(failed))[0] == ERROR_TAG
         hang = raw.new_id()  # cancelled in the same read as its CALL, before it started
@@ -459,14 +472,10 @@ async def test_promise_tokens_naming_what_is_not_a_kept_result_are_refused(serve
         st = await settled(raw)
         assert st["runs"] == before["runs"], "a refused call ran"
         assert st["serving"] == 0 and st["held"] == 0 and st["proxies"] == 0, st
-    finally:
-        await raw.aclose()
-    await alive(server)
 
 
 async def test_a_released_result_is_not_resolved_through_an_earlier_call_that_returned_it(server: ChildProcess) -> None:
-    raw = await Raw.open(server.url)
-    try:
+    async with attack(server) as raw:
         first = await raw.call("Hub", "same", [])
         second = await raw.call("Hub", "same", [])
         a, b = await raw.answer(first), await raw.answer(second)
@@ -481,14 +490,10 @@ async def test_a_released_result_is_not_resolved_through_an_earlier_call_that_re
         st = await raw.stats()
         assert st["runs"] == before["runs"], "a call ran with an object its peer had released"
         assert st["exported"] == 0, st
-    finally:
-        await raw.aclose()
-    await alive(server)
 
 
 async def test_a_call_whose_reply_was_refused_counts_as_failed_for_calls_depending_on_it(server: ChildProcess) -> None:
-    raw = await Raw.open(server.url)
-    try:
+    async with attack(server) as raw:
         ids = [raw.new_id() for _ in range(MAX_OBJECTS)]
         await raw.send(*[[CALL_TAG, i, "Hub", "make", [str(i)]] for i in ids])
         for i in ids:
@@ -509,15 +514,11 @@ async def test_a_call_whose_reply_was_refused_counts_as_failed_for_calls_dependi
         assert st["exported"] == MAX_OBJECTS, st
         await raw.send(*[[RELEASE_TAG, f"#{k}", 1] for k in range(1, 400)])
         assert (await raw.stats())["exported"] == 0
-    finally:
-        await raw.aclose()
-    await alive(server)
 
 
 # --------------------------------------------------------------------------- partial adoption, descriptors
 async def test_a_record_refused_after_some_references_were_adopted_leaks_nothing(server: ChildProcess) -> None:
-    raw = await Raw.open(server.url)
-    try:
+    async with attack(server) as raw:
         mine = (await raw.result("Hub", "make", ["mine"]))[2][1]
         before = await settled(raw)
         many = [ref(False, f"#{k}") for k in range(1, 2000)]
@@ -545,14 +546,10 @@ async def test_a_record_refused_after_some_references_were_adopted_leaks_nothing
         # every proxy the refused calls made was given back to us
         # (records refused by msgspec itself made none: the list of Boxes, the unknown tag)
         assert raw.released == 2000 + 1999 + 1 + 2, raw.released
-    finally:
-        await raw.aclose()
-    await alive(server)
 
 
 async def test_descriptors_inside_refused_records_are_closed(server: ChildProcess) -> None:
-    raw = await Raw.open(server.url)
-    try:
+    async with await Raw.open(server.url) as raw:
         before = await settled(raw)
         with tempfile.TemporaryFile() as f:
             f.write(b"12345")
@@ -577,20 +574,13 @@ async def test_descriptors_inside_refused_records_are_closed(server: ChildProces
         # refused (seq 4) or that named another (seq 5) wait unclaimed until the connection ends
         assert st["fds"] <= before["fds"] + 2, (before, st)
         assert st["proxies"] == 0 and st["runs"] == before["runs"] + 2, st
-    finally:
-        await raw.aclose()
-    probe = await Raw.open(server.url)
-    try:
+    async with await Raw.open(server.url) as probe:
         assert (await settled(probe))["fds"] <= before["fds"], "descriptors outlived their connection"
-    finally:
-        await probe.aclose()
     await alive(server)
 
 
 async def test_unclaimed_descriptors_in_records_end_the_connection_at_max_fds_and_are_closed(server: ChildProcess) -> None:
-    raw = await Raw.open(server.url)
-    probe = await Raw.open(server.url)
-    try:
+    async with await Raw.open(server.url) as raw, await Raw.open(server.url) as probe:
         before = await settled(probe)
         with tempfile.TemporaryFile() as f:
             # records that name no descriptor, each sent with one: never claimed
@@ -599,9 +589,6 @@ async def test_unclaimed_descriptors_in_records_end_the_connection_at_max_fds_an
                     await raw.result("Hub", "put", [box(ref(False, "#1"))], fds=[f.fileno()])
         st = await settled(probe)
         assert st["fds"] <= before["fds"], (before, st)
-    finally:
-        await raw.aclose()
-        await probe.aclose()
     await alive(server)
 
 
@@ -618,21 +605,15 @@ def _wide_box(n: int) -> bytes:
 
 
 @pytest.fixture
-def own_server() -> Any:
-    child = ChildProcess()
-    child.start(__name__.rpartition(".")[2], child.path, child.log_path)
-    yield child
-    alive = child.alive()
-    lines = child.stop()
-    assert alive, "the server died"
-    assert not errors_in(lines), errors_in(lines)
+def own_server() -> Iterator[ChildProcess]:
+    """A server of the test's own (one whose memory it measures)."""
+    yield from _run_server()
 
 
 async def test_a_record_of_many_references_is_charged_to_the_memory_budget(own_server: ChildProcess) -> None:
     """200,000 references in one 2.4 MiB record: each becomes a proxy of some 700 bytes (before the
     fix the server grew by ~140 MiB for one call, with a budget of 32 MiB)."""
-    raw = await Raw.open(own_server.url)
-    try:
+    async with attack(own_server) as raw:
         await settled(raw)
         base = own_server.rss()
         payload = _wide_box(200_000)
@@ -648,16 +629,12 @@ async def test_a_record_of_many_references_is_charged_to_the_memory_budget(own_s
         await raw.send([CALL_TAG, i, "Hub", "put", msgspec.Raw(_wide_box(5000))])
         f = await raw.answer(i)
         assert f[0] == REPLY_TAG and f[2].count("remote") == 5001, str(f)[:200]
-    finally:
-        await raw.aclose()
-    await alive(own_server)
 
 
 async def test_calls_parked_on_a_promise_that_never_resolves_are_bounded_and_freed(own_server: ChildProcess) -> None:
     """Small calls (under 1 KiB, not counted by size) each carrying 80 references, all waiting for
     the result of a call that never returns: the budget must hold, and cancelling frees them."""
-    raw = await Raw.open(own_server.url)
-    try:
+    async with attack(own_server) as raw:
         await settled(raw)
         base = own_server.rss()
         hang = await raw.call("Hub", "hang", [])
@@ -684,9 +661,6 @@ async def test_calls_parked_on_a_promise_that_never_resolves_are_bounded_and_fre
             assert f[0] == ERROR_TAG and f[2] in (5, 9), f
         st = await settled(raw)
         assert st["serving"] == 0 and st["held"] == 0 and st["proxies"] == 0 and st["promises"] <= 1, st
-    finally:
-        await raw.aclose()
-    await alive(own_server)
 
 
 # --------------------------------------------------------------------------- through the public API

@@ -14,6 +14,7 @@ connection lives on.  Real connections on memory and Unix sockets, on asyncio an
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Protocol
@@ -24,7 +25,6 @@ import pytest
 import xrpc
 from xrpc._protocol import Call, ErrorCode
 
-from _procs import short_dir
 from _timeouts import T
 from _wire import ERROR_TAG, HELLO, REPLY_TAG, WELCOME_TAG, frame, pop_frames, raw
 
@@ -165,15 +165,13 @@ def url_for(transport: str, d: str) -> str:
     return f"memory://promise-args-{id(d)}" if transport == "memory" else f"unix://{d}/s.sock"
 
 
-@pytest.fixture
-def sock_dir() -> Any:
-    import shutil
-
-    d = short_dir()
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+@contextlib.asynccontextmanager
+async def store_server(impl: StoreImpl, url: str) -> AsyncIterator[tuple[xrpc.Server, xrpc.Connection, Any]]:
+    """A server exporting ``impl`` as the Store on ``url``, a connection to it, and its Store."""
+    server = xrpc.Server()
+    server.export(Store, impl)
+    async with server.listen(url) as listener, xrpc.connect(listener.url, timeout=T) as conn:
+        yield server, conn, conn.proxy(Store)
 
 
 async def until(predicate: Callable[[], bool], roundtrip: Callable[[], Awaitable[Any]]) -> None:
@@ -190,10 +188,7 @@ def test_a_promise_passed_as_an_argument_is_sent_before_the_first_answer(sock_di
 
     async def main() -> None:
         impl.gate = anyio.Event()
-        server = xrpc.Server()
-        server.export(Store, impl)
-        async with server.listen(url_for(transport, sock_dir)) as listener, xrpc.connect(listener.url, timeout=T) as conn:
-            store = conn.proxy(Store)
+        async with store_server(impl, url_for(transport, sock_dir)) as (server, conn, store):
             (served,) = server.connections
             doc = xrpc.pipeline(store).open("gated")
             other = xrpc.pipeline(store).open("b")
@@ -226,10 +221,7 @@ def test_promises_inside_collections_and_in_chains(sock_dir: str, transport: str
     impl = StoreImpl()
 
     async def main() -> None:
-        server = xrpc.Server()
-        server.export(Store, impl)
-        async with server.listen(url_for(transport, sock_dir)) as listener, xrpc.connect(listener.url, timeout=T) as conn:
-            store = conn.proxy(Store)
+        async with store_server(impl, url_for(transport, sock_dir)) as (server, conn, store):
             p = xrpc.pipeline(store)
             a, b = p.open("a"), p.open("b")
             here = await store.open("c")  # a proxy, passed home as the object itself
@@ -260,10 +252,7 @@ def test_a_failing_promise_fails_the_call_that_depends_on_it(sock_dir: str, back
 
     async def main() -> None:
         impl.gate = anyio.Event()
-        server = xrpc.Server()
-        server.export(Store, impl)
-        async with server.listen(url_for("unix", sock_dir)) as listener, xrpc.connect(listener.url, timeout=T) as conn:
-            store = conn.proxy(Store)
+        async with store_server(impl, url_for("unix", sock_dir)) as (server, conn, store):
             p = xrpc.pipeline(store)
             missing = p.open("missing")
             with pytest.raises(xrpc.ObjectNotFound, match=r"argument 'second' of Store\.concat: the call \^\d+ it depends on failed \(NotFound\('missing'\)\)"):
@@ -345,10 +334,7 @@ def test_a_call_cancelled_while_it_waits_for_a_promise_gives_back_what_it_held(s
 
     async def main() -> None:
         impl.gate = anyio.Event()
-        server = xrpc.Server()
-        server.export(Store, impl)
-        async with server.listen(url_for("unix", sock_dir)) as listener, xrpc.connect(listener.url, timeout=T) as conn:
-            store = conn.proxy(Store)
+        async with store_server(impl, url_for("unix", sock_dir)) as (server, conn, store):
             (served,) = server.connections
             p = xrpc.pipeline(store)
             gated = p.open("gated")
@@ -383,10 +369,7 @@ def test_nothing_is_left_behind(sock_dir: str) -> None:
     impl = StoreImpl()
 
     async def main() -> None:
-        server = xrpc.Server()
-        server.export(Store, impl)
-        async with server.listen(url_for("unix", sock_dir)) as listener, xrpc.connect(listener.url, timeout=T) as conn:
-            store = conn.proxy(Store)
+        async with store_server(impl, url_for("unix", sock_dir)) as (server, conn, store):
             (served,) = server.connections
             p = xrpc.pipeline(store)
             for i in range(20):
@@ -406,10 +389,7 @@ def test_a_descriptor_beside_a_promise_arrives_whole(sock_dir: str) -> None:
 
     async def main() -> None:
         impl.gate = anyio.Event()
-        server = xrpc.Server()
-        server.export(Store, impl)
-        async with server.listen(url_for("unix", sock_dir)) as listener, xrpc.connect(listener.url, timeout=T) as conn:
-            store = conn.proxy(Store)
+        async with store_server(impl, url_for("unix", sock_dir)) as (server, conn, store):
             (served,) = server.connections
             before = len(os.listdir("/proc/self/fd"))
             r, w = os.pipe()

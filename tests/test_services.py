@@ -46,7 +46,7 @@ from xrpc._services import (
 
 from services_fixtures.probe import Client, Probe
 from _timeouts import T
-from _procs import short_dir
+from _procs import Watch, short_dir, watch
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -138,33 +138,6 @@ def env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
         for pid in e.launched():
             _kill_if_ours(pid, root)
         shutil.rmtree(root, ignore_errors=True)
-
-
-class Watch:
-    """A service process by pidfd, so its exit can be awaited (it is not our child)."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.fd = os.pidfd_open(pid)
-
-    async def exited(self, timeout: float = T) -> None:
-        with anyio.fail_after(timeout):
-            await anyio.wait_readable(self.fd)
-
-    def alive(self) -> bool:
-        return not select.select([self.fd], [], [], 0)[0]
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-@contextlib.contextmanager
-def watch(pid: int) -> Iterator[Watch]:
-    w = Watch(pid)
-    try:
-        yield w
-    finally:
-        w.close()
 
 
 class ClientImpl:

@@ -40,7 +40,7 @@ from xrpc._systemd import (
 
 from services_fixtures.probe import Client, Probe
 from _timeouts import T
-from _procs import short_dir
+from _procs import short_dir, watch
 
 HERE = Path(__file__).parent
 NAME = "com.example.probe"
@@ -93,30 +93,6 @@ def workdir() -> Iterator[Path]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
-
-
-class Watch:
-    """A process by pidfd, so its exit can be awaited."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.fd = os.pidfd_open(pid)
-
-    async def exited(self, timeout: float = T) -> None:
-        with anyio.fail_after(timeout):
-            await anyio.wait_readable(self.fd)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-@contextlib.contextmanager
-def watch(pid: int) -> Iterator[Watch]:
-    w = Watch(pid)
-    try:
-        yield w
-    finally:
-        w.close()
 
 
 class Manager:

@@ -560,9 +560,9 @@ class Serving(Side):
         self._unserved(msg, inc, timeout if anyio.current_time() >= scope.deadline else None)
         return False
 
-    def _unserved(self, msg: Call, inc: InCall, error: tuple[int, str] | None) -> None:
-        """A call served in a task ends without running: what it held goes back, ``error`` is the
-        answer (None: nothing is sent, it was cancelled)."""
+    def _let_go(self, inc: InCall) -> None:
+        """A call served in a task is over, run or not: it no longer counts as served (nor as a
+        stream), its arguments' bytes go back to the budget, its client stream's queue is emptied."""
         self.serving -= 1
         if inc.held:
             self._release_call(inc)
@@ -570,6 +570,11 @@ class Serving(Side):
             self.streams -= 1
             if inc.queue is not None:
                 inc.queue.discard()
+
+    def _unserved(self, msg: Call, inc: InCall, error: tuple[int, str] | None) -> None:
+        """A call served in a task ends without running: what it held goes back, ``error`` is the
+        answer (None: nothing is sent, it was cancelled)."""
+        self._let_go(inc)
         if msg.id in self.core.incoming:
             if error is not None and not msg.flags & CallFlags.ONEWAY:
                 self.core.send_error(msg.id, *refusal(*error))
@@ -619,13 +624,7 @@ class Serving(Side):
                 core.send_error(call_id, *refusal(ErrorCode.TIMEOUT, f"{m.qualname} did not finish before its deadline"))
                 self.link.kick()
         finally:
-            self.serving -= 1
-            if inc.held:
-                self._release_call(inc)
-            if inc.queue is not None or inc.credit is not None:
-                self.streams -= 1
-                if inc.queue is not None:
-                    inc.queue.discard()
+            self._let_go(inc)
             core.forget_incoming(call_id)
             if inc.promise is not None:
                 inc.promise.settle(error=ObjectNotFound(f"call {call_id} returned no object"))
