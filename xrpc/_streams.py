@@ -393,11 +393,15 @@ class StreamSender:
         so a slow producer's items are never held back.
         """
         link = self.link
+        core = self.core
+        high = link.high
+        out = core.out_buffer()  # (the core hands its buffer over when it is written: re-read below)
         batch: list[Any] = []
         cap = 0
         blocked = False
         while True:
-            if batch and (blocked or rec.send_bytes <= 0 or link.out_full()):
+            # (per item: one len(), no call; the driver's side is checked before each batch starts)
+            if batch and (blocked or rec.send_bytes <= 0 or len(out) > high):
                 # What is gathered must be able to go out without waiting once the producer has
                 # started a step (see below), so if it cannot, it goes out first.  (It never needs
                 # more item credit than is held: a batch is sent as soon as it holds that much.
@@ -407,9 +411,11 @@ class StreamSender:
                     return False
                 batch = []
                 blocked = False
-            elif not batch and link.out_full():
-                # The peer is behind: no batch starts (so nothing is sent from a step) until it reads.
-                await link.wait_drained()
+            elif not batch:
+                if link.out_full():
+                    # The peer is behind: no batch starts (so nothing is sent from a step) until it reads.
+                    await link.wait_drained()
+                out = core.out_buffer()
             step = it.__anext__()
             try:
                 yielded = step.send(None)

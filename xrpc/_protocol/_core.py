@@ -309,6 +309,11 @@ class ProtocolCore:
     def has_data_to_send(self) -> bool:
         return bool(self._out)
 
+    def out_buffer(self) -> bytearray:
+        """The buffer frames are being encoded into, until ``data_to_send`` hands it over (then a new
+        one starts): ``len()`` of it is ``out_size`` without a call, for a sender's inner loop."""
+        return self._out
+
     @property
     def out_size(self) -> int:
         """Bytes encoded and not yet taken by ``data_to_send`` (what the next write would carry)."""
