@@ -413,8 +413,11 @@ class Connection:
             core.buffers = frame_buffers()  # this thread's: the connection reads on it from now on
             self._fds.passes = io.passes_fds
             try:
-                with anyio.fail_after(self.limits.handshake_timeout):
-                    await io.open()
+                if io.open_waits:
+                    with anyio.fail_after(self.limits.handshake_timeout):
+                        await io.open()
+                else:
+                    await io.open()  # nothing to wait for: no timer (it costs a connection's set-up)
             except (ssl.SSLError, OSError, TimeoutError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
                 what = "TLS handshake" if self._ssl is not None else "connection set-up"
                 link.failure = TransportError(f"{self.url or self.peer.describe()}: {what} failed: {exc}")

@@ -75,6 +75,7 @@ class IO(Protocol):
 
     passes_fds: bool  # can attach descriptors to what it writes (SCM_RIGHTS)
     immediate: bool  # writes synchronously (asyncio drivers): the connection flushes by itself
+    open_waits: bool  # open() may wait for the peer (a TLS handshake): it runs under the handshake timeout
 
     async def open(self) -> None:
         """Set the transport up (a TLS handshake included); called once, in the connection's task."""
@@ -147,6 +148,7 @@ class _LoopDriver:
 
     passes_fds = False
     immediate = True
+    open_waits = False
     _resume: asyncio.Future[None] | None
     _loop: asyncio.AbstractEventLoop
     _done: asyncio.Future[None]
@@ -192,6 +194,7 @@ class AsyncioIO(asyncio.BufferedProtocol, _LoopDriver):
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname
         self.handshake_timeout = handshake_timeout
+        self.open_waits = ssl_context is not None  # a TLS handshake
         self.view = receive_buffer()
         self.big = False  # the last buffer handed out was the core's large-frame buffer
         self.transport: asyncio.Transport | None = None
@@ -573,6 +576,7 @@ class StreamIO:
 
     passes_fds = False
     immediate = False
+    open_waits = True  # wrapping a socket (and TLS) happens in open()
 
     def __init__(
         self,
@@ -805,6 +809,7 @@ class MockIO:
 
     passes_fds = False
     immediate = True
+    open_waits = False
 
     def __init__(self, high: int = 1024 * 1024) -> None:
         self.cb: Callbacks | None = None

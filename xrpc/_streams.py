@@ -396,12 +396,13 @@ class StreamSender:
         core = self.core
         high = link.high
         out = core.out_buffer()  # (the core hands its buffer over when it is written: re-read below)
+        io_blocked = link.io.blocked if link.io is not None else _never
         batch: list[Any] = []
         cap = 0
         blocked = False
         while True:
-            # (per item: one len(), no call; the driver's side is checked before each batch starts)
-            if batch and (blocked or rec.send_bytes <= 0 or len(out) > high):
+            # (per item: one len() and the driver's one check, not Link.out_full's three calls)
+            if batch and (blocked or rec.send_bytes <= 0 or len(out) > high or io_blocked()):
                 # What is gathered must be able to go out without waiting once the producer has
                 # started a step (see below), so if it cannot, it goes out first.  (It never needs
                 # more item credit than is held: a batch is sent as soon as it holds that much.
@@ -561,6 +562,10 @@ class StreamSender:
             else:
                 with contextlib.suppress(ValueError):
                     waiters.remove(credit)
+
+
+def _never() -> bool:
+    return False
 
 
 def split_stream_arg(m: MethodDescription, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
