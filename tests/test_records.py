@@ -718,6 +718,11 @@ async def test_a_record_nested_too_deeply_is_refused_not_crashed(url: str) -> No
                 sys.setrecursionlimit(100_000)
                 try:
                     payload = msgspec.msgpack.encode(m.encode_args((_deep(depth, f),), {}, ctx))
+                except RecursionError:
+                    # Python 3.12+ bounds C recursion on its own, whatever the limit: this interpreter
+                    # cannot build a tree this deep (a peer in another language can; 300 stands for it)
+                    assert sys.version_info >= (3, 12)
+                    continue
                 finally:
                     sys.setrecursionlimit(limit)
                 with pytest.raises(xrpc.ValidationError, match="argument.*(nested too deeply|recursion depth)"):
