@@ -510,9 +510,15 @@ def parse_kv(items: Sequence[str]) -> dict[str, Any]:
         if key in out:
             raise CLIError(f"argument {key!r} is given twice", Exit.USAGE)
         try:
+            raw.encode()
+        except UnicodeEncodeError:
+            raise CLIError(f"--arg {key}: the value is not valid UTF-8", Exit.USAGE) from None
+        try:
             out[key] = msgspec.json.decode(raw)
         except msgspec.DecodeError:
             out[key] = raw
+        except RecursionError:
+            raise CLIError(f"--arg {key}: the JSON value is nested too deeply", Exit.USAGE) from None
     return out
 
 
@@ -557,7 +563,10 @@ def coerce_kv(m: MethodInfo, raw: Mapping[str, str], given: dict[str, Any]) -> N
         value = given.get(key)
         if key not in types or isinstance(value, str):
             continue
-        members = _union_members(types[key])
+        try:
+            members = _union_members(types[key])
+        except RecursionError:  # a type nested beyond reason (the server describes it): leave the value as parsed
+            continue
         if "str" not in members:
             continue
         accepts = _JSON_SCALARS.get(type(value))
@@ -577,11 +586,16 @@ def parse_json_args(text: str) -> dict[str, Any]:
         except OSError as exc:
             raise CLIError(f"--json {text}: cannot read: {exc.strerror or exc}", Exit.USAGE) from None
     else:
-        data = text.encode()
+        try:
+            data = text.encode()
+        except UnicodeEncodeError:
+            raise CLIError("--json: not valid UTF-8", Exit.USAGE) from None
     try:
         value = msgspec.json.decode(data)
     except msgspec.DecodeError as exc:
         raise CLIError(f"--json: not valid JSON: {exc}", Exit.USAGE) from None
+    except RecursionError:
+        raise CLIError("--json: not valid JSON: nested too deeply", Exit.USAGE) from None
     if not isinstance(value, dict):
         raise CLIError("--json: give the arguments as one JSON object, e.g. '{\"a\": 1}'", Exit.USAGE)
     return value

@@ -433,7 +433,7 @@ class DescriptionFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     name: str
     command: Annotated[list[_NonEmpty], msgspec.Meta(min_length=1)] | None = None
-    module: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")] | None = None
+    module: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*\Z")] | None = None
     environment: dict[str, str] = {}
     working_directory: _NonEmpty = "/"
     idle_exit: _Seconds | None = None
@@ -493,14 +493,45 @@ def _load(path: Path, raw: bytes) -> ServiceDescription:
                 raise ServiceDescriptionError(f"{path}: TOML descriptions need tomli on Python 3.10 (pip install tomli); or write {path.stem}.json")
             data = _toml.loads(raw.decode())
         elif path.suffix == ".json":
-            data = json.loads(raw)
+            data = json.loads(raw, object_pairs_hook=_no_duplicates)
         else:
             raise ServiceDescriptionError(f"{path}: a description is a .toml or a .json file")
     except ServiceDescriptionError:
         raise
     except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors
         raise ServiceDescriptionError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from None
+    except RecursionError:
+        raise ServiceDescriptionError(f"{path}: not valid {path.suffix[1:].upper()}: nested too deeply") from None
     return _parse(path, data)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (as TOML does) rather than keeping the last."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {key!r} is given twice")
+        out[key] = value
+    return out
+
+
+def _unusable_text(d: DescriptionFile) -> str:
+    """What makes a string of ``d`` unusable as an argv, path or environment entry ('' if none)."""
+    texts: list[tuple[str, str]] = [(f"'command'[{i}]", a) for i, a in enumerate(d.command or ())]
+    texts += [("'working_directory'", d.working_directory)]
+    texts += [(f"'{k}'", v) for k, v in (("python", d.python), ("log_file", d.log_file), ("module", d.module), ("url", d.url)) if v is not None]
+    for k, v in d.environment.items():
+        if not k or "=" in k:
+            return f"'environment' names a variable {k!r}: a name is not empty and holds no '='"
+        texts += [(f"'environment' name {k!r}", k), (f"'environment'[{k!r}]", v)]
+    for where, text in texts:
+        if "\0" in text:
+            return f"{where} holds a NUL character"
+        try:
+            os.fsencode(text)
+        except UnicodeError:
+            return f"{where} holds a lone surrogate ({text!r})"
+    return ""
 
 
 def _decode(path: Path, data: Any) -> DescriptionFile:
@@ -534,6 +565,8 @@ def _parse(path: Path, data: Any) -> ServiceDescription:
         return ServiceDescriptionError(f"{path}: {message}")
 
     d = _decode(path, data)
+    if why := _unusable_text(d):
+        raise bad(why)
     name = d.name
     if name != path.stem:
         raise bad(f"'name' is {name!r} but the file is named for {path.stem!r}")

@@ -94,6 +94,8 @@ def parse_listen_env(environ: Mapping[str, str], pid: int) -> list[tuple[int, st
             f"LISTEN_FDS={fds_text} is set but LISTEN_PID is not: the service manager must say which process the sockets are for"
         )
     try:
+        if not (pid_text.isascii() and pid_text.isdigit()):  # int() takes " 3", "+3", "3_0" and "٣"
+            raise ValueError(pid_text)
         listen_pid = int(pid_text)
     except ValueError:
         raise SocketActivationError(f"LISTEN_PID={pid_text!r} is not a process id") from None
@@ -103,6 +105,8 @@ def parse_listen_env(environ: Mapping[str, str], pid: int) -> list[tuple[int, st
             "not to this one (an environment inherited from a parent, or a wrapper that did not exec the service)"
         )
     try:
+        if not (fds_text.isascii() and fds_text.isdigit()):  # int() takes " 3", "+3", "3_0" and "٣"
+            raise ValueError(fds_text)
         count = int(fds_text)
     except ValueError:
         raise SocketActivationError(f"LISTEN_FDS={fds_text!r} is not a number of descriptors") from None
@@ -317,7 +321,7 @@ def _same_host(a: str, b: str) -> bool:
 # --------------------------------------------------------------------------- readiness
 def _notify_address(value: str) -> str | bytes:
     if value.startswith("@"):
-        return b"\0" + value[1:].encode()
+        return b"\0" + os.fsencode(value[1:])  # as the environment held it, not UTF-8 only
     return value
 
 

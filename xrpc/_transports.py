@@ -45,6 +45,9 @@ class ParsedURL:
 
     def __init__(self, raw: str) -> None:
         self.raw = raw
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in raw):
+            # urlsplit silently drops tabs and newlines, which would name another socket or host
+            raise ValueError(f"{raw!r}: a URL holds no control characters (percent-encode them in a unix path)")
         u = urllib.parse.urlsplit(raw)
         self.scheme = u.scheme
         self.host = ""
@@ -59,9 +62,14 @@ class ParsedURL:
                     f"{raw!r}: the path after unix:// is relative ({rel!r}): write unix:///{rel} for the "
                     f"absolute path /{rel}, or unix:{rel} for a path relative to the current directory"
                 )
-            self.path = urllib.parse.unquote(u.path)
+            try:  # not the default errors="replace", which would turn %ff into another path
+                self.path = urllib.parse.unquote(u.path, errors="strict")
+            except UnicodeDecodeError:
+                raise ValueError(f"{raw!r}: the percent-encoded path is not UTF-8") from None
             if not self.path:
                 raise ValueError(f"{raw!r}: a unix URL needs a path (unix:///abs/path.sock)")
+            if "\0" in self.path:
+                raise ValueError(f"{raw!r}: a unix socket path holds no NUL character")
         elif u.scheme in ("tcp", "tls"):
             if not u.hostname:
                 raise ValueError(f"{raw!r}: a {u.scheme} URL needs a host (tcp://127.0.0.1:0)")
