@@ -479,10 +479,12 @@ class CallStream(AsyncIterator[_T]):
             item = reader.take()
             if item is not EMPTY:
                 self._taken += 1
-                if reader.credit_due() or not self._taken & 15:
+                q = reader.queue  # (StreamQueue.credit_due, inlined: this runs once per item)
+                due = q.taken >= q.threshold or q.taken_bytes >= q.bytes_threshold
+                if due or not self._taken & 15:
                     # look for a cancellation now and then, and always before credit is returned
                     try:
-                        if reader.credit_due():
+                        if due:
                             await reader.grant()
                         else:
                             await anyio.lowlevel.checkpoint_if_cancelled()

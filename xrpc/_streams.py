@@ -263,9 +263,6 @@ class BatchReader:
             q.taken += 1
         return items[pos]
 
-    def credit_due(self) -> bool:
-        return self.queue.credit_due()
-
     async def grant(self) -> None:
         """Return the credit due; a cancelled consumer must not let its producer go on."""
         await anyio.lowlevel.checkpoint_if_cancelled()
@@ -274,7 +271,7 @@ class BatchReader:
     async def next(self) -> Any:
         item = self.take()
         if item is not EMPTY:
-            if self.credit_due():
+            if self.queue.credit_due():
                 await self.grant()
             return item
         if self.error is not None:
@@ -400,9 +397,12 @@ class StreamSender:
         batch: list[Any] = []
         cap = 0
         blocked = False
+        # Has the loop run since the driver was last asked?  Its own buffer only changes while
+        # this task is suspended, or when a batch is sent (after which the next batch starts with
+        # ``out_full``), so a producer that never suspends costs one len() per item.
+        stale = False
         while True:
-            # (per item: one len() and the driver's one check, not Link.out_full's three calls)
-            if batch and (blocked or rec.send_bytes <= 0 or len(out) > high or io_blocked()):
+            if batch and (blocked or rec.send_bytes <= 0 or len(out) > high or (stale and io_blocked())):
                 # What is gathered must be able to go out without waiting once the producer has
                 # started a step (see below), so if it cannot, it goes out first.  (It never needs
                 # more item credit than is held: a batch is sent as soon as it holds that much.
@@ -412,7 +412,9 @@ class StreamSender:
                     return False
                 batch = []
                 blocked = False
+                stale = True
             elif not batch:
+                stale = False
                 if link.out_full():
                     # The peer is behind: no batch starts (so nothing is sent from a step) until it reads.
                     await link.wait_drained()
@@ -452,6 +454,7 @@ class StreamSender:
                         if failure is _STOPPED:
                             return False
                         raise failure
+                stale = True
                 try:
                     item = await resume(step, yielded)
                 except StopAsyncIteration:
