@@ -206,6 +206,7 @@ class AsyncioIO(asyncio.BufferedProtocol, _LoopDriver):
         self._resume: asyncio.Future[None] | None = None
         self._lost = False
         self._gone: asyncio.Future[None] = loop.create_future()  # connection_lost was called
+        self._grace_timer: asyncio.TimerHandle | None = None
 
     async def open(self) -> None:
         tls_timeout = self.handshake_timeout if self.ssl_context is not None else None
@@ -252,6 +253,9 @@ class AsyncioIO(asyncio.BufferedProtocol, _LoopDriver):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+            self._grace_timer = None
         if not self._gone.done():
             self._gone.set_result(None)
         self.cb.lost(exc)
@@ -298,9 +302,11 @@ class AsyncioIO(asyncio.BufferedProtocol, _LoopDriver):
         t = self.transport
         if t is not None and not t.is_closing():
             t.close()  # what is buffered goes out first (a GOODBYE, say)...
-            # ...within a grace: a peer that never reads would otherwise keep the socket and the
-            # buffer for ever, after the connection (and every limit on it) is gone
-            self._loop.call_later(_GOODBYE_GRACE, self._abort)
+            if self.ssl_context is not None or t.get_write_buffer_size():
+                # ...within a grace: a peer that never reads would otherwise keep the socket and
+                # the buffer for ever, after the connection (and every limit on it) is gone.
+                # (With nothing buffered, a plain transport is closed already.)
+                self._grace_timer = self._loop.call_later(_GOODBYE_GRACE, self._abort)
         if not self._done.done():
             self._done.set_result(None)
 

@@ -34,12 +34,13 @@ __all__ = ("AwaitedArguments", "Export", "IncomingPromise", "ObjectTable", "OneS
 class Export:
     """An object exported under a name, with its interface description and bound methods."""
 
-    __slots__ = ("desc", "obj", "name", "methods", "is_async", "guards", "inline")
+    __slots__ = ("desc", "obj", "name", "methods", "is_async", "guards", "inline", "_info")
 
     def __init__(self, desc: InterfaceDescription, obj: Any, name: str, requirement: Any = None) -> None:
         self.desc = desc
         self.obj = obj
         self.name = name
+        self._info: ExportInfo | None = None
         self.methods: dict[str, Callable[..., Any]] = {}
         self.is_async: dict[str, bool] = {}
         self.guards: dict[str, Any] = {}  # method name -> the Requirement a caller must satisfy
@@ -66,7 +67,11 @@ class Export:
             raise TypeError(f"{type(obj).__qualname__} does not implement {desc.name}: missing {', '.join(missing)}")
 
     def info(self) -> ExportInfo:
-        return ExportInfo(self.name, self.desc.name, self.desc.fingerprint, {m.name: m.signature for m in self.desc.methods.values()})
+        """What a HELLO/WELCOME says of this export (built once: every connection announces it)."""
+        info = self._info
+        if info is None:
+            info = self._info = ExportInfo(self.name, self.desc.name, self.desc.fingerprint, {m.name: m.signature for m in self.desc.methods.values()})
+        return info
 
 
 class OneShotExport(Export):
@@ -76,6 +81,7 @@ class OneShotExport(Export):
         self.desc = base.desc
         self.obj = base.obj
         self.name = base.name
+        self._info = None
         self.methods = {name: fn}
         self.is_async = {name: True}
         self.guards = {}

@@ -19,6 +19,7 @@ import ipaddress
 import logging
 import os
 import pwd
+import re
 import signal
 import socket
 import stat
@@ -40,12 +41,15 @@ log = logging.getLogger("xrpc")
 __all__ = ("Endpoint", "ParsedURL", "parse_url", "connect_stream", "open_listener", "Listener", "MemoryByteStream", "socket_peer", "Transport")
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 class ParsedURL:
     __slots__ = ("scheme", "host", "port", "path", "name", "raw")
 
     def __init__(self, raw: str) -> None:
         self.raw = raw
-        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in raw):
+        if _CONTROL.search(raw) is not None:
             # urlsplit silently drops tabs and newlines, which would name another socket or host
             raise ValueError(f"{raw!r}: a URL holds no control characters (percent-encode them in a unix path)")
         u = urllib.parse.urlsplit(raw)

@@ -96,7 +96,7 @@ class MethodSig(msgspec.Struct, array_like=True, frozen=True):
 
     def __post_init__(self) -> None:
         n = len(self.params)
-        if any(not p for p in self.params) or len(set(self.params)) != n:
+        if "" in self.params or len(set(self.params)) != n:
             raise ValueError("parameter names must be non-empty and distinct")
         prev = -1
         for i in self.optional:
