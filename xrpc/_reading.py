@@ -157,7 +157,11 @@ class Reader:
         elif len(events) == 1 and gate is None:  # the common case, without _handle's bookkeeping
             msg, rec = events[0]
             start = core.emitted
-            _HANDLERS[type(msg)](self, msg, rec)
+            t = type(msg)
+            if t is Call:
+                self.on_call(msg, rec)  # (the server's one hot frame, without a hop through _HANDLERS)
+            else:
+                _HANDLERS[t](self, msg, rec)
             self.owed += core.emitted - start
         elif events:
             self.handle(events)
@@ -199,7 +203,11 @@ class Reader:
             if gate is not None and self.gated(msg):
                 gate.append((msg, rec))
                 continue
-            _HANDLERS[type(msg)](self, msg, rec)
+            t = type(msg)
+            if t is Call:
+                self.on_call(msg, rec)
+            else:
+                _HANDLERS[t](self, msg, rec)
             if core.emitted - start > high and i < len(events):
                 self.backlog = events[i:]
                 break
