@@ -50,6 +50,7 @@ __all__ = (
 )
 
 READ_SIZE = 262144  # bytes asked of the kernel per read
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)  # (a plain int: an IntFlag operand costs the enum machinery on every read)
 _GOODBYE_GRACE = 1.0  # seconds a closed connection keeps trying to send its GOODBYE to a slow peer
 _SOCKET_BUFFER = 1024 * 1024
 
@@ -398,7 +399,7 @@ class UnixIO(_LoopDriver):
         for level, kind, data in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
-        if (fds or flags & socket.MSG_CTRUNC) and not cb.fds_received(fds, bool(flags & socket.MSG_CTRUNC)):
+        if (fds or flags & _MSG_CTRUNC) and not cb.fds_received(fds, bool(flags & _MSG_CTRUNC)):
             self.close()  # refused: closed, and GOODBYE said why
             return False
         if n == 0:

@@ -232,7 +232,10 @@ class Reader:
         """Are more descriptors queued for the peer than it may hold unclaimed (``max_fds``)?  Each
         is open here until the peer reads it: a peer that asks for replies carrying descriptors and
         never reads them would otherwise fill this process's descriptor table."""
-        held = getattr(self.link.io, "fds_held", None)
+        io = self.link.io
+        if io is None or not io.passes_fds:
+            return False
+        held = getattr(io, "fds_held", None)
         return held is not None and held() > self.limits.max_fds
 
     def resume_input(self) -> None:

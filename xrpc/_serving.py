@@ -45,6 +45,8 @@ _GUARD_CACHE_SIZE = 256  # requirement verdicts cached per connection
 # frame is let go once they are decoded): max_calls_in_flight of them hold at most 4 MiB.
 _SMALL_ARGS = 1024
 _NO_PAYLOAD = msgspec.Raw(b"")
+# results that are never awaitable, so that the common ones skip inspect.isawaitable's ABC check
+_PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, dict, tuple})
 _force_setattr = msgspec.structs.force_setattr
 _size_encoder = msgspec.msgpack.Encoder()
 
@@ -461,7 +463,7 @@ class Serving(Side):
             else:
                 self._send_exception(call_id, m, exc)
             return
-        if inspect.isawaitable(result):
+        if type(result) not in _PLAIN and inspect.isawaitable(result):
             # it returned an awaitable after all: finish it in a task
             async def finish() -> Any:
                 return await result
