@@ -44,9 +44,16 @@ def main(argv: list[str] | None = None) -> int:
 
         if adapter.is_async:
             loop = opts.loop if spec.loop is not None else "asyncio"
-            res = run_async(
-                lambda: workloads.run_async(adapter, opts.workload, sizes, opts.server_pid), loop
-            )
+
+            async def measure() -> dict[str, Any]:
+                # an adapter may need a context around its whole run (pycapnp: its KJ loop)
+                context = getattr(adapter, "loop_context", None)
+                if context is None:
+                    return await workloads.run_async(adapter, opts.workload, sizes, opts.server_pid)
+                async with context():
+                    return await workloads.run_async(adapter, opts.workload, sizes, opts.server_pid)
+
+            res = run_async(measure, loop)
         else:
             res = workloads.run_sync(adapter, opts.workload, sizes, opts.server_pid)
         out.update(status="ok", **res)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ._common import MODES, WORKLOAD_INFO, WORKLOADS, Sizes, client_time_budget
-from .systems import BASELINE, SYSTEMS
+from .systems import BASELINE, FLOORS, SYSTEMS
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_READY_TIMEOUT = 30.0
@@ -299,6 +299,22 @@ def render_table(report: dict[str, Any]) -> str:
     return "\n".join("| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows)
 
 
+def render_floor_table(report: dict[str, Any]) -> str:
+    """One row per (workload, floor that ran it): every system's cost relative to that floor."""
+    systems: list[str] = list(report["systems"])
+    rows = [["workload ÷ floor", *systems], ["---"] + ["---:"] * len(systems)]
+    for w in report["workloads"]:
+        for floor in report["floors"].get(w, []):
+            row = [f"{w} ÷ {floor}"]
+            for s in systems:
+                res = report["results"].get(s, {}).get(w) or {}
+                row.append(fmt_ratio((res.get("ratios") or {}).get(floor)) if res.get("status") == "ok" else "—")
+            rows.append(row)
+    if len(rows) == 2:
+        return ""
+    return "\n".join("| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows)
+
+
 def render_notes(report: dict[str, Any]) -> list[str]:
     notes: list[str] = []
     meta = report["meta"]
@@ -314,10 +330,16 @@ def render_notes(report: dict[str, Any]) -> list[str]:
     if BASELINE not in report["systems"] or report["systems"][BASELINE]["status"] != "ok":
         notes.append(f"No ratios: {BASELINE} was not part of this run.")
     sz = meta["sizes"]
+    if report.get("floor_table"):
+        notes.append(
+            "The second table gives every system's cost relative to each floor that ran the workload "
+            "(" + ", ".join(f for f in FLOORS if any(f in fl for fl in report["floors"].values())) + "), "
+            "computed the same way; blocking-socket runs only the 1 MiB echo."
+        )
     if meta["loop_option"] == "uvloop":
         notes.append(
             "--loop uvloop: the xrpc systems ran on uvloop; raw-uvloop is their like-for-like floor "
-            "(the ratios still divide by raw-asyncio)."
+            "(the first table still divides by raw-asyncio, the second by each floor)."
         )
     if sz["stream_n"] != 100_000 and "stream" in report["workloads"]:
         notes.append(
@@ -354,6 +376,19 @@ def render_notes(report: dict[str, Any]) -> list[str]:
         notes.append(
             "grpc-aio: generic handlers with msgspec msgpack (de)serializers; every channel uses a local "
             "subchannel pool so it opens its own connection; inflight multiplexes 64 calls on one channel."
+        )
+    if "pycapnp" in report["systems"] and report["systems"]["pycapnp"]["status"] == "ok":
+        notes.append(
+            "pycapnp: Cap'n Proto RPC inside capnp.kj_loop() on asyncio, one TwoPartyServer per connection; "
+            "stream is a Sink capability the server pushes one record into per call (`-> stream`; pycapnp "
+            "sends these as plain calls, so the server keeps up to 64 pushes outstanding); inflight "
+            "multiplexes 64 calls on one connection."
+        )
+    if "thriftpy2" in report["systems"] and report["systems"]["thriftpy2"]["status"] == "ok":
+        notes.append(
+            "thriftpy2: contrib.aio client and server, binary protocol, buffered transport; a connection "
+            "carries one call at a time, so inflight uses 64 connections in one event loop; Thrift has no "
+            "streams, so stream is one call returning a list of all the records."
         )
     if "blocking-socket" in report["systems"]:
         notes.append("blocking-socket measures only the 1 MiB echo (the server echoes frames undecoded).")
@@ -508,15 +543,25 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         progress.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
+    report["floors"] = {}
     for w in workloads:
+        better = WORKLOAD_INFO[w].better
         base = report["results"].get(BASELINE, {}).get(w, {})
         base_v = base.get("value") if base.get("status") == "ok" else None
+        floors = {
+            f: report["results"][f][w]["value"]
+            for f in FLOORS
+            if f in report["results"] and report["results"][f].get(w, {}).get("status") == "ok"
+        }
+        report["floors"][w] = list(floors)
         for s in systems:
             res = report["results"][s][w]
             if res.get("status") == "ok":
-                res["ratio"] = cost_ratio(res.get("value"), base_v, WORKLOAD_INFO[w].better)
+                res["ratio"] = cost_ratio(res.get("value"), base_v, better)
+                res["ratios"] = {f: cost_ratio(res.get("value"), v, better) for f, v in floors.items()}
     report["meta"]["seconds"] = time.monotonic() - started
     report["table"] = render_table(report)
+    report["floor_table"] = render_floor_table(report)
     report["notes"] = render_notes(report)
     return report
 
@@ -545,7 +590,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opts.plot and importlib.util.find_spec("matplotlib") is None:
         raise SystemExit("--plot needs matplotlib (pip install matplotlib)")
     report = run(opts)
-    out = [report["table"], "", "Notes:", ""]
+    out = [report["table"], ""]
+    if report["floor_table"]:
+        out += ["Cost relative to each floor:", "", report["floor_table"], ""]
+    out += ["Notes:", ""]
     out += [f"- {n}" for n in report["notes"]]
     sys.stdout.write("\n".join(out) + "\n")
     sys.stdout.flush()

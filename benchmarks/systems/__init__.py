@@ -48,6 +48,14 @@ SYSTEMS: dict[str, SystemSpec] = {
         SystemSpec("pyro5", "benchmarks.systems.pyro", ("Pyro5",), "Pyro5 thread-pool daemon"),
         SystemSpec("rpyc", "benchmarks.systems.rpyc_service", ("rpyc",), "rpyc Service on a ThreadedServer"),
         SystemSpec(
+            "pycapnp", "benchmarks.systems.pycapnp_system", ("capnp",),
+            "pycapnp Cap'n Proto RPC on its asyncio (kj_loop) integration", loop="asyncio",
+        ),
+        SystemSpec(
+            "thriftpy2", "benchmarks.systems.thriftpy2_system", ("thriftpy2",),
+            "thriftpy2 contrib.aio, binary protocol, buffered transport", loop="asyncio",
+        ),
+        SystemSpec(
             "xrpc-unix", "benchmarks.systems.xrpc_system", ("xrpc", "msgspec"), "xrpc over a unix socket",
             loop="option",
         ),
@@ -59,3 +67,6 @@ SYSTEMS: dict[str, SystemSpec] = {
 }
 
 BASELINE = "raw-asyncio"
+
+FLOORS: tuple[str, ...] = ("raw-asyncio", "raw-uvloop", "blocking-socket")
+"""The reference systems: every result is also reported as a ratio to each of these that ran."""
