@@ -141,3 +141,25 @@ def test_missing_peer_is_skipped_with_a_reason(tmp_path: Path) -> None:
     status = [c.strip() for c in main[2].strip("|").split("|")]
     assert status[0] == "status" and "capnp" in status[4]
     assert "raw-uvloop" not in report["floor_table"].split("\n", 2)[2]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_the_profiler_reports_each_layer_per_operation(side: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.profile", "--workload", "latency", "--n", "300", "--side", side, "--top", "5"],
+        cwd=str(ROOT),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=T * 4,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "# latency, unix, asyncio: 300 operations" in out.stdout
+    assert f"## profile of the {side}" in out.stdout
+    layers = [ln.split("|")[1].strip() for ln in out.stdout.splitlines() if ln.startswith("| xrpc ")]
+    # the server runs every call's CALL and REPLY through the core, and the client too
+    assert "xrpc sans-IO core (frames, call records)" in layers, out.stdout
+    assert "xrpc runtime (calls, serving, reading, drivers)" in layers, out.stdout
+    fn_rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| `")]
+    assert 1 <= len(fn_rows) <= 5
