@@ -245,6 +245,12 @@ def test_the_socket_of_a_unix_url_and_a_tcp_listen_address(workdir: Path) -> Non
             render_units(describe(), "system", listen=listen)
 
 
+@pytest.mark.parametrize("name", ["../../etc/x", "a b", "x\ny", ""])
+def test_a_name_that_is_no_service_name_has_no_units(name: str) -> None:
+    with pytest.raises(ServiceDescriptionError, match="is not a valid service name"):
+        render_units(ServiceDescription(name=name, path=Path("/x.toml"), module="a:b"))
+
+
 def test_a_description_with_nothing_to_run_has_no_units() -> None:
     desc = ServiceDescription(name=NAME, path=Path("/x.toml"), url="tls://10.0.0.1:4433")
     with pytest.raises(ServiceDescriptionError, match="nothing for a .service unit to run"):
@@ -493,3 +499,23 @@ async def test_the_service_unit_s_command_serves_the_socket_unit_s_socket(workdi
         proc.wait(T)
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+async def test_clients_of_a_unix_url_with_a_module_connect_there_and_never_launch(workdir: Path) -> None:
+    """The description a socket unit is made from is also the one its clients find: they connect
+    to its url (where systemd listens) and launch nothing, even when nothing listens."""
+    from services_fixtures.probe import Probe, make_server
+
+    marker = workdir / "launched"
+    sock = workdir / "h.sock"
+    (workdir / f"{NAME}.toml").write_text(
+        f'name = "{NAME}"\nmodule = "services_fixtures.probe:make_server"\nurl = "unix://{sock}"\n'
+        f'environment = {{ PYTHONPATH = "{HERE}", PROBE_LOG = "{marker}" }}\n'
+    )
+    with anyio.fail_after(3 * T):
+        async with xrpc.connect_service(NAME, search_path=[workdir], timeout=T) as sc:
+            with pytest.raises(xrpc.ServiceUnavailable, match=re.escape(f"at unix://{sock} is not reachable")):
+                await sc.proxy(Probe).pid()
+            async with make_server().listen(f"unix://{sock}"):  # what the socket unit's service serves
+                assert await sc.proxy(Probe).pid() == os.getpid()
+        assert sc.launches == 0 and not marker.exists()
