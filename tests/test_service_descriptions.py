@@ -71,7 +71,7 @@ def test_toml_is_read_with_tomli_on_python_3_10(services: Path) -> None:
 
 
 def test_the_struct_names_every_key_and_its_choices() -> None:
-    assert "name" in DescriptionFile.__struct_fields__ and len(DescriptionFile.__struct_fields__) == 12
+    assert "name" in DescriptionFile.__struct_fields__ and len(DescriptionFile.__struct_fields__) == 17
     assert DescriptionFile.__struct_config__.forbid_unknown_fields
     for value in RESTART_POLICIES:
         DescriptionFile(name="x", restart=value)  # type: ignore[arg-type]

@@ -44,6 +44,7 @@ import threading
 import traceback
 import types
 import typing
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Collection, Mapping, Sequence
 
 import anyio
@@ -975,6 +976,41 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+async def cmd_service_unit(args: argparse.Namespace) -> int:
+    from ._services import ServiceDescriptionError, find_service, socket_path
+    from ._units import Scope, UnitExists, install_units, next_steps, render_units, unit_dir, unit_notes
+
+    scope: Scope = "system" if args.system else "user"
+    listen = args.listen
+    try:
+        desc = find_service(args.name)
+        if listen is None and scope == "user" and desc.url is None and os.environ.get("XRPC_RUNTIME_DIR"):
+            # clients of this user look in $XRPC_RUNTIME_DIR, not in the manager's runtime directory (%t)
+            listen = f"unix://{socket_path(desc.name)}"
+        units = render_units(desc, scope, listen=listen)
+        notes = unit_notes(desc, scope, listen=listen)
+    except ValueError as exc:  # a malformed name
+        raise CLIError(str(exc), Exit.USAGE) from None
+    except ServiceDescriptionError as exc:
+        raise CLIError(str(exc), Exit.USAGE) from None
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr, flush=True)
+    if not args.install:
+        _write("\n".join(f"# --- {filename} ---\n{text}" for filename, text in units.items()))
+        return Exit.OK
+    directory = Path(args.directory) if args.directory else unit_dir(scope)
+    try:
+        done = install_units(units, directory, force=args.force)
+    except UnitExists as exc:
+        raise CLIError(str(exc), Exit.USAGE) from None
+    except OSError as exc:
+        raise CLIError(f"cannot write the units into {directory}: {exc.strerror or exc}", Exit.USAGE) from None
+    for path, status in done:
+        _write(f"{status} {path}")
+    _write(f"next: {next_steps(desc.name, scope)}")
+    return Exit.OK
+
+
 # --------------------------------------------------------------------------- argument parser
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     def __init__(self, prog: str) -> None:
@@ -1004,6 +1040,7 @@ examples:
   xrpc call com.example.indexer search --arg query=needle
   xrpc list
   xrpc serve myapp.impl:GeometryImpl --iface myapp.api:Geometry tcp://127.0.0.1:8000
+  xrpc service unit com.example.indexer    print its systemd .socket and .service units
 
 Run 'xrpc COMMAND --help' for the options of each command.
 
@@ -1110,6 +1147,48 @@ examples:
 {EXIT_CODES_HELP}"""
 
 
+SERVICE_DESCRIPTION = """\
+Commands about named services (see 'xrpc list').
+
+  unit   print or install the systemd .socket and .service units of a service
+"""
+
+SERVICE_EPILOG = f"""\
+examples:
+  xrpc service unit com.example.indexer
+  xrpc service unit com.example.helper --system --install
+
+{EXIT_CODES_HELP}"""
+
+UNIT_DESCRIPTION = """\
+Print the systemd units that run the service NAME under socket activation, made from
+its description: NAME.socket listens where clients look for the service (Accept=no,
+SocketMode/SocketUser/SocketGroup from socket_mode, socket_user, socket_group), and
+NAME.service runs its command or module as Type=notify with its environment and
+working directory, Restart=on-failure.  A --system unit adds sandboxing
+(NoNewPrivileges, ProtectSystem=strict, ProtectHome, PrivateTmp, PrivateDevices,
+RestrictAddressFamilies=AF_UNIX ...) and User= / DynamicUser= from user and
+dynamic_user.
+
+The socket is the description's unix:// url if it has one, else
+%t/xrpc/sockets/NAME.sock: $XDG_RUNTIME_DIR/xrpc/sockets for a --user unit, where
+clients of the built-in launcher look, and /run/xrpc/sockets for a --system one.
+
+--install writes both files to ~/.config/systemd/user (--user, the default) or
+/etc/systemd/system (--system), or to --directory; a file that exists with other
+content is left alone unless --force.  Then it prints the systemctl commands to run.
+"""
+
+UNIT_EPILOG = f"""\
+examples:
+  xrpc service unit com.example.indexer
+  xrpc service unit com.example.indexer --install
+  xrpc service unit com.example.helper --system --install
+  xrpc service unit com.example.helper --system --listen tcp://0.0.0.0:4433
+
+{EXIT_CODES_HELP}"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=MAIN_DESCRIPTION, epilog=MAIN_EPILOG, formatter_class=_Formatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -1153,6 +1232,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", metavar="NAME", help="the export's name (default: the interface's name)")
     p.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
     p.set_defaults(run=cmd_serve)
+
+    p = sub.add_parser("service", help="commands about named services (unit)", description=SERVICE_DESCRIPTION, epilog=SERVICE_EPILOG, formatter_class=_Formatter)
+    p.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
+    p.set_defaults(help_parser=p)
+    service = p.add_subparsers(dest="service_command", metavar="COMMAND", title="commands")
+    p = service.add_parser("unit", help="print or install the systemd units of a service", description=UNIT_DESCRIPTION, epilog=UNIT_EPILOG, formatter_class=_Formatter)
+    p.add_argument("name", metavar="NAME", help="the service name, e.g. com.example.indexer")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--user", action="store_true", help="units for the user's service manager (the default)")
+    scope.add_argument("--system", action="store_true", help="units for the system manager, with sandboxing")
+    p.add_argument("--install", action="store_true", help="write the units instead of printing them")
+    p.add_argument("--force", action="store_true", help="with --install: replace unit files that differ")
+    p.add_argument("--directory", metavar="DIR", help="with --install: write there instead of the scope's unit directory")
+    p.add_argument("--listen", metavar="URL", help="listen there instead (unix:///path.sock, or tcp://IP:PORT for remote clients)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
+    p.set_defaults(run=cmd_service_unit)
     return parser
 
 
@@ -1165,7 +1260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "run", None) is None:
-        parser.print_help(sys.stderr)
+        getattr(args, "help_parser", parser).print_help(sys.stderr)
         return Exit.USAGE
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(name)s: %(levelname)s %(message)s")

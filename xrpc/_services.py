@@ -414,7 +414,15 @@ class ServiceDescription:
     launch_timeout: float = 10.0
     python: str | None = None
     log_file: Path | None = None
-    url: str | None = None  # a service elsewhere (another host): connected to, never launched
+    # where clients connect instead of launching: a service on another host (tls://), or a local one
+    # that a service manager starts (unix://, with the 'command' or 'module' its unit runs)
+    url: str | None = None
+    # for the units of a service manager (``xrpc service unit``); the built-in launcher ignores them
+    socket_mode: str | None = None
+    socket_user: str | None = None
+    socket_group: str | None = None
+    user: str | None = None
+    dynamic_user: bool = False
 
     def argv(self) -> list[str]:
         """The program the launcher runs."""
@@ -425,6 +433,7 @@ class ServiceDescription:
 
 _NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 _Seconds = Annotated[float, msgspec.Meta(ge=0)]
+_ACCOUNT = r"^(?:[A-Za-z_][A-Za-z0-9_.-]{0,31}|[0-9]{1,10})\Z"  # a user or group name (or number) as systemd takes it
 
 
 class DescriptionFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -443,6 +452,11 @@ class DescriptionFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     python: _NonEmpty | None = None
     log_file: _NonEmpty | None = None
     url: str | None = None
+    socket_mode: Annotated[str, msgspec.Meta(pattern=r"^0?[0-7]{3}\Z")] | None = None
+    socket_user: Annotated[str, msgspec.Meta(pattern=_ACCOUNT)] | None = None
+    socket_group: Annotated[str, msgspec.Meta(pattern=_ACCOUNT)] | None = None
+    user: Annotated[str, msgspec.Meta(pattern=_ACCOUNT)] | None = None
+    dynamic_user: bool = False
 
 
 _KEYS = DescriptionFile.__struct_fields__
@@ -461,6 +475,11 @@ _KEY_HINTS = {
     "python": "'python' must be the path of an interpreter",
     "log_file": "'log_file' must be a path",
     "url": "'url' must be a string such as 'tls://host:port'",
+    "socket_mode": "'socket_mode' must be an octal mode written as a string, such as \"0660\", not {value!r}",
+    "socket_user": "'socket_user' must be a user name or number, not {value!r}",
+    "socket_group": "'socket_group' must be a group name or number, not {value!r}",
+    "user": "'user' must be a user name or number, not {value!r}",
+    "dynamic_user": "'dynamic_user' must be true or false",
 }
 _FIELD_AT = re.compile(r"at `\$\.(\w+)")
 _UNKNOWN = re.compile(r"unknown field `([^`]*)`")
@@ -575,12 +594,14 @@ def _parse(path: Path, data: Any) -> ServiceDescription:
     except ValueError as exc:
         raise bad(str(exc)) from None
     if d.url is not None:
-        if d.command is not None or d.module is not None:
-            raise bad("a service with a 'url' runs elsewhere: drop 'command' and 'module'")
         try:
-            ParsedURL(d.url)
+            parsed = ParsedURL(d.url)
         except ValueError as exc:
             raise bad(f"'url': {exc}") from None
+        if (d.command is not None or d.module is not None) and parsed.scheme != "unix":
+            raise bad("a service with a 'url' runs elsewhere: drop 'command' and 'module' (only a unix:// url goes with them)")
+        if d.command is not None and d.module is not None:
+            raise bad("give exactly one of 'command' (an argv list) and 'module' ('package.module:factory')")
     elif (d.command is None) == (d.module is None):
         raise bad("give exactly one of 'command' (an argv list), 'module' ('package.module:factory') and 'url'")
     if d.idle_exit is not None and not d.idle_exit < math.inf:
@@ -606,6 +627,11 @@ def _parse(path: Path, data: Any) -> ServiceDescription:
         python=d.python,
         log_file=(here / d.log_file).absolute() if d.log_file is not None else None,
         url=d.url,
+        socket_mode=d.socket_mode,
+        socket_user=d.socket_user,
+        socket_group=d.socket_group,
+        user=d.user,
+        dynamic_user=d.dynamic_user,
     )
 
 
