@@ -16,7 +16,7 @@ import pytest
 from _procs import short_dir
 from _timeouts import T
 from xrpc import ServiceDescriptionError
-from xrpc._services import DescriptionFile, READINESS, RESTART_POLICIES, load_description
+from xrpc._services import FAILOVER_POLICIES, LAUNCHERS, DescriptionFile, READINESS, RESTART_POLICIES, load_description
 
 NAME = "com.example.described"
 
@@ -71,12 +71,16 @@ def test_toml_is_read_with_tomli_on_python_3_10(services: Path) -> None:
 
 
 def test_the_struct_names_every_key_and_its_choices() -> None:
-    assert "name" in DescriptionFile.__struct_fields__ and len(DescriptionFile.__struct_fields__) == 17
+    assert "name" in DescriptionFile.__struct_fields__ and len(DescriptionFile.__struct_fields__) == 20
     assert DescriptionFile.__struct_config__.forbid_unknown_fields
     for value in RESTART_POLICIES:
         DescriptionFile(name="x", restart=value)  # type: ignore[arg-type]
     for value in READINESS:
         DescriptionFile(name="x", readiness=value)  # type: ignore[arg-type]
+    for value in LAUNCHERS:
+        DescriptionFile(name="x", launcher=value)  # type: ignore[arg-type]
+    for value in FAILOVER_POLICIES:
+        DescriptionFile(name="x", failover=value)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -326,7 +326,7 @@ def test_the_unit_keys_of_a_description(workdir: Path) -> None:
         _write(workdir, 'module = "a:b"\nsocket_mode = "0660"\nsocket_user = "alice"\nsocket_group = "wheel"\nuser = "helper"\ndynamic_user = true\n')
     )
     assert (d.socket_mode, d.socket_user, d.socket_group, d.user, d.dynamic_user) == ("0660", "alice", "wheel", "helper", True)
-    d = load_description(_write(workdir, 'module = "a:b"\nurl = "unix:///run/xrpc/sockets/x.sock"\n'))
+    d = load_description(_write(workdir, 'module = "a:b"\nlauncher = "systemd"\nurl = "unix:///run/xrpc/sockets/x.sock"\n'))
     assert d.url == "unix:///run/xrpc/sockets/x.sock" and d.module == "a:b"  # a local service a manager starts
 
 
@@ -339,7 +339,8 @@ def test_the_unit_keys_of_a_description(workdir: Path) -> None:
         ('module = "a:b"\nuser = "a b"\n', "'user' must be a user name"),
         ('module = "a:b"\nsocket_user = "%n"\n', "'socket_user' must be a user name"),
         ('module = "a:b"\ndynamic_user = "yes"\n', "'dynamic_user' must be true or false"),
-        ('module = "a:b"\ncommand = ["x"]\nurl = "unix:///run/x.sock"\n', "exactly one of 'command'"),
+        ('module = "a:b"\ncommand = ["x"]\nlauncher = "systemd"\nurl = "unix:///run/x.sock"\n', "one of 'command'"),
+        ('module = "a:b"\nurl = "unix:///run/x.sock"\n', 'or add launcher = "systemd"'),
         ('module = "a:b"\nurl = "tls://10.0.0.1:1"\n', "a service with a 'url' runs elsewhere"),
     ],
 )
@@ -509,12 +510,12 @@ async def test_clients_of_a_unix_url_with_a_module_connect_there_and_never_launc
     marker = workdir / "launched"
     sock = workdir / "h.sock"
     (workdir / f"{NAME}.toml").write_text(
-        f'name = "{NAME}"\nmodule = "services_fixtures.probe:make_server"\nurl = "unix://{sock}"\n'
+        f'name = "{NAME}"\nmodule = "services_fixtures.probe:make_server"\nlauncher = "systemd"\nurl = "unix://{sock}"\n'
         f'environment = {{ PYTHONPATH = "{HERE}", PROBE_LOG = "{marker}" }}\n'
     )
     with anyio.fail_after(3 * T):
         async with xrpc.connect_service(NAME, search_path=[workdir], timeout=T) as sc:
-            with pytest.raises(xrpc.ServiceUnavailable, match=re.escape(f"at unix://{sock} is not reachable")):
+            with pytest.raises(xrpc.ServiceUnavailable, match=re.escape(f"there is no socket at {sock}: the socket unit {NAME}.socket")):
                 await sc.proxy(Probe).pid()
             async with make_server().listen(f"unix://{sock}"):  # what the socket unit's service serves
                 assert await sc.proxy(Probe).pid() == os.getpid()

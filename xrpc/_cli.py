@@ -38,6 +38,7 @@ import keyword
 import logging
 import os
 import signal
+import stat
 import sys
 import textwrap
 import threading
@@ -55,6 +56,7 @@ from . import _errors as errors
 from ._api import Server, connect
 from ._interface import MethodKind, describe, interface, is_interface
 from ._systemd import service_lifecycle
+from ._transports import ParsedURL
 from ._introspect import INTROSPECT_NAME, ExportDescription, Introspection, MethodInfo, describe_export
 
 __all__ = ("Exit", "CLIError", "dynamic_interface", "main", "build_parser")
@@ -797,7 +799,7 @@ async def cmd_call(args: argparse.Namespace) -> int:
 @dataclasses.dataclass
 class ServiceStatus:
     name: str
-    status: str  # running | stopped | unresponsive | refused | invalid
+    status: str  # running | stopped | unresponsive | refused | invalid | socket
     description: str
     kind: str = ""
     target: str = ""
@@ -805,6 +807,7 @@ class ServiceStatus:
     idle_exit: float | None = None
     socket: str = ""
     error: str = ""
+    launcher: str = "builtin"
 
     @property
     def running(self) -> bool:
@@ -866,6 +869,16 @@ async def _probe(name: str, timeout: float) -> tuple[str, str]:
     return "running", ""
 
 
+def _systemd_status(socket: str) -> tuple[str, str]:
+    """A service that systemd starts is not connected to (that would start it): its socket either
+    is there (``socket``: systemd listens, and starts the service on the first connection) or not."""
+    try:
+        mode = os.stat(socket).st_mode
+    except OSError:
+        return "stopped", "no socket: its socket unit is not started"
+    return ("socket", "") if stat.S_ISSOCK(mode) else ("invalid", f"{socket} is not a socket")
+
+
 async def cmd_list(args: argparse.Namespace) -> int:
     from ._services import socket_path
 
@@ -883,7 +896,13 @@ async def cmd_list(args: argparse.Namespace) -> int:
             restart=value.restart,
             idle_exit=value.idle_exit,
             socket=str(socket_path(name)),
+            launcher=value.launcher,
         )
+        if value.launcher == "systemd":
+            where = ParsedURL(value.url) if value.url is not None else None
+            if where is not None:
+                row.socket = where.path or where.raw
+            row.status, row.error = _systemd_status(row.socket) if where is None or where.scheme == "unix" else ("socket", "")
         rows.append(row)
     probe_timeout = args.timeout if args.timeout is not None else 2.0
 
@@ -892,7 +911,7 @@ async def cmd_list(args: argparse.Namespace) -> int:
 
     async with anyio.create_task_group() as tg:
         for row in rows:
-            if row.status != "invalid":
+            if not row.status:
                 tg.start_soon(probe, row)
     if args.json:
         out = [dict(dataclasses.asdict(r), running=r.running) for r in rows]
@@ -1114,7 +1133,9 @@ $XRPC_SERVICE_PATH) and whether each is running: its socket accepts a connection
 answers the handshake.  Nothing is launched.
 
 STATUS is running, stopped, unresponsive (no handshake in time), refused (it turned
-this client away) or invalid (the description is malformed).
+this client away), invalid (the description is malformed) or socket (a service that
+systemd starts, launcher = "systemd", whose socket exists: it is not connected to,
+since that would start it).
 """
 
 LIST_EPILOG = f"""\

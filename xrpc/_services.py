@@ -54,6 +54,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import select
 import signal
@@ -106,6 +107,9 @@ __all__ = (
     "service_search_path",
     "socket_path",
     "state_diagram",
+    "systemctl",
+    "systemd_hint",
+    "systemd_scope",
     "transition_table",
 )
 
@@ -115,6 +119,8 @@ _T = TypeVar("_T")
 SYSTEM_SERVICE_DIRS = (Path("/etc/xrpc/services"), Path("/usr/share/xrpc/services"))
 RESTART_POLICIES = ("on-demand", "manual")
 READINESS = ("pipe", "socket")
+LAUNCHERS = ("builtin", "systemd")
+FAILOVER_POLICIES = ("ordered", "round-robin")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}\Z")
 _MAX_UNIX_PATH = 107  # sun_path holds 108 bytes, one of them the terminating NUL
 _SHARED_TMP = Path("/tmp")  # where the fallback runtime directory lives (a test may point it elsewhere)
@@ -138,7 +144,15 @@ class ServiceDescriptionError(Error):
 
 
 class ServiceUnavailable(ConnectionInterrupted):
-    """The service could not be reached or launched.  The next call tries again."""
+    """The service could not be reached or launched.  The next call tries again.
+
+    ``attempts`` holds ``(url, reason)`` for each address tried, in order, when a service with
+    several addresses answered on none of them (empty otherwise).
+    """
+
+    def __init__(self, message: str = "", *, attempts: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.attempts = tuple(attempts)
 
 
 class UntrustedPath(ServiceUnavailable):
@@ -414,9 +428,10 @@ class ServiceDescription:
     launch_timeout: float = 10.0
     python: str | None = None
     log_file: Path | None = None
-    # where clients connect instead of launching: a service on another host (tls://), or a local one
-    # that a service manager starts (unix://, with the 'command' or 'module' its unit runs)
-    url: str | None = None
+    url: str | None = None  # a service elsewhere (another host): connected to, never launched
+    launcher: str = "builtin"  # "systemd": the service manager owns the socket; clients only connect
+    urls: tuple[str, ...] = ()  # every address of a service elsewhere, in order (``url`` is the first)
+    failover: str = "ordered"  # how a connection picks among ``urls``: "ordered" or "round-robin"
     # for the units of a service manager (``xrpc service unit``); the built-in launcher ignores them
     socket_mode: str | None = None
     socket_user: str | None = None
@@ -457,6 +472,9 @@ class DescriptionFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     socket_group: Annotated[str, msgspec.Meta(pattern=_ACCOUNT)] | None = None
     user: Annotated[str, msgspec.Meta(pattern=_ACCOUNT)] | None = None
     dynamic_user: bool = False
+    launcher: Literal["builtin", "systemd"] = "builtin"
+    urls: Annotated[list[str], msgspec.Meta(min_length=1)] | None = None
+    failover: Literal["ordered", "round-robin"] = "ordered"
 
 
 _KEYS = DescriptionFile.__struct_fields__
@@ -480,6 +498,9 @@ _KEY_HINTS = {
     "socket_group": "'socket_group' must be a group name or number, not {value!r}",
     "user": "'user' must be a user name or number, not {value!r}",
     "dynamic_user": "'dynamic_user' must be true or false",
+    "launcher": "'launcher' must be one of " + ", ".join(map(repr, LAUNCHERS)) + ", not {value!r}",
+    "urls": "'urls' must be a non-empty list of strings such as 'tls://host:port'",
+    "failover": "'failover' must be one of " + ", ".join(map(repr, FAILOVER_POLICIES)) + ", not {value!r}",
 }
 _FIELD_AT = re.compile(r"at `\$\.(\w+)")
 _UNKNOWN = re.compile(r"unknown field `([^`]*)`")
@@ -539,6 +560,7 @@ def _unusable_text(d: DescriptionFile) -> str:
     texts: list[tuple[str, str]] = [(f"'command'[{i}]", a) for i, a in enumerate(d.command or ())]
     texts += [("'working_directory'", d.working_directory)]
     texts += [(f"'{k}'", v) for k, v in (("python", d.python), ("log_file", d.log_file), ("module", d.module), ("url", d.url)) if v is not None]
+    texts += [(f"'urls'[{i}]", u) for i, u in enumerate(d.urls or ())]
     for k, v in d.environment.items():
         if not k or "=" in k:
             return f"'environment' names a variable {k!r}: a name is not empty and holds no '='"
@@ -593,17 +615,35 @@ def _parse(path: Path, data: Any) -> ServiceDescription:
         _check_name(name)
     except ValueError as exc:
         raise bad(str(exc)) from None
-    if d.url is not None:
+    if d.url is not None and d.urls is not None:
+        raise bad("give either 'url' (one address) or 'urls' (several), not both")
+    urls = [d.url] if d.url is not None else list(d.urls or ())
+    for i, u in enumerate(urls):
+        where = "'url'" if d.url is not None else f"'urls'[{i}]"
         try:
-            parsed = ParsedURL(d.url)
+            ParsedURL(u)
         except ValueError as exc:
-            raise bad(f"'url': {exc}") from None
-        if (d.command is not None or d.module is not None) and parsed.scheme != "unix":
-            raise bad("a service with a 'url' runs elsewhere: drop 'command' and 'module' (only a unix:// url goes with them)")
+            raise bad(f"{where}: {exc}") from None
+        if u in urls[:i]:
+            raise bad(f"{where}: {u!r} is listed twice")
+    if d.launcher == "systemd":
+        # systemd owns the socket: 'url' says where it listens (default: the per-user socket path);
+        # 'command'/'module' are what the unit runs, and may be given with it
+        if d.urls is not None:
+            raise bad("a service started by systemd listens where its socket unit says: give one 'url', not 'urls'")
         if d.command is not None and d.module is not None:
-            raise bad("give exactly one of 'command' (an argv list) and 'module' ('package.module:factory')")
+            raise bad("give at most one of 'command' (an argv list) and 'module' ('package.module:factory')")
+    elif urls:
+        if d.command is not None or d.module is not None:
+            what = "a 'url'" if d.url is not None else "'urls'"
+            raise bad(
+                f"a service with {what} runs elsewhere: drop 'command' and 'module'"
+                + (' (or add launcher = "systemd" if a service manager starts it here)' if d.url is not None else "")
+            )
     elif (d.command is None) == (d.module is None):
         raise bad("give exactly one of 'command' (an argv list), 'module' ('package.module:factory') and 'url'")
+    if d.failover != "ordered" and len(urls) < 2:
+        raise bad("'failover' chooses among several addresses: it needs 'urls' with two or more")
     if d.idle_exit is not None and not d.idle_exit < math.inf:
         raise bad("'idle_exit' must be a number of seconds >= 0")
     if not d.launch_timeout < math.inf:
@@ -626,7 +666,10 @@ def _parse(path: Path, data: Any) -> ServiceDescription:
         launch_timeout=d.launch_timeout,
         python=d.python,
         log_file=(here / d.log_file).absolute() if d.log_file is not None else None,
-        url=d.url,
+        url=urls[0] if urls else None,
+        launcher=d.launcher,
+        urls=tuple(urls),
+        failover=d.failover,
         socket_mode=d.socket_mode,
         socket_user=d.socket_user,
         socket_group=d.socket_group,
@@ -946,6 +989,64 @@ async def _await_listening(sock: Path, pid: int) -> bool:
             os.close(pidfd)
 
 
+# --------------------------------------------------------------------------- services systemd starts
+def systemd_scope(url: str) -> str:
+    """``"user"`` when the socket of ``url`` lives in this user's runtime directory or home (a
+    ``systemctl --user`` unit), else ``"system"``."""
+    u = ParsedURL(url)
+    if u.scheme != "unix":
+        return "system"
+    path = os.path.abspath(u.path)
+    mine = (str(runtime_dir()), os.environ.get("XDG_RUNTIME_DIR", ""), f"/run/user/{os.getuid()}", os.path.expanduser("~"))
+    for d in mine:
+        d = os.path.abspath(d) if d else ""
+        if d not in ("", "/") and (path + "/").startswith(d.rstrip("/") + "/"):
+            return "user"
+    return "user" if path.startswith("/run/user/") else "system"
+
+
+def systemctl(desc: ServiceDescription, *args: str, tool: str = "systemctl") -> str:
+    """The command line of ``tool`` (``systemctl`` or ``journalctl``) for the units of the
+    systemd-managed service ``desc``, in the scope its socket implies."""
+    url = desc.url or f"unix://{socket_path(desc.name)}"
+    user = " --user" if systemd_scope(url) == "user" else ""
+    return f"{tool}{user} {' '.join(args)}"
+
+
+def systemd_hint(desc: ServiceDescription, url: str, exc: BaseException, timeout: float | None = None) -> str:
+    """Why a service that systemd starts could not be reached, naming its units and the commands
+    that show what happened to them."""
+    sock, unit = f"{desc.name}.socket", f"{desc.name}.service"
+    u = ParsedURL(url)
+    cause = exc.__cause__
+    code = cause.errno if isinstance(cause, OSError) else None
+    if isinstance(exc, TimeoutError):
+        what = (
+            f"{url} accepted the connection but nothing answered within {timeout or 0:g}s: "
+            f"{unit} is starting slowly, hanging or failing to start"
+        )
+    elif u.scheme == "unix" and (code == errno.ENOENT or not os.path.exists(u.path)):
+        what = f"there is no socket at {u.path}: the socket unit {sock} is not installed, not started, or listens elsewhere"
+    elif code == errno.ECONNREFUSED:
+        what = f"{url} refuses connections: the socket unit {sock} is stopped or failed"
+    else:
+        what = f"the connection to {url} failed ({exc}): {unit} may have failed to start"
+    return (
+        f"service {desc.name!r} is started by systemd (launcher = \"systemd\"), so xrpc does not launch it, and {what}. "
+        f"Inspect it with `{systemctl(desc, 'status', sock, unit)}` and `{systemctl(desc, '-u', unit, tool='journalctl')}`; "
+        f"start it with `{systemctl(desc, 'start', sock)}`."
+    )
+
+
+def _reason(url: str, exc: BaseException, timeout: float) -> str:
+    """What ``exc``, raised connecting to ``url``, says, without the URL it starts with."""
+    text = str(exc)
+    if not text and isinstance(exc, TimeoutError):
+        return f"no connection within {timeout:g}s"
+    prefix = f"{url}: "
+    return text[len(prefix):] if text.startswith(prefix) else text or type(exc).__name__
+
+
 # --------------------------------------------------------------------------- the state machine
 IDLE = "idle"
 CONNECTING = "connecting"
@@ -1044,7 +1145,8 @@ class ServiceConnection:
     """A connection to a named service that survives the service: see ``connect_service``.
 
     ``proxy()`` works as on ``xrpc.Connection``; calls connect (and launch) on demand.  ``state`` is
-    one of ``idle``, ``connecting``, ``connected``, ``interrupted``, ``invalidated``.
+    one of ``idle``, ``connecting``, ``connected``, ``interrupted``, ``invalidated``.  ``url`` is
+    the address of the current connection (or of the last one tried).
     """
 
     def __init__(
@@ -1089,6 +1191,8 @@ class ServiceConnection:
         self._invalid: BaseException | None = None
         self._proxies: dict[tuple[int, str, float | None], Any] = {}
         self._last_activity = 0.0
+        self._index: int | None = None  # which of the description's ``urls`` the last connection used
+        self._after_loss = False  # the connection being made replaces one that was interrupted
         self.launches = 0  # how many times this connection launched the service
 
     def __repr__(self) -> str:
@@ -1204,6 +1308,7 @@ class ServiceConnection:
 
     async def _connect_now(self) -> None:
         attempt = self._attempt = _Attempt()
+        self._after_loss = self._state == INTERRUPTED
         self._fire("call")
         hold: _Hold | None = None
         try:
@@ -1236,7 +1341,9 @@ class ServiceConnection:
 
     async def _establish(self) -> _Hold:
         desc = self.description = find_service(self.name, self._search_path)
-        limit = self._timeout if self._timeout is not None else desc.launch_timeout + self._limits.handshake_timeout
+        # each address tried may take a handshake timeout
+        each = self._limits.handshake_timeout
+        limit = self._timeout if self._timeout is not None else desc.launch_timeout + each * max(1, len(desc.urls))
         try:
             with anyio.fail_after(limit):
                 return await self._establish_now(desc)
@@ -1246,6 +1353,10 @@ class ServiceConnection:
             raise TimeoutError(f"service {self.name!r}: not connected within {limit:g}s") from None
 
     async def _establish_now(self, desc: ServiceDescription) -> _Hold:
+        if desc.launcher == "systemd":
+            return await self._connect_managed(desc)
+        if len(desc.urls) > 1:
+            return await self._connect_any(desc)
         if desc.url is not None:
             # a service on another host: reconnect, never launch
             try:
@@ -1278,6 +1389,64 @@ class ServiceConnection:
                 except TransportError as exc:
                     last = exc
         raise ServiceUnavailable(f"service {desc.name!r} was launched but does not accept connections: {last}") from last
+
+    async def _connect_any(self, desc: ServiceDescription) -> _Hold:
+        """Connect to the first of the description's ``urls`` that answers, starting where the
+        failover policy says: "ordered" from the first address (after an interruption, from the
+        one after the address lost, which is tried last); "round-robin" from the one after the
+        address the previous connection used (a client's first connection starts at a random one,
+        so that many clients spread out)."""
+        urls = desc.urls
+        n = len(urls)
+        last = self._index
+        if last is None:
+            start = random.randrange(n) if desc.failover == "round-robin" else 0
+        elif desc.failover == "round-robin" or self._after_loss:
+            start = last + 1
+        else:
+            start = 0
+        attempts: list[tuple[str, str]] = []
+        for k in range(n):
+            i = (start + k) % n
+            url = urls[i]
+            try:
+                hold = await self._open(url)
+            except (TransportError, TimeoutError, OSError) as exc:
+                reason = _reason(url, exc, self._limits.handshake_timeout)
+                log.debug("service %s: %s: %s", desc.name, url, reason)
+                attempts.append((url, reason))
+                continue
+            self._index = i
+            self.url = url
+            return hold
+        lines = [f"service {desc.name!r} is not reachable at any of its {n} addresses (tried in this order):"]
+        lines += [f"  {i}. {url}: {reason}" for i, (url, reason) in enumerate(attempts, 1)]
+        raise ServiceUnavailable("\n".join(lines), attempts=attempts)
+
+    async def _connect_managed(self, desc: ServiceDescription) -> _Hold:
+        """``launcher = "systemd"``: connect, never launch (systemd owns the socket and starts the
+        service on the first connection).  A failure names the units and how to inspect them."""
+        if desc.url is not None:
+            url = desc.url
+        else:
+            path = socket_path(desc.name)
+            if len(os.fsencode(str(path))) > _MAX_UNIX_PATH:
+                raise ServiceUnavailable(
+                    f"the socket path of service {desc.name!r} is too long for a Unix socket ({path}): "
+                    "set XRPC_RUNTIME_DIR to a shorter directory"
+                )
+            # never talk to a socket another user could have put there; create nothing either
+            fd = check_dir(path.parent, create=False)
+            if fd is not None:
+                os.close(fd)
+            url = f"unix://{path}"
+        self.url = url
+        try:
+            return await self._open(url)
+        except TimeoutError as exc:  # (an OSError too)
+            raise TimeoutError(systemd_hint(desc, url, exc, self._limits.handshake_timeout)) from exc
+        except (TransportError, OSError) as exc:
+            raise ServiceUnavailable(systemd_hint(desc, url, exc)) from exc
 
     async def _open(self, url: str) -> _Hold:
         hold = _Hold()
@@ -1552,7 +1721,11 @@ async def connect_service(name: str, **options: Unpack[ServiceOptions]) -> Async
     ``disconnect_when_idle`` (seconds) closes the underlying connection when nothing was in flight
     for that long, so that the service may exit when idle.  ``search_path`` replaces the default
     search path.  A description with a ``url`` names a service on another host (``tls://``): it is
-    connected to (with ``ssl_context``/``server_hostname``) and reconnected, never launched.
+    connected to (with ``ssl_context``/``server_hostname``) and reconnected, never launched.  With
+    ``urls`` (several addresses) each connection goes to the first that answers, in the order its
+    ``failover`` policy says, and a connection that is interrupted is replaced by one to another
+    address at the next call.  With ``launcher = "systemd"`` the service is only connected to:
+    systemd owns its socket and starts it.
     """
     unknown = sorted(options.keys() - ServiceOptions.__optional_keys__)
     if unknown:
@@ -1850,6 +2023,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return fail(f"{desc.path} describes {desc.name!r}, not {args.name!r}", 2)
         if desc.module is None:
             return fail(f"{desc.path}: {desc.name!r} is a 'command' service; python -m xrpc.service runs 'module' services", 2)
+        if desc.launcher == "systemd" and args.socket is None and not inherited_sockets():
+            return fail(
+                f"{desc.path}: {desc.name!r} is started by systemd (launcher = \"systemd\"), which owns its socket: "
+                f"run `{systemctl(desc, 'start', desc.name + '.socket')}` (systemd then starts {desc.name}.service on the "
+                "first connection), or give --socket PATH to run it by hand elsewhere",
+                2,
+            )
         anyio.run(_run_module_service, desc, args.socket, ready)
     except TransportError as exc:
         return fail(f"{args.name}: {exc}", 3)  # e.g. another instance already listens

@@ -331,8 +331,10 @@ def unit_notes(desc: ServiceDescription, scope: Scope = "user", *, listen: str |
         path = _DEFAULT_SOCKET.format(name=desc.name).replace("%t", "/run")
         notes.append(
             f"clients of a system service connect to its socket, {path}: "
-            f'give the description url = "unix://{path}" so that they connect there instead of launching it'
+            f'give the description url = "unix://{path}" and launcher = "systemd" so that they connect there instead of launching it'
         )
+    if desc.launcher != "systemd":
+        notes.append('the description says launcher = "builtin": add launcher = "systemd" so that clients never launch what systemd starts')
     return notes
 
 
