@@ -327,17 +327,20 @@ def _notify_address(value: str) -> str | bytes:
 
 def sd_notify(*fields: str) -> bool:
     """Send ``READY=1``, ``STATUS=...``, ``STOPPING=1``, ``WATCHDOG=1``... (one datagram, fields
-    joined by newlines) to ``$NOTIFY_SOCKET``.  Returns whether it was sent; without
+    joined by newlines) to ``$NOTIFY_SOCKET``, without ever waiting (a receiver whose queue is full
+    gets nothing).  Returns whether it was sent; without
     ``NOTIFY_SOCKET`` (not run by a service manager) it does nothing and returns False."""
     target = os.environ.get("NOTIFY_SOCKET")
     if not target or not fields:
         return False
     if not (target.startswith("/") or target.startswith("@")):
         return False  # e.g. vsock: addresses, not for a local service
-    data = "\n".join(fields).encode()
+    data = "\n".join(fields).encode("utf-8", "surrogateescape")  # a path as the file system spells it
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.sendto(data, _notify_address(target))
+            # never wait: this runs on the event loop, and a receiver that does not read (its queue
+            # full) would otherwise stop the whole service; the message is dropped instead
+            s.sendto(data, socket.MSG_DONTWAIT, _notify_address(target))
     except OSError:
         return False
     return True
@@ -356,7 +359,9 @@ def watchdog_interval() -> float | None:
         value = int(usec)
     except ValueError:
         return None
-    return value / 2e6 if value > 0 else None
+    if not 0 < value < 2**64:  # systemd's microseconds are 64 bits; anything else is no period
+        return None
+    return value / 2e6
 
 
 async def watchdog() -> None:
@@ -376,6 +381,7 @@ async def service_lifecycle(status: str = "") -> AsyncIterator[None]:
     if not os.environ.get("NOTIFY_SOCKET"):
         yield
         return
+    status = status.replace("\n", "\\n")  # a newline would start another field (a path may hold one)
     sd_notify("READY=1", *([f"STATUS={status}"] if status else []))
     try:
         async with anyio.create_task_group() as tg:
