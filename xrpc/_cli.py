@@ -997,7 +997,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
 
 async def cmd_service_unit(args: argparse.Namespace) -> int:
     from ._services import ServiceDescriptionError, find_service, socket_path
-    from ._units import Scope, UnitExists, install_units, next_steps, render_units, unit_dir, unit_notes
+    from ._units import Scope, UnitExists, install_units, next_steps, render_units, unit_dir, unit_notes, unit_search_dirs
 
     scope: Scope = "system" if args.system else "user"
     listen = args.listen
@@ -1019,7 +1019,7 @@ async def cmd_service_unit(args: argparse.Namespace) -> int:
         return Exit.OK
     directory = Path(args.directory) if args.directory else unit_dir(scope)
     try:
-        done = install_units(units, directory, force=args.force)
+        done = install_units(units, directory, force=args.force, elsewhere=unit_search_dirs(scope))
     except UnitExists as exc:
         raise CLIError(str(exc), Exit.USAGE) from None
     except OSError as exc:

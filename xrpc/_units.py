@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import math
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Literal, Mapping, Sequence
 
@@ -46,6 +48,7 @@ __all__ = (
     "render_units",
     "unit_dir",
     "unit_notes",
+    "unit_search_dirs",
 )
 
 Scope = Literal["user", "system"]
@@ -235,6 +238,15 @@ def _env_line(desc: ServiceDescription, name: str, value: str) -> str:
     return f'Environment="{name}={_escape(value, dollars=False)}"'
 
 
+def _timespan(seconds: float) -> str:
+    """``seconds`` as systemd reads a time span: whole milliseconds (at least one; systemd reads no
+    exponent such as ``1e-05s``), or ``infinity`` past what its 64-bit microseconds hold."""
+    ms = math.ceil(seconds * 1000)
+    if ms >= 2**64 // 1000:
+        return "infinity"
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{max(ms, 1)}ms"
+
+
 def _under(path: str, dirs: Sequence[str]) -> str | None:
     for d in dirs:
         if path == d or path.startswith(d + "/"):
@@ -281,7 +293,7 @@ def render_units(desc: ServiceDescription, scope: Scope = "user", *, listen: str
     if desc.log_file is not None:
         log = _abs_path(desc, "'log_file'", desc.log_file)
         svc += [f"StandardOutput=append:{log}", f"StandardError=append:{log}"]
-    svc += ["Restart=on-failure", f"TimeoutStartSec={desc.launch_timeout:g}s"]
+    svc += ["Restart=on-failure", f"TimeoutStartSec={_timespan(desc.launch_timeout)}"]
     if scope == "system":
         if desc.user is not None:
             svc.append(f"User={desc.user}")
@@ -348,15 +360,46 @@ def unit_dir(scope: Scope) -> Path:
     return Path(config) / "systemd" / "user"
 
 
-def install_units(units: Mapping[str, str], directory: Path, *, force: bool = False) -> list[tuple[Path, str]]:
+def unit_search_dirs(scope: Scope) -> list[Path]:
+    """The other directories the service manager of ``scope`` reads units from (besides
+    ``unit_dir(scope)``): a unit of the same name there is another program's, which a unit written
+    by ``install_units`` would replace or be hidden by."""
+    if scope == "system":
+        names = ["/run/systemd/system", "/usr/local/lib/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system"]
+    else:
+        data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+        names = [
+            "/etc/systemd/user",
+            f"{data}/systemd/user",
+            "/run/systemd/user",
+            "/usr/local/lib/systemd/user",
+            "/usr/lib/systemd/user",
+            "/lib/systemd/user",
+        ]
+    return [Path(n) for n in names]
+
+
+def install_units(
+    units: Mapping[str, str], directory: Path, *, force: bool = False, elsewhere: Sequence[Path] = ()
+) -> list[tuple[Path, str]]:
     """Write ``units`` into ``directory``: (path, ``"written"`` or ``"unchanged"``) for each.
 
     A unit file that exists with other content raises ``UnitExists`` unless ``force``; then nothing
-    is written.  Each file is written whole (a temporary file renamed into place), mode 0644.
+    is written.  So does a unit of the same name in one of the directories ``elsewhere`` (another
+    program's unit, such as a distribution's ``ssh.service``, that this one would replace).  Each
+    file is written whole (a new temporary file renamed into place), mode 0644.
     """
     plan: list[tuple[Path, str, bool]] = []
     for filename, text in units.items():
         path = directory / filename
+        for other in elsewhere:
+            found = other / filename
+            if os.path.abspath(other) != os.path.abspath(directory) and os.path.lexists(found) and not force:
+                raise UnitExists(
+                    f"{found} exists: the service manager already has a unit named {filename}, which {path} would "
+                    "replace or be hidden by; choose another service name, or pass --force to write it anyway",
+                    path=found,
+                )
         try:
             current = path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -372,12 +415,13 @@ def install_units(units: Mapping[str, str], directory: Path, *, force: bool = Fa
     done = []
     for path, text, changed in plan:
         if changed:
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            # a new file of a random name (O_EXCL): never one that someone put there (a link to another file)
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+            tmp = Path(name)
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    os.fchmod(f.fileno(), 0o644)  # the file opened, not whatever the name holds by now
                     f.write(text)
-                os.chmod(tmp, 0o644)
                 os.replace(tmp, path)
             except BaseException:
                 with contextlib.suppress(OSError):
