@@ -411,6 +411,19 @@ def _socket_file(name: str) -> Path:
     return path
 
 
+def check_socket_url(url: str) -> None:
+    """Refuse (``UntrustedPath``) a ``unix://`` URL of a description whose directory another user
+    could change: whoever can add a name there (when the service is down, or its socket unit
+    stopped) decides whom the client talks to.  Other URLs, and a directory that does not exist,
+    pass (connecting then fails as usual)."""
+    parsed = ParsedURL(url)
+    if parsed.scheme != "unix" or not parsed.path.startswith("/"):
+        return
+    fd = check_dir(Path(parsed.path).parent, create=False)
+    if fd is not None:
+        os.close(fd)
+
+
 # --------------------------------------------------------------------------- descriptions
 @dataclasses.dataclass(frozen=True)
 class ServiceDescription:
@@ -1359,6 +1372,7 @@ class ServiceConnection:
             return await self._connect_any(desc)
         if desc.url is not None:
             # a service on another host: reconnect, never launch
+            check_socket_url(desc.url)
             try:
                 return await self._open(desc.url)
             except TransportError as exc:
@@ -1406,21 +1420,29 @@ class ServiceConnection:
         else:
             start = 0
         attempts: list[tuple[str, str]] = []
+        rejected = 0
         for k in range(n):
             i = (start + k) % n
             url = urls[i]
+            self.url = url
             try:
+                check_socket_url(url)
                 hold = await self._open(url)
-            except (TransportError, TimeoutError, OSError) as exc:
+            except (TransportError, TimeoutError, OSError, PeerRejected, UntrustedPath) as exc:
+                # a replica that refuses this client, or that fails its requirement, is passed over
+                # like one that cannot be reached: the next one is checked the same way
+                rejected += isinstance(exc, PeerRejected)
                 reason = _reason(url, exc, self._limits.handshake_timeout)
                 log.debug("service %s: %s: %s", desc.name, url, reason)
                 attempts.append((url, reason))
                 continue
             self._index = i
-            self.url = url
             return hold
-        lines = [f"service {desc.name!r} is not reachable at any of its {n} addresses (tried in this order):"]
+        what = "refused this client at all" if rejected == n else "is not reachable at any"
+        lines = [f"service {desc.name!r} {what} of its {n} addresses (tried in this order):"]
         lines += [f"  {i}. {url}: {reason}" for i, (url, reason) in enumerate(attempts, 1)]
+        if rejected == n:  # every replica refused: as with one address, for good
+            raise PeerRejected("\n".join(lines))
         raise ServiceUnavailable("\n".join(lines), attempts=attempts)
 
     async def _connect_managed(self, desc: ServiceDescription) -> _Hold:
@@ -1428,6 +1450,7 @@ class ServiceConnection:
         service on the first connection).  A failure names the units and how to inspect them."""
         if desc.url is not None:
             url = desc.url
+            check_socket_url(url)
         else:
             path = socket_path(desc.name)
             if len(os.fsencode(str(path))) > _MAX_UNIX_PATH:
@@ -1485,7 +1508,10 @@ class ServiceConnection:
         if self._state != CONNECTED:
             return
         failure = hold.conn.failure if hold.conn is not None else None
-        if isinstance(failure, PeerRejected):
+        # one replica of several that turns the client away is lost like one that dies: the next
+        # call goes to another (where a refusal at the handshake is passed over too)
+        replicas = self.description is not None and len(self.description.urls) > 1
+        if isinstance(failure, PeerRejected) and not replicas:
             self._invalidate(PeerRejected(f"service {self.name!r}: {failure}"), "rejected")
         elif hold.reason:
             self._fire(hold.reason)
