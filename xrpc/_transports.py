@@ -236,6 +236,10 @@ class SocketListener(Listener):
             except OSError:
                 self._inode = None
 
+    def fileno(self) -> int:
+        """The listening socket's descriptor (to hand to worker processes that accept on it too)."""
+        return self._sock.fileno()
+
     async def serve(self, handler: Handler) -> None:
         lsock = self._sock
         async with anyio.create_task_group() as tg:
