@@ -470,3 +470,29 @@ async def test_what_cannot_reach_a_worker_is_refused_with_a_clear_error(sock_dir
     with pytest.raises(ValueError, match="need a socket to share"):
         await xrpc.Server().serve("memory://wk", workers=2, factory=make_server)
     assert not os.path.exists(f"{sock_dir}/s.sock")
+
+
+def test_a_worker_ahead_leaves_a_waiting_connection_to_the_others_for_a_moment() -> None:
+    from xrpc._workers import AcceptBalance, ConnectionCounts, CountedConnections
+
+    counts = ConnectionCounts.create(2)
+    assert counts is not None
+    try:
+        mine = CountedConnections(counts, 0)
+        other = CountedConnections(counts, 1)
+        balance = AcceptBalance(mine, patience=60.0)
+        assert balance.gate() == 0  # even
+        mine.add("a")
+        assert balance.gate() > 0  # one ahead: wait for the other worker
+        other.add("b")
+        assert balance.gate() == 0
+        other.discard("b")
+        counts.set(1, ConnectionCounts.ABSENT)  # no worker in that slot (it died): nobody to wait for
+        assert balance.gate() == 0
+        other.add("c")
+        other.discard("c")
+        impatient = AcceptBalance(mine, patience=0.0)
+        assert impatient.gate() == 0  # waited long enough (here: not at all): accept
+        assert impatient.gate() == 0  # ... and for a while, without waiting again
+    finally:
+        counts.close()

@@ -29,8 +29,8 @@ import msgspec
 
 from ._api import Server
 from ._introspect import INTROSPECT_NAME
-from ._systemd import LISTEN_FDS_START
-from ._workers import SPEC_VAR, ReadyInfo, WorkerSpec, resolve
+from ._systemd import LISTEN_FDS_START, ActivatedListener
+from ._workers import SPEC_VAR, AcceptBalance, ConnectionCounts, CountedConnections, ReadyInfo, WorkerSpec, resolve
 
 log = logging.getLogger("xrpc")
 
@@ -43,13 +43,13 @@ def _free(fd: int) -> bool:
     return False
 
 
-def place_descriptors(fds: list[int], control: int) -> int:
-    """Move the listening ``fds`` to 3, 4, ... (as socket activation numbers them) and the control
-    socket above them; return the control socket's new number.  All end up close-on-exec."""
+def place_descriptors(fds: list[int], others: list[int]) -> list[int]:
+    """Move the listening ``fds`` to 3, 4, ... (as socket activation numbers them) and the
+    ``others`` above them; return the others' new numbers.  All end up close-on-exec."""
     top = LISTEN_FDS_START + len(fds)
     moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top) for fd in fds]
-    new_control = fcntl.fcntl(control, fcntl.F_DUPFD_CLOEXEC, top)
-    for fd in {*fds, control}:
+    new_others = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top) for fd in others]
+    for fd in {*fds, *others}:
         os.close(fd)
     for i, fd in enumerate(moved):
         target = LISTEN_FDS_START + i
@@ -57,7 +57,7 @@ def place_descriptors(fds: list[int], control: int) -> int:
             raise RuntimeError(f"descriptor {target} is in use in the worker: cannot place the listening socket there")
         os.dup2(fd, target, inheritable=False)
         os.close(fd)
-    return new_control
+    return new_others
 
 
 async def _watch_control(control: socket.socket, stop: anyio.Event) -> None:
@@ -74,7 +74,7 @@ async def _watch_control(control: socket.socket, stop: anyio.Event) -> None:
             return
 
 
-async def serve_worker(spec: WorkerSpec, control: socket.socket) -> None:
+async def serve_worker(spec: WorkerSpec, control: socket.socket, counts: ConnectionCounts | None) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM) as signals:
         made = resolve(spec.factory)()
         if inspect.isawaitable(made):
@@ -89,7 +89,13 @@ async def serve_worker(spec: WorkerSpec, control: socket.socket) -> None:
                 raise TypeError(f"{spec.ssl_context.describe()} returned {type(built).__qualname__}, not an ssl.SSLContext")
             context = built
         stop = anyio.Event()
+        if counts is not None:
+            server.connections = CountedConnections(counts, spec.index, server.connections)
         async with server.listen("systemd:", ssl_context=context) as listener:
+            if isinstance(server.connections, CountedConnections) and isinstance(listener, ActivatedListener):
+                balance = AcceptBalance(server.connections)
+                for part in listener.parts:
+                    part.accept_gate = balance.gate
             exports = [n for n in server.export_names if n != INTROSPECT_NAME]
             control.send(b"ready " + msgspec.json.encode(ReadyInfo(listener.url, exports)) + b"\n")
             async with anyio.create_task_group() as tg:
@@ -120,8 +126,9 @@ def main() -> int:
         return 2
     spec = msgspec.json.decode(raw, type=WorkerSpec)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the supervisor decides
-    control_fd = place_descriptors(spec.fds, spec.control)
+    control_fd, *counts_fd = place_descriptors(spec.fds, [spec.control] + ([spec.counts] if spec.counts is not None else []))
     control = socket.socket(fileno=control_fd)
+    counts = ConnectionCounts(counts_fd[0], spec.workers) if counts_fd else None
     control.setblocking(False)
     os.environ["LISTEN_FDS"] = str(len(spec.fds))
     os.environ["LISTEN_PID"] = str(os.getpid())
@@ -135,7 +142,7 @@ def main() -> int:
         logging.basicConfig(level=spec.log_level, format="%(name)s[%(process)d]: %(levelname)s %(message)s")
     options: dict[str, Any] = {"use_uvloop": True} if spec.uvloop else {}
     try:
-        anyio.run(serve_worker, spec, control, backend=spec.backend, backend_options=options)
+        anyio.run(serve_worker, spec, control, counts, backend=spec.backend, backend_options=options)
     except BaseException as exc:
         traceback.print_exc()
         message = f"{type(exc).__qualname__}: {exc}".replace("\n", " ")

@@ -40,11 +40,14 @@ import contextlib
 import functools
 import importlib
 import logging
+import mmap
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import time
 from typing import Any, AsyncIterator, Callable
 
 import anyio
@@ -56,6 +59,9 @@ from ._transports import Listener, SocketListener, open_listener
 
 __all__ = (
     "SPEC_VAR",
+    "AcceptBalance",
+    "ConnectionCounts",
+    "CountedConnections",
     "Target",
     "WorkerError",
     "WorkerPool",
@@ -191,7 +197,9 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     fds: list[int]  # the listening descriptors, as numbered in the worker before it moves them to 3, 4, ...
     names: list[str]
     control: int
+    counts: int | None  # the shared table of connection counts (a memfd), if there is one
     index: int
+    workers: int
     backend: str
     uvloop: bool
     drain_timeout: float
@@ -222,6 +230,94 @@ def current_backend() -> tuple[str, bool]:
     except RuntimeError:
         return "trio", False
     return "asyncio", type(loop).__module__.startswith("uvloop")
+
+
+# --------------------------------------------------------------------------- balancing
+class ConnectionCounts:
+    """How many connections each worker serves: one 8-byte slot per worker, in memory every worker
+    maps (a memfd the supervisor makes and passes).  A slot is ``ABSENT`` while no worker runs in it."""
+
+    ABSENT = 1 << 62
+
+    def __init__(self, fd: int, workers: int) -> None:
+        self.fd = fd
+        self.workers = workers
+        self.map = mmap.mmap(fd, 8 * workers)
+
+    @classmethod
+    def create(cls, workers: int) -> ConnectionCounts | None:
+        memfd_create = getattr(os, "memfd_create", None)
+        if memfd_create is None:  # pragma: no cover - not Linux: no balancing, the kernel decides
+            return None
+        fd = memfd_create("xrpc-workers", getattr(os, "MFD_CLOEXEC", 1))
+        os.ftruncate(fd, 8 * workers)
+        counts = cls(fd, workers)
+        for i in range(workers):
+            counts.set(i, cls.ABSENT)
+        return counts
+
+    def set(self, index: int, count: int) -> None:
+        struct.pack_into("q", self.map, 8 * index, count)
+
+    def least_other(self, index: int) -> int:
+        values = struct.unpack_from(f"{self.workers}q", self.map)
+        return min((v for i, v in enumerate(values) if i != index), default=self.ABSENT)
+
+    def close(self) -> None:
+        self.map.close()
+        os.close(self.fd)
+
+
+class CountedConnections(set):  # type: ignore[type-arg]
+    """A worker's ``server.connections``: its size is published in the shared table as it changes."""
+
+    def __init__(self, counts: ConnectionCounts, index: int, items: Any = ()) -> None:
+        super().__init__(items)
+        self.counts = counts
+        self.index = index
+        self.publish()
+
+    def publish(self) -> None:
+        self.counts.set(self.index, len(self))
+
+    def add(self, item: Any) -> None:
+        super().add(item)
+        self.publish()
+
+    def discard(self, item: Any) -> None:
+        super().discard(item)
+        self.publish()
+
+    def remove(self, item: Any) -> None:
+        super().remove(item)
+        self.publish()
+
+
+class AcceptBalance:
+    """The accept gate of a worker: a worker serving more connections than another worker leaves
+    a waiting connection to the others for a moment, so that a burst of connections (all workers
+    idle, every one woken) is shared out instead of going to whichever wakes first.  The moment is
+    bounded: past ``patience`` it accepts anyway, and stops deferring for a second (a sibling that
+    does not accept may be stuck)."""
+
+    def __init__(self, connections: CountedConnections, patience: float = 0.05) -> None:
+        self.connections = connections
+        self.patience = patience
+        self.since: float | None = None
+        self.free_until = 0.0
+
+    def gate(self) -> float:
+        conns = self.connections
+        if len(conns) > conns.counts.least_other(conns.index):
+            now = time.monotonic()
+            if now >= self.free_until:
+                if self.since is None:
+                    self.since = now
+                if now - self.since < self.patience:
+                    return 0.002
+                self.free_until = now + 1.0
+        self.since = None
+        return 0.0
 
 
 # --------------------------------------------------------------------------- the supervisor
@@ -304,6 +400,7 @@ class WorkerPool:
         self._ready_slots: set[int] = set()
         self._up = anyio.Event()
         self._hurry = anyio.Event()
+        self._counts: ConnectionCounts | None = None
 
     def hurry(self) -> None:
         """Cut the drain of stopping workers short (what a second Ctrl-C asks for)."""
@@ -337,7 +434,9 @@ class WorkerPool:
             fds=[fd for fd, _ in fds],
             names=[name for _, name in fds],
             control=control,
+            counts=self._counts.fd if self._counts is not None else None,
             index=index,
+            workers=self.workers,
             backend=self.backend,
             uvloop=self.uvloop,
             drain_timeout=self.drain_timeout,
@@ -364,7 +463,7 @@ class WorkerPool:
                     stdout=None,
                     stderr=None,
                     env=env,
-                    pass_fds=[fd for fd, _ in fds] + [theirs.fileno()],
+                    pass_fds=[fd for fd, _ in fds] + [theirs.fileno()] + ([self._counts.fd] if self._counts is not None else []),
                 )
         except BaseException:
             mine.close()
@@ -430,6 +529,8 @@ class WorkerPool:
             worker.close()
             await worker.process.aclose()
             self.pids.pop(index, None)
+            if self._counts is not None:
+                self._counts.set(index, ConnectionCounts.ABSENT)
             what = f"worker {index} (pid {worker.pid}) {_how(code)}"
             if not ready and not self._up.is_set():
                 detail = f": {worker.error}" if worker.error else " (its error is above)"
@@ -443,6 +544,7 @@ class WorkerPool:
         Reports the bound URL through ``task_status`` once every worker is ready."""
         listener, fds = await self._open(url)
         self.url = listener.url
+        self._counts = ConnectionCounts.create(self.workers)
         try:
             async with anyio.create_task_group() as tg:
                 for i in range(self.workers):
@@ -465,6 +567,9 @@ class WorkerPool:
         finally:
             with anyio.CancelScope(shield=True):
                 await listener.aclose()
+            if self._counts is not None:
+                self._counts.close()
+                self._counts = None
 
 
 async def serve_until_signalled(
