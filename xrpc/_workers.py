@@ -27,6 +27,11 @@ in flight finish (at most ``drain_timeout`` seconds; SIGTERM during the drain cu
 closes its connections and exits.  Workers ignore SIGINT (Ctrl-C reaches the whole process group;
 the supervisor decides), and SIGTERM to one worker recycles it.
 
+Every idle worker wakes for a new connection and the first to ``accept`` takes it, so a burst of
+connections could all land on one.  Workers publish their connection counts in a table in shared
+memory (a memfd from the supervisor), and a worker serving more connections than another leaves a
+waiting connection to the others for up to 50 ms (``AcceptBalance``, the listener's accept gate).
+
 The supervisor replaces a worker that exits while the server runs (killed, crashed, or recycled).
 A worker that fails before it was ever ready during start-up fails ``serve`` at once with its error
 (a broken factory is not retried); later on, after ``restart_limit`` exits within ``restart_window``
