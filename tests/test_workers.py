@@ -380,6 +380,12 @@ def test_xrpc_serve_with_workers_reports_a_broken_object(workdir: Path) -> None:
     r = subprocess.run(argv, cwd=workdir, capture_output=True, env=child_env({"PYTHONPATH": str(workdir)}), timeout=3 * T)
     assert r.returncode == 2
     assert b"has no attribute 'nothing'" in r.stderr
+    (workdir / "die").write_text("")  # the factory fails in the workers
+    argv = [sys.executable, "-m", "xrpc", "serve", "wsrv:make", "--workers", "2", f"unix://{workdir}/s.sock"]
+    r = subprocess.run(argv, cwd=workdir, capture_output=True, env=child_env({"PYTHONPATH": str(workdir)}), timeout=6 * T)
+    assert r.returncode == 2
+    last = r.stderr.decode().strip().splitlines()[-1]
+    assert last.startswith("error: worker ") and "before it was ready" in last and last.endswith("RuntimeError: told to die"), last
 
 
 # --------------------------------------------------------------------------- in this process

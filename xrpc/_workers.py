@@ -577,11 +577,37 @@ class WorkerPool:
                 self._counts = None
 
 
+def _only(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one exception inside ``group`` (nested groups flattened), if there is exactly one."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    return leaves[0] if len(leaves) == 1 else None
+
+
 async def serve_until_signalled(
     pool: WorkerPool, url: str, received: AsyncIterator[Any] | None, on_ready: Callable[[str], object] | None = None
 ) -> None:
     """Run ``pool`` on ``url`` until the first signal from ``received`` (forever without one); a
-    second signal cuts the workers' drain short."""
+    second signal cuts the workers' drain short.  A failure (``WorkerError``, ``TransportError``...)
+    is raised as itself, not inside an exception group."""
+    try:
+        await _serve_until_signalled(pool, url, received, on_ready)
+    except BaseExceptionGroup as group:
+        inner = _only(group)
+        if inner is None:
+            raise
+        raise inner from None
+
+
+async def _serve_until_signalled(
+    pool: WorkerPool, url: str, received: AsyncIterator[Any] | None, on_ready: Callable[[str], object] | None
+) -> None:
 
     async def second_signal() -> None:
         assert received is not None
