@@ -35,6 +35,7 @@ from ._introspect import INTROSPECT_NAME, ExportDescription, Introspection, desc
 from ._requirements import Requirement, requirement_of
 from ._systemd import adopt_inherited, is_activation_url, open_activated, service_lifecycle
 from ._transports import Endpoint, Listener, ParsedURL, connect_stream, open_listener
+from ._workers import WorkerPool, check_workers, current_backend, serve_until_signalled, target_of
 
 __all__ = ("Server", "connect", "run", "OnConnect")
 
@@ -141,14 +142,45 @@ class Server:
         self,
         url: str,
         *,
-        ssl_context: ssl.SSLContext | None = None,
+        ssl_context: ssl.SSLContext | Callable[[], ssl.SSLContext] | None = None,
+        workers: int | None = None,
+        factory: Callable[[], Server] | None = None,
+        drain_timeout: float = 10.0,
         task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on ``url`` until cancelled.  With ``tg.start`` it reports the bound URL.
 
         Under a service manager (``$NOTIFY_SOCKET``) it reports ``READY=1`` once listening, pings
         the watchdog if one is set, and reports ``STOPPING=1`` when cancelled.
+
+        ``workers=N`` (N > 1) serves from N worker processes that accept on the one socket bound
+        here; this process supervises them (replaces one that dies, stops them when cancelled,
+        each finishing its calls in flight within ``drain_timeout`` seconds).  A worker is a fresh
+        interpreter, so it cannot receive this object: each builds its own server by calling
+        ``factory``, a module-level function (or a ``functools.partial`` of one with plain
+        arguments) that returns a ``Server``; with TLS, ``ssl_context`` is such a function too.
+        ``factory`` is only used with ``workers`` > 1.
         """
+        if workers is not None and check_workers(workers) > 1:
+            if factory is None or isinstance(factory, Server):
+                raise TypeError(
+                    f"Server.serve(workers={workers}) runs each worker in a fresh process, which cannot receive a Server object: "
+                    "pass factory=, a module-level function returning the Server (each worker calls it to build its own "
+                    "exports and on_connect)"
+                )
+            backend, uvloop = current_backend()
+            pool = WorkerPool(
+                target_of(factory, "Server.serve(factory=...)"),
+                workers,
+                ssl_context=_ssl_target(ssl_context, workers),
+                backend=backend,
+                uvloop=uvloop,
+                drain_timeout=drain_timeout,
+            )
+            await pool.serve(url, task_status=task_status)
+            return
+        if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
+            ssl_context = ssl_context()
         async with self.listen(url, ssl_context=ssl_context) as listener:
             async with service_lifecycle(f"serving on {listener.url}"):
                 task_status.started(listener.url)
@@ -192,13 +224,31 @@ class Server:
             self.connections.discard(conn)
 
 
+def _ssl_target(ssl_context: ssl.SSLContext | Callable[[], ssl.SSLContext] | None, workers: int) -> Any:
+    """The TLS context's factory, named for the worker processes (checked by building one here)."""
+    if ssl_context is None:
+        return None
+    if isinstance(ssl_context, ssl.SSLContext):
+        raise TypeError(
+            f"workers={workers}: each worker process builds its own TLS context: pass ssl_context=, a module-level function "
+            "returning an ssl.SSLContext, e.g. functools.partial(xrpc.server_ssl_context, CERTFILE, KEYFILE)"
+        )
+    target = target_of(ssl_context, "ssl_context=")
+    built = ssl_context()  # fail here, at once, on a missing certificate
+    if not isinstance(built, ssl.SSLContext):
+        raise TypeError(f"ssl_context=: {target.describe()} returned {type(built).__qualname__}, not an ssl.SSLContext")
+    return target
+
+
 def run(
     server: Server | Callable[[], Server],
     url: str,
     *,
-    ssl_context: ssl.SSLContext | None = None,
+    ssl_context: ssl.SSLContext | Callable[[], ssl.SSLContext] | None = None,
     ready: Callable[[str], object] | None = None,
     backend: str = "asyncio",
+    workers: int | None = None,
+    drain_timeout: float = 10.0,
 ) -> None:
     """Serve ``server`` on ``url`` until Ctrl-C or SIGTERM, then return: the main of a server script.
 
@@ -210,9 +260,48 @@ def run(
     and SIGTERM stop it quietly: the listener closes, the connections end, the socket file is
     removed, and ``run`` returns (no ``KeyboardInterrupt``).  Inside a running event loop, use
     ``await server.serve(url)`` instead.
+
+    ``workers=N`` (N > 1) serves from N worker processes sharing the listening socket (see
+    ``Server.serve``): ``server`` must then be the module-level function that makes the server,
+    which every worker calls, and ``ssl_context`` (for TLS) a function too.  The first signal
+    stops accepting and lets every worker finish its calls in flight (at most ``drain_timeout``
+    seconds); a second one cuts that short.
     """
     if not isinstance(server, Server) and not callable(server):
         raise TypeError(f"xrpc.run() serves an xrpc.Server, not {type(server).__qualname__}")
+    if workers is not None and check_workers(workers) > 1:
+        if isinstance(server, Server):
+            raise TypeError(
+                f"xrpc.run(server, url, workers={workers}) runs each worker in a fresh process, which cannot receive a Server "
+                "object: pass the module-level function that makes it instead (xrpc.run(make_server, url, workers=...)); "
+                "each worker calls it to build its own exports and on_connect"
+            )
+        pool = WorkerPool(
+            target_of(server, "xrpc.run()"),
+            workers,
+            ssl_context=_ssl_target(ssl_context, workers),
+            backend=backend,
+            drain_timeout=drain_timeout,
+        )
+
+        def announce(bound: str) -> None:
+            if ready is not None:
+                ready(bound)
+                if sys.stdout is not None:
+                    sys.stdout.flush()
+
+        async def supervise() -> None:
+            if threading.current_thread() is not threading.main_thread():
+                await serve_until_signalled(pool, url, None, announce)
+                return
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+                await serve_until_signalled(pool, url, received, announce)
+
+        anyio.run(supervise, backend=backend)
+        return
+    if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
+        ssl_context = ssl_context()
+    tls = ssl_context
 
     async def main() -> None:
         srv = server if isinstance(server, Server) else server()
@@ -223,7 +312,7 @@ def run(
         else:
             signals = anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
         with signals as received:
-            async with srv.listen(url, ssl_context=ssl_context) as listener:
+            async with srv.listen(url, ssl_context=tls) as listener:
                 log.info("serving %s on %s", ", ".join(n for n in srv.export_names if n != INTROSPECT_NAME), listener.url)
                 if ready is not None:
                     ready(listener.url)

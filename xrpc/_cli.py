@@ -57,6 +57,7 @@ from ._api import Server, connect
 from ._interface import MethodKind, describe, interface, is_interface
 from ._systemd import service_lifecycle
 from ._transports import ParsedURL
+from ._workers import WorkerError, WorkerPool, serve_until_signalled, target_of
 from ._introspect import INTROSPECT_NAME, ExportDescription, Introspection, MethodInfo, describe_export
 
 __all__ = ("Exit", "CLIError", "dynamic_interface", "main", "build_parser")
@@ -954,9 +955,11 @@ async def _instantiate(obj: Any) -> Any:
     return obj
 
 
-async def cmd_serve(args: argparse.Namespace) -> int:
-    obj = load_object(args.object)
-    iface = load_interface(args.iface) if args.iface else None
+async def served_server(object_spec: str, iface_spec: str | None = None, name: str = "") -> Server:
+    """The server ``xrpc serve OBJECT [--iface IFACE] [--name NAME]`` serves (``CLIError`` if it cannot
+    be made); each worker of ``xrpc serve --workers N`` calls it to build its own."""
+    obj = load_object(object_spec)
+    iface = load_interface(iface_spec) if iface_spec else None
     if iface is None and not isinstance(obj, Server) and not (callable(obj) and not isinstance(obj, type)):
         raise CLIError("--iface pkg.mod:Interface is required (unless the object is an xrpc.Server or makes one)", Exit.USAGE)
     try:
@@ -964,20 +967,26 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     except CLIError:
         raise
     except Exception as exc:
-        raise CLIError(f"{args.object}: creating the object failed: {type(exc).__qualname__}: {exc}", Exit.USAGE) from None
+        raise CLIError(f"{object_spec}: creating the object failed: {type(exc).__qualname__}: {exc}", Exit.USAGE) from None
     if isinstance(made, Server):
-        if iface is not None or args.name:
-            raise CLIError(f"{args.object} is an xrpc.Server: drop --iface and --name (it exports what it exports)", Exit.USAGE)
-        server = made
-    else:
-        if iface is None:
-            raise CLIError(f"{args.object} made a {type(made).__qualname__}, not an xrpc.Server: give --iface pkg.mod:Interface", Exit.USAGE)
-        desc = describe(iface)
-        missing = [name for name in desc.methods if not callable(getattr(made, name, None))]
-        if missing:
-            raise CLIError(f"{type(made).__qualname__} does not implement {desc.name}: missing {', '.join(missing)}", Exit.USAGE)
-        server = Server()
-        server.export(iface, made, args.name or "")
+        if iface is not None or name:
+            raise CLIError(f"{object_spec} is an xrpc.Server: drop --iface and --name (it exports what it exports)", Exit.USAGE)
+        return made
+    if iface is None:
+        raise CLIError(f"{object_spec} made a {type(made).__qualname__}, not an xrpc.Server: give --iface pkg.mod:Interface", Exit.USAGE)
+    desc = describe(iface)
+    missing = [m for m in desc.methods if not callable(getattr(made, m, None))]
+    if missing:
+        raise CLIError(f"{type(made).__qualname__} does not implement {desc.name}: missing {', '.join(missing)}", Exit.USAGE)
+    server = Server()
+    server.export(iface, made, name)
+    return server
+
+
+async def cmd_serve(args: argparse.Namespace) -> int:
+    if args.workers is not None and args.workers > 1:
+        return await _serve_workers(args)
+    server = await served_server(args.object, args.iface, args.name or "")
     url = args.url
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         try:
@@ -1028,6 +1037,55 @@ async def cmd_service_unit(args: argparse.Namespace) -> int:
         _write(f"{status} {path}")
     _write(f"next: {next_steps(desc.name, scope)}")
     return Exit.OK
+
+
+async def _serve_workers(args: argparse.Namespace) -> int:
+    # what can be checked without building anything is checked here; each worker builds the server
+    obj = load_object(args.object)
+    if args.iface:
+        load_interface(args.iface)
+    elif not isinstance(obj, Server) and not (callable(obj) and not isinstance(obj, type)):
+        raise CLIError("--iface pkg.mod:Interface is required (unless the object is an xrpc.Server or makes one)", Exit.USAGE)
+    factory = functools.partial(served_server, args.object, args.iface or None, args.name or "")
+    pool = WorkerPool(target_of(factory, "xrpc serve"), args.workers, drain_timeout=args.drain_timeout)
+
+    def announce(url: str) -> None:
+        _write(url)
+        names = ", ".join(pool.export_names)
+        print(f"xrpc serve: serving {names} on {url} with {args.workers} workers (Ctrl-C to stop)", file=sys.stderr, flush=True)
+
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        try:
+            await serve_until_signalled(pool, args.url, signals, announce)
+        except ValueError as exc:
+            raise CLIError(str(exc), Exit.USAGE) from None
+        except errors.TransportError as exc:
+            raise CLIError(f"cannot listen: {exc}", Exit.CONNECT) from None
+        except WorkerError as exc:
+            raise CLIError(str(exc), Exit.USAGE if not pool.export_names else Exit.CALL_FAILED) from None
+    return Exit.OK
+
+
+def _workers_count(text: str) -> int:
+    if text == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes (or 'auto')") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("the number of workers must be >= 1")
+    return value
+
+
+def _drain(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError("the drain timeout must be >= 0 seconds")
+    return value
 
 
 # --------------------------------------------------------------------------- argument parser
@@ -1156,6 +1214,12 @@ returning one, it is served as it is and --iface is not needed.
 
 Once listening, the bound URL is printed on stdout on a line by itself (with
 tcp://host:0 it names the real port), so scripts can wait for it.
+
+With --workers N, this process binds URL and runs N worker processes that all
+accept on it; each imports OBJECT and builds its own server.  A worker that dies
+is replaced; SIGINT or SIGTERM stops accepting and lets each worker finish its
+calls in flight (at most --drain-timeout seconds; a second signal cuts it short).
+The URL is printed once every worker is ready.
 """
 
 SERVE_EPILOG = f"""\
@@ -1163,6 +1227,7 @@ examples:
   xrpc serve myapp.impl:GeometryImpl --iface myapp.api:Geometry unix:///tmp/geo.sock
   xrpc serve myapp.impl:make_geometry --iface myapp.api:Geometry tcp://127.0.0.1:0
   xrpc serve myapp.service:make_server tcp://127.0.0.1:8000
+  xrpc serve myapp.service:make_server unix:///tmp/geo.sock --workers 4
   systemd-socket-activate -l /tmp/geo.sock xrpc serve myapp.service:make_server systemd:
 
 {EXIT_CODES_HELP}"""
@@ -1251,6 +1316,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--iface", metavar="pkg.mod:Interface", help="the @xrpc.interface to export the object as")
     p.add_argument("--name", metavar="NAME", help="the export's name (default: the interface's name)")
+    p.add_argument(
+        "--workers",
+        type=_workers_count,
+        metavar="N",
+        help="serve from N worker processes sharing the socket ('auto': one per CPU); default: this process alone",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=_drain,
+        default=10.0,
+        metavar="SECONDS",
+        help="with --workers: how long a stopping worker lets its calls in flight finish (default: 10)",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
     p.set_defaults(run=cmd_serve)
 

@@ -229,12 +229,19 @@ class SocketListener(Listener):
         self._starved = False  # out of descriptors since the last connection accepted
         self._backoff = 0.05
         self._inode: tuple[int, int] | None = inode
+        # Asked before each accept: how long to leave a waiting connection to someone else
+        # accepting on the same socket (0: accept it now).  Worker processes balance with it.
+        self.accept_gate: Callable[[], float] | None = None
         if cleanup and inode is None:
             try:
                 st = os.lstat(cleanup)
                 self._inode = (st.st_dev, st.st_ino)
             except OSError:
                 self._inode = None
+
+    def fileno(self) -> int:
+        """The listening socket's descriptor (to hand to worker processes that accept on it too)."""
+        return self._sock.fileno()
 
     async def serve(self, handler: Handler) -> None:
         lsock = self._sock
@@ -244,6 +251,12 @@ class SocketListener(Listener):
                     await anyio.wait_readable(lsock)
                 except (anyio.ClosedResourceError, OSError, ValueError):
                     return
+                gate = self.accept_gate
+                if gate is not None:
+                    delay = gate()
+                    if delay > 0:
+                        await anyio.sleep(delay)
+                        continue
                 try:
                     conn, _ = lsock.accept()
                 except (BlockingIOError, InterruptedError):
