@@ -147,3 +147,82 @@ def test_run_in_a_thread_serves_and_reports_the_bound_url() -> None:
     assert not t.is_alive()
     assert len(seen) == 1 and seen[0].startswith("tcp://127.0.0.1:") and not seen[0].endswith(":0")
     assert len(errors) == 1
+
+
+LOOP_SCRIPT = textwrap.dedent(
+    """
+    import asyncio
+    import sys
+    from typing import Protocol
+
+    import xrpc
+
+
+    @xrpc.interface()
+    class Loop(Protocol):
+        async def loop_module(self) -> str: ...
+
+
+    class LoopService:
+        async def loop_module(self) -> str:
+            return type(asyncio.get_running_loop()).__module__
+
+
+    def make() -> xrpc.Server:
+        server = xrpc.Server()
+        server.export(Loop, LoopService())
+        return server
+
+
+    if __name__ == "__main__":
+        xrpc.run(make, sys.argv[1], ready=print, backend=sys.argv[2])
+    """
+)
+
+
+def _loop_module(cmd: list[str], workdir: Path) -> str:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(workdir)])}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=workdir)
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        assert url.startswith("unix://"), proc.stderr.read() if proc.stderr else ""
+
+        async def call() -> str:
+            with anyio.fail_after(T):
+                async with xrpc.connect(url) as conn:
+                    from loopy import Loop  # type: ignore[import-not-found]
+
+                    return str(await conn.proxy(Loop).loop_module())
+
+        sys.path.insert(0, str(workdir))
+        try:
+            return anyio.run(call)
+        finally:
+            sys.path.remove(str(workdir))
+            sys.modules.pop("loopy", None)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=T)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate(timeout=T)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "uvloop"])
+def test_run_and_xrpc_serve_run_on_the_event_loop_asked_for(workdir: Path, backend: str) -> None:
+    pytest.importorskip("uvloop", reason="uvloop is not installed (pip install 'xrpc[uvloop]')")
+    (workdir / "loopy.py").write_text(LOOP_SCRIPT)
+    expected = "uvloop" if backend == "uvloop" else "asyncio.unix_events"
+    got = _loop_module([sys.executable, str(workdir / "loopy.py"), f"unix://{workdir}/a.sock", backend], workdir)
+    assert got == expected
+    got = _loop_module(
+        [sys.executable, "-m", "xrpc", "serve", "loopy:make", f"unix://{workdir}/b.sock", "--loop", backend], workdir
+    )
+    assert got == expected
+
+
+def test_run_refuses_an_unknown_event_loop() -> None:
+    with pytest.raises(ValueError, match="'asyncio', 'uvloop' or 'trio'"):
+        xrpc.run(xrpc.Server(), "memory://x", backend="tokio")

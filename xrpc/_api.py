@@ -252,7 +252,9 @@ def run(
 ) -> None:
     """Serve ``server`` on ``url`` until Ctrl-C or SIGTERM, then return: the main of a server script.
 
-    Blocks, running its own event loop (``backend``: ``"asyncio"`` or ``"trio"``).  ``server`` may
+    Blocks, running its own event loop (``backend``: ``"asyncio"``, ``"uvloop"`` for asyncio on
+    uvloop's faster loop, which needs the ``uvloop`` package (``pip install 'xrpc[uvloop]'``), or
+    ``"trio"``).  ``server`` may
     be a function returning the server: it is then called inside that loop (for objects that need
     a running loop when they are made).  ``ready(url)`` is called with the bound URL once the
     server listens (with ``tcp://127.0.0.1:0``, the port chosen), and standard output is flushed
@@ -269,6 +271,7 @@ def run(
     """
     if not isinstance(server, Server) and not callable(server):
         raise TypeError(f"xrpc.run() serves an xrpc.Server, not {type(server).__qualname__}")
+    backend, options = loop_backend(backend)
     if workers is not None and check_workers(workers) > 1:
         if isinstance(server, Server):
             raise TypeError(
@@ -281,6 +284,7 @@ def run(
             workers,
             ssl_context=_ssl_target(ssl_context, workers),
             backend=backend,
+            uvloop=bool(options),
             drain_timeout=drain_timeout,
         )
 
@@ -297,7 +301,7 @@ def run(
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
                 await serve_until_signalled(pool, url, received, announce)
 
-        anyio.run(supervise, backend=backend)
+        anyio.run(supervise, backend=backend, backend_options=options)
         return
     if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
         ssl_context = ssl_context()
@@ -323,7 +327,20 @@ def run(
                 async for _ in received:
                     break
 
-    anyio.run(main, backend=backend)
+    anyio.run(main, backend=backend, backend_options=options)
+
+
+def loop_backend(name: str) -> tuple[str, dict[str, Any]]:
+    """anyio's backend and its options for ``name``: ``"asyncio"``, ``"uvloop"`` or ``"trio"``."""
+    if name == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            raise ImportError("the uvloop event loop needs the uvloop package: pip install 'xrpc[uvloop]'") from None
+        return "asyncio", {"use_uvloop": True}
+    if name not in ("asyncio", "trio"):
+        raise ValueError(f"backend={name!r}: the event loop is 'asyncio', 'uvloop' or 'trio'")
+    return name, {}
 
 
 class _IntrospectionService:

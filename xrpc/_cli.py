@@ -53,7 +53,7 @@ import msgspec
 
 from . import __version__
 from . import _errors as errors
-from ._api import Server, connect
+from ._api import Server, connect, loop_backend
 from ._interface import MethodKind, describe, interface, is_interface
 from ._systemd import service_lifecycle
 from ._transports import ParsedURL
@@ -1047,7 +1047,7 @@ async def _serve_workers(args: argparse.Namespace) -> int:
     elif not isinstance(obj, Server) and not (callable(obj) and not isinstance(obj, type)):
         raise CLIError("--iface pkg.mod:Interface is required (unless the object is an xrpc.Server or makes one)", Exit.USAGE)
     factory = functools.partial(served_server, args.object, args.iface or None, args.name or "")
-    pool = WorkerPool(target_of(factory, "xrpc serve"), args.workers, drain_timeout=args.drain_timeout)
+    pool = WorkerPool(target_of(factory, "xrpc serve"), args.workers, drain_timeout=args.drain_timeout, uvloop=args.loop == "uvloop")
 
     def announce(url: str) -> None:
         _write(url)
@@ -1329,6 +1329,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="with --workers: how long a stopping worker lets its calls in flight finish (default: 10)",
     )
+    p.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="the event loop: asyncio's own, or uvloop's (faster; needs pip install 'xrpc[uvloop]')",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
     p.set_defaults(run=cmd_serve)
 
@@ -1364,7 +1370,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(name)s: %(levelname)s %(message)s")
     try:
-        code = anyio.run(args.run, args, backend="asyncio")
+        backend, options = loop_backend(getattr(args, "loop", "asyncio"))
+    except ImportError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return Exit.USAGE
+    try:
+        code = anyio.run(args.run, args, backend=backend, backend_options=options)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
