@@ -7,3 +7,7 @@ from ._frames import *  # noqa: F403
 __all__: list[str] = []
 __all__ += _core.__all__
 __all__ += _frames.__all__
+
+# True when the protocol core was compiled to a C extension (``XRPC_COMPILE=1 pip install .``),
+# False for the pure-Python package.
+COMPILED: bool = not _core.__file__.endswith(".py")
