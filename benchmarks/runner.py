@@ -358,6 +358,9 @@ def render_notes(report: dict[str, Any]) -> list[str]:
             loops.append(f"{s}: {lp}")
     if loops:
         notes.append("Event loops: " + ", ".join(loops) + ".")
+    cores = [f"{s}: {st['info']['core']}" for s, st in report["systems"].items() if st["status"] == "ok" and (st.get("info") or {}).get("core")]
+    if cores:
+        notes.append("xrpc protocol core (compiled: `XRPC_COMPILE=1 pip install .`): " + ", ".join(cores) + ".")
     pyro = report["systems"].get("pyro5")
     if pyro and pyro["status"] == "ok":
         ser = (pyro.get("info") or {}).get("serializer", "?")

@@ -13,6 +13,13 @@ import xrpc
 from ..xrpc_iface import Bench, BenchImpl, Small
 
 
+def _core() -> str:
+    """Which protocol core is imported: ``compiled`` (``XRPC_COMPILE=1 pip install .``) or ``python``."""
+    from xrpc import _protocol
+
+    return "compiled" if getattr(_protocol, "COMPILED", False) else "python"
+
+
 def _bind_url(opts: Any) -> str:
     if opts.transport == "tcp":
         return "tcp://127.0.0.1:0"
@@ -25,7 +32,7 @@ async def _serve(opts: Any) -> None:
     server = xrpc.Server()
     server.export(Bench, BenchImpl())
     async with server.listen(_bind_url(opts)) as listener:
-        announce(str(listener.url), loop=opts.loop, xrpc=getattr(xrpc, "__version__", "?"))
+        announce(str(listener.url), loop=opts.loop, xrpc=getattr(xrpc, "__version__", "?"), core=_core())
         await asyncio.Event().wait()
 
 
@@ -55,7 +62,7 @@ class Adapter:
 
     def __init__(self, url: str, loop: str) -> None:
         self.url = url
-        self.info: dict[str, Any] = {"loop": loop, "xrpc": getattr(xrpc, "__version__", "?")}
+        self.info: dict[str, Any] = {"loop": loop, "xrpc": getattr(xrpc, "__version__", "?"), "core": _core()}
 
     async def _hold(self, c: _Conn, ready: asyncio.Future[None]) -> None:
         try:
@@ -109,7 +116,7 @@ def probe(opts: Any) -> dict[str, Any]:
     for name in ("Server", "connect", "interface"):
         if not hasattr(xrpc, name):
             raise ImportError(f"xrpc has no attribute {name!r}")
-    info: dict[str, Any] = {"xrpc": getattr(xrpc, "__version__", "?"), "loop": opts.loop}
+    info: dict[str, Any] = {"xrpc": getattr(xrpc, "__version__", "?"), "loop": opts.loop, "core": _core()}
     if opts.loop == "uvloop":
         from importlib.metadata import version
 

@@ -39,7 +39,7 @@ misuse by the local side raises ``LocalProtocolError``.
 from __future__ import annotations
 
 import sys
-from typing import Any, Union
+from typing import Any, Final, Union
 
 import msgspec
 
@@ -92,6 +92,15 @@ ITEM_OVERHEAD = 16  # added to an ITEM payload's length to give its connection c
 MIN_CONN_WINDOW = 64 * 1024  # the least connection window; assumed until the peer's is known
 _MAX_CONN_WINDOW = 1 << 40
 
+try:  # read by mypyc when it compiles this module (``XRPC_COMPILE=1``, see setup.py)
+    from mypy_extensions import mypyc_attr
+except ImportError:  # a build dependency only: at run time the decorator does nothing
+
+    def _no_attrs(*attrs: str, **kwattrs: object) -> Any:
+        return lambda cls: cls
+
+    mypyc_attr = _no_attrs
+
 
 def conn_window_for(max_buffered: int, max_frame: int) -> int:
     """The connection window a receiver with memory budget ``max_buffered`` can grant: what is left
@@ -109,10 +118,10 @@ def _uint_len(n: int) -> int:
 
 
 class State:
-    HANDSHAKE = "HANDSHAKE"
-    OPEN = "OPEN"
-    CLOSED = "CLOSED"  # GOODBYE sent or received
-    ERROR = "ERROR"
+    HANDSHAKE: Final = "HANDSHAKE"
+    OPEN: Final = "OPEN"
+    CLOSED: Final = "CLOSED"  # GOODBYE sent or received
+    ERROR: Final = "ERROR"
 
 
 class CallRecord:
@@ -163,11 +172,13 @@ def _undecodable(body: memoryview, exc: BaseException) -> str:
     return f"undecodable {name}: {text}"
 
 
-def _refs(entry: tuple[bytearray, memoryview]) -> int:
-    return sys.getrefcount(entry[1])
+def _refs(lent: list[tuple[bytearray, memoryview]], i: int) -> int:
+    return sys.getrefcount(lent[i][1])
 
 
-_ALONE = _refs((bytearray(), memoryview(b"")))  # the count of a view that only its entry holds
+# the count of a view that only its entry holds, taken the way ``take`` takes it (compiled code may
+# hold references of its own while it looks, so the count is only compared with one taken alike)
+_ALONE = _refs([(bytearray(), memoryview(b""))], 0)
 
 
 class FrameBuffers:
@@ -186,7 +197,7 @@ class FrameBuffers:
 
     __slots__ = ("keep", "spare", "lent")
 
-    LENT = 4  # frames whose payloads may still be in use, tracked at most
+    LENT: Final = 4  # frames whose payloads may still be in use, tracked at most
 
     def __init__(self, keep: int = 4 * 1024 * 1024) -> None:
         self.keep = keep
@@ -198,7 +209,7 @@ class FrameBuffers:
         lent = self.lent
         i = 0
         while i < len(lent):
-            if _refs(lent[i]) <= _ALONE:  # nothing decoded from it is alive: it is spare
+            if _refs(lent, i) <= _ALONE:  # nothing decoded from it is alive: it is spare
                 buf = lent.pop(i)[0]
                 if self.spare is None or len(buf) > len(self.spare):
                     self.spare = buf
@@ -218,6 +229,7 @@ class FrameBuffers:
         lent.append((buf, body))
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # compiled, it may still be subclassed (tests model older peers so)
 class ProtocolCore:
     """One side of one xrpc connection, without I/O."""
 
@@ -522,7 +534,7 @@ class ProtocolCore:
             self._emit(Ping(nonce))
 
     # ------------------------------------------------------------------ receiving
-    def receive_data(self, data: bytes) -> list[tuple[Message, CallRecord | None]]:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[tuple[Message, CallRecord | None]]:
         """Feed received bytes; return the complete, validated messages they finish.
 
         ``b""`` means the peer closed its side: a frame left half-received is a protocol error.
@@ -544,7 +556,7 @@ class ProtocolCore:
             return done
         if self._in:
             self._in += data
-            buf: bytes | bytearray = self._in
+            buf: bytes | bytearray | memoryview = self._in
         else:
             buf = data
         total = len(buf)
