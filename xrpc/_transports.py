@@ -214,7 +214,8 @@ class SocketListener(Listener):
     Out of descriptors (EMFILE/ENFILE on accept), it keeps a spare one to accept each waiting
     connection and close it at once with a GOODBYE that says why, instead of leaving clients hanging
     in the backlog; it warns once per such episode, and waits (a short timer, doubling up to a
-    second) only when even the spare is gone.
+    second) only when even the spare is gone, or when ``on_starved`` says that another process
+    accepting on the same socket has descriptors left (the connection is then left to it).
     """
 
     def __init__(
@@ -232,6 +233,10 @@ class SocketListener(Listener):
         # Asked before each accept: how long to leave a waiting connection to someone else
         # accepting on the same socket (0: accept it now).  Worker processes balance with it.
         self.accept_gate: Callable[[], float] | None = None
+        # Told when accepting runs out of descriptors (True) and when it accepts again (False);
+        # answers whether to refuse the waiting connection here (False: another process accepting
+        # on the same socket has descriptors to spare, so leave the connection to it).
+        self.on_starved: Callable[[bool], bool] | None = None
         if cleanup and inode is None:
             try:
                 st = os.lstat(cleanup)
@@ -274,6 +279,8 @@ class SocketListener(Listener):
                 if self._starved:
                     self._starved, self._backoff = False, 0.05
                     log.warning("%s: accepting connections again", self.url)
+                    if self.on_starved is not None:
+                        self.on_starved(False)
                     if self._reserve is None:
                         self._reserve = _reserve_fd()
                 conn.setblocking(False)
@@ -293,7 +300,8 @@ class SocketListener(Listener):
                 self.url,
                 exc.strerror,
             )
-        if self._reserve is not None:
+        shared = self.on_starved is not None and not self.on_starved(True)
+        if self._reserve is not None and not shared:
             os.close(self._reserve)
             self._reserve = None
             try:

@@ -5,13 +5,15 @@ It moves the listening descriptors it inherited to 3, 4, ... and describes them 
 for itself, so that ``Server.listen("systemd:")`` serves them as it serves sockets passed by a
 service manager; builds its ``Server`` (and TLS context) by calling the factory it was named; writes
 ``ready`` on its control socket; and serves until that socket reaches end of file (the supervisor
-asks it to stop, or died) or SIGTERM arrives.  Then it stops accepting, lets the calls in flight
+asks it to stop, or died) or SIGTERM arrives (it then writes ``recycle``: the supervisor replaces
+it without counting a failure).  Then it stops accepting, lets the calls in flight
 finish (at most the drain timeout; another SIGTERM cuts that short), closes its connections and
 exits with code 0.  Failing to start, it writes ``error <message>`` and exits with code 1.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import inspect
@@ -96,6 +98,7 @@ async def serve_worker(spec: WorkerSpec, control: socket.socket, counts: Connect
                 balance = AcceptBalance(server.connections)
                 for part in listener.parts:
                     part.accept_gate = balance.gate
+                    part.on_starved = balance.starved
             exports = [n for n in server.export_names if n != INTROSPECT_NAME]
             control.send(b"ready " + msgspec.json.encode(ReadyInfo(listener.url, exports)) + b"\n")
             async with anyio.create_task_group() as tg:
@@ -106,6 +109,9 @@ async def serve_worker(spec: WorkerSpec, control: socket.socket, counts: Connect
                     async for _ in signals:
                         if stop.is_set():
                             drain.cancel()  # a second request: stop waiting for the calls in flight
+                        else:
+                            with contextlib.suppress(OSError):  # the supervisor replaces us without counting a failure
+                                control.send(b"recycle\n")
                         stop.set()
 
                 tg.start_soon(on_signals)

@@ -31,8 +31,13 @@ Every idle worker wakes for a new connection and the first to ``accept`` takes i
 connections could all land on one.  Workers publish their connection counts in a table in shared
 memory (a memfd from the supervisor), and a worker serving more connections than another leaves a
 waiting connection to the others for up to 50 ms (``AcceptBalance``, the listener's accept gate).
+A worker out of descriptors marks its slot ``STARVED`` and leaves waiting connections to the others
+instead of refusing them, unless every other worker is starved too.
 
-The supervisor replaces a worker that exits while the server runs (killed, crashed, or recycled).
+The supervisor replaces a worker that exits while the server runs (killed, crashed, or recycled);
+it waits for the worker's process, not for the end of its control socket, which a process the
+worker forked may hold open.  A worker recycled with SIGTERM writes ``recycle`` first, and its
+clean exit is not counted as a failure.
 A worker that fails before it was ever ready during start-up fails ``serve`` at once with its error
 (a broken factory is not retried); later on, after ``restart_limit`` exits within ``restart_window``
 seconds it gives up: it stops the other workers and ``serve`` raises ``WorkerError``.  It reports
@@ -77,6 +82,7 @@ __all__ = (
     "resolve",
     "serve_until_signalled",
     "target_of",
+    "worker_command",
 )
 
 log = logging.getLogger("xrpc")
@@ -87,6 +93,22 @@ if sys.version_info < (3, 11):  # pragma: no cover
 SPEC_VAR = "XRPC_WORKER_SPEC"
 _DROPPED_VARS = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", SPEC_VAR)
 _GRACE = 5.0  # seconds past the drain a stopping worker gets before it is killed
+
+
+def worker_command() -> list[str]:
+    """How a worker is started: ``python -m xrpc._worker``, but without the current directory put
+    first on its ``sys.path`` (``-m`` does that): whoever can write to the directory the server
+    was started from would otherwise have every worker import their ``xrpc`` (or ``anyio``...)
+    instead.  The worker then takes the server's own ``sys.path``."""
+    if sys.version_info >= (3, 11):
+        return [sys.executable, "-P", "-m", "xrpc._worker"]
+    return [sys.executable, "-c", _SAFE_START]  # pragma: no cover - Python 3.10 has no -P
+
+
+_SAFE_START = (
+    "import sys; sys.path[:1] = [] if sys.path[:1] == [''] else sys.path[:1]; "
+    "from xrpc._worker import main; sys.exit(main())"
+)
 
 
 class WorkerError(RuntimeError):
@@ -240,9 +262,11 @@ def current_backend() -> tuple[str, bool]:
 # --------------------------------------------------------------------------- balancing
 class ConnectionCounts:
     """How many connections each worker serves: one 8-byte slot per worker, in memory every worker
-    maps (a memfd the supervisor makes and passes).  A slot is ``ABSENT`` while no worker runs in it."""
+    maps (a memfd the supervisor makes and passes).  A slot is ``ABSENT`` while no worker runs in it,
+    and has ``STARVED`` added while its worker is out of descriptors (it can take no connection)."""
 
     ABSENT = 1 << 62
+    STARVED = 1 << 61
 
     def __init__(self, fd: int, workers: int) -> None:
         self.fd = fd
@@ -280,10 +304,11 @@ class CountedConnections(set):  # type: ignore[type-arg]
         super().__init__(items)
         self.counts = counts
         self.index = index
+        self.starved = False
         self.publish()
 
     def publish(self) -> None:
-        self.counts.set(self.index, len(self))
+        self.counts.set(self.index, len(self) + (ConnectionCounts.STARVED if self.starved else 0))
 
     def add(self, item: Any) -> None:
         super().add(item)
@@ -324,6 +349,14 @@ class AcceptBalance:
         self.since = None
         return 0.0
 
+    def starved(self, out_of_descriptors: bool) -> bool:
+        """The listener's ``on_starved``: publish that this worker is out of descriptors (or no
+        longer); refuse a waiting connection here only if every other worker is out of them too."""
+        conns = self.connections
+        conns.starved = out_of_descriptors
+        conns.publish()
+        return conns.counts.least_other(conns.index) >= ConnectionCounts.STARVED
+
 
 # --------------------------------------------------------------------------- the supervisor
 class _Worker:
@@ -333,6 +366,7 @@ class _Worker:
         self.control = control
         self.buffer = b""
         self.error = ""
+        self.recycled = False  # it said it stops because it was asked to (SIGTERM)
 
     @property
     def pid(self) -> int:
@@ -353,6 +387,20 @@ class _Worker:
             self.buffer += data
         line, _, self.buffer = self.buffer.partition(b"\n")
         return line
+
+    def rest(self) -> list[bytes]:
+        """The lines the worker wrote that were not read yet (it exited: nothing more comes)."""
+        while True:
+            try:
+                data = self.control.recv(65536)
+            except OSError:
+                break
+            if not data:
+                break
+            self.buffer += data
+        lines = self.buffer.split(b"\n")
+        self.buffer = b""
+        return [line for line in lines[:-1]]
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -463,7 +511,7 @@ class WorkerPool:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
             with anyio.CancelScope(shield=True):  # never leave a process behind half-started
                 process = await anyio.open_process(
-                    [sys.executable, "-m", "xrpc._worker"],
+                    worker_command(),
                     stdin=subprocess.DEVNULL,
                     stdout=None,
                     stderr=None,
@@ -516,18 +564,35 @@ class WorkerPool:
             await anyio.lowlevel.checkpoint()  # cancelled: no new worker
             worker = await self._start(index, fds)
             ready = False
+
+            def handle(line: bytes) -> None:
+                nonlocal ready
+                if line.startswith(b"ready ") and not ready:
+                    info = msgspec.json.decode(line[6:], type=ReadyInfo)
+                    ready = True
+                    self.export_names = info.exports
+                    self._ready_slots.add(index)
+                    if len(self._ready_slots) == self.workers:
+                        self._up.set()
+                elif line.startswith(b"error "):
+                    worker.error = line[6:].decode(errors="replace")
+                elif line == b"recycle":
+                    worker.recycled = True
+
+            async def read_messages() -> None:
+                while (line := await worker.message()) is not None:
+                    handle(line)
+                await anyio.sleep_forever()  # its end closed: the process itself says when it is gone
+
             try:
-                while (line := await worker.message()) is not None:  # EOF: the worker exited
-                    if line.startswith(b"ready ") and not ready:
-                        info = msgspec.json.decode(line[6:], type=ReadyInfo)
-                        ready = True
-                        self.export_names = info.exports
-                        self._ready_slots.add(index)
-                        if len(self._ready_slots) == self.workers:
-                            self._up.set()
-                    elif line.startswith(b"error "):
-                        worker.error = line[6:].decode(errors="replace")
-                code = await worker.process.wait()
+                # the worker's exit is its process's exit, not the end of its control socket: a
+                # process it forked (a helper, a multiprocessing pool) may hold that end open
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(read_messages)
+                    code = await worker.process.wait()
+                    tg.cancel_scope.cancel()
+                for line in worker.rest():
+                    handle(line)
             except BaseException:
                 await self._stop(worker)
                 raise
@@ -540,6 +605,9 @@ class WorkerPool:
             if not ready and not self._up.is_set():
                 detail = f": {worker.error}" if worker.error else " (its error is above)"
                 raise WorkerError(f"{what} before it was ready{detail}")
+            if worker.recycled and code == 0:
+                log.info("%s after SIGTERM; starting another", what)
+                continue  # recycled on purpose: not a failure the restart limit counts
             log.warning("%s%s; starting another", what, f" ({worker.error})" if worker.error else "")
             self._count_exit()
 
