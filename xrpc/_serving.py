@@ -13,6 +13,7 @@ arguments against the memory budget until it ends.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import functools
 import inspect
@@ -98,6 +99,25 @@ except ImportError:  # pragma: no cover
     _sniffio_cvar = None
 
 
+@types.coroutine
+def _finish_in(ctx: contextvars.Context, step: Any, yielded: Any) -> Any:
+    """Finish awaiting ``step`` (a coroutine advanced once, which yielded ``yielded``) with each
+    of its steps run in ``ctx``: what ``await step`` does after its first suspension."""
+    while True:
+        try:
+            sent = yield yielded
+        except BaseException as exc:
+            try:
+                yielded = ctx.run(step.throw, exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                yielded = ctx.run(step.send, sent)
+            except StopIteration as stop:
+                return stop.value
+
+
 def _refusal(exc: BaseException) -> str:
     """What the log says about a refused value: where, never the value (it may be a secret)."""
     arg = getattr(exc, "argument", "")
@@ -130,7 +150,7 @@ class Serving(Side):
 
     __slots__ = (
         "limits", "exports", "shared", "requirement", "room_for", "answered", "serving", "streams", "tasks", "_guard_cache",
-        "_next_ticket", "_started_ticket", "_ticket_waiters",
+        "_starts", "_starting",
     )
 
     def __init__(
@@ -154,9 +174,9 @@ class Serving(Side):
         self.streams = 0  # stream calls being served
         self.tasks: set[asyncio.Task[None]] = set()  # calls served in asyncio tasks
         self._guard_cache: dict[int, tuple[Any, bool]] = {}  # id(requirement) -> (requirement, verdict)
-        self._next_ticket = 0  # calls start in the order they arrived (non-asyncio backends)
-        self._started_ticket = 0
-        self._ticket_waiters: dict[int, anyio.Event] = {}
+        # calls waiting to start, in the order they arrived (non-asyncio backends: ``_run_starts``)
+        self._starts: collections.deque[Any] = collections.deque()
+        self._starting = False  # a task is starting them
 
     # ---------------------------------------------------------------- exports
     def all_exports(self) -> list[Export]:
@@ -401,11 +421,12 @@ class Serving(Side):
     def _start(self, coro: Any, inc: InCall, deadline: float | None) -> None:
         loop = self.link.loop
         if loop is None:
-            tg = self.link.tg
-            assert tg is not None
-            ticket = self._next_ticket
-            self._next_ticket = ticket + 1
-            tg.start_soon(self._start_in_order, ticket, coro)
+            self._starts.append(coro)
+            if not self._starting:
+                tg = self.link.tg
+                assert tg is not None
+                self._starting = True
+                tg.start_soon(self._run_starts)
             return
         task = loop.create_task(coro)
         inc.task = task
@@ -425,21 +446,44 @@ class Serving(Side):
             inc.held = 0
             self.flow.release_call(n)
 
-    async def _start_in_order(self, ticket: int, coro: Any) -> None:
-        """Run ``coro`` once every call received before it has started (the scheduler of a
-        non-asyncio backend may start new tasks in any order)."""
+    async def _run_starts(self) -> None:
+        """Start the queued calls in the order they arrived (non-asyncio backends, whose scheduler
+        may start new tasks in any order), each in a context of its own, in this task: a call
+        that finishes without suspending costs no task.  The first one that suspends keeps this
+        task, which finishes it, and a new task takes over the calls queued behind it, so a slow
+        call holds up no other."""
+        starts = self._starts
+        coro: Any = None
+        active = True  # this task starts the queued calls (until one suspends)
         try:
-            if self._started_ticket != ticket:
-                event = self._ticket_waiters[ticket] = anyio.Event()
-                await event.wait()
+            while starts:
+                coro = starts.popleft()
+                ctx = contextvars.copy_context()
+                try:
+                    yielded = ctx.run(coro.send, None)
+                except StopIteration:
+                    coro = None
+                    continue
+                # it suspended: the calls behind it go on in another task
+                if starts:
+                    tg = self.link.tg
+                    assert tg is not None
+                    tg.start_soon(self._run_starts)
+                else:
+                    self._starting = False
+                active = False
+                step, coro = coro, None
+                await _finish_in(ctx, step, yielded)
+                return
+            self._starting = False
         except BaseException:
-            coro.close()
+            if coro is not None:
+                coro.close()
+            if active:  # a call failed as it started (a bug): the connection ends with it
+                while starts:
+                    starts.popleft().close()
+                self._starting = False
             raise
-        self._started_ticket = ticket + 1
-        following = self._ticket_waiters.pop(ticket + 1, None)
-        if following is not None:
-            following.set()
-        await coro
 
     # ---------------------------------------------------------------- serving
     def _serve_inline(self, msg: Call, m: MethodDescription, export: Export, args: tuple[Any, ...]) -> None:
