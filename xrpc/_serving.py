@@ -53,11 +53,14 @@ _size_encoder = msgspec.msgpack.Encoder()
 class InCall(StreamHandler):
     """Callee-side state of one incoming call served in a task.
 
-    Under anyio task groups the call runs in ``scope``; on the asyncio fast path it is the native
-    ``task``, cancelled directly, with ``deadline`` enforced by a scope inside the task.
+    Under anyio task groups a call with a deadline runs in ``scope``; one without has no scope of
+    its own until it suspends: from then on the task that runs it runs nothing else, and that
+    task's scope (``host``) is the call's (see ``Serving._run_starts``).  On the asyncio fast
+    path it is the native ``task``, cancelled directly, with ``deadline`` enforced by a scope
+    inside the task.
     """
 
-    __slots__ = ("scope", "task", "deadline", "promise", "held")
+    __slots__ = ("scope", "task", "deadline", "promise", "held", "host", "cancelled")
 
     def __init__(self, scope: anyio.CancelScope | None) -> None:
         super().__init__(None, None)
@@ -66,12 +69,17 @@ class InCall(StreamHandler):
         self.scope = scope
         self.task: asyncio.Task[None] | None = None
         self.deadline = math.inf
+        self.host: anyio.CancelScope | None = None
+        self.cancelled = False  # the peer cancelled it
 
     def on_cancel(self) -> None:
+        self.cancelled = True
         if self.scope is not None:
             self.scope.cancel()
         elif self.task is not None:
             self.task.cancel()
+        elif self.host is not None:
+            self.host.cancel()
 
 
 def _run_inline(fn: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
@@ -175,7 +183,7 @@ class Serving(Side):
         self.tasks: set[asyncio.Task[None]] = set()  # calls served in asyncio tasks
         self._guard_cache: dict[int, tuple[Any, bool]] = {}  # id(requirement) -> (requirement, verdict)
         # calls waiting to start, in the order they arrived (non-asyncio backends: ``_run_starts``)
-        self._starts: collections.deque[Any] = collections.deque()
+        self._starts: collections.deque[tuple[Any, InCall]] = collections.deque()
         self._starting = False  # a task is starting them
 
     # ---------------------------------------------------------------- exports
@@ -375,8 +383,7 @@ class Serving(Side):
         # the task keeps ``msg``: let go of the frame (or the whole read) its payload points into
         _force_setattr(msg, "payload", _NO_PAYLOAD)
         if loop is None:
-            scope = anyio.CancelScope(deadline=anyio.current_time() + deadline if deadline is not None else math.inf)
-            inc = InCall(scope)
+            inc = InCall(anyio.CancelScope(deadline=anyio.current_time() + deadline) if deadline is not None else None)
         else:
             inc = InCall(None)
         if rec is not None:
@@ -421,7 +428,7 @@ class Serving(Side):
     def _start(self, coro: Any, inc: InCall, deadline: float | None) -> None:
         loop = self.link.loop
         if loop is None:
-            self._starts.append(coro)
+            self._starts.append((coro, inc))
             if not self._starting:
                 tg = self.link.tg
                 assert tg is not None
@@ -449,41 +456,46 @@ class Serving(Side):
     async def _run_starts(self) -> None:
         """Start the queued calls in the order they arrived (non-asyncio backends, whose scheduler
         may start new tasks in any order), each in a context of its own, in this task: a call
-        that finishes without suspending costs no task.  The first one that suspends keeps this
-        task, which finishes it, and a new task takes over the calls queued behind it, so a slow
-        call holds up no other."""
+        that finishes without suspending costs no task (nor, without a deadline, a scope).  The
+        first one that suspends keeps this task, which finishes it under this task's scope (its
+        ``host``: a CANCEL cancels it), and a new task takes over the calls queued behind it, so
+        a slow call holds up no other."""
         starts = self._starts
         coro: Any = None
         active = True  # this task starts the queued calls (until one suspends)
-        try:
-            while starts:
-                coro = starts.popleft()
-                ctx = contextvars.copy_context()
-                try:
-                    yielded = ctx.run(coro.send, None)
-                except StopIteration:
-                    coro = None
-                    continue
-                # it suspended: the calls behind it go on in another task
-                if starts:
-                    tg = self.link.tg
-                    assert tg is not None
-                    tg.start_soon(self._run_starts)
-                else:
-                    self._starting = False
-                active = False
-                step, coro = coro, None
-                await _finish_in(ctx, step, yielded)
-                return
-            self._starting = False
-        except BaseException:
-            if coro is not None:
-                coro.close()
-            if active:  # a call failed as it started (a bug): the connection ends with it
+        with anyio.CancelScope() as scope:
+            try:
                 while starts:
-                    starts.popleft().close()
+                    coro, inc = starts.popleft()
+                    ctx = contextvars.copy_context()
+                    try:
+                        yielded = ctx.run(coro.send, None)
+                    except StopIteration:
+                        coro = None
+                        continue
+                    # it suspended: the calls behind it go on in another task
+                    if starts:
+                        tg = self.link.tg
+                        assert tg is not None
+                        tg.start_soon(self._run_starts)
+                    else:
+                        self._starting = False
+                    active = False
+                    step, coro = coro, None
+                    inc.host = scope
+                    if inc.cancelled and inc.scope is None:
+                        scope.cancel()
+                    await _finish_in(ctx, step, yielded)
+                    return
                 self._starting = False
-            raise
+            except BaseException:
+                if coro is not None:
+                    coro.close()
+                if active:  # a call failed as it started (a bug): the connection ends with it
+                    while starts:
+                        starts.popleft()[0].close()
+                    self._starting = False
+                raise
 
     # ---------------------------------------------------------------- serving
     def _serve_inline(self, msg: Call, m: MethodDescription, export: Export, args: tuple[Any, ...]) -> None:
