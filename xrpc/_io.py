@@ -44,7 +44,9 @@ __all__ = (
     "StreamIO",
     "Link",
     "UnixIO",
+    "Waiter",
     "frame_buffers",
+    "new_waiter",
     "open_driver",
     "receive_buffer",
 )
@@ -121,6 +123,35 @@ class IO(Protocol):
 
     async def release(self) -> None:
         """The connection is over: free the transport (idempotent)."""
+
+
+class Waiter(Protocol):
+    """An event (``anyio.Event``, or the backend's own: see ``new_waiter``)."""
+
+    def set(self) -> None: ...
+
+    def is_set(self) -> bool: ...
+
+    async def wait(self) -> None: ...
+
+
+_waiter_class: Callable[[], Waiter] | None = None
+
+
+def new_waiter() -> Waiter:
+    """A new event for a task of a non-asyncio backend to wait on: trio's own ``Event`` (anyio's
+    wrapper around it costs more than the wait itself on the calling hot path)."""
+    global _waiter_class
+    cls = _waiter_class
+    if cls is None:
+        try:
+            import trio  # only ever asked for while trio runs: no dependency of xrpc
+        except ImportError:  # pragma: no cover - anyio knows no other backend
+            cls = anyio.Event
+        else:
+            cls = trio.Event
+        _waiter_class = cls
+    return cls()
 
 
 _local = threading.local()

@@ -101,7 +101,7 @@ class _Pidfd:
                 d["_pidfd_value"] = fd
         return fd
 
-    def __set__(self, peer: Peer, value: int | None) -> None:
+    def __set__(self, peer: Peer, value: int | None | _Pidfd) -> None:
         peer.__dict__["_pidfd_value"] = None if value is self else value  # (self: the field's default)
 
     def __repr__(self) -> str:
