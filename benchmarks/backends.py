@@ -2,6 +2,7 @@
 
     python -m benchmarks.backends                  # both backends, 3 rounds each, interleaved
     python -m benchmarks.backends --backends trio --profile server   # cProfile of the trio server
+    python -m benchmarks.backends --xrpc /path/to/other/checkout --xrpc .   # two versions, interleaved
 
 Each measurement runs a server in a child process and a client in another, both with
 ``anyio.run(..., backend=...)``; the client keeps ``--inflight`` ``add`` calls outstanding on one
@@ -26,7 +27,6 @@ import anyio
 
 import xrpc
 
-from .xrpc_iface import Bench, BenchImpl
 
 
 def _cpu() -> float:
@@ -59,6 +59,8 @@ def _profile_stop(prof: Any, out: Any) -> None:
 
 
 async def _serve(url: str, profile: str) -> None:
+    from xrpc_iface import Bench, BenchImpl  # (the children run this file as a script)
+
     server = xrpc.Server()
     server.export(Bench, BenchImpl())
     async with server.listen(url) as listener:
@@ -82,6 +84,8 @@ async def _serve(url: str, profile: str) -> None:
 
 
 async def _client(url: str, calls: int, inflight: int, warmup: int, profile: str) -> dict[str, float]:
+    from xrpc_iface import Bench
+
     async with xrpc.connect(url) as conn:
         bench = conn.proxy(Bench)
 
@@ -136,20 +140,23 @@ def _line(proc: subprocess.Popen[str]) -> dict[str, Any]:
     return dict(json.loads(line))
 
 
-def measure(backend: str, calls: int, inflight: int, warmup: int, profile: str, tmp: str) -> dict[str, float]:
+def measure(xrpc_path: str, backend: str, calls: int, inflight: int, warmup: int, profile: str, tmp: str) -> dict[str, float]:
     url = f"unix://{tmp}/b-{backend}-{os.getpid()}-{time.monotonic_ns()}.sock"
-    common = [sys.executable, "-m", "benchmarks.backends"]
-    prefix = os.environ.get("XRPC_BENCH_SERVER_PREFIX", "").split()
+    # the children run this file as a script from an empty directory, with ``xrpc_path`` first on
+    # the path: they import that checkout's xrpc (and this directory's xrpc_iface)
+    common = [sys.executable, os.path.abspath(__file__)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (xrpc_path, env.get("PYTHONPATH", "")) if p)
     server = subprocess.Popen(
-        [*prefix, *common, "server", "--backend", backend, "--url", url, "--profile", profile],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        [*common, "server", "--backend", backend, "--url", url, "--profile", profile],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=tmp,
     )
     try:
         url = _line(server)["url"]
         client = subprocess.Popen(
             [*common, "client", "--backend", backend, "--url", url, "--calls", str(calls),
              "--inflight", str(inflight), "--warmup", str(warmup), "--profile", profile],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=tmp,
         )
         assert client.stdin is not None and server.stdin is not None
         _line(client)  # warmed up
@@ -192,23 +199,28 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5_000)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--profile", choices=("", "server", "client"), default="")
+    p.add_argument("--xrpc", action="append", default=[], help="a checkout whose xrpc to measure (repeatable; default: this one)")
     a = p.parse_args()
     backends = a.backends.split(",")
-    best: dict[str, dict[str, float]] = {}
+    paths = a.xrpc or [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+    best: dict[tuple[str, str], dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
-            for b in backends:
-                m = measure(b, a.calls, a.inflight, a.warmup, a.profile, tmp)
-                print(f"round {r + 1} {b:8} {m['calls_per_s']:9.0f} calls/s  server {m['server_us']:6.1f} µs/call  client {m['client_us']:6.1f} µs/call", flush=True)
-                if b not in best or m["calls_per_s"] > best[b]["calls_per_s"]:
-                    best[b] = m
+            for path in paths:
+                for b in backends:
+                    m = measure(path, b, a.calls, a.inflight, a.warmup, a.profile, tmp)
+                    print(f"round {r + 1} {path} {b:8} {m['calls_per_s']:9.0f} calls/s  server {m['server_us']:6.1f} µs/call  client {m['client_us']:6.1f} µs/call", flush=True)
+                    if (path, b) not in best or m["calls_per_s"] > best[path, b]["calls_per_s"]:
+                        best[path, b] = m
     print()
-    print(f"| backend | calls/s ({a.inflight} in flight) | server CPU µs/call | client CPU µs/call |")
-    print("|---|---|---|---|")
-    for b, m in best.items():
-        print(f"| {b} | {m['calls_per_s']:.0f} | {m['server_us']:.1f} | {m['client_us']:.1f} |")
-    if "asyncio" in best and "trio" in best:
-        print(f"\ntrio / asyncio rate: {best['trio']['calls_per_s'] / best['asyncio']['calls_per_s']:.2f}x (best of {a.rounds})")
+    print(f"| xrpc | backend | calls/s ({a.inflight} in flight) | server CPU µs/call | client CPU µs/call |")
+    print("|---|---|---|---|---|")
+    for (path, b), m in best.items():
+        print(f"| {path} | {b} | {m['calls_per_s']:.0f} | {m['server_us']:.1f} | {m['client_us']:.1f} |")
+    for path in paths:
+        if (path, "asyncio") in best and (path, "trio") in best:
+            ratio = best[path, "trio"]["calls_per_s"] / best[path, "asyncio"]["calls_per_s"]
+            print(f"{path}: trio / asyncio rate {ratio:.2f}x (best of {a.rounds} rounds each)")
 
 
 if __name__ == "__main__":
