@@ -84,25 +84,25 @@ class _Pidfd:
     and stops further opening: the field then reads None.
     """
 
+    # The one entry ``_pidfd`` of the peer's __dict__ holds the descriptor, None, or the source
+    # that opens it (a single entry, set by __init__ like the fields: the instances keep sharing
+    # their dict's keys, which a further entry would undo, at a kilobyte per peer).
+
     def __get__(self, peer: Peer | None, owner: type | None = None) -> int | None:
         if peer is None:
             return None  # the default of the dataclass field
         d = peer.__dict__
-        fd: int | None = d.get("_pidfd_value")
-        if fd is not None:
-            return fd
-        if d.get("_pidfd_source") is None:
-            return None
+        value = d.get("_pidfd")
+        if value is None or type(value) is int:
+            return value
         with _pidfd_lock:  # (a blocking client may read it from another thread)
-            fd = d.get("_pidfd_value")
-            source: Callable[[], int | None] | None = d.get("_pidfd_source")
-            if fd is None and source is not None:  # (not closed meanwhile)
-                fd = source()
-                d["_pidfd_value"] = fd
-        return fd
+            value = d.get("_pidfd")
+            if value is not None and type(value) is not int:  # (not opened or closed meanwhile)
+                value = d["_pidfd"] = value()
+        return value
 
     def __set__(self, peer: Peer, value: int | None | _Pidfd) -> None:
-        peer.__dict__["_pidfd_value"] = None if value is self else value  # (self: the field's default)
+        peer.__dict__["_pidfd"] = None if value is self else value  # (self: the field's default)
 
     def __repr__(self) -> str:
         return "None"  # what the default reads as (in the signature of Peer)
@@ -110,7 +110,7 @@ class _Pidfd:
 
 def pidfd_from(peer: Peer, source: Callable[[], int | None]) -> None:
     """Let ``peer.pidfd`` be opened by ``source()`` when first read (None: unavailable)."""
-    peer.__dict__["_pidfd_source"] = source
+    peer.__dict__["_pidfd"] = source
 
 
 def close_pidfd(peer: Peer) -> None:
@@ -118,12 +118,11 @@ def close_pidfd(peer: Peer) -> None:
     None from now on."""
     d = peer.__dict__
     with _pidfd_lock:
-        d.pop("_pidfd_source", None)
-        fd = d.get("_pidfd_value")
-        d["_pidfd_value"] = None
-    if fd is not None:
+        value = d.get("_pidfd")
+        d["_pidfd"] = None
+    if type(value) is int:
         try:
-            os.close(fd)
+            os.close(value)
         except OSError:
             pass
 

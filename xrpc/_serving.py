@@ -182,8 +182,9 @@ class Serving(Side):
         self.streams = 0  # stream calls being served
         self.tasks: set[asyncio.Task[None]] = set()  # calls served in asyncio tasks
         self._guard_cache: dict[int, tuple[Any, bool]] = {}  # id(requirement) -> (requirement, verdict)
-        # calls waiting to start, in the order they arrived (non-asyncio backends: ``_run_starts``)
-        self._starts: collections.deque[tuple[Any, InCall]] = collections.deque()
+        # calls waiting to start, in the order they arrived (non-asyncio backends: ``_run_starts``;
+        # made on the first call, as an empty deque holds a block of 0.5 KiB)
+        self._starts: collections.deque[tuple[Any, InCall]] | None = None
         self._starting = False  # a task is starting them
 
     # ---------------------------------------------------------------- exports
@@ -428,7 +429,10 @@ class Serving(Side):
     def _start(self, coro: Any, inc: InCall, deadline: float | None) -> None:
         loop = self.link.loop
         if loop is None:
-            self._starts.append((coro, inc))
+            starts = self._starts
+            if starts is None:
+                starts = self._starts = collections.deque()
+            starts.append((coro, inc))
             if not self._starting:
                 tg = self.link.tg
                 assert tg is not None
@@ -461,6 +465,7 @@ class Serving(Side):
         ``host``: a CANCEL cancels it), and a new task takes over the calls queued behind it, so
         a slow call holds up no other."""
         starts = self._starts
+        assert starts is not None
         coro: Any = None
         active = True  # this task starts the queued calls (until one suspends)
         with anyio.CancelScope() as scope:

@@ -15,6 +15,7 @@ URLs: ``unix:///abs/path.sock``, ``tcp://host:port``, ``memory://name`` (in this
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -346,7 +347,7 @@ def socket_peer(sock: socket.socket, transport: str) -> Peer:
                 os.close(pidfd)
         peer = Peer(transport="unix", address=str(sock.getsockname()), uid=uid, gid=gid, pid=pid, groups=groups, exe=exe)
         if pidfd is not None:
-            pidfd_from(peer, lambda: _peer_pidfd(sock))
+            pidfd_from(peer, functools.partial(_peer_pidfd, sock))
         return peer
     try:
         host, port = sock.getpeername()[:2]
