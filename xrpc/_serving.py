@@ -55,12 +55,12 @@ class InCall(StreamHandler):
 
     Under anyio task groups a call with a deadline runs in ``scope``; one without has no scope of
     its own until it suspends: from then on the task that runs it runs nothing else, and that
-    task's scope (``host``) is the call's (see ``Serving._run_starts``).  On the asyncio fast
-    path it is the native ``task``, cancelled directly, with ``deadline`` enforced by a scope
-    inside the task.
+    task's scope becomes ``scope`` (see ``Serving._run_starts``); cancelled before it starts, it
+    starts in a cancelled scope.  On the asyncio fast path it is the native ``task``, cancelled
+    directly, with ``deadline`` enforced by a scope inside the task.
     """
 
-    __slots__ = ("scope", "task", "deadline", "promise", "held", "host", "cancelled")
+    __slots__ = ("scope", "task", "deadline", "promise", "held")
 
     def __init__(self, scope: anyio.CancelScope | None) -> None:
         super().__init__(None, None)
@@ -69,17 +69,15 @@ class InCall(StreamHandler):
         self.scope = scope
         self.task: asyncio.Task[None] | None = None
         self.deadline = math.inf
-        self.host: anyio.CancelScope | None = None
-        self.cancelled = False  # the peer cancelled it
 
     def on_cancel(self) -> None:
-        self.cancelled = True
         if self.scope is not None:
             self.scope.cancel()
         elif self.task is not None:
             self.task.cancel()
-        elif self.host is not None:
-            self.host.cancel()
+        else:  # (anyio task groups) not started yet: it starts cancelled
+            self.scope = anyio.CancelScope()
+            self.scope.cancel()
 
 
 def _run_inline(fn: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
@@ -461,9 +459,9 @@ class Serving(Side):
         """Start the queued calls in the order they arrived (non-asyncio backends, whose scheduler
         may start new tasks in any order), each in a context of its own, in this task: a call
         that finishes without suspending costs no task (nor, without a deadline, a scope).  The
-        first one that suspends keeps this task, which finishes it under this task's scope (its
-        ``host``: a CANCEL cancels it), and a new task takes over the calls queued behind it, so
-        a slow call holds up no other."""
+        first one that suspends keeps this task, which finishes it under this task's scope (the
+        call's ``scope`` if it has none of its own: a CANCEL cancels it), and a new task takes over
+        the calls queued behind it, so a slow call holds up no other."""
         starts = self._starts
         assert starts is not None
         coro: Any = None
@@ -487,9 +485,8 @@ class Serving(Side):
                         self._starting = False
                     active = False
                     step, coro = coro, None
-                    inc.host = scope
-                    if inc.cancelled and inc.scope is None:
-                        scope.cancel()
+                    if inc.scope is None:
+                        inc.scope = scope
                     await _finish_in(ctx, step, yielded)
                     return
                 self._starting = False
