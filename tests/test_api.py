@@ -1,5 +1,6 @@
 """Acceptance tests of the public API (DESIGN.md section 1), over every transport where it matters."""
 
+import contextvars
 import dataclasses
 import datetime
 import decimal
@@ -992,6 +993,48 @@ async def test_calls_start_in_send_order(transport: str) -> None:
             for promise in pending:
                 await promise
     assert impl.order == list(range(100))
+
+
+@xrpc.interface
+class Starts(Protocol):
+    async def enter(self, i: int, wait: bool) -> int: ...
+
+
+class StartsImpl:
+    """Records the order calls start in, and whether a context variable set by an earlier call
+    is visible to a later one (it must not be: each call runs in a context of its own)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.started: list[int] = []
+        self.leaked: list[int] = []
+        self.all_started = anyio.Event()
+        self.var: contextvars.ContextVar[int | None] = contextvars.ContextVar("starts", default=None)
+
+    async def enter(self, i: int, wait: bool) -> int:
+        self.started.append(i)
+        if self.var.get() is not None:
+            self.leaked.append(i)
+        self.var.set(i)
+        if len(self.started) == self.n:
+            self.all_started.set()
+        if wait:
+            await self.all_started.wait()  # held until every later call has started
+        return i
+
+
+async def test_calls_that_suspend_and_calls_that_do_not_start_in_send_order_each_in_its_own_context(transport: str) -> None:
+    n = 120
+    impl = StartsImpl(n)
+    server = xrpc.Server()
+    server.export(Starts, impl)
+    with anyio.fail_after(T):
+        async with serve_and_connect(server, transport) as conn:
+            # every third call waits until all the others have started: none may hold them up
+            pending = [xrpc.pipeline(conn.proxy(Starts)).enter(i, i % 3 == 0) for i in range(n)]
+            assert [await promise for promise in pending] == list(range(n))
+    assert impl.started == list(range(n))
+    assert impl.leaked == []
 
 
 async def test_slow_call_does_not_hold_up_fast_call(transport: str) -> None:

@@ -30,7 +30,7 @@ import anyio.abc
 from ._connection import Connection, Limits, Middleware, current_connection
 from ._objects import Export, exports_from, make_export
 from ._errors import PeerRejected, TransportError
-from ._peer import Peer
+from ._peer import Peer, close_pidfd
 from ._introspect import INTROSPECT_NAME, ExportDescription, Introspection, describe_export
 from ._requirements import Requirement, requirement_of
 from ._systemd import adopt_inherited, is_activation_url, open_activated, service_lifecycle
@@ -189,8 +189,7 @@ class Server:
     async def _handle(self, stream: Any, peer: Peer, ssl_context: ssl.SSLContext | None = None) -> None:
         if len(self.connections) >= self.max_connections:
             log.warning("refused a connection from %s: already %d connections", peer.address or peer.pid, len(self.connections))
-            if peer.pidfd is not None:
-                os.close(peer.pidfd)
+            close_pidfd(peer)
             if hasattr(stream, "close"):
                 stream.close()
             else:

@@ -24,7 +24,7 @@ import msgspec
 from ._codes import exception_from_error
 from ._errors import ConnectionInvalidated, LimitExceeded, LocalProtocolError, ValidationError
 from ._interface import InterfaceDescription, MethodDescription, MethodKind, describe
-from ._io import Link
+from ._io import Link, Waiter, new_waiter
 from ._middleware import Middleware, metadata, run_client_chain
 from ._objects import ObjectTable
 from ._protocol import ITEM_OVERHEAD, CallRecord, ProtocolCore, Reply
@@ -76,7 +76,7 @@ def push_item(queue: StreamQueue, msg: Any) -> None:
 
 
 class Pending(CallHandler):
-    """A call waiting for its answer (an asyncio future on asyncio, an anyio Event elsewhere)."""
+    """A call waiting for its answer (an asyncio future on asyncio, the backend's event elsewhere)."""
 
     __slots__ = ("fut", "event", "result")
 
@@ -84,10 +84,10 @@ class Pending(CallHandler):
         self.result: Any = None  # a Reply, an Error frame, or an exception to raise
         if loop is not None:
             self.fut: asyncio.Future[None] | None = loop.create_future()
-            self.event: anyio.Event | None = None
+            self.event: Waiter | None = None
         else:
             self.fut = None
-            self.event = anyio.Event()
+            self.event = new_waiter()
 
     def deliver(self, value: Any) -> None:
         if self.result is not None:

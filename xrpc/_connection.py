@@ -55,7 +55,7 @@ from ._interface import InterfaceDescription, MethodDescription
 from ._io import Link, frame_buffers, open_driver
 from ._middleware import CallContext, Middleware, call_metadata, current_metadata
 from ._objects import Export, ObjectTable, make_export
-from ._peer import Peer
+from ._peer import Peer, close_pidfd
 from ._limits import Limits
 from ._protocol import ErrorCode, ExportInfo, ProtocolCore, State, conn_window_for
 from ._proxy import cached_proxy, check_compat
@@ -482,11 +482,7 @@ class Connection:
         core.incoming.clear()
         self._objects.clear()
         self._fds.clear()
-        if self.peer.pidfd is not None:
-            try:
-                os.close(self.peer.pidfd)  # valid while the connection is open
-            except OSError:
-                pass
+        close_pidfd(self.peer)  # (if it was opened) valid while the connection is open
         reader = self._reader
         if reader.gate:
             reader.gate.clear()

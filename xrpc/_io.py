@@ -44,7 +44,9 @@ __all__ = (
     "StreamIO",
     "Link",
     "UnixIO",
+    "Waiter",
     "frame_buffers",
+    "new_waiter",
     "open_driver",
     "receive_buffer",
 )
@@ -90,6 +92,11 @@ class IO(Protocol):
     def write_last(self, data: bytes | bytearray) -> None:
         """Send ``data`` (a GOODBYE) as the connection is being dropped, best effort."""
 
+    def flush_soon(self, flush: Callable[[], None]) -> None:
+        """Call ``flush`` (which writes what the core has encoded) soon, before anything else is
+        sent: a driver that is not ``immediate`` calls it when its writer is about to send, so
+        that every frame encoded until then leaves in one write."""
+
     def blocked(self) -> bool:
         """Is more buffered for writing than the high-water mark (producers wait)?"""
 
@@ -117,6 +124,35 @@ class IO(Protocol):
 
     async def release(self) -> None:
         """The connection is over: free the transport (idempotent)."""
+
+
+class Waiter(Protocol):
+    """An event (``anyio.Event``, or the backend's own: see ``new_waiter``)."""
+
+    def set(self) -> None: ...
+
+    def is_set(self) -> bool: ...
+
+    async def wait(self) -> None: ...
+
+
+_waiter_class: Callable[[], Waiter] | None = None
+
+
+def new_waiter() -> Waiter:
+    """A new event for a task of a non-asyncio backend to wait on: trio's own ``Event`` (anyio's
+    wrapper around it costs more than the wait itself on the calling hot path)."""
+    global _waiter_class
+    cls = _waiter_class
+    if cls is None:
+        try:
+            import trio  # only ever asked for while trio runs: no dependency of xrpc
+        except ImportError:  # pragma: no cover - anyio knows no other backend
+            cls = anyio.Event
+        else:
+            cls = trio.Event
+        _waiter_class = cls
+    return cls()
 
 
 _local = threading.local()
@@ -173,6 +209,9 @@ class _LoopDriver:
 
     def write_last(self, data: bytes | bytearray) -> None:
         self.write(data)  # type: ignore[attr-defined]
+
+    def flush_soon(self, flush: Callable[[], None]) -> None:
+        self._loop.call_soon(flush)
 
     async def run(self, tg: anyio.abc.TaskGroup) -> None:
         await self._done
@@ -606,6 +645,7 @@ class StreamIO:
         self._size = 0  # bytes in _chunks
         self._in_send = 0  # bytes of the chunk being sent
         self._wake = anyio.Event()
+        self._pull: Callable[[], None] | None = None  # writes what the core has encoded (flush_soon)
         self._drained: anyio.Event | None = None
         self._reading = anyio.Event()
         self._reading.set()
@@ -648,12 +688,27 @@ class StreamIO:
         self._size += len(data)
         self._wake.set()
 
+    def flush_soon(self, flush: Callable[[], None]) -> None:
+        """The writer calls ``flush`` when it next runs, just before it sends: the frames encoded
+        until then (every reply of the calls served in one scheduler round) leave in one write."""
+        if self._done:
+            return
+        self._pull = flush
+        self._wake.set()
+
+    def _take_pull(self) -> None:
+        pull = self._pull
+        if pull is not None:
+            self._pull = None
+            pull()
+
     def write_last(self, data: bytes | bytearray) -> None:
         """Queue ``data`` (a GOODBYE) behind what is already queued, for the writer: it alone sends,
         so nothing is sent concurrently and no frame is cut in two.  The writer gets a second after
         the connection ends to send it (``_grace``)."""
         if self._writer_over or (self._tg is None and self.stream is None):
             return
+        self._take_pull()  # what was encoded before the GOODBYE goes before it
         self._chunks.append(bytes(data))
         self._size += len(data)
         self._wake.set()
@@ -718,6 +773,7 @@ class StreamIO:
         """The connection's I/O is over: nothing more is queued; the writer stops at once, or once
         it has sent what ``write_last``/``aclose`` asked for, within their grace."""
         if not self._done:
+            self._take_pull()  # what was encoded before the end goes out as it would have at once
             self._done = True
             if self._flush_by is None:
                 self._flush_by = -math.inf
@@ -741,6 +797,9 @@ class StreamIO:
             try:
                 while True:
                     while not self._chunks:
+                        if self._pull is not None:
+                            self._take_pull()
+                            continue
                         if self._done:
                             return
                         await self._wake.wait()
@@ -754,6 +813,7 @@ class StreamIO:
                     if self._drained is not None and not self.blocked():
                         self._drained.set()
                         self._drained = None
+                    self._take_pull()
                     if not self._chunks:
                         self.cb.writable()
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.BusyResourceError, anyio.EndOfStream, OSError) as exc:
@@ -773,6 +833,7 @@ class StreamIO:
 
     async def aclose(self) -> None:
         """What is queued goes out first, within a second, then the stream is closed."""
+        self._take_pull()
         if self._tg is not None and not self._writer_over:
             self._grace(1.0)
             self._finished()
@@ -863,6 +924,9 @@ class MockIO:
 
     def write_last(self, data: bytes | bytearray) -> None:
         self.write(data)
+
+    def flush_soon(self, flush: Callable[[], None]) -> None:
+        asyncio.get_running_loop().call_soon(flush)
 
     def feed_raw(self, data: bytes) -> None:
         """Bytes as if the peer had sent them (``b""``: it closed); they wait while reading is paused."""
@@ -1025,8 +1089,9 @@ class Link:
             if not self.flush_scheduled:
                 self.flush_scheduled = True
                 self.loop.call_soon(self.flush)  # type: ignore[union-attr]
-        else:
-            self.flush()
+        elif not self.flush_scheduled:
+            self.flush_scheduled = True
+            io.flush_soon(self.flush)
 
     def flush(self) -> None:
         """Write what the core has encoded, now."""

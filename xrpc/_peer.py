@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from collections.abc import Iterable, Mapping
-from typing import Any, NoReturn, Protocol
+from typing import Any, Callable, NoReturn, Protocol
 
-__all__ = ("Peer", "CertSubject", "PeerSource")
+__all__ = ("Peer", "CertSubject", "PeerSource", "close_pidfd", "pidfd_from")
 
 
 class CertSubject(dict[str, str]):
@@ -70,6 +71,62 @@ class CertSubject(dict[str, str]):
     clear = pop = popitem = setdefault = update = _read_only
 
 
+_pidfd_lock = threading.Lock()
+
+
+class _Pidfd:
+    """``Peer.pidfd``: a field whose value may be opened only when first read.
+
+    A Unix connection's peer gets a source (``pidfd_from``) instead of an open descriptor: the
+    kernel keeps the peer process's identity with the socket (SO_PEERPIDFD), so a pidfd asked
+    for later refers to the same process as one taken at accept time, and an idle connection
+    holds one descriptor (its socket) instead of two.  ``close_pidfd`` closes what was opened
+    and stops further opening: the field then reads None.
+    """
+
+    # The one entry ``_pidfd`` of the peer's __dict__ holds the descriptor, None, or the source
+    # that opens it (a single entry, set by __init__ like the fields: the instances keep sharing
+    # their dict's keys, which a further entry would undo, at a kilobyte per peer).
+
+    def __get__(self, peer: Peer | None, owner: type | None = None) -> int | None:
+        if peer is None:
+            return None  # the default of the dataclass field
+        d = peer.__dict__
+        value = d.get("_pidfd")
+        if value is None or type(value) is int:
+            return value
+        with _pidfd_lock:  # (a blocking client may read it from another thread)
+            value = d.get("_pidfd")
+            if value is not None and type(value) is not int:  # (not opened or closed meanwhile)
+                value = d["_pidfd"] = value()
+        return value
+
+    def __set__(self, peer: Peer, value: int | None | _Pidfd) -> None:
+        peer.__dict__["_pidfd"] = None if value is self else value  # (self: the field's default)
+
+    def __repr__(self) -> str:
+        return "None"  # what the default reads as (in the signature of Peer)
+
+
+def pidfd_from(peer: Peer, source: Callable[[], int | None]) -> None:
+    """Let ``peer.pidfd`` be opened by ``source()`` when first read (None: unavailable)."""
+    peer.__dict__["_pidfd"] = source
+
+
+def close_pidfd(peer: Peer) -> None:
+    """The connection is over: close the pidfd if one was opened (or given); ``peer.pidfd`` reads
+    None from now on."""
+    d = peer.__dict__
+    with _pidfd_lock:
+        value = d.get("_pidfd")
+        d["_pidfd"] = None
+    if type(value) is int:
+        try:
+            os.close(value)
+        except OSError:
+            pass
+
+
 class PeerSource(Protocol):
     """Anything that knows its peer (a connection)."""
 
@@ -83,8 +140,9 @@ class Peer:
 
     ``transport`` is ``"unix"``, ``"tcp"``, ``"tls"`` or ``"memory"``.  Unix sockets fill ``uid``,
     ``gid`` and ``pid`` from the kernel at connect time (SO_PEERCRED), ``pidfd`` where the kernel
-    offers SO_PEERPIDFD (it stays valid while the connection is open, so a recycled pid cannot pose
-    as the peer), and ``groups``/``exe`` from the kernel and /proc, dropped if the process exited
+    offers SO_PEERPIDFD (it refers to the process that connected, so a recycled pid cannot pose as
+    the peer; it is opened when first read, and closed, reading None, once the connection is
+    closed), and ``groups``/``exe`` from the kernel and /proc, dropped if the process exited
     while they were read (``groups`` is then None: unknown, unlike ``()``, no supplementary
     groups).  TLS fills the ``cert_*`` fields from the verified peer certificate; ``cert_subject``
     is a ``CertSubject``, which keeps every value of an attribute that appears more than once (a
@@ -98,7 +156,8 @@ class Peer:
     pid: int | None = None
     groups: tuple[int, ...] | None = ()
     exe: str | None = None
-    pidfd: int | None = None
+    # opened when read (see _Pidfd): neither printing nor comparing peers opens one
+    pidfd: int | None = dataclasses.field(default=_Pidfd(), repr=False, compare=False)  # type: ignore[assignment]
     cert_subject: CertSubject = dataclasses.field(default_factory=CertSubject)
     cert_sans: tuple[str, ...] = ()
     cert_fingerprint: str | None = None

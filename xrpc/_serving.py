@@ -13,6 +13,7 @@ arguments against the memory budget until it ends.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import functools
 import inspect
@@ -54,8 +55,11 @@ _size_encoder = msgspec.msgpack.Encoder()
 class InCall(StreamHandler):
     """Callee-side state of one incoming call served in a task.
 
-    Under anyio task groups the call runs in ``scope``; on the asyncio fast path it is the native
-    ``task``, cancelled directly, with ``deadline`` enforced by a scope inside the task.
+    Under anyio task groups a call with a deadline runs in ``scope``; one without has no scope of
+    its own until it suspends: from then on the task that runs it runs nothing else, and that
+    task's scope becomes ``scope`` (see ``Serving._run_starts``); cancelled before it starts, it
+    starts in a cancelled scope.  On the asyncio fast path it is the native ``task``, cancelled
+    directly, with ``deadline`` enforced by a scope inside the task.
     """
 
     __slots__ = ("scope", "task", "deadline", "promise", "held")
@@ -73,6 +77,9 @@ class InCall(StreamHandler):
             self.scope.cancel()
         elif self.task is not None:
             self.task.cancel()
+        else:  # (anyio task groups) not started yet: it starts cancelled
+            self.scope = anyio.CancelScope()
+            self.scope.cancel()
 
 
 def _run_inline(fn: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
@@ -98,6 +105,25 @@ try:  # anyio finds its backend through sniffio; on the reader there is no curre
     from sniffio import current_async_library_cvar as _sniffio_cvar
 except ImportError:  # pragma: no cover
     _sniffio_cvar = None
+
+
+@types.coroutine
+def _finish_in(ctx: contextvars.Context, step: Any, yielded: Any) -> Any:
+    """Finish awaiting ``step`` (a coroutine advanced once, which yielded ``yielded``) with each
+    of its steps run in ``ctx``: what ``await step`` does after its first suspension."""
+    while True:
+        try:
+            sent = yield yielded
+        except BaseException as exc:
+            try:
+                yielded = ctx.run(step.throw, exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                yielded = ctx.run(step.send, sent)
+            except StopIteration as stop:
+                return stop.value
 
 
 def _refusal(exc: BaseException) -> str:
@@ -132,7 +158,7 @@ class Serving(Side):
 
     __slots__ = (
         "limits", "exports", "shared", "requirement", "room_for", "answered", "serving", "streams", "tasks", "_guard_cache",
-        "_next_ticket", "_started_ticket", "_ticket_waiters",
+        "_starts", "_starting",
     )
 
     def __init__(
@@ -156,9 +182,10 @@ class Serving(Side):
         self.streams = 0  # stream calls being served
         self.tasks: set[asyncio.Task[None]] = set()  # calls served in asyncio tasks
         self._guard_cache: dict[int, tuple[Any, bool]] = {}  # id(requirement) -> (requirement, verdict)
-        self._next_ticket = 0  # calls start in the order they arrived (non-asyncio backends)
-        self._started_ticket = 0
-        self._ticket_waiters: dict[int, anyio.Event] = {}
+        # calls waiting to start, in the order they arrived (non-asyncio backends: ``_run_starts``;
+        # made on the first call, as an empty deque holds a block of 0.5 KiB)
+        self._starts: collections.deque[tuple[Any, InCall]] | None = None
+        self._starting = False  # a task is starting them
 
     # ---------------------------------------------------------------- exports
     def all_exports(self) -> list[Export]:
@@ -357,8 +384,7 @@ class Serving(Side):
         # the task keeps ``msg``: let go of the frame (or the whole read) its payload points into
         _force_setattr(msg, "payload", _NO_PAYLOAD)
         if loop is None:
-            scope = anyio.CancelScope(deadline=anyio.current_time() + deadline if deadline is not None else math.inf)
-            inc = InCall(scope)
+            inc = InCall(anyio.CancelScope(deadline=anyio.current_time() + deadline) if deadline is not None else None)
         else:
             inc = InCall(None)
         if rec is not None:
@@ -403,11 +429,15 @@ class Serving(Side):
     def _start(self, coro: Any, inc: InCall, deadline: float | None) -> None:
         loop = self.link.loop
         if loop is None:
-            tg = self.link.tg
-            assert tg is not None
-            ticket = self._next_ticket
-            self._next_ticket = ticket + 1
-            tg.start_soon(self._start_in_order, ticket, coro)
+            starts = self._starts
+            if starts is None:
+                starts = self._starts = collections.deque()
+            starts.append((coro, inc))
+            if not self._starting:
+                tg = self.link.tg
+                assert tg is not None
+                self._starting = True
+                tg.start_soon(self._run_starts)
             return
         task = loop.create_task(coro)
         inc.task = task
@@ -427,21 +457,49 @@ class Serving(Side):
             inc.held = 0
             self.flow.release_call(n)
 
-    async def _start_in_order(self, ticket: int, coro: Any) -> None:
-        """Run ``coro`` once every call received before it has started (the scheduler of a
-        non-asyncio backend may start new tasks in any order)."""
-        try:
-            if self._started_ticket != ticket:
-                event = self._ticket_waiters[ticket] = anyio.Event()
-                await event.wait()
-        except BaseException:
-            coro.close()
-            raise
-        self._started_ticket = ticket + 1
-        following = self._ticket_waiters.pop(ticket + 1, None)
-        if following is not None:
-            following.set()
-        await coro
+    async def _run_starts(self) -> None:
+        """Start the queued calls in the order they arrived (non-asyncio backends, whose scheduler
+        may start new tasks in any order), each in a context of its own, in this task: a call
+        that finishes without suspending costs no task (nor, without a deadline, a scope).  The
+        first one that suspends keeps this task, which finishes it under this task's scope (the
+        call's ``scope`` if it has none of its own: a CANCEL cancels it), and a new task takes over
+        the calls queued behind it, so a slow call holds up no other."""
+        starts = self._starts
+        assert starts is not None
+        coro: Any = None
+        active = True  # this task starts the queued calls (until one suspends)
+        with anyio.CancelScope() as scope:
+            try:
+                while starts:
+                    coro, inc = starts.popleft()
+                    ctx = contextvars.copy_context()
+                    try:
+                        yielded = ctx.run(coro.send, None)
+                    except StopIteration:
+                        coro = None
+                        continue
+                    # it suspended: the calls behind it go on in another task
+                    if starts:
+                        tg = self.link.tg
+                        assert tg is not None
+                        tg.start_soon(self._run_starts)
+                    else:
+                        self._starting = False
+                    active = False
+                    step, coro = coro, None
+                    if inc.scope is None:
+                        inc.scope = scope
+                    await _finish_in(ctx, step, yielded)
+                    return
+                self._starting = False
+            except BaseException:
+                if coro is not None:
+                    coro.close()
+                if active:  # a call failed as it started (a bug): the connection ends with it
+                    while starts:
+                        starts.popleft()[0].close()
+                    self._starting = False
+                raise
 
     # ---------------------------------------------------------------- serving
     def _serve_inline(self, msg: Call, m: MethodDescription, export: Export, args: tuple[Any, ...]) -> None:

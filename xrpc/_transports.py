@@ -15,6 +15,7 @@ URLs: ``unix:///abs/path.sock``, ``tcp://host:port``, ``memory://name`` (in this
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -33,7 +34,7 @@ import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._errors import TransportError
-from ._peer import Peer
+from ._peer import Peer, pidfd_from
 from ._protocol import ErrorCode, Goodbye
 
 log = logging.getLogger("xrpc")
@@ -347,20 +348,28 @@ def socket_peer(sock: socket.socket, transport: str) -> Peer:
     if transport == "unix":
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, gid = struct.unpack("3i", creds)
+        # a pidfd held while /proc is read tells whether what it says is the peer's; it is not
+        # kept: peer.pidfd opens another from the socket when asked (the kernel keeps the same
+        # process with the socket), so an idle connection holds one descriptor, not two
         pidfd = _peer_pidfd(sock)
         exe: str | None = None
         groups: tuple[int, ...] | None = ()
         try:
-            exe = os.readlink(f"/proc/{pid}/exe")
-        except OSError:
-            exe = None
-        groups = _peer_groups(sock)
-        if pidfd is not None and not _pidfd_alive(pidfd):
-            # the process exited while we looked: what /proc said may belong to a recycled pid
-            exe, groups = None, None  # unknown, which requirements treat as such (not as "no groups")
-        return Peer(
-            transport="unix", address=str(sock.getsockname()), uid=uid, gid=gid, pid=pid, groups=groups, exe=exe, pidfd=pidfd
-        )
+            try:
+                exe = os.readlink(f"/proc/{pid}/exe")
+            except OSError:
+                exe = None
+            groups = _peer_groups(sock)
+            if pidfd is not None and not _pidfd_alive(pidfd):
+                # the process exited while we looked: what /proc said may belong to a recycled pid
+                exe, groups = None, None  # unknown, which requirements treat as such (not as "no groups")
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+        peer = Peer(transport="unix", address=str(sock.getsockname()), uid=uid, gid=gid, pid=pid, groups=groups, exe=exe)
+        if pidfd is not None:
+            pidfd_from(peer, functools.partial(_peer_pidfd, sock))
+        return peer
     try:
         host, port = sock.getpeername()[:2]
         address = f"{host}:{port}"
