@@ -16,7 +16,6 @@ import contextlib
 import functools
 import sys
 import logging
-import os
 import shutil
 import signal
 import ssl

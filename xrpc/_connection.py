@@ -31,7 +31,6 @@ import contextlib
 import contextvars
 import inspect
 import logging
-import os
 import ssl
 import threading
 import time

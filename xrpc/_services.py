@@ -699,7 +699,6 @@ def find_service(name: str, search_path: Sequence[str | os.PathLike[str]] | None
     _check_name(name)
     dirs = [Path(d) for d in (service_search_path() if search_path is None else search_path)]
     exts = _extensions()
-    notes: list[str] = []
     for d in dirs:
         dir_fd = check_dir(d, create=False)
         if dir_fd is None:

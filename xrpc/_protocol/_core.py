@@ -39,7 +39,7 @@ misuse by the local side raises ``LocalProtocolError``.
 from __future__ import annotations
 
 import sys
-from typing import Any, Final, Union
+from typing import Any, Final
 
 import msgspec
 
