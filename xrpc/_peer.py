@@ -98,7 +98,9 @@ class _Pidfd:
         with _pidfd_lock:  # (a blocking client may read it from another thread)
             value = d.get("_pidfd")
             if value is not None and type(value) is not int:  # (not opened or closed meanwhile)
-                value = d["_pidfd"] = value()
+                value = value()
+                if value is not None:  # (None: none to be had now, out of descriptors say: ask again later)
+                    d["_pidfd"] = value
         return value
 
     def __set__(self, peer: Peer, value: int | None | _Pidfd) -> None:
@@ -109,7 +111,8 @@ class _Pidfd:
 
 
 def pidfd_from(peer: Peer, source: Callable[[], int | None]) -> None:
-    """Let ``peer.pidfd`` be opened by ``source()`` when first read (None: unavailable)."""
+    """Let ``peer.pidfd`` be opened by ``source()`` when first read (None: unavailable for now; the
+    next read asks again)."""
     peer.__dict__["_pidfd"] = source
 
 

@@ -351,7 +351,13 @@ def socket_peer(sock: socket.socket, transport: str) -> Peer:
         # a pidfd held while /proc is read tells whether what it says is the peer's; it is not
         # kept: peer.pidfd opens another from the socket when asked (the kernel keeps the same
         # process with the socket), so an idle connection holds one descriptor, not two
-        pidfd = _peer_pidfd(sock)
+        try:
+            pidfd = _peer_pidfd(sock)
+            vouched = True
+        except OSError:
+            # the kernel knows the option but gave no pidfd: no descriptor to spare, or the process
+            # is gone (kernels before 6.16): nothing tells whether the pid is still the peer's
+            pidfd, vouched = None, False
         exe: str | None = None
         groups: tuple[int, ...] | None = ()
         try:
@@ -360,15 +366,15 @@ def socket_peer(sock: socket.socket, transport: str) -> Peer:
             except OSError:
                 exe = None
             groups = _peer_groups(sock)
-            if pidfd is not None and not _pidfd_alive(pidfd):
+            if not vouched or (pidfd is not None and not _pidfd_alive(pidfd)):
                 # the process exited while we looked: what /proc said may belong to a recycled pid
                 exe, groups = None, None  # unknown, which requirements treat as such (not as "no groups")
         finally:
             if pidfd is not None:
                 os.close(pidfd)
         peer = Peer(transport="unix", address=str(sock.getsockname()), uid=uid, gid=gid, pid=pid, groups=groups, exe=exe)
-        if pidfd is not None:
-            pidfd_from(peer, functools.partial(_peer_pidfd, sock))
+        if pidfd is not None or not vouched:
+            pidfd_from(peer, functools.partial(_open_peer_pidfd, sock))
         return peer
     try:
         host, port = sock.getpeername()[:2]
@@ -397,12 +403,23 @@ def _peer_groups(sock: socket.socket) -> tuple[int, ...] | None:
 
 
 def _peer_pidfd(sock: socket.socket) -> int | None:
-    """A pidfd for the peer process, from the kernel at connect time (Linux 6.5+), or None."""
+    """A pidfd for the peer process, from the kernel at connect time (Linux 6.5+); None if the kernel
+    does not offer one, OSError if it does but could not give it now."""
     try:
         fd = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD)
+    except OSError as exc:
+        if exc.errno in (errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+            return None
+        raise
+    return fd if fd > 0 else None
+
+
+def _open_peer_pidfd(sock: socket.socket) -> int | None:
+    """``peer.pidfd`` when first read: None if none can be had now (a later read tries again)."""
+    try:
+        return _peer_pidfd(sock)
     except OSError:
         return None
-    return fd if fd > 0 else None
 
 
 def _pidfd_alive(pidfd: int) -> bool:
