@@ -237,3 +237,82 @@ def test_reading_pidfds_on_many_connections_leaks_no_descriptor(backend: str) ->
         while (now := len(os.listdir(f"/proc/{sp.pid}/fd"))) > baseline:
             assert time.monotonic() < deadline + 2 * T, f"{now - baseline} descriptors left open"
             time.sleep(0.02)
+
+
+# --------------------------------------------------------------------------- trio: starting calls
+@xrpc.interface
+class Queue(Protocol):
+    async def hold(self) -> None: ...
+
+    async def step(self, n: int) -> int: ...
+
+    async def started(self) -> list[int]: ...
+
+
+class QueueImpl:
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+        self.never = anyio.Event()
+
+    async def hold(self) -> None:
+        await self.never.wait()
+
+    async def step(self, n: int) -> int:
+        self.seen.append(n)
+        await anyio.sleep(0)
+        return n
+
+    async def started(self) -> list[int]:
+        import trio
+
+        return [len(self.seen), trio.lowlevel.current_statistics().tasks_living]
+
+
+def _queue_server_main(path: str, log_path: str) -> None:
+    log_to(log_path)
+
+    async def main() -> None:
+        server = xrpc.Server()
+        server.export(Queue, QueueImpl())
+        async with server.listen(f"unix://{path}") as listener:
+            await serve_until_stdin_closes(listener.url)
+
+    anyio.run(main, backend="trio")
+
+
+def _queue_call(call_id: int, method: str, *args: Any) -> bytes:
+    return frame(Call(call_id, "Queue", method, raw(list(args)), 0, None))
+
+
+def _started(path: str) -> list[int]:
+    with _raw_client(path) as sock:
+        sock.sendall(_queue_call(1, "started"))
+        buf = b""
+        while True:
+            f, buf = recv_frame(sock, buf, T)
+            if f[0] == REPLY_TAG and f[1] == 1:
+                return f[2]  # type: ignore[no-any-return]
+
+
+def test_trio_calls_queued_when_the_peer_goes_away_are_not_started() -> None:
+    """A peer sends a call that never ends and thousands behind it, each of which suspends, and
+    closes.  The server used to start every queued call after the connection was over, one per
+    scheduler round in a task of its own (each Cancelled kept by the task group until the last):
+    twice the time and ten times the memory of serving them."""
+    n = 2000
+    sp = ChildProcess()
+    sp.start("test_hostile_review8", sp.path, sp.log_path, entry="_queue_server_main")
+    try:
+        ran, baseline = _started(sp.path)
+        sock = _raw_client(sp.path)
+        sock.sendall(_queue_call(1, "hold") + b"".join(_queue_call(2 * i + 3, "step", i) for i in range(n)))
+        sock.close()
+        deadline = time.monotonic() + 3 * T
+        while (state := _started(sp.path))[1] > baseline:  # until the connection's tasks are gone
+            assert time.monotonic() < deadline, state
+        assert state[0] < n // 2, f"{state[0]} of the {n} calls queued were started after the peer went away"
+    finally:
+        alive = sp.proc.poll() is None
+        lines = sp.stop()
+    assert alive, lines[-20:]
+    assert errors_in(lines) == [], "\n".join(lines[-40:])

@@ -466,11 +466,22 @@ class Serving(Side):
         the calls queued behind it, so a slow call holds up no other."""
         starts = self._starts
         assert starts is not None
+        tg = self.link.tg
+        assert tg is not None
         coro: Any = None
         active = True  # this task starts the queued calls (until one suspends)
         with anyio.CancelScope() as scope:
             try:
                 while starts:
+                    if tg.cancel_scope.cancel_called:
+                        # the connection is over: what is queued is not started (each would take a
+                        # scheduler round, and leave its Cancelled with the task group until the last)
+                        while starts:
+                            coro, inc = starts.popleft()
+                            coro.close()
+                            self._let_go(inc)
+                        coro = None
+                        break
                     coro, inc = starts.popleft()
                     ctx = contextvars.copy_context()
                     try:
@@ -480,8 +491,6 @@ class Serving(Side):
                         continue
                     # it suspended: the calls behind it go on in another task
                     if starts:
-                        tg = self.link.tg
-                        assert tg is not None
                         tg.start_soon(self._run_starts)
                     else:
                         self._starting = False
