@@ -136,11 +136,11 @@ def _group(filename: str, name: str) -> str:
         return "(waiting in epoll)"
     if "asyncio" in filename or "selectors" in filename or "uvloop" in filename or "_asyncio.Future" in name or "Context" in name or "'coroutine'" in name:
         return "event loop (tasks, futures, callbacks)"
-    if "anyio" in filename:
+    if "anyio" in filename or "sniffio" in filename:
         return "anyio"
     if "/benchmarks/" in filename:
         return "benchmark code (method, caller)"
-    return "builtins (len, isinstance, dict ...)"
+    return "other (builtins, sniffio, contextlib ...)"
 
 
 def report(path: str, ops: int, top: int) -> str:

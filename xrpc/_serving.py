@@ -62,7 +62,7 @@ class InCall(StreamHandler):
     directly, with ``deadline`` enforced by a scope inside the task.
     """
 
-    __slots__ = ("scope", "task", "deadline", "promise", "held")
+    __slots__ = ("scope", "task", "deadline", "promise", "held", "oneway")
 
     def __init__(self, scope: anyio.CancelScope | None) -> None:
         super().__init__(None, None)
@@ -71,6 +71,7 @@ class InCall(StreamHandler):
         self.scope = scope
         self.task: asyncio.Task[None] | None = None
         self.deadline = math.inf
+        self.oneway = False  # nobody waits for a reply (it is still run once the peer has gone)
 
     def on_cancel(self) -> None:
         if self.scope is not None:
@@ -385,6 +386,7 @@ class Serving(Side):
         _force_setattr(msg, "payload", _NO_PAYLOAD)
         if loop is None:
             inc = InCall(anyio.CancelScope(deadline=anyio.current_time() + deadline) if deadline is not None else None)
+            inc.oneway = bool(oneway)
         else:
             inc = InCall(None)
         if rec is not None:
@@ -469,19 +471,27 @@ class Serving(Side):
         tg = self.link.tg
         assert tg is not None
         coro: Any = None
+        dropped = False  # the calls that expect a reply were let go once the connection ended
         active = True  # this task starts the queued calls (until one suspends)
         with anyio.CancelScope() as scope:
             try:
                 while starts:
-                    if tg.cancel_scope.cancel_called:
-                        # the connection is over: what is queued is not started (each would take a
-                        # scheduler round, and leave its Cancelled with the task group until the last)
-                        while starts:
+                    if not dropped and tg.cancel_scope.cancel_called:
+                        # The connection is over: a queued call whose reply can no longer go out is
+                        # not started (each would take a scheduler round, and leave its Cancelled
+                        # with the task group until the last).  A one-way call the peer sent before
+                        # it left is still delivered, as on asyncio.
+                        dropped = True
+                        for _ in range(len(starts)):
                             coro, inc = starts.popleft()
-                            coro.close()
-                            self._let_go(inc)
+                            if inc.oneway:
+                                starts.append((coro, inc))
+                            else:
+                                coro.close()
+                                self._let_go(inc)
                         coro = None
-                        break
+                        if not starts:
+                            break
                     coro, inc = starts.popleft()
                     ctx = contextvars.copy_context()
                     try:
