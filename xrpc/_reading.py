@@ -354,9 +354,6 @@ class Reader:
         self.resume_input()
 
     # -------------------------------------------------------------- frame handlers (synchronous, as read)
-    def _on_call(self, msg: Call, rec: Any) -> None:
-        self.on_call(msg, rec)
-
     def _on_reply(self, msg: Reply, rec: Any) -> None:
         h = rec.handler
         if h is not None:
@@ -406,8 +403,8 @@ class Reader:
     _on_goodbye = _on_hello
 
 
+# (a CALL is not in the table: both dispatch loops hand it to ``on_call`` directly)
 _HANDLERS: dict[type, Callable[[Reader, Any, Any], None]] = {
-    Call: Reader._on_call,
     Reply: Reader._on_reply,
     ErrorFrame: Reader._on_error,
     Item: Reader._on_item,
