@@ -242,7 +242,7 @@ class Calls(Side):
 
     def start(self, obj: str, m: MethodDescription, payload: Any, timeout: float | None) -> CallRecord:
         link = self.link
-        if link.closing or link.closed.is_set():
+        if link.closing or link.ended:
             self.check_open()
         core = self.core
         try:
@@ -251,10 +251,11 @@ class Calls(Side):
             raise ValidationError(f"arguments of {m.qualname} cannot be encoded: {exc}", method=m.name) from None
         except LocalProtocolError as exc:
             raise LimitExceeded(f"{m.qualname}: {exc}") from None
-        if len(core.outgoing) <= 1 and not link.flush_scheduled:
-            link.send_now()  # the only call in flight: nothing to coalesce it with
-        else:
-            link.kick()
+        if not link.flush_scheduled:
+            if len(core.outgoing) <= 1:
+                link.send_now()  # the only call in flight: nothing to coalesce it with
+            else:
+                link.kick()
         return rec
 
     def check_open(self) -> None:
@@ -290,7 +291,10 @@ class Calls(Side):
     ) -> Any:
         if self.middleware and not intercepted:
             return await self.intercept(m, args, kwargs, lambda: self.call_unary(obj, m, args, kwargs, timeout, True))
-        rec = self.send(obj, m, args, kwargs, timeout)
+        if m.ref_args:
+            rec = self.send(obj, m, args, kwargs, timeout)
+        else:
+            rec = self.start(obj, m, m.encode_args(args, kwargs), timeout)
         pending = Pending(self.link.loop)
         rec.handler = pending
         fut = pending.fut

@@ -168,6 +168,7 @@ class Connection:
         self._proxies: dict[tuple[int, str, float | None], Any] = {}
         self._compat_cache: dict[tuple[int, str], Any] = {}
         self._ping_nonce = 0
+        self._admitted = False  # (server) WELCOME sent by admit_at_hello
 
     # -------------------------------------------------------------- public surface
     def proxy(self, iface: Callable[..., _T], name: str = "", timeout: float | None = None) -> _T:
@@ -324,14 +325,39 @@ class Connection:
             await link.closed.wait()
 
     # -------------------------------------------------------------- admission (the handshake)
+    def admit_at_hello(self, requirement: Any) -> None:
+        """Server side, for a server without ``on_connect``: admit the peer in the read that brings
+        its HELLO (WELCOME goes out in the same write as the answers to the calls read with it),
+        rather than once ``admit`` has been woken.  Anything but a plain admission (no HELLO, a
+        requirement the peer fails, a WELCOME that does not fit) is left to ``admit``."""
+
+        def now() -> None:
+            core = self._core
+            if requirement is not None and not self._serving.satisfies(requirement):
+                return
+            self._fds.admitted = True
+            core.exports = self._serving.announced()
+            try:
+                core.send_welcome()
+            except LocalProtocolError:
+                return
+            self._admitted = True
+            self._reader.open_gate()
+
+        self._reader.admit_now = now
+
     async def admit(self, requirement: Any, on_connect: Callable[[Connection], Any] | None) -> None:
         """Server side, once the connection runs: wait for HELLO, check the peer against
         ``requirement``, run ``on_connect`` (False refuses), then answer WELCOME and open the gate.
         A peer that is refused gets GOODBYE and the connection is closed."""
         core = self._core
         name = self.peer.describe()
-        with anyio.move_on_after(self.limits.handshake_timeout):
-            await self._reader.handshake.wait()
+        if not self._admitted:
+            with anyio.move_on_after(self.limits.handshake_timeout):
+                await self._reader.handshake.wait()
+        self._reader.admit_now = None  # from here on, admitted (or refused) here
+        if self._admitted:
+            return
         if not core.peer_version or core.state != State.HANDSHAKE:
             if not self.closed:
                 log.info("no handshake from %s within %.1fs; closing", name, self.limits.handshake_timeout)
@@ -399,6 +425,8 @@ class Connection:
                 link.loop = asyncio.get_running_loop()
             except RuntimeError:
                 link.loop = None  # another backend (trio)
+            serving = self._serving
+            serving.plain = link.loop is not None and not serving.middleware and serving.requirement is None
             io = open_driver(
                 self._transport,
                 reader,
@@ -485,6 +513,7 @@ class Connection:
         reader = self._reader
         if reader.gate:
             reader.gate.clear()
+        link.ended = True
         link.closed.set()
         reader.handshake.set()
         for event in reader.pings.values():

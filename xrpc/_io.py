@@ -1066,7 +1066,7 @@ class Link:
     connection ended (or None), ``closing``/``closed`` its state.
     """
 
-    __slots__ = ("core", "io", "fds", "high", "loop", "tg", "flush_scheduled", "failure", "closing", "closed")
+    __slots__ = ("core", "io", "fds", "high", "loop", "tg", "flush_scheduled", "failure", "closing", "closed", "ended")
 
     def __init__(self, core: ProtocolCore, fds: FdTable, high: int) -> None:
         self.core = core
@@ -1079,6 +1079,7 @@ class Link:
         self.failure: BaseException | None = None
         self.closing = False
         self.closed = anyio.Event()
+        self.ended = False  # ``closed`` is set (read on every call, cheaper than asking the event)
 
     def kick(self) -> None:
         """Write what the core has encoded soon (coalescing every frame encoded until then)."""

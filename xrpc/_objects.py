@@ -23,7 +23,7 @@ import anyio
 
 from ._errors import LimitExceeded, ValidationError
 from ._fds import FdTable
-from ._interface import InterfaceDescription, MethodDescription, describe
+from ._interface import InterfaceDescription, MethodDescription, MethodKind, describe
 from ._protocol import ExportInfo, Ref
 from ._proxy import Caller, PromiseBase, make_proxy, proxy_target
 from ._requirements import requirement as parse_requirement
@@ -34,7 +34,7 @@ __all__ = ("AwaitedArguments", "Export", "IncomingPromise", "ObjectTable", "OneS
 class Export:
     """An object exported under a name, with its interface description and bound methods."""
 
-    __slots__ = ("desc", "obj", "name", "methods", "is_async", "guards", "inline", "_info")
+    __slots__ = ("desc", "obj", "name", "methods", "is_async", "guards", "inline", "plain", "_info")
 
     def __init__(self, desc: InterfaceDescription, obj: Any, name: str, requirement: Any = None) -> None:
         self.desc = desc
@@ -45,6 +45,9 @@ class Export:
         self.is_async: dict[str, bool] = {}
         self.guards: dict[str, Any] = {}  # method name -> the Requirement a caller must satisfy
         self.inline: set[str] = set()  # methods that can run on the reader: plain functions, or coroutines that never await
+        # method name -> (description, function) for the methods a call reaches without any check
+        # but the connection's: unary, run inline, no requirement, no objects in or out
+        self.plain: dict[str, tuple[MethodDescription, Callable[..., Any]]] = {}
         if isinstance(requirement, str):
             requirement = parse_requirement(requirement)
         missing = []
@@ -63,6 +66,12 @@ class Export:
                 for r in parts[1:]:
                     guard = guard & r
                 self.guards[mname] = guard
+            m = desc.methods[mname]
+            if (
+                mname in self.inline and not parts and m.kind is MethodKind.UNARY and m.flags == 0
+                and not m.kwonly and not m.ref_args and not m.reply_refs
+            ):
+                self.plain[mname] = (m, fn)
         if missing:
             raise TypeError(f"{type(obj).__qualname__} does not implement {desc.name}: missing {', '.join(missing)}")
 
@@ -86,6 +95,7 @@ class OneShotExport(Export):
         self.is_async = {name: True}
         self.guards = {}
         self.inline = set()
+        self.plain = {}
 
 
 _SUSPENDING_OPS = frozenset({"YIELD_VALUE", "SEND", "GET_AWAITABLE", "BEFORE_ASYNC_WITH", "GET_AITER", "GET_ANEXT"})

@@ -10,6 +10,7 @@ every ``Caller``.
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
@@ -97,15 +98,32 @@ class ProxyBase:
         await self.aclose()
 
 
+def _mark_coroutine(fn: Callable[..., Any]) -> None:
+    """Make ``inspect.iscoroutinefunction(fn)`` true for a function that returns a coroutine (3.12+)."""
+    mark = getattr(inspect, "markcoroutinefunction", None)
+    if mark is not None:
+        mark(fn)
+
+
 def _method(m: MethodDescription) -> Callable[..., Any]:
     kind = m.kind
     fn: Callable[..., Any]
     if kind is MethodKind.UNARY:
 
-        async def fn(self: ProxyBase, *args: Any, **kwargs: Any) -> Any:
+        async def held(self: ProxyBase, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            # the proxy stays alive while its call runs (a reference is released once it is gone)
             if self._xrpc_compat is not None:
                 check_compat(self._xrpc_compat, m, args, kwargs)
             return await self._xrpc_conn.call_unary(self._xrpc_obj, m, args, kwargs, self._xrpc_timeout)
+
+        # not itself a coroutine function: for a proxy of a named export that the peer's interface
+        # matches, it returns the call's coroutine (one frame fewer per call)
+        def fn(self: ProxyBase, *args: Any, **kwargs: Any) -> Any:
+            if self._xrpc_compat is not None or self._xrpc_ref is not None:
+                return held(self, args, kwargs)
+            return self._xrpc_conn.call_unary(self._xrpc_obj, m, args, kwargs, self._xrpc_timeout)
+
+        _mark_coroutine(fn)
 
     elif kind is MethodKind.ONEWAY:
 

@@ -65,7 +65,7 @@ class Reader:
 
     __slots__ = (
         "connection", "core", "link", "flow", "objects", "fds", "limits", "on_call", "gate", "gate_held", "backlog", "owed", "last_rx",
-        "handshake", "pings", "cut",
+        "handshake", "pings", "cut", "admit_now",
     )
 
     def __init__(
@@ -87,6 +87,8 @@ class Reader:
         self.handshake = anyio.Event()  # HELLO, WELCOME or GOODBYE arrived
         self.pings: dict[int, anyio.Event] = {}
         self.cut = False  # the peer was cut off for its budget (GOODBYE sent, logged)
+        # a server's admission, run as soon as a read has brought HELLO (see Connection.admit_at_hello)
+        self.admit_now: Callable[[], None] | None = None
 
     # -------------------------------------------------------------- the driver's callbacks (_io.Callbacks)
     def big_target(self) -> memoryview | None:
@@ -160,11 +162,20 @@ class Reader:
             t = type(msg)
             if t is Call:
                 self.on_call(msg, rec)  # (the server's one hot frame, without a hop through _HANDLERS)
+            elif t is Reply:  # (the client's)
+                h = rec.handler
+                if h is not None:
+                    h.on_reply(msg)
             else:
                 _HANDLERS[t](self, msg, rec)
             self.owed += core.emitted - start
         elif events:
             self.handle(events)
+        if gate is not None and self.admit_now is not None and core.peer_version and core.state == State.HANDSHAKE:
+            # HELLO has arrived: admitted now, the calls read with it are served in this read
+            admit, self.admit_now = self.admit_now, None
+            if link.failure is None:
+                admit()
         if core.has_data_to_send():
             link.send_now()  # answers produced while reading leave in one write
         if not nbytes:
@@ -206,6 +217,10 @@ class Reader:
             t = type(msg)
             if t is Call:
                 self.on_call(msg, rec)
+            elif t is Reply:  # (the client's one hot frame: _on_reply without the hop)
+                h = rec.handler
+                if h is not None:
+                    h.on_reply(msg)
             else:
                 _HANDLERS[t](self, msg, rec)
             if core.emitted - start > high and i < len(events):

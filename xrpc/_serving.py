@@ -47,6 +47,7 @@ _GUARD_CACHE_SIZE = 256  # requirement verdicts cached per connection
 _SMALL_ARGS = 1024
 _NO_PAYLOAD = msgspec.Raw(b"")
 # results that are never awaitable, so that the common ones skip inspect.isawaitable's ABC check
+_NO_KW: dict[str, Any] = {}  # (never written to)
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, dict, tuple})
 _force_setattr = msgspec.structs.force_setattr
 _size_encoder = msgspec.msgpack.Encoder()
@@ -159,7 +160,7 @@ class Serving(Side):
 
     __slots__ = (
         "limits", "exports", "shared", "requirement", "room_for", "answered", "serving", "streams", "tasks", "_guard_cache",
-        "_starts", "_starting",
+        "_starts", "_starting", "plain",
     )
 
     def __init__(
@@ -187,6 +188,9 @@ class Serving(Side):
         # made on the first call, as an empty deque holds a block of 0.5 KiB)
         self._starts: collections.deque[tuple[Any, InCall]] | None = None
         self._starting = False  # a task is starting them
+        # calls of ``Export.plain`` methods may take the short path in ``on_call``: set once the
+        # connection runs on an asyncio loop, for a side without middleware or requirement
+        self.plain = False
 
     # ---------------------------------------------------------------- exports
     def all_exports(self) -> list[Export]:
@@ -278,6 +282,38 @@ class Serving(Side):
     def on_call(self, msg: Call, rec: CallRecord | None) -> None:
         core = self.core
         call_id = msg.id
+        if self.plain and msg.flags == 0 and msg.deadline is None and not msg.meta and rec is not None:
+            # The common call: a unary method of a named export that runs inline and that no
+            # requirement guards, with nothing but its arguments.  ``Export.plain`` holds only
+            # methods for which every check below passes but the connection's own: whether the
+            # call was cancelled, the calls-in-flight limit.  Anything else, including arguments
+            # that do not decode, takes the general path.
+            target = self.exports.get(msg.obj)
+            if target is None:
+                target = self.shared.get(msg.obj)
+            if target is not None:
+                hit = target.plain.get(msg.method)
+                if hit is not None and core.incoming.get(call_id) is rec and self.serving < self.limits.max_calls_in_flight:
+                    pm = hit[0]
+                    try:
+                        args = pm.decode_args(msg.payload)
+                    except (ValidationError, LimitExceeded):
+                        pass
+                    else:
+                        try:
+                            result = _run_inline(hit[1], args, _NO_KW)
+                        except Exception as exc:
+                            self._send_exception(call_id, pm, exc)
+                            return
+                        del args
+                        if type(result) not in _PLAIN and inspect.isawaitable(result):
+                            self._finish_later(msg, pm, target, result)
+                            return
+                        try:
+                            core.send_reply(call_id, pm.encode_reply(result))
+                        except Exception:  # refused or too large: encoded again, to send the error that says why
+                            self._send_answer(call_id, pm, result, None)
+                        return
         if rec is not None and core.incoming.get(call_id) is not rec:
             # cancelled in the same read, before it started: nothing to run, nobody to answer; calls
             # passing its promise fail as for any cancelled call
@@ -541,16 +577,20 @@ class Serving(Side):
                 self._send_exception(call_id, m, exc)
             return
         if type(result) not in _PLAIN and inspect.isawaitable(result):
-            # it returned an awaitable after all: finish it in a task
-            async def finish() -> Any:
-                return await result
-
-            self._serve_later(msg, m, export, finish)
+            self._finish_later(msg, m, export, result)
             return
         if m.kind is MethodKind.ONEWAY:
             return
         self._send_answer(call_id, m, result, None)
         # the reader flushes once it has handled every frame of this read
+
+    def _finish_later(self, msg: Call, m: MethodDescription, export: Export, result: Any) -> None:
+        """The method returned an awaitable after all: finish it in a task."""
+
+        async def finish() -> Any:
+            return await result
+
+        self._serve_later(msg, m, export, finish)
 
     def _serve_later(self, msg: Call, m: MethodDescription, export: Export, fn: Callable[[], Any]) -> None:
         """Serve a call whose implementation turned out to need awaiting, in a task of its own."""

@@ -401,6 +401,9 @@ class ProtocolCore:
         call_id = self._next_id
         self._emit(Call(call_id, obj, method, payload, flags, deadline, meta))
         self._next_id = call_id + 2
+        if not flags:
+            rec = self.outgoing[call_id] = CallRecord(call_id, 0)  # a unary call: no stream, no credit
+            return rec
         # the caller sends the client stream and receives the reply stream
         rec = self._record(call_id, flags, sends=bool(flags & CallFlags.STREAM_IN), receives=bool(flags & CallFlags.STREAM_OUT))
         if not flags & CallFlags.ONEWAY:
@@ -703,6 +706,9 @@ class ProtocolCore:
             deadline = msg.deadline  # type: ignore[union-attr]
             if deadline is not None and not deadline > 0.0:
                 return self._refuse_deadline(call_id, flags, deadline)
+            if not flags:
+                rec = self.incoming[call_id] = CallRecord(call_id, 0)  # a unary call: no stream, no credit
+                return rec
             if flags & CallFlags.ONEWAY:
                 return None
             # the callee sends the reply stream and receives the client stream
@@ -711,7 +717,8 @@ class ProtocolCore:
             return rec
         if cls is Reply or cls is Error:
             call_id = msg.id  # type: ignore[union-attr]
-            self._check_issued(call_id)
+            if call_id <= 0 or (call_id & 1) != self._local_parity or call_id >= self._next_id:
+                self._check_issued(call_id)  # (it fails, saying why)
             done = self.outgoing.pop(call_id, None)
             return _DROP if done is None else done
         if cls is Item:
