@@ -205,6 +205,8 @@ class Server:
             requirement=self.requirement,
         )
         self.connections.add(conn)
+        if self.on_connect is None:
+            conn.admit_at_hello(self.requirement)
         try:
             async with anyio.create_task_group() as tg:
                 await tg.start(conn.run)
