@@ -469,7 +469,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="smoke-test sizes; the numbers mean nothing")
     p.set_defaults(mode="full")
     p.add_argument("--systems", help=f"comma-separated subset of: {', '.join(SYSTEMS)}")
-    p.add_argument("--workloads", help=f"comma-separated subset of: {', '.join(WORKLOADS)}")
+    p.add_argument("--workloads", help=f"comma-separated subset of: {', '.join((*WORKLOADS, WORKERS))} "
+                                       "(workers: the multi-worker xrpc server, with xrpc-unix)")
     p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
                    help="event loop for the xrpc systems (raw-asyncio/raw-uvloop have theirs fixed)")
     p.add_argument("--json", metavar="FILE", help="write the full results as JSON")
@@ -481,7 +482,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run(opts: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
     systems = _split(opts.systems, SYSTEMS, "systems")
-    workloads = _split(opts.workloads, WORKLOADS, "workloads")
+    workloads = _split(opts.workloads, (*WORKLOADS, WORKERS), "workloads")
+    with_workers = WORKERS in workloads and "xrpc-unix" in systems
+    workloads = [w for w in workloads if w != WORKERS]
     sizes: Sizes = MODES[opts.mode]
     availability = probe(systems, opts.loop)
 
@@ -562,11 +565,84 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             if res.get("status") == "ok":
                 res["ratio"] = cost_ratio(res.get("value"), base_v, better)
                 res["ratios"] = {f: cost_ratio(res.get("value"), v, better) for f, v in floors.items()}
+    if with_workers and report["systems"]["xrpc-unix"]["status"] == "ok":
+        report["workers"] = run_workers(opts.mode, not opts.no_progress)
     report["meta"]["seconds"] = time.monotonic() - started
     report["table"] = render_table(report)
     report["floor_table"] = render_floor_table(report)
+    report["workers_table"] = render_workers(report.get("workers"))
     report["notes"] = render_notes(report)
     return report
+
+
+# --------------------------------------------------------------------------------------------------
+# the multi-worker server (xrpc only)
+
+WORKERS = "workers"
+WORKER_COUNTS = (1, 2)
+# rounds per worker count (alternating), seconds a round, warm-up seconds
+WORKER_ROUNDS = {"full": (3, 3.0, 1.0), "quick": (1, 1.5, 0.5), "tiny": (1, 0.3, 0.1)}
+
+
+def run_workers(mode: str, progress: bool) -> dict[str, Any]:
+    """Calls/s of an xrpc server with 1 and with 2 worker processes under 4 client processes
+    (``benchmarks.workers``: pipelined load generators, 64 calls in flight each, unix socket)."""
+    from . import workers as wk
+
+    rounds, seconds, warmup = WORKER_ROUNDS[mode]
+    args = argparse.Namespace(client="pipelined", clients=wk.CLIENTS, connections=1, seconds=seconds, warmup=warmup)
+    rates: dict[int, list[float]] = {w: [] for w in WORKER_COUNTS}
+    cpu: dict[int, list[float]] = {w: [] for w in WORKER_COUNTS}
+    directory = tempfile.mkdtemp(prefix="xrpc-bench-")
+    try:
+        for k in range(rounds):  # alternating, so that a change in the machine's load hits both
+            for w in WORKER_COUNTS:
+                if progress:
+                    sys.stderr.write(f"workers · {w} worker(s), round {k + 1} of {rounds}\n")
+                r = wk.one_round(f"unix://{directory}/w{w}-{k}.sock", w, args)
+                rates[w].append(r["rate"])
+                cpu[w].append(r["server_us"])
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - a failed round is reported, not raised
+        return {"status": "error", "error": f"{type(e).__name__}: {e}"}
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    median = {w: _median(v) for w, v in rates.items()}
+    return {
+        "status": "ok",
+        "clients": wk.CLIENTS,
+        "inflight": wk.INFLIGHT,
+        "rounds": rounds,
+        "seconds": seconds,
+        "rates": {str(w): v for w, v in rates.items()},
+        "median": {str(w): v for w, v in median.items()},
+        "server_cpu_us": {str(w): _median(v) for w, v in cpu.items()},
+        "ratio": median[WORKER_COUNTS[-1]] / median[WORKER_COUNTS[0]] if median[WORKER_COUNTS[0]] else None,
+    }
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def render_workers(res: dict[str, Any] | None) -> str:
+    if not res:
+        return ""
+    if res.get("status") != "ok":
+        return f"Multi-worker server: not measured ({res.get('error')})."
+    lines = [
+        f"Multi-worker server (xrpc-unix): {res['clients']} client processes x {res['inflight']} calls in flight, "
+        f"median of {res['rounds']} round(s) of {res['seconds']:g} s per worker count:",
+        "",
+        "| workers | calls/s | server CPU µs/call | ratio to 1 worker |",
+        "|---:|---:|---:|---:|",
+    ]
+    base = res["median"][str(WORKER_COUNTS[0])]
+    for w in WORKER_COUNTS:
+        m = res["median"][str(w)]
+        lines.append(f"| {w} | {fmt_number(m)} | {res['server_cpu_us'][str(w)]:.1f} | {m / base:.2f}× |" if base else f"| {w} | {fmt_number(m)} | | |")
+    return "\n".join(lines)
 
 
 def _run_cell(system: str, workload: str, mode: str, loop: str, sizes: Sizes, workdir: Path) -> dict[str, Any]:
@@ -596,6 +672,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = [report["table"], ""]
     if report["floor_table"]:
         out += ["Cost relative to each floor:", "", report["floor_table"], ""]
+    if report["workers_table"]:
+        out += [report["workers_table"], ""]
     out += ["Notes:", ""]
     out += [f"- {n}" for n in report["notes"]]
     sys.stdout.write("\n".join(out) + "\n")

@@ -109,6 +109,22 @@ def test_filters_and_unknown_names(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(300)
+def test_the_multi_worker_workload_compares_one_and_two_workers(tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    cp = _run("--tiny", "--systems", "xrpc-unix", "--workloads", "workers", "--json", str(out), "--no-progress")
+    assert cp.returncode == 0, cp.stderr
+    report = json.loads(out.read_text(encoding="utf-8"))
+    workers = report["workers"]
+    assert workers["status"] == "ok", workers
+    assert set(workers["median"]) == {"1", "2"}
+    assert all(rate > 0 for rate in workers["median"].values())
+    assert workers["ratio"] == pytest.approx(workers["median"]["2"] / workers["median"]["1"])
+    table = [t for t in _markdown_tables(cp.stdout) if t[0].startswith("| workers |")]
+    assert len(table) == 1 and len(table[0]) == 4, cp.stdout  # header, rule, 1 and 2 workers
+    assert "workers" not in report["workloads"]  # not a column of the matrix
+
+
+@pytest.mark.timeout(300)
 def test_missing_peer_is_skipped_with_a_reason(tmp_path: Path) -> None:
     # Hide two optional libraries from every process of the run, whether or not they are installed:
     # a None entry in sys.modules makes importlib.util.find_spec report the module as absent.
