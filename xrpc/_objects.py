@@ -105,9 +105,11 @@ def never_suspends(fn: Callable[..., Any]) -> bool:
     """Is ``fn`` an ``async def`` whose body has no ``await``, ``async with`` or ``async for``?
 
     Such a coroutine finishes in one step, so it can run on the reader without a task of its own.
+    Only the code of an ``async def`` tells: a plain function marked as a coroutine function (a
+    proxy's method) returns a coroutine that this code says nothing about.
     """
     code = getattr(inspect.unwrap(getattr(fn, "__func__", fn)), "__code__", None)
-    if code is None:
+    if code is None or not code.co_flags & inspect.CO_COROUTINE:
         return False
     try:
         return not any(ins.opname in _SUSPENDING_OPS for ins in dis.get_instructions(code))

@@ -98,11 +98,10 @@ class ProxyBase:
         await self.aclose()
 
 
-def _mark_coroutine(fn: Callable[..., Any]) -> None:
-    """Make ``inspect.iscoroutinefunction(fn)`` true for a function that returns a coroutine (3.12+)."""
-    mark = getattr(inspect, "markcoroutinefunction", None)
-    if mark is not None:
-        mark(fn)
+# Makes ``inspect.iscoroutinefunction(fn)`` true for a function that returns a coroutine (3.12+).
+# Without it (3.10, 3.11) a unary method stays an ``async def``: code that asks whether to await a
+# callable must still be told yes.
+_mark_coroutine: Callable[[Callable[..., Any]], Any] | None = getattr(inspect, "markcoroutinefunction", None)
 
 
 def _method(m: MethodDescription) -> Callable[..., Any]:
@@ -116,14 +115,20 @@ def _method(m: MethodDescription) -> Callable[..., Any]:
                 check_compat(self._xrpc_compat, m, args, kwargs)
             return await self._xrpc_conn.call_unary(self._xrpc_obj, m, args, kwargs, self._xrpc_timeout)
 
-        # not itself a coroutine function: for a proxy of a named export that the peer's interface
-        # matches, it returns the call's coroutine (one frame fewer per call)
-        def fn(self: ProxyBase, *args: Any, **kwargs: Any) -> Any:
-            if self._xrpc_compat is not None or self._xrpc_ref is not None:
-                return held(self, args, kwargs)
-            return self._xrpc_conn.call_unary(self._xrpc_obj, m, args, kwargs, self._xrpc_timeout)
+        if _mark_coroutine is not None:
+            # not itself a coroutine function (but marked as one): for a proxy of a named export
+            # that the peer's interface matches, it returns the call's coroutine (one frame fewer
+            # per call)
+            def fn(self: ProxyBase, *args: Any, **kwargs: Any) -> Any:
+                if self._xrpc_compat is not None or self._xrpc_ref is not None:
+                    return held(self, args, kwargs)
+                return self._xrpc_conn.call_unary(self._xrpc_obj, m, args, kwargs, self._xrpc_timeout)
 
-        _mark_coroutine(fn)
+            _mark_coroutine(fn)
+        else:
+
+            async def fn(self: ProxyBase, *args: Any, **kwargs: Any) -> Any:
+                return await held(self, args, kwargs)
 
     elif kind is MethodKind.ONEWAY:
 
