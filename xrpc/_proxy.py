@@ -128,7 +128,9 @@ def _method(m: MethodDescription) -> Callable[..., Any]:
         else:
 
             async def fn(self: ProxyBase, *args: Any, **kwargs: Any) -> Any:
-                return await held(self, args, kwargs)
+                if self._xrpc_compat is not None:
+                    check_compat(self._xrpc_compat, m, args, kwargs)
+                return await self._xrpc_conn.call_unary(self._xrpc_obj, m, args, kwargs, self._xrpc_timeout)
 
     elif kind is MethodKind.ONEWAY:
 
