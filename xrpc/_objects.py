@@ -45,9 +45,9 @@ class Export:
         self.is_async: dict[str, bool] = {}
         self.guards: dict[str, Any] = {}  # method name -> the Requirement a caller must satisfy
         self.inline: set[str] = set()  # methods that can run on the reader: plain functions, or coroutines that never await
-        # method name -> (description, function) for the methods a call reaches without any check
-        # but the connection's: unary, run inline, no requirement, no objects in or out
-        self.plain: dict[str, tuple[MethodDescription, Callable[..., Any]]] = {}
+        # method name -> (description, function, is_async) for the methods a call reaches without
+        # any check but the connection's: unary, run inline, no requirement, no objects in or out
+        self.plain: dict[str, tuple[MethodDescription, Callable[..., Any], bool]] = {}
         if isinstance(requirement, str):
             requirement = parse_requirement(requirement)
         missing = []
@@ -71,7 +71,7 @@ class Export:
                 mname in self.inline and not parts and m.kind is MethodKind.UNARY and m.flags == 0
                 and not m.kwonly and not m.ref_args and not m.reply_refs
             ):
-                self.plain[mname] = (m, fn)
+                self.plain[mname] = (m, fn, self.is_async[mname])
         if missing:
             raise TypeError(f"{type(obj).__qualname__} does not implement {desc.name}: missing {', '.join(missing)}")
 

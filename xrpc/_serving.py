@@ -85,7 +85,10 @@ class InCall(StreamHandler):
 
 
 def _run_inline(fn: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
-    """Call ``fn``; if it gives a coroutine that never awaits, run it to its end now."""
+    """Call ``fn``, an ``async def`` that never awaits, and run its coroutine to its end now.
+
+    (Only such a function's coroutine is run here, outside any task: a plain function that returns
+    a coroutine is called directly, and what it returns is awaited in a task of its own.)"""
     result = fn(*args, **kw)
     if type(result) is types.CoroutineType:
         cvar = _sniffio_cvar
@@ -100,6 +103,10 @@ def _run_inline(fn: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any
         # it suspended after all (a wrapper hid its awaits): a task finishes what it started
         return resume(result, yielded)  # pragma: no cover
     return result
+
+
+def _call(fn: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+    return fn(*args, **kw)
 
 
 _sniffio_cvar: contextvars.ContextVar[str | None] | None
@@ -301,7 +308,7 @@ class Serving(Side):
                         pass
                     else:
                         try:
-                            result = _run_inline(hit[1], args, _NO_KW)
+                            result = _run_inline(hit[1], args, _NO_KW) if hit[2] else hit[1](*args)
                         except Exception as exc:
                             self._send_exception(call_id, pm, exc)
                             return
@@ -563,13 +570,14 @@ class Serving(Side):
         kw: dict[str, Any] = {}
         if m.kwonly:
             args, kw = m.call_args(args)
+        run = _run_inline if export.is_async[m.name] else _call
         try:
             if msg.meta:
                 ctx = contextvars.copy_context()
                 ctx.run(metadata.set, msg.meta)
-                result = ctx.run(_run_inline, fn, args, kw)
+                result = ctx.run(run, fn, args, kw)
             else:
-                result = _run_inline(fn, args, kw)
+                result = run(fn, args, kw)
         except Exception as exc:
             if m.kind is MethodKind.ONEWAY:
                 log.warning("one-way call %s raised %r", m.qualname, exc)
