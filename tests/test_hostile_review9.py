@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import ipaddress
+import socket
+import ssl
 import sys
-from typing import Awaitable, Protocol
+from pathlib import Path
+from typing import Any, Awaitable, Protocol
 
 import anyio
 import pytest
@@ -15,6 +19,9 @@ import pytest
 import xrpc
 from _procs import ChildProcess, errors_in, log_to, serve_until_stdin_closes
 from _timeouts import T
+from _wire import HELLO, REPLY_TAG, WELCOME_TAG, frame, pop_frames, raw
+
+from xrpc._protocol import Call
 
 
 @xrpc.interface()
@@ -130,6 +137,108 @@ def _server_main(path: str, log_path: str) -> None:
             tg.cancel_scope.cancel()
 
     anyio.run(main)
+
+
+def _tls_main(certs: str, log_path: str) -> None:
+    """In the child: over mutual TLS, a server that admits only the certificate ``CN=client``, and
+    serves ``Echo`` under its name and as ``guarded``, for organisation ``t`` only."""
+    log_to(log_path)
+
+    async def main() -> None:
+        server = xrpc.Server(requirement='cert.subject.CN == "client"')
+        server.export(Echo, EchoImpl())
+        server.export(Echo, EchoImpl(), "guarded", requirement='cert.subject.O == "t"')
+        ctx = xrpc.server_ssl_context(f"{certs}/server.pem", f"{certs}/server.key", cafile=f"{certs}/ca.pem")
+        async with anyio.create_task_group() as tg:
+            url = await tg.start(lambda task_status: server.serve("tls://127.0.0.1:0", ssl_context=ctx, task_status=task_status))
+            await serve_until_stdin_closes(url)
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)
+
+
+def _pki(d: Path) -> None:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate ``CN=client, O=t``."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from _trust import cn_name, make_ca, make_leaf, write_pem
+
+    ca = make_ca(cn_name("ca", "t"))
+    write_pem(d, "ca", None, ca[1])
+    server = make_leaf(ca, cn_name("server", "t"), [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))], ExtendedKeyUsageOID.SERVER_AUTH)
+    write_pem(d, "server", *server)
+    client = make_leaf(ca, cn_name("client", "t"), [], ExtendedKeyUsageOID.CLIENT_AUTH)
+    write_pem(d, "client", *client)
+
+
+def _tls_exchange(url: str, certs: str, data: bytes, want: int) -> list[Any]:
+    """Complete a TLS handshake with the server at ``url`` as the client ``CN=client``, send ``data``
+    in the very segment that carries the client's last handshake message, and return the frames
+    received (``want`` of them, or up to the server's close)."""
+    host, port = url[len("tls://") :].rsplit(":", 1)
+    ctx = ssl.create_default_context(cafile=f"{certs}/ca.pem")
+    ctx.load_cert_chain(f"{certs}/client.pem", f"{certs}/client.key")
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=host)
+    frames: list[Any] = []
+    with socket.create_connection((host, int(port)), timeout=T) as sock:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pending = outgoing.read()
+                if pending:
+                    sock.sendall(pending)
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise EOFError("the server closed during the TLS handshake") from None
+                incoming.write(chunk)
+        tls.write(data)
+        sock.sendall(outgoing.read())  # the client's Finished, then ``data``: one segment
+        buf = bytearray()
+        while len(frames) < want:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            incoming.write(chunk)
+            try:
+                while True:
+                    plain = tls.read(65536)
+                    if not plain:
+                        break
+                    buf += plain
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:
+                frames += pop_frames(buf)
+                break
+            frames += pop_frames(buf)
+    return frames
+
+
+# ------------------------------------------------------------------------------ admission at HELLO
+def test_a_hello_read_with_the_tls_handshake_is_judged_by_the_peers_certificate(tmp_path: Path) -> None:
+    # The TLS driver hands the application data read with the client's last handshake message to
+    # the reader before the connection has taken the peer's certificate; admitted at HELLO, the
+    # peer was judged without it: a client with the right certificate was refused ("refused
+    # connection ...: cert.subject.CN == "client" passed"), the verdict kept for the connection.
+    _pki(tmp_path)
+    certs = str(tmp_path)
+    child = ChildProcess(name="tls")
+    child.start("test_hostile_review9", certs, child.log_path, entry="_tls_main")
+    try:
+        for _ in range(3):
+            data = HELLO + frame(Call(1, "Echo", "ping", raw([1]))) + frame(Call(3, "guarded", "ping", raw([2])))
+            frames = _tls_exchange(child.url, certs, data, 3)
+            assert [f[0] for f in frames] == [WELCOME_TAG, REPLY_TAG, REPLY_TAG], frames
+            assert sorted(e[0] for e in frames[0][3]) == ["Echo", "guarded", "xrpc.introspect"], frames[0]
+            assert [f[1:] for f in frames[1:]] == [[1, 2], [3, 3]], frames
+    finally:
+        lines = child.stop()
+    assert not [line for line in lines if "refused" in line], lines
+    assert errors_in(lines) == [], lines
 
 
 # ------------------------------------------------------------------------------------ proxies

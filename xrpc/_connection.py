@@ -169,6 +169,8 @@ class Connection:
         self._compat_cache: dict[tuple[int, str], Any] = {}
         self._ping_nonce = 0
         self._admitted = False  # (server) WELCOME sent by admit_at_hello
+        # (server) admit_at_hello's admission, handed to the reader once the peer's facts are final
+        self._admit_now: Callable[[], None] | None = None
 
     # -------------------------------------------------------------- public surface
     def proxy(self, iface: Callable[..., _T], name: str = "", timeout: float | None = None) -> _T:
@@ -344,7 +346,10 @@ class Connection:
             self._admitted = True
             self._reader.open_gate()
 
-        self._reader.admit_now = now
+        # The reader gets it once ``run`` has the peer's certificate: a TLS driver may hand over
+        # the HELLO read with the last handshake message before that.  A HELLO read earlier is
+        # admitted by ``admit``.
+        self._admit_now = now
 
     async def admit(self, requirement: Any, on_connect: Callable[[Connection], Any] | None) -> None:
         """Server side, once the connection runs: wait for HELLO, check the peer against
@@ -450,6 +455,8 @@ class Connection:
                 link.failure = TransportError(f"{self.url or self.peer.describe()}: {what} failed: {exc}")
                 raise link.failure from None
             self.peer = peer_with_certificate(self.peer, io.tls_object())
+            if self._admit_now is not None:
+                reader.admit_now, self._admit_now = self._admit_now, None
             req = self._requirement
             if self.client and req is not None and not self._serving.satisfies(req):
                 # checked before HELLO: a refused server never reaches this side's exports
