@@ -337,12 +337,12 @@ class Connection:
             core = self._core
             if requirement is not None and not self._serving.satisfies(requirement):
                 return
-            self._fds.admitted = True
             core.exports = self._serving.announced()
             try:
                 core.send_welcome()
             except LocalProtocolError:
-                return
+                return  # refused by ``admit``
+            self._fds.admitted = True  # (only once WELCOME went out)
             self._admitted = True
             self._reader.open_gate()
 
