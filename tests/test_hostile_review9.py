@@ -5,13 +5,14 @@ their handler directly.  Real processes and real sockets, timeouts on everything
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import ipaddress
 import socket
 import ssl
 import sys
 from pathlib import Path
-from typing import Any, Awaitable, Protocol
+from typing import Any, AsyncIterator, Awaitable, Protocol
 
 import anyio
 import pytest
@@ -242,34 +243,42 @@ def test_a_hello_read_with_the_tls_handshake_is_judged_by_the_peers_certificate(
 
 
 # ------------------------------------------------------------------------------------ proxies
+@contextlib.asynccontextmanager
+async def _child_connection(name: str, entry: str) -> AsyncIterator[xrpc.Connection]:
+    """A connection to a server run by ``entry`` of this file in a child process; the child's log
+    must show no error once it has stopped."""
+    child = ChildProcess(name=name)
+    child.start("test_hostile_review9", child.path, child.log_path, entry=entry)
+    try:
+        with anyio.fail_after(3 * T):
+            async with xrpc.connect(child.url) as conn:
+                yield conn
+    finally:
+        lines = child.stop()
+    assert errors_in(lines) == [], lines
+
+
 async def test_a_proxy_with_a_timeout_exported_by_a_middle_process_forwards_its_calls() -> None:
     # A proxy's unary method is a plain function that returns the call's coroutine.  Exported by a
     # middle process (docs/objects.md: "the middle process exports the proxy and forwards each
     # call"), it was taken for a method that runs inline, and its call was started on the reader,
     # outside any task: with a timeout, every forwarded call failed with
     # "TypeError: cannot create weak reference to 'NoneType' object".
-    child = ChildProcess(name="relay")
-    child.start("test_hostile_review9", child.path, child.log_path, entry="_relay_main")
-    try:
-        with anyio.fail_after(3 * T):
-            async with xrpc.connect(child.url) as conn:
-                for name in ("Echo", "untimed"):
-                    relay = conn.proxy(Echo, name)
-                    assert await relay.ping(1) == 2
-                    assert await relay.slow(5) == 10
-                    # many at once: each still forwarded and answered
-                    results: dict[int, int] = {}
+    async with _child_connection("relay", "_relay_main") as conn:
+        for name in ("Echo", "untimed"):
+            relay = conn.proxy(Echo, name)
+            assert await relay.ping(1) == 2
+            assert await relay.slow(5) == 10
+            # many at once: each still forwarded and answered
+            results: dict[int, int] = {}
 
-                    async def one(i: int) -> None:
-                        results[i] = await relay.ping(i)  # noqa: B023
+            async def one(i: int) -> None:
+                results[i] = await relay.ping(i)  # noqa: B023
 
-                    async with anyio.create_task_group() as tg:
-                        for i in range(50):
-                            tg.start_soon(one, i)
-                    assert results == {i: i + 1 for i in range(50)}
-    finally:
-        lines = child.stop()
-    assert errors_in(lines) == [], lines
+            async with anyio.create_task_group() as tg:
+                for i in range(50):
+                    tg.start_soon(one, i)
+            assert results == {i: i + 1 for i in range(50)}
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is new in 3.11")
@@ -278,23 +287,16 @@ async def test_a_plain_method_that_returns_a_coroutine_runs_it_in_a_task() -> No
     # outside any task, to see whether it finished at once.  A coroutine that needs its task (a
     # timeout, asyncio.current_task(), a call through a proxy with a timeout) failed: "cannot
     # create weak reference to 'NoneType' object", "Timeout should be used inside a task".
-    child = ChildProcess(name="wrapped")
-    child.start("test_hostile_review9", child.path, child.log_path, entry="_wrapped_main")
-    try:
-        with anyio.fail_after(3 * T):
-            async with xrpc.connect(child.url) as conn:
-                w = conn.proxy(Wrapped)
-                assert await w.with_anyio_timeout(3) == 3
-                assert await w.with_asyncio_timeout(4) == 4
-                assert await w.in_a_task() is True
-                assert await w.forwarded(5) == 6
-                # the short path (arguments and nothing else) and the general one (metadata) alike
-                with xrpc.call_metadata(k="v"):
-                    assert await w.with_anyio_timeout(6) == 6
-                    assert await w.in_a_task() is True
-    finally:
-        lines = child.stop()
-    assert errors_in(lines) == [], lines
+    async with _child_connection("wrapped", "_wrapped_main") as conn:
+        w = conn.proxy(Wrapped)
+        assert await w.with_anyio_timeout(3) == 3
+        assert await w.with_asyncio_timeout(4) == 4
+        assert await w.in_a_task() is True
+        assert await w.forwarded(5) == 6
+        # the short path (arguments and nothing else) and the general one (metadata) alike
+        with xrpc.call_metadata(k="v"):
+            assert await w.with_anyio_timeout(6) == 6
+            assert await w.in_a_task() is True
 
 
 async def test_a_unary_proxy_method_is_a_coroutine_function() -> None:
