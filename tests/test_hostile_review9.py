@@ -84,9 +84,9 @@ class WrappedImpl:
         return self.remote.ping(x)
 
 
-def _wrapped_main(path: str, log_path: str) -> None:
-    """In the child: ``Echo`` on ``path + "b"``, and ``Wrapped`` on ``path``, whose ``forwarded``
-    calls that ``Echo`` through a proxy with a timeout."""
+def _behind_a_proxy(path: str, log_path: str, front: Any) -> None:
+    """In the child: ``Echo`` served on ``path + "b"``, and on ``path`` the server that
+    ``front(echo_proxy_with_timeout, echo_proxy)`` builds from two proxies of it."""
     log_to(log_path)
 
     async def main() -> None:
@@ -95,8 +95,7 @@ def _wrapped_main(path: str, log_path: str) -> None:
         async with anyio.create_task_group() as tg:
             url_b = await tg.start(backend.serve, f"unix://{path}b")
             async with xrpc.connect(url_b) as to_backend:
-                server = xrpc.Server()
-                server.export(Wrapped, WrappedImpl(to_backend.proxy(Echo, timeout=T)))
+                server = front(to_backend.proxy(Echo, timeout=T), to_backend.proxy(Echo))
                 url = await tg.start(server.serve, f"unix://{path}")
                 await serve_until_stdin_closes(url)
             tg.cancel_scope.cancel()
@@ -104,25 +103,28 @@ def _wrapped_main(path: str, log_path: str) -> None:
     anyio.run(main)
 
 
+def _wrapped_main(path: str, log_path: str) -> None:
+    """``Wrapped`` on ``path``, whose ``forwarded`` calls ``Echo`` through a proxy with a timeout."""
+
+    def front(timed: Any, untimed: Any) -> xrpc.Server:
+        server = xrpc.Server()
+        server.export(Wrapped, WrappedImpl(timed))
+        return server
+
+    _behind_a_proxy(path, log_path, front)
+
+
 def _relay_main(path: str, log_path: str) -> None:
-    """In the child: ``Echo`` served on ``path + "b"``, and on ``path`` a middle server that
-    exports a proxy of it (with a timeout) as its own ``Echo``, forwarding each call."""
-    log_to(log_path)
+    """A middle server on ``path`` that exports proxies of ``Echo`` (with a timeout, and without
+    as "untimed") as its own, forwarding each call."""
 
-    async def main() -> None:
-        backend = xrpc.Server()
-        backend.export(Echo, EchoImpl())
-        async with anyio.create_task_group() as tg:
-            url_b = await tg.start(backend.serve, f"unix://{path}b")
-            async with xrpc.connect(url_b) as to_backend:
-                middle = xrpc.Server()
-                middle.export(Echo, to_backend.proxy(Echo, timeout=T))
-                middle.export(Echo, to_backend.proxy(Echo), "untimed")
-                url = await tg.start(middle.serve, f"unix://{path}")
-                await serve_until_stdin_closes(url)
-            tg.cancel_scope.cancel()
+    def front(timed: Any, untimed: Any) -> xrpc.Server:
+        middle = xrpc.Server()
+        middle.export(Echo, timed)
+        middle.export(Echo, untimed, "untimed")
+        return middle
 
-    anyio.run(main)
+    _behind_a_proxy(path, log_path, front)
 
 
 def _server_main(path: str, log_path: str) -> None:
