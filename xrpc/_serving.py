@@ -46,8 +46,8 @@ _GUARD_CACHE_SIZE = 256  # requirement verdicts cached per connection
 # frame is let go once they are decoded): max_calls_in_flight of them hold at most 4 MiB.
 _SMALL_ARGS = 1024
 _NO_PAYLOAD = msgspec.Raw(b"")
-# results that are never awaitable, so that the common ones skip inspect.isawaitable's ABC check
 _NO_KW: dict[str, Any] = {}  # (never written to)
+# results that are never awaitable, so that the common ones skip inspect.isawaitable's ABC check
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, dict, tuple})
 _force_setattr = msgspec.structs.force_setattr
 _size_encoder = msgspec.msgpack.Encoder()
