@@ -14,6 +14,7 @@ import logging
 import os
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,18 @@ def own_rss() -> int:
 def fd_count(pid: int) -> int:
     """How many descriptors process ``pid`` holds open."""
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def kernel_has_peer_pidfd() -> bool:
+    """Does the kernel give a Unix socket's peer as a pidfd (``SO_PEERPIDFD``, Linux 6.5+)?"""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        try:
+            fd = a.getsockopt(socket.SOL_SOCKET, getattr(socket, "SO_PEERPIDFD", 77))
+        except OSError:
+            return False
+    os.close(fd)
+    return True
 
 
 def child_main(module: str, entry: str = "_server_main") -> str:

@@ -17,7 +17,6 @@ import logging
 import os
 import random
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Protocol
@@ -45,7 +44,7 @@ from xrpc._protocol import (
 from xrpc._protocol import Error as ErrorFrame
 
 import _wire
-from _procs import ChildProcess, errors_in, fd_count, log_to, serve_until_stdin_closes, short_dir
+from _procs import ChildProcess, errors_in, fd_count, kernel_has_peer_pidfd, log_to, serve_until_stdin_closes, short_dir
 from _wire import ERROR_TAG, GOODBYE_TAG, HELLO, REPLY_TAG, WELCOME_TAG, frame, raw, read_to_end
 from _timeouts import T
 from _fuzz import Plans, cut_anywhere, mutate, nested, run_jobs, send_and_read_to_end, shuffled_jobs
@@ -601,18 +600,7 @@ async def test_max_connections(caplog: pytest.LogCaptureFixture) -> None:
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
-def _kernel_has_peer_pidfd() -> bool:
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    with a, b:
-        try:
-            fd = a.getsockopt(socket.SOL_SOCKET, getattr(socket, "SO_PEERPIDFD", 77))
-        except OSError:
-            return False
-    os.close(fd)
-    return True
-
-
-@pytest.mark.skipif(not _kernel_has_peer_pidfd(), reason="no SO_PEERPIDFD (Linux < 6.5): no pidfd to leak")
+@pytest.mark.skipif(not kernel_has_peer_pidfd(), reason="no SO_PEERPIDFD (Linux < 6.5): no pidfd to leak")
 @pytest.mark.timeout(120)
 async def test_refused_connections_leak_no_descriptors(server_process: Any) -> None:
     limit, attempts = 2, 50

@@ -21,23 +21,12 @@ import anyio
 import pytest
 
 import xrpc
-from _procs import fd_count
+from _procs import fd_count, kernel_has_peer_pidfd
 from _timeouts import T
 from xrpc._transports import socket_peer
 
 
-def _kernel_has_peer_pidfd() -> bool:
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    with a, b:
-        try:
-            fd = a.getsockopt(socket.SOL_SOCKET, getattr(socket, "SO_PEERPIDFD", 77))
-        except OSError:
-            return False
-    os.close(fd)
-    return True
-
-
-pytestmark = pytest.mark.skipif(not _kernel_has_peer_pidfd(), reason="no SO_PEERPIDFD (Linux < 6.5)")
+pytestmark = pytest.mark.skipif(not kernel_has_peer_pidfd(), reason="no SO_PEERPIDFD (Linux < 6.5)")
 
 
 def _pidfd_pid(fd: int) -> int:
